@@ -1,0 +1,227 @@
+"""Run configuration: typed defaults, environment detection, CLI parsing, experiments."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+MAGNIFICATIONS = (40, 100, 200, 400)
+SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")  # benign first, then malignant
+SUBTYPE_NAMES = {
+    "A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor", "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma", "LC": "lobular_carcinoma", "MC": "mucinous_carcinoma",
+    "PC": "papillary_carcinoma",
+}
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; main prints it as one line."""
+
+
+@dataclass
+class Config:
+    # --- paths
+    data_dir: str = "data/breakhis"  # BreakHis root, scanned recursively
+    output_dir: str = "output"  # tables, plots, runs, folds.csv
+    cache_dir: str = ""  # decoded-image cache; empty = <output_dir>/cache
+    report_file: str = "RUNPOD_OUTPUT.md"  # the run log as Markdown
+    # --- what to do
+    dry_run: bool = False  # tiny end-to-end run on a data subset or demo data
+    analyze_only: bool = False  # index, validate, analyse, folds; then stop
+    report_only: bool = False  # rebuild tables/plots/report from output/ only
+    experiments: tuple = ()  # empty = every experiment in EXPERIMENTS
+    resume: bool = True  # skip finished folds, continue unfinished ones
+    # --- protocol
+    folds: int = 5  # outer cross-validation folds
+    folds_source: str = "grouped"  # grouped | kaggle (data_dir/Folds.csv, if leak-free)
+    inner_val_fraction: float = 0.2  # share of training slide groups for early stopping
+    seed: int = 42  # one seed for folds, tuples, augmentation and init
+    # --- data
+    image_size: int = 224  # square side after resizing the 700x460 frame
+    magnifications: tuple = MAGNIFICATIONS  # magnifications fed to the model
+    sample_mode: str = "tuple"  # tuple (one image per magnification) | pooled (single images)
+    class_balanced: bool = True  # draw training patients with equal class mass
+    max_patients: int = 0  # >0: use a class-balanced subset of patients (dry run)
+    # --- model
+    model: str = "mmnet"  # registry name, see backbones.list_models()
+    backbone: str = "resnet18"  # timm model name
+    pretrained: str = "auto"  # auto (on for CUDA) | on | off
+    pretrained_file: str = ""  # local weights for the backbone (offline pods)
+    feature_dim: int = 256  # per-magnification embedding size
+    dropout: float = 0.3  # before the heads
+    spatial_attention: bool = True
+    channel_attention: bool = True
+    hierarchical_attention: bool = True
+    cross_mag_fusion: bool = True  # off = plain mean over available magnifications
+    multiscale_pooling: bool = True  # off = global average pooling
+    shared_backbone: bool = False  # one backbone for all magnifications
+    subtype_head: bool = True  # 8-class auxiliary head
+    # --- optimisation
+    epochs: int = 12  # upper bound; early stopping may end sooner
+    patience: int = 4  # epochs without inner-validation improvement
+    batch_size: int = 0  # tuples per batch; 0 = from device memory
+    lr: float = 3e-4  # AdamW peak learning rate (heads); backbone gets lr * backbone_lr_scale
+    backbone_lr_scale: float = 0.3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    loss: str = "focal"  # focal | ce (binary cross-entropy)
+    focal_alpha: float = 0.25  # weight of the positive (malignant) class; <0 = none
+    focal_gamma: float = 2.0
+    subtype_loss_weight: float = 0.3
+    tuples_per_epoch: int = 0  # 0 = training images / magnifications used
+    # --- environment
+    device: str = "auto"  # auto | cuda | mps | cpu
+    workers: int = 0  # decode processes; 0 = from CPU affinity
+    gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
+    def training_hash(self) -> str:
+        """Hash of every field that changes what a fold learns (not paths or run flags)."""
+        skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
+                "report_only", "experiments", "resume", "workers", "gradcam_patients"}
+        items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# name -> overrides of Config. Baselines and ablations are configuration, not code.
+EXPERIMENTS: dict[str, dict] = {
+    "mmnet": {},
+    "single_40x": {"model": "single", "magnifications": (40,)},
+    "single_100x": {"model": "single", "magnifications": (100,)},
+    "single_200x": {"model": "single", "magnifications": (200,)},
+    "single_400x": {"model": "single", "magnifications": (400,)},
+    "simple_concat": {"model": "simple_concat"},
+    "pooled_single": {"model": "single", "sample_mode": "pooled"},
+    "mmnet_no_spatial": {"spatial_attention": False},
+    "mmnet_no_channel": {"channel_attention": False},
+    "mmnet_no_hierarchical": {"hierarchical_attention": False},
+    "mmnet_no_fusion": {"cross_mag_fusion": False},
+    "mmnet_no_msap": {"multiscale_pooling": False},
+    "mmnet_ce_loss": {"loss": "ce"},
+}
+BASELINES = ("single_40x", "single_100x", "single_200x", "single_400x", "simple_concat",
+             "pooled_single")
+ABLATIONS = tuple(n for n in EXPERIMENTS if n.startswith("mmnet_"))
+
+# A dry run proves the whole pipeline end to end in minutes on a laptop CPU.
+DRY_RUN_OVERRIDES = {"folds": 2, "epochs": 2, "patience": 2, "image_size": 64,
+                     "feature_dim": 64, "batch_size": 8, "tuples_per_epoch": 48,
+                     "max_patients": 16, "pretrained": "off", "gradcam_patients": 2}
+
+
+def experiment_config(base: Config, name: str) -> Config:
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment '{name}'; valid: {', '.join(EXPERIMENTS)}")
+    return dataclasses.replace(base, **EXPERIMENTS[name])
+
+
+@dataclass
+class EnvInfo:
+    device: str
+    amp_dtype: str  # bfloat16 | float16 | none
+    batch_size: int
+    workers: int
+    device_name: str = ""
+    memory_gb: float = 0.0
+    notes: list = field(default_factory=list)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity API
+        return os.cpu_count() or 1
+
+
+def _batch_for_memory(gb: float) -> int:
+    # Tuples of four 224 px images through four resnet18 branches: ~0.25 GB each in bf16.
+    return 64 if gb >= 40 else 32 if gb >= 16 else 16
+
+
+def detect_env(device: str = "auto", batch_size: int = 0, workers: int = 0) -> EnvInfo:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else (
+            "mps" if torch.backends.mps.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but torch sees no CUDA GPU; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps requested but MPS is not available; use --device cpu")
+    name, gb, amp = device, 0.0, "none"
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        name, gb = props.name, props.total_memory / 2**30
+        amp = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    auto_batch = _batch_for_memory(gb) if device == "cuda" else (16 if device == "mps" else 8)
+    auto_workers = max(1, min(8, usable_cpus()))
+    return EnvInfo(device=device, amp_dtype=amp, batch_size=batch_size or auto_batch,
+                   workers=workers or auto_workers, device_name=name, memory_gb=round(gb, 1))
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage block
+        sys.stderr.write(f"error: {message} (see python main.py --help)\n")
+        raise SystemExit(2)
+
+
+_CHOICES = {"folds_source": ("grouped", "kaggle"), "sample_mode": ("tuple", "pooled"),
+            "pretrained": ("auto", "on", "off"), "loss": ("focal", "ce"),
+            "device": ("auto", "cuda", "mps", "cpu")}
+_MINIMUM = {"folds": 2, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
+            "batch_size": 0, "tuples_per_epoch": 0, "workers": 0, "max_patients": 0,
+            "gradcam_patients": 0, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
+            "warmup_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0}
+
+
+def _comma_list(kind):
+    return lambda text: tuple(kind(t.strip()) for t in text.split(",") if t.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(description="MMNet on BreakHis: analysis, folds, training, report.")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "magnifications":
+            parser.add_argument(flag, type=_comma_list(int), default=None, help="e.g. 40,400")
+        elif f.name == "experiments":
+            parser.add_argument(flag, type=_comma_list(str), default=None,
+                                help="comma list; default all: " + ",".join(EXPERIMENTS))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None,
+                                choices=_CHOICES.get(f.name))
+    return parser
+
+
+def validate(cfg: Config) -> Config:
+    for name, low in _MINIMUM.items():
+        if getattr(cfg, name) < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    bad = [m for m in cfg.magnifications if m not in MAGNIFICATIONS]
+    if bad or not cfg.magnifications:
+        raise ConfigError(f"--magnifications must be a subset of {MAGNIFICATIONS}, got {bad or '()'}")
+    unknown = [e for e in cfg.experiments if e not in EXPERIMENTS]
+    if unknown:
+        raise ConfigError(f"unknown experiment(s) {', '.join(unknown)}; valid: {', '.join(EXPERIMENTS)}")
+    if not 0.05 <= cfg.inner_val_fraction <= 0.5:
+        raise ConfigError("--inner-val-fraction must lie in [0.05, 0.5]")
+    return cfg
+
+
+def parse_args(argv=None) -> Config:
+    """CLI -> Config. Explicit flags win over dry-run defaults, which win over Config defaults."""
+    given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    base = dict(DRY_RUN_OVERRIDES) if given.get("dry_run") else {}
+    base.update(given)
+    return validate(Config(**base))

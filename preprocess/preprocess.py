@@ -1,0 +1,159 @@
+"""Index the BreakHis tree, validate every file, report what is wrong without stopping."""
+from __future__ import annotations
+
+import logging
+import re
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+
+from config import MAGNIFICATIONS
+
+log = logging.getLogger(__name__)
+
+# Matches all 7,909 official names: class, subtype code, year, slide id, magnification, sequence.
+FILENAME_RE = re.compile(r"SOB_([BM])_([A-Z]+)-(\d+)-([0-9A-Za-z]+)-(40|100|200|400)-(\d+)\.png")
+EXPECTED_IMAGES, EXPECTED_PATIENTS = 7909, 82
+EXPECTED_SIZE = (700, 460)
+METADATA_SUFFIXES = {".csv", ".txt", ".md", ".json"}  # documentation beside the images
+INDEX_COLUMNS = ["path", "patient", "group", "label", "tumor_class", "subtype", "mag", "seq",
+                 "year", "slide_id"]
+ISSUE_COLUMNS = ["path", "kind", "detail"]
+
+
+class DataError(RuntimeError):
+    """The data cannot be used at all (missing or empty directory)."""
+
+
+def parse_name(filename: str) -> dict | None:
+    """Fields of one BreakHis file name, or None when it does not follow the grammar."""
+    match = FILENAME_RE.fullmatch(filename)
+    if not match:
+        return None
+    cls, code, year, slide, mag, seq = match.groups()
+    return {
+        "patient": f"SOB_{cls}_{code}_{year}-{slide}",
+        # Slides such as 22549AB/22549CD share a number and probably a patient: group by it.
+        "group": re.match(r"\d+", slide).group(0),
+        "label": int(cls == "M"),
+        "tumor_class": "malignant" if cls == "M" else "benign",
+        "subtype": code, "mag": int(mag), "seq": int(seq), "year": int(year), "slide_id": slide,
+    }
+
+
+def missing_data_message(data_dir: str | Path) -> str:
+    return (f"no BreakHis images found in '{data_dir}': extract BreaKHis_v1.tar.gz there "
+            f"(or pass --data-dir DIR), or run `python main.py --dry-run` to use demo data")
+
+
+def scan_tree(data_dir: Path) -> tuple[list[Path], list[dict]]:
+    """All PNG paths under data_dir (sorted) and issues for files that are not PNGs."""
+    pngs, issues = [], []
+    for path in sorted(p for p in data_dir.rglob("*") if p.is_file()):
+        if path.name.startswith("."):
+            continue
+        suffix = path.suffix.lower()
+        if suffix == ".png":
+            pngs.append(path)
+        elif suffix not in METADATA_SUFFIXES:
+            issues.append({"path": str(path.relative_to(data_dir)), "kind": "not_png",
+                           "detail": f"ignored file with suffix '{suffix or 'none'}'"})
+    return pngs, issues
+
+
+def check_image(path: str) -> dict:
+    """Header and CRC check of one PNG without a full decode (cheap enough for 7,909 files)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            size, mode = img.size, img.mode
+            img.verify()  # walks every chunk and checks its CRC: finds truncation and garbage
+        return {"ok": True, "width": size[0], "height": size[1], "mode": mode, "error": ""}
+    except Exception as exc:  # PIL raises many types for broken files; all mean unusable
+        return {"ok": False, "width": 0, "height": 0, "mode": "", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def check_images(paths: list[Path], workers: int) -> list[dict]:
+    names = [str(p) for p in paths]
+    if workers <= 1 or len(names) < 64:
+        return [check_image(n) for n in names]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(check_image, names, chunksize=64))
+
+
+def _image_issues(rel: str, check: dict) -> list[dict]:
+    if not check["ok"]:
+        return [{"path": rel, "kind": "unreadable", "detail": check["error"]}]
+    issues = []
+    if (check["width"], check["height"]) != EXPECTED_SIZE:
+        issues.append({"path": rel, "kind": "unexpected_size",
+                       "detail": f"{check['width']}x{check['height']} (expected 700x460); resized"})
+    if check["mode"] != "RGB":
+        issues.append({"path": rel, "kind": "converted_mode",
+                       "detail": f"mode {check['mode']} converted to RGB"})
+    return issues
+
+
+def _dataset_issues(index: pd.DataFrame) -> list[dict]:
+    issues = []
+    for patient, mags in index.groupby("patient")["mag"]:
+        for mag in sorted(set(MAGNIFICATIONS) - set(mags)):
+            issues.append({"path": patient, "kind": "missing_magnification",
+                           "detail": f"no {mag}X images"})
+    for group, labels in index.groupby("group")["label"]:
+        if labels.nunique() > 1:
+            issues.append({"path": f"group {group}", "kind": "mixed_label_group",
+                           "detail": "benign and malignant slides share this slide number"})
+    counts = (len(index), index["patient"].nunique())
+    for what, seen, expected in (("images", counts[0], EXPECTED_IMAGES),
+                                 ("patients", counts[1], EXPECTED_PATIENTS)):
+        if seen != expected:
+            issues.append({"path": "", "kind": "count_differs",
+                           "detail": f"{seen} {what}, the full BreakHis has {expected}"})
+    return issues
+
+
+def index_dataset(data_dir: str | Path, workers: int = 1,
+                  check_files: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table of usable images (INDEX_COLUMNS) and table of issues (ISSUE_COLUMNS).
+
+    Raises DataError when the directory is missing or holds no PNG at all.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(missing_data_message(data_dir))
+    pngs, issues = scan_tree(root)
+    if not pngs:
+        raise DataError(missing_data_message(data_dir))
+    rows, parsed_paths = [], []
+    for path in pngs:
+        fields = parse_name(path.name)
+        rel = str(path.relative_to(root))
+        if fields is None:
+            issues.append({"path": rel, "kind": "bad_name", "detail": "does not match SOB_<B|M>_<code>-<yy>-<slide>-<mag>-<seq>.png"})
+            continue
+        rows.append({"path": rel, **fields})
+        parsed_paths.append(path)
+    if check_files:
+        keep = []
+        for row, check in zip(rows, check_images(parsed_paths, workers)):
+            issues.extend(_image_issues(row["path"], check))
+            keep.append(check["ok"])
+        rows = [r for r, ok in zip(rows, keep) if ok]
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    index = index.sort_values(["patient", "mag", "seq", "path"], kind="stable").reset_index(drop=True)
+    if len(index):
+        issues.extend(_dataset_issues(index))
+    return index, pd.DataFrame(issues, columns=ISSUE_COLUMNS)
+
+
+def write_issues(issues: pd.DataFrame, output_dir: str | Path) -> Path:
+    out = Path(output_dir) / "tables" / "data_issues.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    issues.to_csv(out, index=False)
+    for kind, count in issues["kind"].value_counts().items():
+        example = issues.loc[issues["kind"] == kind].iloc[0]
+        log.warning("data issue: %d x %s (e.g. %s: %s)", count, kind, example["path"], example["detail"])
+    return out

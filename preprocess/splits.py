@@ -1,0 +1,147 @@
+"""Patient-grouped, stratified folds: no numeric slide group is ever on both sides of a split."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from preprocess.preprocess import parse_name
+
+
+class FoldError(RuntimeError):
+    """Folds cannot be built or loaded without breaking the protocol."""
+
+
+def patient_table(index: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient dir: group, label, subtype, image count."""
+    table = (index.groupby("patient")
+             .agg(group=("group", "first"), label=("label", "first"),
+                  tumor_class=("tumor_class", "first"), subtype=("subtype", "first"),
+                  n_images=("path", "size"))
+             .reset_index())
+    return table.sort_values("patient").reset_index(drop=True)
+
+
+def group_labels(patients: pd.DataFrame) -> pd.Series:
+    """Binary label per slide group; the majority wins if a group ever mixes classes."""
+    return patients.groupby("group")["label"].agg(lambda s: int(s.mean() >= 0.5))
+
+
+def _check_enough_groups(labels: pd.Series, n_splits: int, what: str) -> None:
+    for label, count in labels.value_counts().items():
+        if count < n_splits:
+            name = "malignant" if label else "benign"
+            raise FoldError(f"{what}: class {name} has {count} slide group(s) but {n_splits} "
+                            f"folds were asked for; lower --folds or add data")
+
+
+def outer_folds(patients: pd.DataFrame, n_folds: int, seed: int) -> pd.Series:
+    """Fold index per patient from StratifiedGroupKFold over slide groups."""
+    labels = group_labels(patients)
+    _check_enough_groups(labels, n_folds, "outer folds")
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    fold_of_group = {}
+    groups = labels.index.to_numpy()
+    for fold, (_, test) in enumerate(splitter.split(groups, labels.to_numpy(), groups)):
+        fold_of_group.update({g: fold for g in groups[test]})
+    return patients["group"].map(fold_of_group)
+
+
+def inner_validation_groups(patients: pd.DataFrame, fraction: float, seed: int) -> set:
+    """A class-stratified share of the training slide groups, at least one of each class."""
+    labels = group_labels(patients)
+    _check_enough_groups(labels, 2, "inner validation")
+    rng = np.random.default_rng(seed)
+    chosen = set()
+    for label in sorted(labels.unique()):
+        groups = sorted(labels.index[labels == label])
+        take = min(len(groups) - 1, max(1, math.ceil(fraction * len(groups))))
+        chosen.update(rng.choice(groups, size=take, replace=False).tolist())
+    return chosen
+
+
+def add_inner_roles(folds: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """Columns role_f<k>: test / train / val of each patient when fold k is the test fold."""
+    folds = folds.copy()
+    for k in sorted(folds["fold"].unique()):
+        train = folds[folds["fold"] != k]
+        val_groups = inner_validation_groups(train, fraction, seed + 1000 + int(k))
+        role = np.where(folds["fold"] == k, "test",
+                        np.where(folds["group"].isin(val_groups), "val", "train"))
+        folds[f"role_f{k}"] = role
+    return folds
+
+
+def build_folds(index: pd.DataFrame, n_folds: int, seed: int, inner_fraction: float) -> pd.DataFrame:
+    patients = patient_table(index)
+    patients["fold"] = outer_folds(patients, n_folds, seed).astype(int)
+    folds = add_inner_roles(patients, inner_fraction, seed)
+    assert_disjoint(folds)
+    return folds
+
+
+def assert_disjoint(folds: pd.DataFrame) -> None:
+    """Raise FoldError if any patient or slide group sits on two sides of any split."""
+    if folds["patient"].duplicated().any():
+        raise FoldError("a patient appears twice in the folds table")
+    for role_col in [c for c in folds.columns if c.startswith("role_f")]:
+        sides = folds.groupby("group")[role_col].nunique()
+        leaking = sorted(sides.index[sides > 1])
+        if leaking:
+            raise FoldError(f"slide group(s) {', '.join(leaking)} straddle splits in {role_col}")
+        fold = int(role_col.removeprefix("role_f"))
+        if not (folds.loc[folds["fold"] == fold, role_col] == "test").all():
+            raise FoldError(f"{role_col}: the test role does not match the fold column")
+        for role in ("train", "val", "test"):
+            present = folds.loc[folds[role_col] == role, "label"].unique()
+            if len(present) < 2:
+                raise FoldError(f"{role_col}: the {role} part lacks a class")
+
+
+def write_folds(folds: pd.DataFrame, output_dir: str | Path) -> Path:
+    assert_disjoint(folds)
+    path = Path(output_dir) / "folds.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folds.to_csv(path, index=False)
+    return path
+
+
+def load_folds(path: str | Path, index: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Read folds.csv, check disjointness and (if given) that it covers the indexed patients."""
+    folds = pd.read_csv(path, dtype={"group": str})
+    assert_disjoint(folds)
+    if index is not None:
+        missing = sorted(set(index["patient"]) - set(folds["patient"]))
+        if missing:
+            raise FoldError(f"{path} lacks {len(missing)} indexed patient(s) (e.g. {missing[0]}); "
+                            f"delete it to rebuild the folds")
+    return folds
+
+
+def kaggle_folds(csv_path: str | Path, index: pd.DataFrame, inner_fraction: float,
+                 seed: int) -> pd.DataFrame:
+    """Folds from a Kaggle Folds.csv, accepted only if no slide group straddles a split."""
+    table = pd.read_csv(csv_path)
+    parsed = table["filename"].map(lambda p: parse_name(Path(str(p)).name))
+    if parsed.isna().any():
+        raise FoldError(f"{csv_path}: {int(parsed.isna().sum())} file name(s) do not parse")
+    table["group"] = [p["group"] for p in parsed]
+    table["patient"] = [p["patient"] for p in parsed]
+    sides = table.groupby(["fold", "group"])["grp"].nunique()
+    leaking = sorted({g for (_, g), n in sides.items() if n > 1})
+    if leaking:
+        raise FoldError(f"{csv_path} puts slide group(s) {', '.join(leaking)} in both train and "
+                        f"test; use the default --folds-source grouped")
+    test_folds = table[table["grp"].str.lower() == "test"].groupby("patient")["fold"].unique()
+    if (test_folds.map(len) != 1).any() or len(test_folds) != index["patient"].nunique():
+        raise FoldError(f"{csv_path}: test parts are not a partition of the patients "
+                        f"(each patient must be tested in exactly one fold)")
+    patients = patient_table(index)
+    fold_ids = {f: i for i, f in enumerate(sorted({v[0] for v in test_folds}))}
+    patients["fold"] = patients["patient"].map(lambda p: fold_ids[test_folds[p][0]])
+    folds = add_inner_roles(patients, inner_fraction, seed)
+    assert_disjoint(folds)
+    return folds

@@ -1,0 +1,49 @@
+"""Shared fixtures: offline, headless, a small synthetic BreakHis tree, the shared reference data."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download weights
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "breakhis"
+LISTING = SHARED / "listings" / "breakhis_full_listing_derived.csv"
+GENUINE = SHARED / "genuine"
+# Demo tiles at a quarter of 700x460: the same aspect, four times faster to write.
+DEMO_W, DEMO_H = 176, 116
+
+
+@pytest.fixture(scope="session")
+def listing():
+    if not LISTING.is_file():
+        pytest.skip("../shared/breakhis listing not available")
+    import pandas as pd
+
+    return pd.read_csv(LISTING, dtype={"slide_id_numeric": str, "slide_id": str})
+
+
+@pytest.fixture(scope="session")
+def genuine_dir():
+    if not GENUINE.is_dir():
+        pytest.skip("../shared/breakhis/genuine not available")
+    return GENUINE
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory):
+    """16 synthetic patients x 4 magnifications x 3 images, real folder and name grammar."""
+    from preprocess.demo import write_demo_tree
+
+    return write_demo_tree(tmp_path_factory.mktemp("demo"), width=DEMO_W, height=DEMO_H)
+
+
+@pytest.fixture(scope="session")
+def demo_index(demo_tree):
+    from preprocess.preprocess import index_dataset
+
+    index, _ = index_dataset(demo_tree)
+    return index

@@ -1,0 +1,36 @@
+"""CLI parsing and validation."""
+import pytest
+
+from config import EXPERIMENTS, ConfigError, experiment_config, parse_args
+
+
+def test_dry_run_defaults_and_explicit_flags_win():
+    cfg = parse_args(["--dry-run", "--epochs", "3"])
+    assert cfg.folds == 2 and cfg.epochs == 3 and cfg.image_size == 64
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "-1"], "--epochs must be >= 1"),
+    (["--folds", "1"], "--folds must be >= 2"),
+    (["--experiments", "mmnet,nope"], "valid: mmnet"),
+    (["--magnifications", "40,50"], "subset of"),
+])
+def test_invalid_values_give_one_line_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_unknown_choice_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--loss", "mse"])
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_experiments_are_overrides_of_one_config():
+    base = parse_args([])
+    for name, overrides in EXPERIMENTS.items():
+        cfg = experiment_config(base, name)
+        assert all(getattr(cfg, k) == v for k, v in overrides.items())
+    assert experiment_config(base, "mmnet").training_hash() != \
+        experiment_config(base, "mmnet_no_spatial").training_hash()

@@ -1,0 +1,83 @@
+"""Seeding, logging and atomic checkpoint files."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and every GPU) from one seed."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A stable 63-bit seed from several integers (seed, fold, epoch...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+               .astype(np.uint64).dot([1, 2**32]) % (2**63 - 1))
+
+
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
+    """Log to stdout and, when given, append to log_file (the raw run log)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+    root.addHandler(stream)
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(file_handler)
+    for noisy in ("matplotlib", "PIL", "timm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def atomic_write_bytes(path: str | Path, write) -> Path:
+    """Call write(file_object) on a temp file beside path, then os.replace: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """torch.save of tensors and plain values only, so weights_only=True can read it back."""
+    import torch
+
+    return atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    import torch
+
+    return torch.load(path, map_location=map_location, weights_only=True)

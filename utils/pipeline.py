@@ -1,0 +1,140 @@
+"""The steps before training: output folder, run header, data index, analysis, folds."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from config import Config, detect_env, EnvInfo, usable_cpus
+from preprocess.preprocess import DataError, index_dataset, missing_data_message, write_issues
+from preprocess.splits import build_folds, FoldError, kaggle_folds, load_folds, write_folds
+from utils.env import free_disk_gb, git_commit, gpu_facts, runpod_hint, shm_gb, versions
+from utils.helpers import atomic_write_text, setup_logging
+
+log = logging.getLogger("mmnet")
+RUN_LOG, HEADER_FILE = "run.log", "run_header.json"
+
+
+@dataclass
+class StudyData:
+    index: pd.DataFrame  # one row per usable image (INDEX_COLUMNS)
+    folds: pd.DataFrame  # one row per patient: group, label, fold, role_f<k>
+    data_dir: Path
+    demo: bool  # True when the data are synthetic
+
+
+def prepare_output(cfg: Config) -> None:
+    """Create the output folder (or say why not), start logging, record the run header."""
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"output directory '{out}' is not writable ({exc.strerror}); "
+                      f"pass --output-dir to a writable place") from None
+    setup_logging(out / RUN_LOG)
+    env = detect_env(cfg.device, cfg.batch_size, cfg.workers)
+    header = run_header(cfg, env)
+    atomic_write_text(out / HEADER_FILE, json.dumps(header, indent=2, default=str))
+    log.info("run %s | device %s (%s) | amp %s | batch %d | workers %d | commit %s",
+             header["started"], env.device, env.device_name, env.amp_dtype, env.batch_size,
+             env.workers, header["commit"])
+    for warning in header["warnings"]:
+        log.warning("%s", warning)
+
+
+def run_header(cfg: Config, env: EnvInfo) -> dict:
+    warnings = []
+    disk = free_disk_gb(cfg.output_dir)
+    if disk < 5:
+        warnings.append(f"only {disk} GB free under {cfg.output_dir}: the cache and checkpoints need ~3 GB")
+    if hint := runpod_hint(cfg.output_dir):
+        warnings.append(hint)
+    return {"started": datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
+            "env": dataclasses.asdict(env), "versions": versions(), "gpu": gpu_facts(),
+            "shm_gb": shm_gb(), "free_disk_gb": disk, "config": dataclasses.asdict(cfg),
+            "warnings": warnings}
+
+
+def _resolve_data_dir(cfg: Config) -> tuple[Path, bool]:
+    data_dir = Path(cfg.data_dir)
+    has_images = data_dir.is_dir() and any(data_dir.rglob("*.png"))
+    if has_images or not cfg.dry_run:
+        return data_dir, False
+    from preprocess.demo import write_demo_tree
+
+    demo_dir = Path(cfg.output_dir) / "demo_data"
+    if not any(demo_dir.rglob("*.png")):
+        write_demo_tree(demo_dir)
+    log.warning("no dataset in '%s': the dry run uses SYNTHETIC demo data from %s",
+                cfg.data_dir, demo_dir)
+    return demo_dir, True
+
+
+def select_patients(index: pd.DataFrame, max_patients: int, seed: int) -> pd.DataFrame:
+    """A class-balanced subset of whole slide groups (never half a group)."""
+    groups = index.groupby("group")["label"].first()
+    keep = []
+    for label in (0, 1):
+        members = groups[groups == label].index.to_series().sample(frac=1.0, random_state=seed)
+        chosen, patients = [], 0
+        for group in members:
+            if patients >= max_patients // 2:
+                break
+            chosen.append(group)
+            patients += index.loc[index["group"] == group, "patient"].nunique()
+        keep += chosen
+    return index[index["group"].isin(keep)].reset_index(drop=True)
+
+
+def _folds(cfg: Config, index: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
+    path = Path(cfg.output_dir) / "folds.csv"
+    if cfg.folds_source == "kaggle":
+        kaggle = data_dir / "Folds.csv"
+        if not kaggle.is_file():
+            raise FoldError(f"--folds-source kaggle needs {kaggle}; use --folds-source grouped")
+        folds = kaggle_folds(kaggle, index, cfg.inner_val_fraction, cfg.seed)
+    elif path.is_file():
+        folds = load_folds(path)
+        same = (set(folds["patient"]) == set(index["patient"]) and folds["fold"].nunique() == cfg.folds)
+        if same:
+            log.info("folds: reusing %s (%d patients, %d folds)", path, len(folds), cfg.folds)
+            return folds
+        log.warning("folds: %s does not match this data/--folds; rebuilding it", path)
+        folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
+    else:
+        folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
+    write_folds(folds, cfg.output_dir)
+    summary = folds.groupby("fold").agg(patients=("patient", "size"), malignant=("label", "sum"),
+                                        groups=("group", "nunique"))
+    log.info("folds written to %s, no slide group on two sides:\n%s", path, summary.to_string())
+    return folds
+
+
+def prepare_data(cfg: Config) -> StudyData:
+    """Index + validate, write data issues and the analysis, then load or build the folds."""
+    from preprocess.analyze import analyze
+
+    data_dir, demo = _resolve_data_dir(cfg)
+    env_workers = cfg.workers or min(8, usable_cpus())
+    index, issues = index_dataset(data_dir, workers=env_workers)
+    write_issues(issues, cfg.output_dir)
+    if cfg.max_patients and index["patient"].nunique() > cfg.max_patients:
+        index = select_patients(index, cfg.max_patients, cfg.seed)
+        log.info("subset: %d patients, %d images (--max-patients %d)", index["patient"].nunique(),
+                 len(index), cfg.max_patients)
+    if index.empty:
+        raise DataError(missing_data_message(data_dir))
+    log.info("index: %d usable images, %d patients, %d slide groups, %d issue(s) -> %s",
+             len(index), index["patient"].nunique(), index["group"].nunique(), len(issues),
+             Path(cfg.output_dir) / "tables" / "data_issues.csv")
+    analyze(index, data_dir, cfg.output_dir)
+    folds = _folds(cfg, index, data_dir)
+    return StudyData(index=index, folds=folds, data_dir=data_dir, demo=demo)
