@@ -72,7 +72,7 @@ class Config:
     warmup_epochs: float = 1.0
     grad_clip: float = 1.0
     loss: str = "focal"  # focal | ce (binary cross-entropy)
-    focal_alpha: float = 0.25  # weight of the positive (malignant) class; <0 = none
+    focal_alpha: float = 0.5  # malignant weight; 0.5 = neutral (the sampler balances classes); <0 = none
     focal_gamma: float = 2.0
     subtype_loss_weight: float = 0.3
     tuples_per_epoch: int = 0  # 0 = training images / magnifications used

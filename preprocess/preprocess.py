@@ -157,3 +157,82 @@ def write_issues(issues: pd.DataFrame, output_dir: str | Path) -> Path:
         example = issues.loc[issues["kind"] == kind].iloc[0]
         log.warning("data issue: %d x %s (e.g. %s: %s)", count, kind, example["path"], example["detail"])
     return out
+
+
+# ---------------------------------------------------------------- image cache
+def decode_resized(path: str, size: int):
+    """RGB uint8 (size, size, 3): the whole 700x460 frame squashed, as the model sees it."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")  # grayscale/RGBA/palette: converted (validation reports it)
+        return np.asarray(img.resize((size, size), Image.BICUBIC, reducing_gap=3.0), dtype=np.uint8)
+
+
+def _decode_chunk(job) -> list[tuple[int, str]]:
+    """Decode rows [start, start+len(paths)) straight into the shared memory-mapped file."""
+    import numpy as np
+
+    npy_path, start, paths, size = job
+    array = np.load(npy_path, mmap_mode="r+")
+    failures = []
+    for offset, path in enumerate(paths):
+        try:
+            array[start + offset] = decode_resized(path, size)
+        except Exception as exc:  # any decode failure: keep a zero image, report, go on
+            array[start + offset] = 0
+            failures.append((start + offset, f"{type(exc).__name__}: {exc}"))
+    array.flush()
+    return failures
+
+
+def cache_key(index: pd.DataFrame, data_dir: Path, size: int) -> str:
+    import hashlib
+    import json
+
+    files = [(p, (data_dir / p).stat().st_size) for p in index["path"]]
+    return hashlib.sha256(json.dumps([size, files]).encode()).hexdigest()[:16]
+
+
+def build_cache(index: pd.DataFrame, data_dir: str | Path, cache_dir: str | Path, size: int,
+                workers: int = 1):
+    """uint8 memmap (N, size, size, 3) in index order and a bool mask of decodable rows.
+
+    Keyed by size and file list (names and byte sizes): rebuilt only when either changes.
+    """
+    import json
+    import os
+    import time
+
+    import numpy as np
+
+    data_dir, cache_dir = Path(data_dir), Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(index, data_dir, size)
+    npy, meta = cache_dir / f"images_{size}px_{key}.npy", cache_dir / f"images_{size}px_{key}.json"
+    if npy.is_file() and meta.is_file():
+        ok = np.array(json.loads(meta.read_text())["ok"], dtype=bool)
+        log.info("cache: reusing %s (%d images, %.2f GB)", npy.name, len(ok), npy.stat().st_size / 1e9)
+        return np.load(npy, mmap_mode="r"), ok
+    tmp = npy.with_suffix(".partial.npy")
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), size, size, 3)).flush()
+    paths = [str(data_dir / p) for p in index["path"]]
+    step = max(16, len(paths) // (workers * 8) + 1)
+    jobs = [(str(tmp), s, paths[s:s + step], size) for s in range(0, len(paths), step)]
+    started = time.perf_counter()
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            failures = [f for chunk in pool.map(_decode_chunk, jobs) for f in chunk]
+    else:
+        failures = [f for job in jobs for f in _decode_chunk(job)]
+    seconds = time.perf_counter() - started
+    ok = np.ones(len(paths), dtype=bool)
+    for row, error in failures:
+        ok[row] = False
+        log.warning("cache: skipped %s (%s)", index["path"].iloc[row], error)
+    os.replace(tmp, npy)
+    meta.write_text(json.dumps({"size": size, "paths": list(index["path"]), "ok": ok.tolist()}))
+    log.info("cache: decoded %d images in %.1f s (%.0f images/s, %d workers) -> %s, %.2f GB",
+             len(paths), seconds, len(paths) / max(seconds, 1e-9), workers, npy, npy.stat().st_size / 1e9)
+    return np.load(npy, mmap_mode="r"), ok

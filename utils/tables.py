@@ -40,3 +40,33 @@ def save_table(df: pd.DataFrame, tables_dir: str | Path, name: str, latex: bool 
     if latex:
         (tables_dir / f"{name}.tex").write_text(latex_table(df))
     return csv
+
+
+# ---------------------------------------------------------------- results of the runs
+LEVELS = ("patient", "tuple")
+SHOWN = ("accuracy", "balanced_accuracy", "f1", "auc", "sensitivity", "specificity")
+
+
+def load_results(output_dir: str | Path, experiment: str) -> list[dict]:
+    import json
+
+    paths = sorted((Path(output_dir) / "runs" / experiment).glob("fold*/results.json"))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def fold_table(results: list[dict]) -> pd.DataFrame:
+    """One row per fold (both levels) plus a 'mean ± sd' row."""
+    from utils.metrics import format_mean_sd
+
+    rows = []
+    for r in results:
+        row = {"fold": r["fold"], "threshold": round(r["threshold"], 3), "best_epoch": r["best_epoch"] + 1}
+        for level in LEVELS:
+            row.update({f"{level}_{m}": r["metrics"][level][m] for m in SHOWN})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        summary = {c: format_mean_sd(table[c]) for c in table.columns if c not in ("fold", "best_epoch")}
+        table = pd.concat([table.round(4), pd.DataFrame([{"fold": "mean ± sd", "best_epoch": "", **summary}])],
+                          ignore_index=True)
+    return table

@@ -1,0 +1,109 @@
+"""Model registry: register(name), build_model(cfg), list_models(); timm backbone creation."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger("mmnet")
+_REGISTRY: dict[str, Callable] = {}
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B,) malignant logit
+    subtype_logits: Optional[torch.Tensor]  # (B, 8) or None without a subtype head
+    mag_weights: torch.Tensor  # (B, M) importance of each magnification (0 where missing)
+    attention_maps: Optional[torch.Tensor] = None  # (B, M, h, w) spatial attention, if any
+
+
+def register(name: str):
+    def decorator(builder: Callable) -> Callable:
+        _REGISTRY[name] = builder
+        return builder
+    return decorator
+
+
+def list_models() -> list[str]:
+    _import_models()
+    return sorted(_REGISTRY)
+
+
+def build_model(cfg) -> nn.Module:
+    _import_models()
+    if cfg.model not in _REGISTRY:
+        from config import ConfigError
+        raise ConfigError(f"unknown model '{cfg.model}'; valid: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[cfg.model](cfg)
+
+
+def _import_models() -> None:
+    # Importing the modules runs their @register decorators.
+    from backbones import baseline_simple_concat, baseline_single  # noqa: F401
+    from backbones.our import model  # noqa: F401
+
+
+def wants_pretrained(cfg) -> bool:
+    if cfg.pretrained == "auto":
+        return torch.cuda.is_available() or bool(cfg.pretrained_file)
+    return cfg.pretrained == "on" or bool(cfg.pretrained_file)
+
+
+def create_backbone(cfg) -> tuple[nn.Module, str]:
+    """timm feature extractor (B, C, h, w) and how it was initialised.
+
+    When weights cannot be had, warn loudly and fall back to random init rather than stop:
+    a pod without internet should still finish, with the header saying so.
+    """
+    import timm
+    from config import ConfigError
+
+    if cfg.backbone not in timm.list_models() and not timm.is_model(cfg.backbone):
+        raise ConfigError(f"unknown timm backbone '{cfg.backbone}'; e.g. resnet18, resnet50, "
+                          f"efficientnet_b0, convnext_tiny (see timm.list_models())")
+    kwargs = dict(num_classes=0, global_pool="")
+    if not wants_pretrained(cfg):
+        return timm.create_model(cfg.backbone, pretrained=False, **kwargs), "random init"
+    try:
+        if cfg.pretrained_file:
+            kwargs["pretrained_cfg_overlay"] = dict(file=cfg.pretrained_file)
+        model = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+        return model, f"pretrained ({cfg.pretrained_file or 'timm hub'})"
+    except Exception as exc:  # network, hub or file errors all end in the same fallback
+        log.warning("!!! PRETRAINED WEIGHTS UNAVAILABLE for %s (%s: %s): training from RANDOM "
+                    "INIT; pass --pretrained-file PATH to use local weights", cfg.backbone,
+                    type(exc).__name__, str(exc).splitlines()[0][:200])
+        return timm.create_model(cfg.backbone, pretrained=False, **kwargs), "random init (download failed)"
+
+
+def data_config(backbone: nn.Module) -> tuple[tuple, tuple]:
+    """Normalisation mean and std from the backbone's timm data config."""
+    import timm
+
+    config = timm.data.resolve_data_config({}, model=backbone)
+    return tuple(config["mean"]), tuple(config["std"])
+
+
+class Heads(nn.Module):
+    """Binary head and optional 8-class subtype head on one embedding."""
+
+    def __init__(self, dim: int, dropout: float, subtype_head: bool, n_subtypes: int = 8):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.binary = nn.Linear(dim, 1)
+        self.subtype = nn.Linear(dim, n_subtypes) if subtype_head else None
+
+    def forward(self, z: torch.Tensor):
+        z = self.dropout(z)
+        return self.binary(z).squeeze(-1), (self.subtype(z) if self.subtype is not None else None)
+
+
+def magnification_backbones(cfg, count: int) -> tuple[nn.ModuleList, str]:
+    """One backbone per magnification, or one shared (the same module repeated)."""
+    first, status = create_backbone(cfg)
+    if cfg.shared_backbone or count == 1:
+        return nn.ModuleList([first] * count), status
+    return nn.ModuleList([first] + [create_backbone(cfg)[0] for _ in range(count - 1)]), status

@@ -1,0 +1,68 @@
+"""MMNet: a timm backbone per magnification, attention inside each branch, attention across
+magnifications, learned fusion, binary and subtype heads. Every component is a flag."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from backbones import Heads, ModelOutput, data_config, magnification_backbones, register
+from backbones.our.modules import (ChannelAttention, CrossMagnificationFusion,
+                                   HierarchicalMagnificationAttention, MultiScaleAttentionPool,
+                                   SpatialAttention)
+
+
+class MagnificationBranch(nn.Module):
+    """Backbone feature map -> spatial attention -> channel attention -> pooled vector."""
+
+    def __init__(self, backbone: nn.Module, dim: int, spatial: bool, channel: bool, multiscale: bool):
+        super().__init__()
+        channels = backbone.num_features
+        self.backbone = backbone
+        self.spatial = SpatialAttention(channels) if spatial else None
+        self.channel = ChannelAttention(channels) if channel else None
+        self.pool = MultiScaleAttentionPool(channels, dim, enabled=multiscale)
+
+    def forward(self, x: torch.Tensor):
+        features = self.backbone.forward_features(x.contiguous(memory_format=torch.channels_last))
+        attention = None
+        if self.spatial is not None:
+            features, attention = self.spatial(features)
+        if self.channel is not None:
+            features = self.channel(features)
+        return self.pool(features), attention
+
+
+class MMNet(nn.Module):
+    def __init__(self, backbones: nn.ModuleList, cfg, pretrained_status: str = ""):
+        super().__init__()
+        self.magnifications = tuple(cfg.magnifications)
+        self.pretrained_status = pretrained_status
+        self.norm_mean, self.norm_std = data_config(backbones[0])
+        self.branches = nn.ModuleList([
+            MagnificationBranch(b, cfg.feature_dim, cfg.spatial_attention, cfg.channel_attention,
+                                cfg.multiscale_pooling) for b in backbones])
+        self.hierarchy = (HierarchicalMagnificationAttention(cfg.feature_dim)
+                          if cfg.hierarchical_attention else None)
+        self.fusion = CrossMagnificationFusion(cfg.feature_dim, len(backbones), cfg.cross_mag_fusion)
+        self.heads = Heads(cfg.feature_dim, cfg.dropout, cfg.subtype_head)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> ModelOutput:
+        """x: (B, M, 3, H, W) normalised images; mask: (B, M), 1 where the image exists."""
+        vectors, maps = [], []
+        for m, branch in enumerate(self.branches):
+            vector, attention = branch(x[:, m])
+            vectors.append(vector)
+            maps.append(attention)
+        z = torch.stack(vectors, dim=1)  # (B, M, D)
+        if self.hierarchy is not None:
+            z = self.hierarchy(z, mask)
+        fused, weights = self.fusion(z, mask)
+        logits, subtype_logits = self.heads(fused)
+        attention_maps = torch.stack(maps, dim=1) if maps[0] is not None else None
+        return ModelOutput(logits, subtype_logits, weights, attention_maps)
+
+
+@register("mmnet")
+def build_mmnet(cfg) -> MMNet:
+    backbones, status = magnification_backbones(cfg, len(cfg.magnifications))
+    return MMNet(backbones, cfg, status)

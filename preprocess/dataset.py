@@ -1,0 +1,128 @@
+"""Multi-magnification tuples over the image cache.
+
+A tuple is one image per magnification of one patient: a pairing, not a registered pyramid.
+Tuples are arrays of cache rows, shape (T, M), with -1 where a patient lacks a magnification.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class PatientImages:
+    """Cache rows of each patient's images per magnification, for one split."""
+    patients: list  # patient ids
+    labels: np.ndarray  # (P,) 0 benign / 1 malignant
+    subtypes: np.ndarray  # (P,) index into config.SUBTYPES
+    groups: list  # numeric slide group per patient
+    rows: list  # rows[p][m] = sorted np.ndarray of cache rows (may be empty)
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+
+def patient_images(index: pd.DataFrame, usable: np.ndarray, patients, magnifications,
+                   sample_mode: str = "tuple") -> PatientImages:
+    """Group the usable cache rows of `patients` by magnification.
+
+    sample_mode 'pooled' treats every magnification as one pool (M = 1).
+    """
+    from config import SUBTYPES
+
+    frame = index.assign(row=np.arange(len(index)))[usable]
+    frame = frame[frame["patient"].isin(set(patients)) & frame["mag"].isin(magnifications)]
+    ids, labels, subtypes, groups, rows = [], [], [], [], []
+    for patient, part in frame.groupby("patient", sort=True):
+        part = part.sort_values(["mag", "seq"])
+        if sample_mode == "pooled":
+            per_mag = [part["row"].to_numpy()]
+        else:
+            per_mag = [part.loc[part["mag"] == m, "row"].to_numpy() for m in magnifications]
+        ids.append(patient)
+        labels.append(int(part["label"].iloc[0]))
+        subtypes.append(SUBTYPES.index(part["subtype"].iloc[0]))
+        groups.append(str(part["group"].iloc[0]))
+        rows.append(per_mag)
+    return PatientImages(ids, np.array(labels, dtype=np.int64), np.array(subtypes, dtype=np.int64),
+                         groups, rows)
+
+
+def training_tuples(data: PatientImages, count: int, rng: np.random.Generator,
+                    class_balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`count` fresh random tuples and their patient positions.
+
+    Patients are drawn with probability proportional to their image count (so every image is
+    seen about equally often), rescaled to equal mass per class when class_balanced.
+    """
+    sizes = np.array([sum(len(r) for r in rows) for rows in data.rows], dtype=np.float64)
+    weights = sizes.copy()
+    if class_balanced:
+        for label in np.unique(data.labels):
+            members = data.labels == label
+            weights[members] /= weights[members].sum()
+    patients = rng.choice(len(data), size=count, p=weights / weights.sum())
+    tuples = np.full((count, len(data.rows[0])), -1, dtype=np.int64)
+    for m in range(tuples.shape[1]):
+        for i, p in enumerate(patients):
+            rows = data.rows[p][m]
+            if len(rows):
+                tuples[i, m] = rows[rng.integers(len(rows))]
+    return tuples, patients
+
+
+def evaluation_tuples(data: PatientImages) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic tuples covering every image at least once.
+
+    A patient gets as many tuples as its largest magnification has images; tuple k takes
+    image k mod n_m of magnification m.
+    """
+    tuples, owners = [], []
+    for p, rows in enumerate(data.rows):
+        depth = max(len(r) for r in rows)
+        for k in range(depth):
+            tuples.append([r[k % len(r)] if len(r) else -1 for r in rows])
+            owners.append(p)
+    return np.array(tuples, dtype=np.int64).reshape(-1, len(data.rows[0])), np.array(owners)
+
+
+def tuples_per_epoch(data: PatientImages, requested: int) -> int:
+    """Default: as many tuples as it takes to show each training image about once."""
+    if requested:
+        return requested
+    images = sum(len(r) for rows in data.rows for r in rows)
+    return max(1, images // len(data.rows[0]))
+
+
+class ImageSource:
+    """The cache where the model runs: on a GPU the whole uint8 array is copied to device
+    memory once, so a batch is one indexing op with no loader, worker or host copy in between.
+    """
+
+    def __init__(self, cache: np.ndarray, device: str, max_device_gb: float = 0.0):
+        import torch
+
+        self.device = torch.device(device)
+        gb = cache.nbytes / 2**30
+        self.on_device = self.device.type != "cpu" and (not max_device_gb or gb <= max_device_gb)
+        if self.on_device:
+            self.images = torch.from_numpy(np.ascontiguousarray(cache)).to(self.device)
+        else:
+            self.images = cache  # memmap: rows are read on demand
+
+    def gather(self, tuples: np.ndarray):
+        """uint8 (B, M, H, W, 3) on the device and float mask (B, M) of present images."""
+        import torch
+
+        mask = torch.from_numpy(tuples >= 0).to(self.device)
+        safe = np.where(tuples >= 0, tuples, 0)
+        if self.on_device:
+            batch = self.images[torch.from_numpy(safe).to(self.device)]
+        else:
+            flat = np.ascontiguousarray(self.images[safe.reshape(-1)])
+            batch = torch.from_numpy(flat).reshape(*safe.shape, *flat.shape[1:]).to(self.device)
+        # Missing magnifications become black images; the mask keeps them out of the fusion.
+        batch = batch * mask[..., None, None, None].to(batch.dtype)
+        return batch, mask.float()

@@ -1,0 +1,92 @@
+"""Pure metric functions: tuple and patient level, thresholds, fold summaries, statistics."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+METRICS = ("accuracy", "balanced_accuracy", "f1", "auc", "sensitivity", "specificity")
+
+
+def binary_metrics(labels, probs, threshold: float = 0.5) -> dict:
+    """Accuracy, balanced accuracy, F1 (malignant positive), AUC, sensitivity, specificity.
+
+    AUC is NaN when only one class is present (it is undefined, not 0.5).
+    """
+    labels, probs = np.asarray(labels, dtype=int), np.asarray(probs, dtype=float)
+    if not np.isfinite(probs).all():
+        raise ValueError("non-finite probabilities: refusing to score them")
+    pred = (probs >= threshold).astype(int)
+    tp = int(((pred == 1) & (labels == 1)).sum())
+    tn = int(((pred == 0) & (labels == 0)).sum())
+    pos, neg = int((labels == 1).sum()), int((labels == 0).sum())
+    return {
+        "accuracy": float((pred == labels).mean()) if len(labels) else float("nan"),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)) if pos and neg else float("nan"),
+        "f1": float(f1_score(labels, pred, zero_division=0)),
+        "auc": float(roc_auc_score(labels, probs)) if pos and neg else float("nan"),
+        "sensitivity": tp / pos if pos else float("nan"),
+        "specificity": tn / neg if neg else float("nan"),
+        "n": int(len(labels)),
+    }
+
+
+def patient_probabilities(predictions: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient: label, group, subtype and the mean probability over its tuples."""
+    sub_cols = [c for c in predictions.columns if c.startswith("p_sub_")]
+    agg = {"label": ("label", "first"), "group": ("group", "first"), "subtype": ("subtype", "first"),
+           "prob": ("prob", "mean"), "n_tuples": ("prob", "size")}
+    agg.update({c: (c, "mean") for c in sub_cols})
+    return predictions.groupby("patient", sort=True).agg(**agg).reset_index()
+
+
+def choose_threshold(labels, probs) -> float:
+    """Threshold that maximises balanced accuracy (Youden's J); ties go to the one nearest 0.5.
+
+    Used on the inner validation split only: the test fold never picks anything.
+    """
+    labels, probs = np.asarray(labels, dtype=int), np.asarray(probs, dtype=float)
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    values = np.unique(probs)
+    candidates = np.concatenate([[0.5], (values[:-1] + values[1:]) / 2]) if len(values) > 1 else np.array([0.5])
+    scores = [balanced_accuracy_score(labels, (probs >= t).astype(int)) for t in candidates]
+    best = np.max(scores)
+    ties = candidates[np.isclose(scores, best)]
+    return float(ties[np.argmin(np.abs(ties - 0.5))])
+
+
+def subtype_metrics(subtypes, subtype_probs) -> dict:
+    """Macro-F1 and balanced accuracy of the argmax subtype over the classes present."""
+    subtypes = np.asarray(subtypes, dtype=int)
+    pred = np.asarray(subtype_probs).argmax(axis=1)
+    present = np.unique(subtypes)
+    return {"subtype_macro_f1": float(f1_score(subtypes, pred, labels=present, average="macro",
+                                               zero_division=0)),
+            "subtype_balanced_accuracy": float(balanced_accuracy_score(subtypes, pred))}
+
+
+def fold_metrics(predictions: pd.DataFrame, threshold: float) -> dict:
+    """Tuple-level and patient-level metrics of one fold's test predictions."""
+    patients = patient_probabilities(predictions)
+    result = {"tuple": binary_metrics(predictions["label"], predictions["prob"], threshold),
+              "patient": binary_metrics(patients["label"], patients["prob"], threshold)}
+    sub_cols = sorted(c for c in predictions.columns if c.startswith("p_sub_"))
+    if sub_cols:
+        order = sorted(sub_cols, key=lambda c: int(c.removeprefix("p_sub_")))
+        result["tuple"].update(subtype_metrics(predictions["subtype"], predictions[order].to_numpy()))
+        result["patient"].update(subtype_metrics(patients["subtype"], patients[order].to_numpy()))
+    return result
+
+
+def mean_sd(values) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def format_mean_sd(values, digits: int = 3) -> str:
+    mean, sd = mean_sd(values)
+    return "n/a" if np.isnan(mean) else f"{mean:.{digits}f} ± {sd:.{digits}f}"

@@ -1,0 +1,320 @@
+"""The one training loop: train_one_epoch(), predict(), run_fold()."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from preprocess.augment import prepare_batch
+from preprocess.dataset import ImageSource, PatientImages
+
+log = logging.getLogger("mmnet")
+
+
+class TrainingError(RuntimeError):
+    """A fold cannot go on (non-finite loss, refused checkpoint)."""
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    tuples: int
+    seconds: float
+
+
+def amp_context(device: str, amp_dtype: str):
+    if amp_dtype == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=getattr(torch, amp_dtype))
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; pretrained backbones learn at lr * backbone_lr_scale, new layers at lr."""
+    backbone, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (backbone if "backbone" in name else rest).append(param)
+    groups = [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": rest, "lr": cfg.lr}]
+    fused = next(model.parameters()).is_cuda  # the fused kernel exists on CUDA only
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay,
+                             fused=fused or None)
+
+
+def make_scheduler(optimizer, total_steps: int, warmup_steps: int):
+    """Linear warm-up, then cosine decay to 1 % of the peak, stepped once per batch."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _targets(data: PatientImages, owners: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.from_numpy(data.labels[owners]).to(device)
+    return labels, torch.from_numpy(data.subtypes[owners]).to(device)
+
+
+def train_one_epoch(model, source: ImageSource, data: PatientImages, tuples: np.ndarray,
+                    owners: np.ndarray, optimizer, scheduler, scaler, loss_fn, batch_size: int,
+                    amp_dtype: str, grad_clip: float, generator: torch.Generator,
+                    epoch: int) -> EpochResult:
+    """One pass over `tuples` (already shuffled). Raises TrainingError on a non-finite loss."""
+    model.train()
+    started, device = time.perf_counter(), source.device
+    losses = torch.zeros(math.ceil(len(tuples) / batch_size), device=device)
+    labels_all, subtypes_all = _targets(data, owners, device)
+    for step, start in enumerate(range(0, len(tuples), batch_size)):
+        images, mask = source.gather(tuples[start:start + batch_size])
+        x = prepare_batch(images, model.norm_mean, model.norm_std, generator)
+        with amp_context(device.type, amp_dtype):
+            output = model(x, mask)
+        loss, _ = loss_fn(output, labels_all[start:start + batch_size],
+                          subtypes_all[start:start + batch_size])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        losses[step] = loss.detach()  # checked once per epoch: no GPU sync per step
+    values = losses.cpu().numpy()
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise TrainingError(f"non-finite loss at epoch {epoch} step {int(bad[0])}: lower --lr "
+                            f"or check the data; the last good checkpoint is kept")
+    return EpochResult(float(values.mean()), len(tuples), time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
+            amp_dtype: str) -> dict[str, np.ndarray]:
+    """Malignant probability, subtype probabilities and magnification weights per tuple."""
+    model.eval()
+    probs, subtypes, weights = [], [], []
+    for start in range(0, len(tuples), batch_size):
+        images, mask = source.gather(tuples[start:start + batch_size])
+        x = prepare_batch(images, model.norm_mean, model.norm_std, None)
+        with amp_context(source.device.type, amp_dtype):
+            output = model(x, mask)
+        probs.append(torch.sigmoid(output.logits.float()))
+        weights.append(output.mag_weights.float())
+        if output.subtype_logits is not None:
+            subtypes.append(torch.softmax(output.subtype_logits.float(), dim=-1))
+    result = {"prob": torch.cat(probs).cpu().numpy(), "mag_weights": torch.cat(weights).cpu().numpy()}
+    if subtypes:
+        result["subtype_prob"] = torch.cat(subtypes).cpu().numpy()
+    if not np.isfinite(result["prob"]).all():
+        raise TrainingError("the model produced non-finite probabilities; not scoring them")
+    return result
+
+
+# ---------------------------------------------------------------- one fold
+@dataclass
+class FoldState:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # next epoch to run
+    best_auc: float = -1.0
+    best_loss: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list = None
+    best_weights: dict = None
+
+
+def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]:
+    """Train / inner-validation / test patients of one outer fold."""
+    from preprocess.dataset import patient_images
+
+    role = folds.set_index("patient")[f"role_f{fold}"]
+    return {r: patient_images(index, usable, role.index[role == r], cfg.magnifications, cfg.sample_mode)
+            for r in ("train", "val", "test")}
+
+
+def cpu_copy(state_dict: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
+    from backbones import build_model
+    from utils.helpers import seed_everything
+
+    seed_everything(seed)  # same init for every experiment of this fold
+    model = build_model(cfg).to(env.device).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs,
+                               int(cfg.warmup_epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(env.device, enabled=env.amp_dtype == "float16")
+    return FoldState(model, optimizer, scheduler, scaler, history=[])
+
+
+def checkpoint_payload(state: FoldState, identity: dict) -> dict:
+    """Tensors and plain values only: torch.load(weights_only=True) reads it back."""
+    rng = {"torch": torch.get_rng_state(),
+           "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+            "rng": rng, "epoch": state.epoch, "best_auc": state.best_auc,
+            "best_loss": state.best_loss, "best_epoch": state.best_epoch,
+            "bad_epochs": state.bad_epochs, "history": state.history, **identity}
+
+
+def restore(state: FoldState, payload: dict, best: dict | None) -> None:
+    state.model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.scaler.load_state_dict(payload["scaler"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    for key in ("epoch", "best_auc", "best_loss", "best_epoch", "bad_epochs", "history"):
+        setattr(state, key, payload[key])
+    state.best_weights = best["model"] if best else cpu_copy(state.model.state_dict())
+
+
+def _refuse_if_foreign(path, identity: dict, saved: dict) -> None:
+    if saved.get("config_hash") != identity["config_hash"] or saved.get("folds_hash") != identity["folds_hash"]:
+        raise TrainingError(f"{path} was written with a different config or folds: rerun with "
+                            f"--no-resume to retrain, or use another --output-dir")
+
+
+def finished_results(run_dir, identity: dict, resume: bool) -> dict | None:
+    """results.json of a finished fold with the same identity, or None to (re)train."""
+    import json
+
+    path = run_dir / "results.json"
+    if not (resume and path.is_file()):
+        return None
+    results = json.loads(path.read_text())
+    _refuse_if_foreign(path, identity, results)
+    return results
+
+
+def _validate(state: FoldState, source, split, val_tuples, val_owners, batch: int, amp: str) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    out = predict(state.model, source, val_tuples, batch, amp)
+    labels = split["val"].labels[val_owners]
+    p = np.clip(out["prob"], 1e-7, 1 - 1e-7)
+    loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    return {"val_loss": loss, "val_auc": float(roc_auc_score(labels, out["prob"]))}
+
+
+def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int) -> None:
+    from preprocess.dataset import evaluation_tuples, training_tuples, tuples_per_epoch
+    from utils.helpers import derived_seed, save_checkpoint, seed_everything
+    from utils.losses import StudyLoss, subtype_class_weights
+
+    loss_fn = StudyLoss(cfg, subtype_class_weights(split["train"].subtypes))
+    val_tuples, val_owners = evaluation_tuples(split["val"])
+    count = tuples_per_epoch(split["train"], cfg.tuples_per_epoch)
+    while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
+        epoch = state.epoch
+        seed_everything(derived_seed(cfg.seed, fold, epoch))  # resumable: seeds depend on epoch only
+        rng = np.random.default_rng(derived_seed(cfg.seed, fold, epoch, 1))
+        gen = torch.Generator(device=env.device).manual_seed(derived_seed(cfg.seed, fold, epoch, 2))
+        tuples, owners = training_tuples(split["train"], count, rng, cfg.class_balanced)
+        result = train_one_epoch(state.model, source, split["train"], tuples, owners, state.optimizer,
+                                 state.scheduler, state.scaler, loss_fn, env.batch_size,
+                                 env.amp_dtype, cfg.grad_clip, gen, epoch)
+        val = _validate(state, source, split, val_tuples, val_owners, env.batch_size * 2, env.amp_dtype)
+        improved = val["val_auc"] > state.best_auc + 1e-4 or (
+            abs(val["val_auc"] - state.best_auc) <= 1e-4 and val["val_loss"] < state.best_loss)
+        if improved:
+            state.best_auc, state.best_loss, state.best_epoch, state.bad_epochs = \
+                val["val_auc"], val["val_loss"], epoch, 0
+            state.best_weights = cpu_copy(state.model.state_dict())
+            save_checkpoint({"model": state.best_weights, "epoch": epoch, **identity}, run_dir / "best.pt")
+        else:
+            state.bad_epochs += 1
+        row = {"epoch": epoch, "train_loss": result.loss, **val, "lr": state.scheduler.get_last_lr()[-1],
+               "tuples_per_s": result.tuples / result.seconds, "seconds": result.seconds, "best": improved}
+        state.history.append(row)
+        state.epoch = epoch + 1
+        save_checkpoint(checkpoint_payload(state, identity), run_dir / "last.pt")
+        log.info("%s fold %d epoch %d/%d | loss %.4f | val auc %.4f loss %.4f | %.0f tuples/s%s",
+                 run_dir.parent.name, fold, epoch + 1, cfg.epochs, result.loss, val["val_auc"],
+                 val["val_loss"], row["tuples_per_s"], " *" if improved else "")
+
+
+def _test_predictions(state, cfg, env, source, split) -> tuple[object, float]:
+    """Test-fold predictions (one row per tuple) and the threshold chosen on inner validation."""
+    import pandas as pd
+
+    from preprocess.dataset import evaluation_tuples
+    from utils.metrics import choose_threshold
+
+    rows = {}
+    for role in ("val", "test"):
+        data = split[role]
+        tuples, owners = evaluation_tuples(data)
+        out = predict(state.model, source, tuples, env.batch_size * 2, env.amp_dtype)
+        frame = pd.DataFrame({"patient": np.array(data.patients)[owners], "group": np.array(data.groups)[owners],
+                              "label": data.labels[owners], "subtype": data.subtypes[owners],
+                              "prob": out["prob"]})
+        for i in range(out.get("subtype_prob", np.zeros((0, 0))).shape[1]):
+            frame[f"p_sub_{i}"] = out["subtype_prob"][:, i]
+        names = ["pooled"] if cfg.sample_mode == "pooled" else [f"{m}x" for m in cfg.magnifications]
+        for i, name in enumerate(names):
+            frame[f"w_{name}"] = out["mag_weights"][:, i]
+        rows[role] = frame
+    val_patients = rows["val"].groupby("patient").agg(label=("label", "first"), prob=("prob", "mean"))
+    return rows["test"], choose_threshold(val_patients["label"], val_patients["prob"])
+
+
+def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_hash: str) -> dict:
+    """Train one experiment on one fold (or resume it, or return its finished results)."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from preprocess.dataset import tuples_per_epoch
+    from utils.helpers import atomic_write_text, derived_seed, load_checkpoint
+    from utils.metrics import fold_metrics
+
+    run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
+    identity = {"config_hash": cfg.training_hash(), "folds_hash": folds_hash}
+    if (done := finished_results(run_dir, identity, cfg.resume)) is not None:
+        log.info("%s fold %d: finished earlier, skipped (config %s)", experiment, fold, identity["config_hash"])
+        return done
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split = fold_split(study.index, usable, study.folds, fold, cfg)
+    steps = math.ceil(tuples_per_epoch(split["train"], cfg.tuples_per_epoch) / env.batch_size)
+    state = new_fold_state(cfg, env, steps, derived_seed(cfg.seed, fold))
+    started = time.perf_counter()
+    if cfg.resume and (run_dir / "last.pt").is_file():
+        payload = load_checkpoint(run_dir / "last.pt", env.device)
+        _refuse_if_foreign(run_dir / "last.pt", identity, payload)
+        best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
+        restore(state, payload, best)
+        log.info("%s fold %d: resuming at epoch %d", experiment, fold, state.epoch + 1)
+    _train_epochs(state, cfg, env, source, split, run_dir, identity, fold)
+    state.model.load_state_dict(state.best_weights)
+    predictions, threshold = _test_predictions(state, cfg, env, source, split)
+    predictions.to_csv(run_dir / "predictions.csv", index=False)
+    pd.DataFrame(state.history).to_csv(run_dir / "history.csv", index=False)
+    weight_cols = [c for c in predictions.columns if c.startswith("w_")]
+    results = {"experiment": experiment, "fold": fold, **identity, "threshold": threshold,
+               "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+               "train_seconds": sum(h["seconds"] for h in state.history),
+               "wall_seconds_this_run": time.perf_counter() - started,
+               "pretrained": getattr(state.model, "pretrained_status", ""),
+               "patients": {r: len(split[r]) for r in split},
+               "magnification_weights": predictions[weight_cols].mean().to_dict(),
+               "metrics": fold_metrics(predictions, threshold)}
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+    m = results["metrics"]["patient"]
+    log.info("%s fold %d done: patient acc %.3f bal-acc %.3f auc %.3f (threshold %.3f, best epoch %d)",
+             experiment, fold, m["accuracy"], m["balanced_accuracy"], m["auc"], threshold, state.best_epoch + 1)
+    return results
