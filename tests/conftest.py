@@ -47,3 +47,28 @@ def demo_index(demo_tree):
 
     index, _ = index_dataset(demo_tree)
     return index
+
+
+def tiny_config(output_dir, **overrides):
+    """A config small enough to train in seconds on a CPU core."""
+    from config import Config
+
+    values = dict(output_dir=str(output_dir), backbone="test_resnet", pretrained="off", image_size=48,
+                  feature_dim=32, epochs=2, patience=5, batch_size=8, tuples_per_epoch=32, folds=2,
+                  device="cpu", workers=1)
+    values.update(overrides)
+    return Config(**values)
+
+
+def tiny_study(cfg, demo_tree, demo_index):
+    """Everything run_fold needs, built the way the study builds it."""
+    from config import detect_env
+    from preprocess.splits import build_folds
+    from utils.pipeline import StudyData
+    from utils.study import folds_fingerprint, load_images
+
+    folds = build_folds(demo_index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
+    study = StudyData(index=demo_index, folds=folds, data_dir=demo_tree, demo=True)
+    env = detect_env("cpu", cfg.batch_size, 1)
+    source, usable = load_images(cfg, env, study)
+    return env, study, source, usable, folds_fingerprint(folds)

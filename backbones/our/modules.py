@@ -43,7 +43,10 @@ class MultiScaleAttentionPool(nn.Module):
     def __init__(self, channels: int, dim: int, grids=(1, 2, 4), enabled: bool = True):
         super().__init__()
         self.grids = grids if enabled else ()
-        self.scorers = nn.ModuleList([nn.Linear(channels, 1) for _ in self.grids])
+        # A 1x1 grid has one cell: its "attention" is always 1, so it gets no scorer.
+        # Softmax ignores a shift common to all cells, so a scorer bias could never learn.
+        self.scorers = nn.ModuleList([nn.Linear(channels, 1, bias=False) if g > 1 else nn.Identity()
+                                      for g in self.grids])
         width = channels * len(self.grids) if enabled else channels
         self.project = nn.Sequential(nn.Linear(width, dim), nn.LayerNorm(dim), nn.GELU())
 
@@ -53,6 +56,9 @@ class MultiScaleAttentionPool(nn.Module):
         vectors = []
         for grid, scorer in zip(self.grids, self.scorers):
             cells = F.adaptive_avg_pool2d(x, grid).flatten(2).transpose(1, 2)  # (B, g*g, C)
+            if grid == 1:
+                vectors.append(cells[:, 0])
+                continue
             weights = torch.softmax(scorer(cells).float(), dim=1).to(cells.dtype)
             vectors.append((weights * cells).sum(dim=1))
         return self.project(torch.cat(vectors, dim=1))
@@ -92,8 +98,10 @@ class CrossMagnificationFusion(nn.Module):
     def __init__(self, dim: int, count: int, enabled: bool = True):
         super().__init__()
         self.enabled = enabled
-        self.score = nn.Sequential(nn.Linear(dim, dim // 4 or 1), nn.GELU(), nn.Linear(dim // 4 or 1, 1))
-        self.bias = nn.Parameter(torch.zeros(count))
+        if enabled:  # no parameters at all when off: nothing that never receives a gradient
+            hidden = max(1, dim // 4)
+            self.score = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1, bias=False))
+            self.bias = nn.Parameter(torch.zeros(count))  # learned prior per magnification
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.enabled:

@@ -1,0 +1,73 @@
+"""Tuples over the cache, the image cache itself, device augmentation."""
+import numpy as np
+import torch
+
+from preprocess.augment import augment, prepare_batch
+from preprocess.dataset import ImageSource, evaluation_tuples, patient_images, training_tuples
+from preprocess.preprocess import build_cache
+
+
+def _split(demo_index, drop_mag=None):
+    index = demo_index
+    usable = np.ones(len(index), dtype=bool)
+    if drop_mag:  # the first patient loses one magnification entirely
+        first = index["patient"].iloc[0]
+        usable &= ~((index["patient"] == first) & (index["mag"] == drop_mag)).to_numpy()
+    return patient_images(index, usable, index["patient"].unique(), (40, 100, 200, 400))
+
+
+def test_evaluation_tuples_cover_every_image_deterministically(demo_index):
+    data = _split(demo_index, drop_mag=100)
+    tuples, owners = evaluation_tuples(data)
+    covered = set(tuples[tuples >= 0].tolist())
+    assert covered == {r for rows in data.rows for mag in rows for r in mag.tolist()}
+    assert (tuples[owners == 0][:, 1] == -1).all()  # the dropped magnification is marked missing
+    again, _ = evaluation_tuples(data)
+    assert np.array_equal(tuples, again)
+
+
+def test_training_tuples_fresh_per_seed_one_patient_each(demo_index):
+    data = _split(demo_index)
+    a, owners = training_tuples(data, 400, np.random.default_rng(1))
+    b, _ = training_tuples(data, 400, np.random.default_rng(2))
+    assert not np.array_equal(a, b)
+    patient_of_row = demo_index["patient"].to_numpy()
+    for tup, owner in zip(a[:50], owners[:50]):
+        assert set(patient_of_row[tup]) == {data.patients[owner]}
+        assert list(demo_index["mag"].to_numpy()[tup]) == [40, 100, 200, 400]
+    balance = data.labels[owners].mean()
+    assert 0.4 < balance < 0.6  # class-balanced draw
+
+
+def test_cache_is_keyed_and_reused(demo_tree, demo_index, tmp_path):
+    cache, ok = build_cache(demo_index, demo_tree, tmp_path, 32, workers=2)
+    assert cache.shape == (len(demo_index), 32, 32, 3) and cache.dtype == np.uint8 and ok.all()
+    assert cache.reshape(len(cache), -1).std(axis=1).min() > 0  # every row holds a picture
+    files = sorted(tmp_path.glob("*.npy"))
+    again, _ = build_cache(demo_index, demo_tree, tmp_path, 32)
+    assert sorted(tmp_path.glob("*.npy")) == files and np.array_equal(cache, again)
+    build_cache(demo_index, demo_tree, tmp_path, 40)
+    assert len(list(tmp_path.glob("*.npy"))) == 2  # another size, another cache
+
+
+def test_corrupt_file_in_cache_is_skipped(demo_tree, demo_index, tmp_path):
+    import shutil
+    tree = tmp_path / "tree"
+    shutil.copytree(demo_tree, tree)
+    victim = tree / demo_index["path"].iloc[3]
+    victim.write_bytes(victim.read_bytes()[:200])
+    cache, ok = build_cache(demo_index, tree, tmp_path / "cache", 32)
+    assert not ok[3] and ok.sum() == len(demo_index) - 1
+
+
+def test_source_gather_masks_missing_and_augment_keeps_range():
+    cache = np.random.default_rng(0).integers(1, 256, (10, 16, 16, 3), dtype=np.uint8)
+    images, mask = ImageSource(cache, "cpu").gather(np.array([[0, -1], [3, 4]]))
+    assert images.shape == (2, 2, 16, 16, 3) and mask.tolist() == [[1, 0], [1, 1]]
+    assert images[0, 1].sum() == 0 and torch.equal(images[1, 0], torch.from_numpy(cache[3]))
+    x = images.reshape(-1, 16, 16, 3).permute(0, 3, 1, 2).float() / 255
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    normalised = prepare_batch(images, (0.5,) * 3, (0.25,) * 3, None)
+    assert normalised.shape == (2, 2, 3, 16, 16)
+    assert torch.allclose(normalised[1, 0, 0], (torch.from_numpy(cache[3][..., 0]).float() / 255 - 0.5) / 0.25)

@@ -1,0 +1,176 @@
+"""Throughput and latency of the real code paths, and the predicted time of a full run.
+
+    python -m utils.benchmark --backbone resnet18 --image-size 224 [--device cuda] [--batch 64]
+
+Rows (output/tables/benchmark.csv): cache build images/s; train tuples/s end to end (cache ->
+gather -> device augmentation -> model -> optimizer); train tuples/s of the model alone on
+device-resident tensors; their ratio (data pipeline efficiency); eval tuples/s; inference
+ms per patient (all tuples of a 100-image patient, warm); peak memory; predicted full run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from config import Config, EXPERIMENTS, detect_env, experiment_config
+from preprocess.augment import prepare_batch
+from preprocess.dataset import ImageSource, PatientImages, evaluation_tuples, training_tuples
+from utils.losses import StudyLoss
+from utils.train import amp_context, make_optimizer, make_scheduler, new_fold_state, predict, train_one_epoch
+
+FULL = {"images": 7909, "folds": 5}  # the default study's size
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def cache_build_rate(images: int, workers: int, size: int) -> float:
+    from preprocess.demo import demo_filenames, write_tree
+    from preprocess.preprocess import build_cache, index_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        names = demo_filenames(patients=max(2, images // 12), images_per_mag=3)[:images]
+        write_tree(Path(tmp) / "tree", names, workers=workers)
+        index, _ = index_dataset(Path(tmp) / "tree", check_files=False)
+        started = time.perf_counter()
+        build_cache(index, Path(tmp) / "tree", Path(tmp) / "cache", size, workers)
+        return len(index) / (time.perf_counter() - started)
+
+
+def synthetic_patients(n_patients: int, per_mag: int, mags: int) -> tuple[np.ndarray, PatientImages]:
+    rows = [[np.arange(per_mag) + (p * mags + m) * per_mag for m in range(mags)] for p in range(n_patients)]
+    data = PatientImages([f"p{p}" for p in range(n_patients)], np.arange(n_patients) % 2,
+                         np.arange(n_patients) % 8, [str(p) for p in range(n_patients)], rows)
+    return np.arange(n_patients * mags * per_mag), data
+
+
+def _model_alone_rate(state, cfg, env, batches: int, batch: int, slots: int) -> float:
+    """Forward, backward and optimizer step on tensors already on the device."""
+    x = torch.randn(batch, slots, 3, cfg.image_size, cfg.image_size, device=env.device)
+    mask = torch.ones(batch, slots, device=env.device)
+    labels = torch.randint(0, 2, (batch,), device=env.device)
+    subtypes = torch.randint(0, 8, (batch,), device=env.device)
+    loss_fn = StudyLoss(cfg, None)
+    state.model.train()
+    _sync(env.device)
+    started = time.perf_counter()
+    for _ in range(batches):
+        with amp_context(env.device, env.amp_dtype):
+            out = state.model(x, mask)
+        loss = loss_fn(out, labels, subtypes)[0]
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    _sync(env.device)
+    return batches * batch / (time.perf_counter() - started)
+
+
+def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
+    slots = len(cfg.magnifications)
+    per_mag = 25  # a 100-image patient: 25 images at each of 4 magnifications
+    rows, data = synthetic_patients(n_patients=8, per_mag=per_mag, mags=slots)
+    cache = np.random.default_rng(0).integers(0, 256, (len(rows), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    source = ImageSource(cache, env.device)
+    state = new_fold_state(cfg, env, steps_per_epoch=batches, seed=0)
+    state.scheduler = make_scheduler(state.optimizer, 10 * batches, 0)
+    count = batches * env.batch_size
+    gen = torch.Generator(device=env.device).manual_seed(0)
+    tuples, owners = training_tuples(data, env.batch_size * 2, np.random.default_rng(0))
+    train_one_epoch(state.model, source, data, tuples, owners, state.optimizer, state.scheduler,
+                    state.scaler, StudyLoss(cfg, None), env.batch_size, env.amp_dtype, 1.0, gen, 0)  # warm-up
+    tuples, owners = training_tuples(data, count, np.random.default_rng(1))
+    _sync(env.device)
+    started = time.perf_counter()
+    train_one_epoch(state.model, source, data, tuples, owners, state.optimizer, state.scheduler,
+                    state.scaler, StudyLoss(cfg, None), env.batch_size, env.amp_dtype, 1.0, gen, 1)
+    _sync(env.device)
+    end_to_end = count / (time.perf_counter() - started)
+    alone = _model_alone_rate(state, cfg, env, batches, env.batch_size, slots)
+    eval_tuples, owners = evaluation_tuples(data)
+    predict(state.model, source, eval_tuples[:env.batch_size], env.batch_size * 2, env.amp_dtype)
+    _sync(env.device)
+    started = time.perf_counter()
+    predict(state.model, source, eval_tuples, env.batch_size * 2, env.amp_dtype)
+    _sync(env.device)
+    eval_rate = len(eval_tuples) / (time.perf_counter() - started)
+    one_patient = eval_tuples[owners == 0]
+    started = time.perf_counter()
+    predict(state.model, source, one_patient, max(len(one_patient), 1), env.amp_dtype)
+    _sync(env.device)
+    patient_ms = 1000 * (time.perf_counter() - started)
+    return {"cache_build_images_per_s": cache_build_rate(cache_images, env.workers, cfg.image_size) if cache_images else float("nan"),
+            "train_tuples_per_s_end_to_end": end_to_end, "train_tuples_per_s_model_alone": alone,
+            "pipeline_efficiency": end_to_end / alone, "eval_tuples_per_s": eval_rate,
+            "inference_ms_per_patient": patient_ms, "peak_memory_gb": peak_memory_gb(env.device)}
+
+
+def peak_memory_gb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def predicted_full_run_s(cfg: Config, rates: dict, epochs: int) -> float:
+    """Every default experiment x 5 folds at `epochs` epochs, from the measured MMNet rates.
+
+    A sample of an image-level model costs about 1/M of a 4-magnification tuple.
+    """
+    train_images = FULL["images"] * (1 - 1 / FULL["folds"]) * (1 - cfg.inner_val_fraction)
+    eval_images = FULL["images"] - train_images  # validation every epoch + test once, roughly
+    total = 0.0
+    for name in EXPERIMENTS:
+        exp = experiment_config(cfg, name)
+        slots = 1 if exp.model == "single" else len(exp.magnifications)
+        share = len(exp.magnifications) / 4 if exp.sample_mode == "tuple" else 1.0
+        samples = train_images * share / slots
+        speed = slots / 4
+        total += FULL["folds"] * epochs * (samples / (rates["train_tuples_per_s_end_to_end"] / speed)
+                                           + eval_images * share / slots / (rates["eval_tuples_per_s"] / speed))
+    return total
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=0, help="tuples per batch (0 = from device)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--batches", type=int, default=4, help="timed training batches")
+    parser.add_argument("--cache-images", type=int, default=64, help="PNGs decoded for the cache rate")
+    parser.add_argument("--output-dir", default="output")
+    args = parser.parse_args(argv)
+    cfg = Config(backbone=args.backbone, image_size=args.image_size, pretrained="off", device=args.device)
+    env = detect_env(args.device, args.batch, 0)
+    if env.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    rates = measure(cfg, env, args.batches, args.cache_images)
+    rates["predicted_full_run_minutes"] = predicted_full_run_s(cfg, rates, cfg.epochs) / 60
+    table = pd.DataFrame([{"metric": k, "value": round(v, 3)} for k, v in rates.items()])
+    table.insert(0, "device", env.device_name)
+    table.insert(1, "setting", f"{args.backbone} {args.image_size}px batch {env.batch_size} amp {env.amp_dtype}")
+    out = Path(args.output_dir) / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "benchmark.csv", index=False)
+    from utils.tables import markdown_table
+    print(markdown_table(table))
+    print(f"predicted full default run ({len(EXPERIMENTS)} experiments x 5 folds x {cfg.epochs} epochs, "
+          f"no early stop): {rates['predicted_full_run_minutes']:.1f} min on {env.device_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
