@@ -80,6 +80,7 @@ class Config:
     device: str = "auto"  # auto | cuda | mps | cpu
     workers: int = 0  # decode processes; 0 = from CPU affinity
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
+    bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
@@ -87,7 +88,8 @@ class Config:
     def training_hash(self) -> str:
         """Hash of every field that changes what a fold learns (not paths or run flags)."""
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
-                "report_only", "experiments", "resume", "workers", "gradcam_patients"}
+                "report_only", "experiments", "resume", "workers", "gradcam_patients",
+                "bootstrap_samples"}
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -114,8 +116,9 @@ ABLATIONS = tuple(n for n in EXPERIMENTS if n.startswith("mmnet_"))
 
 # A dry run proves the whole pipeline end to end in minutes on a laptop CPU.
 DRY_RUN_OVERRIDES = {"folds": 2, "epochs": 2, "patience": 2, "image_size": 64,
-                     "feature_dim": 64, "batch_size": 8, "tuples_per_epoch": 48,
-                     "max_patients": 16, "pretrained": "off", "gradcam_patients": 2}
+                     "feature_dim": 64, "batch_size": 8, "tuples_per_epoch": 32,
+                     "max_patients": 16, "pretrained": "off", "gradcam_patients": 2,
+                     "bootstrap_samples": 200}
 
 
 def experiment_config(base: Config, name: str) -> Config:
@@ -179,7 +182,7 @@ _CHOICES = {"folds_source": ("grouped", "kaggle"), "sample_mode": ("tuple", "poo
             "device": ("auto", "cuda", "mps", "cpu")}
 _MINIMUM = {"folds": 2, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 0, "tuples_per_epoch": 0, "workers": 0, "max_patients": 0,
-            "gradcam_patients": 0, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
+            "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
             "warmup_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0}
 
 

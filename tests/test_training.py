@@ -56,7 +56,7 @@ def test_finished_fold_is_skipped_and_foreign_config_refused(tmp_path, demo_tree
     first = _run(cfg, demo_tree, demo_index)
     monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: pytest.fail("retrained a finished fold"))
     assert _run(cfg, demo_tree, demo_index) == first
-    with pytest.raises(train.TrainingError, match="--no-resume"):
+    with pytest.raises(train.ForeignRunError, match="--no-resume"):
         _run(dataclasses.replace(cfg, lr=1e-3), demo_tree, demo_index)
 
 

@@ -81,3 +81,52 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     import torch
 
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def snapshot(obj):
+    """Deep copy with every tensor cloned to the CPU: safe to serialise while training goes on."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Writes checkpoints on one background thread so the training loop never waits on disk.
+
+    Writes happen in order (a new one first waits for the previous one); call wait() before
+    relying on the files. An error in the writer is raised by the next submit() or wait().
+    """
+
+    def __init__(self):
+        self._thread = None
+        self._error = None
+
+    def submit(self, items: list) -> None:
+        """items: [(state, path), ...], written in that order on the background thread."""
+        import threading
+
+        self.wait()
+        frozen = [(snapshot(state), path) for state, path in items]
+        self._thread = threading.Thread(target=self._write, args=(frozen,), daemon=False)
+        self._thread.start()
+
+    def _write(self, items: list) -> None:
+        try:
+            for state, path in items:
+                save_checkpoint(state, path)
+        except BaseException as exc:  # surfaced in the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

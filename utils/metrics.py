@@ -90,3 +90,83 @@ def mean_sd(values) -> tuple[float, float]:
 def format_mean_sd(values, digits: int = 3) -> str:
     mean, sd = mean_sd(values)
     return "n/a" if np.isnan(mean) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+# ---------------------------------------------------------------- statistics
+def pooled_out_of_fold(predictions: list, thresholds: list) -> pd.DataFrame:
+    """Concatenate the test predictions of every fold, each with its own fold's decision."""
+    frames = []
+    for fold, (frame, threshold) in enumerate(zip(predictions, thresholds)):
+        frames.append(frame.assign(fold=fold, threshold=threshold))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _units(pooled: pd.DataFrame, level: str) -> pd.DataFrame:
+    """Rows that are scored: tuples, or patients (mean probability over their tuples)."""
+    if level == "patient":
+        pooled = (pooled.groupby("patient")
+                  .agg(label=("label", "first"), prob=("prob", "mean"), threshold=("threshold", "first"))
+                  .reset_index())
+    return pooled.assign(decided=(pooled["prob"] >= pooled["threshold"]).astype(int))
+
+
+def weighted_metrics(labels: np.ndarray, probs: np.ndarray, decided: np.ndarray, weights: np.ndarray) -> dict:
+    """METRICS from a confusion matrix whose rows count `weights` times (a bootstrap draw)."""
+    from sklearn.metrics import roc_auc_score
+
+    pos, neg = labels == 1, labels == 0
+    tp, fn = weights[pos & (decided == 1)].sum(), weights[pos & (decided == 0)].sum()
+    tn, fp = weights[neg & (decided == 0)].sum(), weights[neg & (decided == 1)].sum()
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    keep = weights > 0
+    auc = (float(roc_auc_score(labels[keep], probs[keep], sample_weight=weights[keep]))
+           if (tp + fn) and (tn + fp) else float("nan"))
+    return {"accuracy": (tp + tn) / weights.sum(), "balanced_accuracy": (sens + spec) / 2,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0, "auc": auc,
+            "sensitivity": sens, "specificity": spec}
+
+
+def cluster_bootstrap_ci(pooled: pd.DataFrame, level: str, n_boot: int = 2000, seed: int = 0,
+                         alpha: float = 0.05) -> dict:
+    """Point value and 95 % percentile CI per metric, resampling whole patients within class.
+
+    pooled: out-of-fold predictions (patient, label, prob, threshold of the row's fold).
+    A draw counts each patient as often as it was picked, with all its tuples: the patient is
+    the unit, so duplicating a patient's tuples cannot narrow the interval.
+    """
+    units = _units(pooled, level)
+    codes, patients = pd.factorize(units["patient"])
+    label_of = units.groupby(codes)["label"].first().to_numpy()
+    strata = [np.flatnonzero(label_of == c) for c in np.unique(label_of)]
+    y, p, d = units["label"].to_numpy(), units["prob"].to_numpy(), units["decided"].to_numpy()
+    point = weighted_metrics(y, p, d, np.ones(len(units)))
+    rng = np.random.default_rng(seed)
+    draws = {m: np.empty(n_boot) for m in METRICS}
+    for b in range(n_boot):
+        picked = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
+        weights = np.bincount(picked, minlength=len(patients))[codes].astype(float)
+        for m, value in weighted_metrics(y, p, d, weights).items():
+            draws[m][b] = value
+    return {m: (float(point[m]), float(np.nanpercentile(draws[m], 100 * alpha / 2)),
+                float(np.nanpercentile(draws[m], 100 * (1 - alpha / 2)))) for m in METRICS}
+
+
+def corrected_resampled_ttest(differences, n_train: float, n_test: float) -> tuple[float, float]:
+    """Nadeau & Bengio (2003) corrected resampled t-test on per-fold differences.
+
+    The variance is inflated by (1/k + n_test/n_train) because cross-validation folds share
+    training data. Returns (t, two-sided p) with k - 1 degrees of freedom.
+    """
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=float)
+    d = d[np.isfinite(d)]
+    k = len(d)
+    if k < 2:
+        return float("nan"), float("nan")
+    variance = d.var(ddof=1)
+    if variance == 0:  # identical differences in every fold: no evidence either way, no p
+        return (0.0, 1.0) if d.mean() == 0 else (float("nan"), float("nan"))
+    t = d.mean() / np.sqrt((1 / k + n_test / n_train) * variance)
+    return float(t), float(2 * stats.t.sf(abs(t), df=k - 1))

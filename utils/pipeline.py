@@ -40,6 +40,8 @@ def prepare_output(cfg: Config) -> None:
         raise OSError(f"output directory '{out}' is not writable ({exc.strerror}); "
                       f"pass --output-dir to a writable place") from None
     setup_logging(out / RUN_LOG)
+    if cfg.report_only:  # keep the header of the run that produced the results
+        return
     env = detect_env(cfg.device, cfg.batch_size, cfg.workers)
     header = run_header(cfg, env)
     atomic_write_text(out / HEADER_FILE, json.dumps(header, indent=2, default=str))
@@ -136,5 +138,8 @@ def prepare_data(cfg: Config) -> StudyData:
              len(index), index["patient"].nunique(), index["group"].nunique(), len(issues),
              Path(cfg.output_dir) / "tables" / "data_issues.csv")
     analyze(index, data_dir, cfg.output_dir)
+    summary = {"data_dir": str(data_dir), "demo": demo, "images": len(index),
+               "patients": int(index["patient"].nunique()), "issues": len(issues)}
+    atomic_write_text(Path(cfg.output_dir) / "dataset.json", json.dumps(summary, indent=2))
     folds = _folds(cfg, index, data_dir)
     return StudyData(index=index, folds=folds, data_dir=data_dir, demo=demo)

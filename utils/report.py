@@ -1,23 +1,120 @@
-"""Tables, plots and RUNPOD_OUTPUT.md, rebuilt from output/ alone."""
+"""Tables, plots and RUNPOD_OUTPUT.md, rebuilt from output/ alone (also by --report-only)."""
 from __future__ import annotations
 
+import json
 import logging
+from datetime import datetime
 from pathlib import Path
 
-from utils.tables import fold_table, load_results, markdown_table, save_table
+from config import ABLATIONS, BASELINES, EXPERIMENTS
+from utils import plottings
+from utils.tables import (comparison_table, fold_table, load_runs, magnification_importance,
+                          markdown_table, per_fold_table, save_table, statistics, subtype_tables,
+                          timing_table)
 
 log = logging.getLogger("mmnet")
+DATASET_FILE = "dataset.json"
+
+
+def write_tables(runs: dict, cfg, tables: Path) -> dict:
+    """Every results table under tables/; returns the ones the report shows."""
+    stats = statistics(runs, cfg.bootstrap_samples, cfg.seed)
+    stats.round(5).to_csv(tables / "statistics.csv", index=False)
+    shown = {
+        "Main comparison (patient level)": comparison_table(stats, ["mmnet", *BASELINES], "patient"),
+        "Main comparison (tuple level)": comparison_table(stats, ["mmnet", *BASELINES], "tuple"),
+        "Ablations (patient level)": comparison_table(stats, ["mmnet", *ABLATIONS], "patient"),
+    }
+    files = ("main_comparison", "main_comparison_tuple", "ablation")
+    for file, table in zip(files, shown.values()):
+        save_table(table, tables, file, latex=True)
+    for name, run in runs.items():
+        save_table(fold_table(run["results"]), tables, f"{name}_folds")
+    shown["Per fold (patient level)"] = per_fold_table(runs)
+    save_table(shown["Per fold (patient level)"], tables, "per_fold", latex=True)
+    recall, head = subtype_tables(runs)
+    shown["Per-subtype recall of the binary decision (patients correct/total)"] = recall
+    shown["Subtype head (patient level, fold mean ± sd)"] = head
+    save_table(recall, tables, "subtype_recall", latex=True)
+    save_table(head, tables, "subtype_head", latex=True)
+    if "mmnet" in runs:
+        shown["MMNet magnification importance"] = magnification_importance(runs["mmnet"])
+        save_table(shown["MMNet magnification importance"], tables, "magnification_importance", latex=True)
+    shown["Time per experiment"] = timing_table(runs)
+    save_table(shown["Time per experiment"], tables, "timing")
+    shown["_stats"] = stats
+    return shown
+
+
+def write_plots(runs: dict, stats, plots: Path) -> None:
+    plottings.confusion_matrices(runs, plots / "confusion_matrices.png")
+    plottings.experiment_bars(stats, plots / "experiments_bar.png")
+    if "mmnet" in runs:  # the curves of the proposed model; the others are in the tables
+        run = runs["mmnet"]
+        plottings.roc_curves(run, "mmnet", plots / "roc_mmnet.png")
+        plottings.training_curves(run, "mmnet", plots / "training_curves_mmnet.png")
+        plottings.calibration_plot(run, "mmnet", plots / "calibration_mmnet.png")
+        plottings.magnification_importance_plot(magnification_importance(run), "mmnet",
+                                                plots / "magnification_importance_mmnet.png")
+
+
+def _read(path: Path, default: str = "") -> str:
+    return path.read_text(encoding="utf-8") if path.is_file() else default
+
+
+def _header(out: Path, runs: dict) -> list[str]:
+    header = json.loads(_read(out / "run_header.json", "{}"))
+    dataset = json.loads(_read(out / DATASET_FILE, "{}"))
+    pretrained = sorted({r.get("pretrained", "") for run in runs.values() for r in run["results"]})
+    lines = ["# MMNet-BreakHis run report", "",
+             f"- report written: {datetime.now().isoformat(timespec='seconds')}",
+             f"- run started: {header.get('started', 'unknown')}, commit `{header.get('commit', 'unknown')}`",
+             f"- device: {header.get('env', {}).get('device', '?')} ({header.get('env', {}).get('device_name', '?')}), "
+             f"AMP {header.get('env', {}).get('amp_dtype', '?')}, batch {header.get('env', {}).get('batch_size', '?')}",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in header.get('versions', {}).items())}",
+             f"- backbone weights: {', '.join(pretrained) or 'n/a'}",
+             f"- data: {dataset.get('data_dir', '?')}: {dataset.get('images', '?')} images, "
+             f"{dataset.get('patients', '?')} patients, {dataset.get('issues', '?')} data issue(s)"]
+    if dataset.get("demo"):
+        lines.append("- **SYNTHETIC DEMO DATA: these numbers say nothing about BreakHis.**")
+    lines += [f"- warning: {w}" for w in header.get("warnings", [])]
+    lines += ["", "<details><summary>Resolved configuration</summary>", "", "```json",
+              json.dumps(header.get("config", {}), indent=1), "```", "</details>", ""]
+    return lines
+
+
+def write_markdown(cfg, runs: dict, shown: dict) -> Path:
+    out = Path(cfg.output_dir)
+    lines = _header(out, runs)
+    lines += ["## Dataset", "", _read(out / "tables" / "class_by_magnification.md", "(no analysis)"), ""]
+    lines += ["## Results", "", "Patient level is primary: a patient's probability is the mean over its "
+              "tuples. Cells: fold mean ± sd; value of the pooled out-of-fold predictions [its 95 % "
+              "patient-cluster bootstrap CI]. Δ: mean paired per-fold difference from mmnet, p: "
+              "corrected resampled t-test (Nadeau and Bengio); n/a where every fold gives the same "
+              "difference.", ""]
+    for title, table in shown.items():
+        if not title.startswith("_") and len(table):
+            lines += [f"### {title}", "", markdown_table(table), ""]
+    lines += ["## Log", "", "```text", _read(out / "run.log").rstrip(), "```", ""]
+    path = Path(cfg.report_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
 
 
 def write_report(cfg) -> int:
-    from config import EXPERIMENTS
-
-    tables = Path(cfg.output_dir) / "tables"
-    for name in EXPERIMENTS:
-        results = load_results(cfg.output_dir, name)
-        if results:
-            table = fold_table(results)
-            save_table(table, tables, f"{name}_folds")
-            if name == "mmnet":
-                log.info("mmnet per fold:\n%s", markdown_table(table))
+    out = Path(cfg.output_dir)
+    runs = load_runs(out, EXPERIMENTS)
+    if not runs:
+        log.error("no finished folds under %s/runs: run `python main.py` first", out)
+        return 2
+    tables = out / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    shown = write_tables(runs, cfg, tables)
+    write_plots(runs, shown["_stats"], out / "plots")
+    log.info("main comparison (patient level):\n%s", markdown_table(shown["Main comparison (patient level)"]))
+    if len(shown["Ablations (patient level)"]) > 1:
+        log.info("ablations (patient level):\n%s", markdown_table(shown["Ablations (patient level)"]))
+    path = write_markdown(cfg, runs, shown)
+    log.info("report written to %s (tables in %s, plots in %s)", path, tables, out / "plots")
     return 0

@@ -5,8 +5,10 @@ import hashlib
 import logging
 import time
 
-from config import EXPERIMENTS, detect_env, experiment_config
-from utils.train import TrainingError, run_fold
+import numpy as np
+
+from config import EXPERIMENTS, ConfigError, detect_env, experiment_config
+from utils.train import ForeignRunError, TrainingError, run_fold
 
 log = logging.getLogger("mmnet")
 
@@ -31,12 +33,86 @@ def load_images(cfg, env, study):
     return ImageSource(cache, env.device), usable
 
 
+def sample_slots(cfg) -> int:
+    """Images per training sample: 1 for image-level models, M for tuple models."""
+    return 1 if cfg.model == "single" else len(cfg.magnifications)
+
+
+def experiment_seconds(cfg, train_samples: int, eval_samples: int, rates: dict) -> float:
+    """Time of all folds at the full epoch budget, from MMNet's measured tuple rates.
+
+    A sample of s images costs about s/4 of a 4-magnification tuple.
+    """
+    cost = sample_slots(cfg) / 4
+    per_epoch = (train_samples * cost / rates["train"] + eval_samples * cost / rates["eval"]
+                 + rates.get("checkpoint_s", 0.0))
+    return cfg.folds * (cfg.epochs * per_epoch + rates.get("setup_s", 0.0))
+
+
+def measure_rates(cfg, env, study, source, usable) -> dict:
+    """MMNet train and eval tuples/s on this device, from a few real batches of fold 0."""
+    from preprocess.dataset import evaluation_tuples, training_tuples
+    from utils.losses import StudyLoss
+    from utils.train import fold_split, new_fold_state, predict, train_one_epoch
+
+    from utils.helpers import snapshot
+    from utils.train import checkpoint_payload
+
+    mm = experiment_config(cfg, "mmnet")
+    split = fold_split(study.index, usable, study.folds, 0, mm)
+    new_fold_state(mm, env, steps_per_epoch=3, seed=cfg.seed)  # first build pays one-off imports
+    started = time.perf_counter()
+    state = new_fold_state(mm, env, steps_per_epoch=3, seed=cfg.seed)
+    rates = {"setup_s": time.perf_counter() - started}
+    gen = torch_generator(env.device, cfg.seed)
+    for phase, count in (("warm", env.batch_size), ("train", env.batch_size * 2)):
+        tuples, owners = training_tuples(split["train"], count, np.random.default_rng(0))
+        result = train_one_epoch(state.model, source, split["train"], tuples, owners, state.optimizer,
+                                 state.scheduler, state.scaler, StudyLoss(mm, None), env.batch_size,
+                                 env.amp_dtype, mm.grad_clip, gen, 0)
+        rates[phase] = count / result.seconds
+    tuples, _ = evaluation_tuples(split["val"])
+    started = time.perf_counter()
+    predict(state.model, source, tuples[:env.batch_size * 4], env.batch_size * 2, env.amp_dtype)
+    rates["eval"] = min(len(tuples), env.batch_size * 4) / (time.perf_counter() - started)
+    started = time.perf_counter()  # the loop's share of a checkpoint: the CPU snapshot;
+    snapshot(checkpoint_payload(state, {}))  # the disk write runs in the background
+    rates["checkpoint_s"] = time.perf_counter() - started
+    return rates
+
+
+def torch_generator(device: str, seed: int):
+    import torch
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def predict_duration(cfg, env, study, source, usable, names: list[str]) -> float:
+    """Predicted seconds for the selected experiments at their full epoch budget."""
+    from preprocess.dataset import evaluation_tuples, tuples_per_epoch
+    from utils.train import fold_split
+
+    rates = measure_rates(cfg, env, study, source, usable)
+    total = 0.0
+    for name in names:
+        exp = experiment_config(cfg, name)
+        split = fold_split(study.index, usable, study.folds, 0, exp)
+        train = tuples_per_epoch(split["train"], exp.tuples_per_epoch)
+        evals = len(evaluation_tuples(split["val"])[0]) + len(evaluation_tuples(split["test"])[0]) / exp.epochs
+        total += experiment_seconds(exp, train, int(evals), rates)
+    log.info("predicted duration: %.1f min for %d experiment(s) x %d folds x up to %d epochs "
+             "(measured %.1f train / %.1f eval tuples/s; early stopping can only shorten it)",
+             total / 60, len(names), cfg.folds, cfg.epochs, rates["train"], rates["eval"])
+    return total
+
+
 def run_experiment(cfg, env, study, source, usable, name: str, folds_hash: str) -> list[dict]:
     exp_cfg = experiment_config(cfg, name)
     results = []
     for fold in range(cfg.folds):
         try:
             results.append(run_fold(exp_cfg, env, study, source, name, fold, usable, folds_hash))
+        except ForeignRunError as exc:  # a whole-study decision, not one fold's failure
+            raise ConfigError(str(exc)) from None
         except TrainingError as exc:  # one bad fold must not cost the rest of the study
             log.error("%s fold %d FAILED: %s", name, fold, exc)
     return results
@@ -49,6 +125,7 @@ def run_study(cfg, study) -> int:
     source, usable = load_images(cfg, env, study)
     folds_hash = folds_fingerprint(study.folds)
     names = selected_experiments(cfg)
+    predict_duration(cfg, env, study, source, usable, names)
     failed, started = 0, time.perf_counter()
     for name in names:
         t0 = time.perf_counter()

@@ -17,7 +17,11 @@ log = logging.getLogger("mmnet")
 
 
 class TrainingError(RuntimeError):
-    """A fold cannot go on (non-finite loss, refused checkpoint)."""
+    """A fold cannot go on (non-finite loss, non-finite predictions)."""
+
+
+class ForeignRunError(TrainingError):
+    """output/ holds a fold trained with another config or other folds: never reused silently."""
 
 
 @dataclass
@@ -184,7 +188,7 @@ def restore(state: FoldState, payload: dict, best: dict | None) -> None:
 
 def _refuse_if_foreign(path, identity: dict, saved: dict) -> None:
     if saved.get("config_hash") != identity["config_hash"] or saved.get("folds_hash") != identity["folds_hash"]:
-        raise TrainingError(f"{path} was written with a different config or folds: rerun with "
+        raise ForeignRunError(f"{path} was written with a different config or folds: rerun with "
                             f"--no-resume to retrain, or use another --output-dir")
 
 
@@ -210,9 +214,9 @@ def _validate(state: FoldState, source, split, val_tuples, val_owners, batch: in
     return {"val_loss": loss, "val_auc": float(roc_auc_score(labels, out["prob"]))}
 
 
-def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int) -> None:
+def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, writer) -> None:
     from preprocess.dataset import evaluation_tuples, training_tuples, tuples_per_epoch
-    from utils.helpers import derived_seed, save_checkpoint, seed_everything
+    from utils.helpers import derived_seed, seed_everything
     from utils.losses import StudyLoss, subtype_class_weights
 
     loss_fn = StudyLoss(cfg, subtype_class_weights(split["train"].subtypes))
@@ -230,18 +234,19 @@ def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int) 
         val = _validate(state, source, split, val_tuples, val_owners, env.batch_size * 2, env.amp_dtype)
         improved = val["val_auc"] > state.best_auc + 1e-4 or (
             abs(val["val_auc"] - state.best_auc) <= 1e-4 and val["val_loss"] < state.best_loss)
+        writes = []
         if improved:
             state.best_auc, state.best_loss, state.best_epoch, state.bad_epochs = \
                 val["val_auc"], val["val_loss"], epoch, 0
             state.best_weights = cpu_copy(state.model.state_dict())
-            save_checkpoint({"model": state.best_weights, "epoch": epoch, **identity}, run_dir / "best.pt")
+            writes.append(({"model": state.best_weights, "epoch": epoch, **identity}, run_dir / "best.pt"))
         else:
             state.bad_epochs += 1
         row = {"epoch": epoch, "train_loss": result.loss, **val, "lr": state.scheduler.get_last_lr()[-1],
                "tuples_per_s": result.tuples / result.seconds, "seconds": result.seconds, "best": improved}
         state.history.append(row)
         state.epoch = epoch + 1
-        save_checkpoint(checkpoint_payload(state, identity), run_dir / "last.pt")
+        writer.submit([(checkpoint_payload(state, identity), run_dir / "last.pt"), *writes])
         log.info("%s fold %d epoch %d/%d | loss %.4f | val auc %.4f loss %.4f | %.0f tuples/s%s",
                  run_dir.parent.name, fold, epoch + 1, cfg.epochs, result.loss, val["val_auc"],
                  val["val_loss"], row["tuples_per_s"], " *" if improved else "")
@@ -280,7 +285,7 @@ def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_
     import pandas as pd
 
     from preprocess.dataset import tuples_per_epoch
-    from utils.helpers import atomic_write_text, derived_seed, load_checkpoint
+    from utils.helpers import BackgroundWriter, atomic_write_text, derived_seed, load_checkpoint
     from utils.metrics import fold_metrics
 
     run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
@@ -299,7 +304,11 @@ def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_
         best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
         restore(state, payload, best)
         log.info("%s fold %d: resuming at epoch %d", experiment, fold, state.epoch + 1)
-    _train_epochs(state, cfg, env, source, split, run_dir, identity, fold)
+    writer = BackgroundWriter()
+    try:
+        _train_epochs(state, cfg, env, source, split, run_dir, identity, fold, writer)
+    finally:  # also on an interrupt: the last submitted checkpoint lands whole before we leave
+        writer.wait()
     state.model.load_state_dict(state.best_weights)
     predictions, threshold = _test_predictions(state, cfg, env, source, split)
     predictions.to_csv(run_dir / "predictions.csv", index=False)
