@@ -133,5 +133,8 @@ def run_study(cfg, study) -> int:
         failed += cfg.folds - len(results)
         log.info("experiment %s: %d/%d folds in %.1f s", name, len(results), cfg.folds, time.perf_counter() - t0)
     log.info("study: %d experiment(s) x %d folds in %.1f s", len(names), cfg.folds, time.perf_counter() - started)
+    if "mmnet" in names and cfg.gradcam_patients:
+        from utils.inference import write_gradcam_figures
+        write_gradcam_figures(cfg, study, source, usable)
     code = write_report(cfg)
     return 1 if failed else code

@@ -145,6 +145,14 @@ def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]
             for r in ("train", "val", "test")}
 
 
+def config_json(cfg) -> str:
+    """The fold's config inside its checkpoint: the model can be rebuilt from the file alone."""
+    import dataclasses
+    import json
+
+    return json.dumps(dataclasses.asdict(cfg))
+
+
 def cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
@@ -239,7 +247,8 @@ def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, 
             state.best_auc, state.best_loss, state.best_epoch, state.bad_epochs = \
                 val["val_auc"], val["val_loss"], epoch, 0
             state.best_weights = cpu_copy(state.model.state_dict())
-            writes.append(({"model": state.best_weights, "epoch": epoch, **identity}, run_dir / "best.pt"))
+            writes.append(({"model": state.best_weights, "epoch": epoch, "config_json": config_json(cfg),
+                            **identity}, run_dir / "best.pt"))
         else:
             state.bad_epochs += 1
         row = {"epoch": epoch, "train_loss": result.loss, **val, "lr": state.scheduler.get_last_lr()[-1],

@@ -1,0 +1,125 @@
+"""Grad-CAM looks where the evidence is; the predictor handles real and bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import predict
+from preprocess.dataset import evaluation_tuples
+from tests.conftest import DEMO_H, DEMO_W, tiny_config, tiny_study
+from utils.inference import load_fold_model, tuple_inputs
+from utils.train import fold_split, run_fold
+
+
+@pytest.fixture(scope="module")
+def left_signal_run(tmp_path_factory):
+    """A tiny MMNet trained on demo data whose class evidence lies in the left half only."""
+    from preprocess.demo import write_demo_tree
+    from preprocess.preprocess import index_dataset
+
+    root = tmp_path_factory.mktemp("leftsignal")
+    tree = write_demo_tree(root / "tree", width=DEMO_W, height=DEMO_H, signal_box=(0, 0, 0.5, 1))
+    index, _ = index_dataset(tree)
+    # 128 px gives test_resnet 4x4 maps: two columns of cells per half.
+    cfg = tiny_config(root / "out", image_size=128, epochs=6, tuples_per_epoch=64)
+    env, study, source, usable, folds_hash = tiny_study(cfg, tree, index)
+    run_fold(cfg, env, study, source, "mmnet", 0, usable, folds_hash)
+    return cfg, study, source, usable
+
+
+def _malignant_test_maps(run, method):
+    from backbones.our.gradcam import cam_maps
+
+    cfg, study, source, usable = run
+    fm = load_fold_model(f"{cfg.output_dir}/runs/mmnet/fold0/best.pt")
+    test = fold_split(study.index, usable, study.folds, 0, fm.cfg)["test"]
+    tuples, owners = evaluation_tuples(test)
+    maps = []
+    for rows, owner in zip(tuples, owners):
+        if test.labels[owner] == 1:
+            x, mask, _ = tuple_inputs(fm.model, source, rows)
+            maps.append(cam_maps(fm.model, x, mask, method, target=1))
+    return np.stack(maps)  # (T, M, H, W)
+
+
+@pytest.mark.parametrize("method, margin", [("gradcam", 1.3), ("gradcam++", 1.0)])
+def test_gradcam_mass_lies_in_the_signal_region(left_signal_run, method, margin):
+    maps = _malignant_test_maps(left_signal_run, method)
+    assert maps.shape[1:] == (4, 128, 128)
+    assert maps.min() >= 0 and maps.max() <= 1
+    inside, outside = maps[..., :64].mean(), maps[..., 64:].mean()
+    assert inside > margin * outside, (inside, outside)
+
+
+def test_choose_cases_picks_confident_errors_and_hits():
+    import pandas as pd
+    from backbones.our.gradcam import choose_cases
+
+    preds = pd.DataFrame({"patient": list("abcdef"), "label": [1, 1, 0, 0, 0, 1],
+                          "prob": [0.9, 0.7, 0.1, 0.3, 0.8, 0.2]})
+    assert choose_cases(preds, 0.5, 4) == [("TP", "a"), ("TN", "c"), ("FP", "e"), ("FN", "f")]
+    assert choose_cases(preds, 0.5, 2) == [("TP", "a"), ("TN", "c")]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, demo_tree, demo_index):
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(out, epochs=1)
+    env, study, source, usable, folds_hash = tiny_study(cfg, demo_tree, demo_index)
+    for fold in range(2):
+        run_fold(cfg, env, study, source, "mmnet", fold, usable, folds_hash)
+    return out
+
+
+def _patient_copy(demo_tree, tmp_path):
+    source = next(p for p in sorted(demo_tree.rglob("SOB_M_*")) if p.is_dir() and p.name.startswith("SOB_M_"))
+    target = tmp_path / source.name
+    shutil.copytree(source, target)
+    return target
+
+
+def _predict(capsys, *argv):
+    code = predict.main(list(argv))
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if code == 0 else None), captured.err
+
+
+def test_predictor_on_a_full_patient_with_cam(trained_run, demo_tree, tmp_path, capsys):
+    patient = _patient_copy(demo_tree, tmp_path)
+    code, result, _ = _predict(capsys, "--run-dir", str(trained_run), "--patient-dir", str(patient),
+                               "--cam", str(tmp_path / "cam.png"))
+    assert code == 0 and result["models"] == 2
+    assert 0 <= result["malignant_probability"] <= 1
+    assert result["decision"] == ("malignant" if result["malignant_probability"] >= result["threshold"] else "benign")
+    assert result["images_used"] == {"40X": 3, "100X": 3, "200X": 3, "400X": 3}
+    assert sum(result["magnification_weights"].values()) == pytest.approx(1, abs=1e-3)
+    assert sum(result["subtype_probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    assert (tmp_path / "cam.png").stat().st_size > 5000
+
+
+def test_predictor_with_a_magnification_removed(trained_run, demo_tree, tmp_path, capsys):
+    patient = _patient_copy(demo_tree, tmp_path)
+    shutil.rmtree(patient / "200X")
+    code, result, _ = _predict(capsys, "--run-dir", str(trained_run), "--patient-dir", str(patient))
+    assert code == 0 and "200X" not in result["images_used"]
+    assert result["magnification_weights"]["200X"] == 0
+
+
+def test_predictor_skips_corrupt_and_unnamed_files(trained_run, demo_tree, tmp_path, capsys):
+    patient = _patient_copy(demo_tree, tmp_path)
+    victim = sorted((patient / "40X").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    shutil.copy(sorted((patient / "100X").glob("*.png"))[0], patient / "loose_image.png")
+    code, result, _ = _predict(capsys, "--checkpoint", str(trained_run / "runs/mmnet/fold0/best.pt"),
+                               "--patient-dir", str(patient))
+    assert code == 0 and result["images_used"]["40X"] == 2 and result["models"] == 1
+    reasons = {s["file"]: s["reason"] for s in result["skipped"]}
+    assert reasons[f"40X/{victim.name}"].startswith("unreadable")
+    assert reasons["loose_image.png"].startswith("unknown magnification")
+
+
+def test_predictor_on_an_empty_folder(trained_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = _predict(capsys, "--run-dir", str(trained_run), "--patient-dir", str(tmp_path / "empty"))
+    assert code == 2 and "no usable image" in err and len(err.strip().splitlines()) == 1

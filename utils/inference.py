@@ -1,0 +1,140 @@
+"""Trained fold models: loading, patient-level prediction, Grad-CAM figures of a run."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import Config, SUBTYPE_NAMES, SUBTYPES
+from preprocess.augment import prepare_batch
+from preprocess.dataset import ImageSource, PatientImages, evaluation_tuples
+from utils.helpers import load_checkpoint
+
+log = logging.getLogger("mmnet")
+
+
+@dataclass
+class FoldModel:
+    model: torch.nn.Module
+    cfg: Config
+    threshold: float
+    path: Path
+
+
+def load_fold_model(checkpoint: str | Path, device: str = "cpu") -> FoldModel:
+    """Rebuild a model from best.pt alone (its config travels inside); threshold from results.json."""
+    from backbones import build_model
+
+    checkpoint = Path(checkpoint)
+    payload = load_checkpoint(checkpoint, device)
+    if "config_json" not in payload:
+        raise ValueError(f"{checkpoint} holds no config: pass a best.pt written by main.py")
+    values = json.loads(payload["config_json"])
+    values.update(pretrained="off", pretrained_file="", device=device)  # weights come from the file
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    cfg = Config(**values)
+    model = build_model(cfg)
+    model.load_state_dict(payload["model"])
+    results = checkpoint.parent / "results.json"
+    threshold = json.loads(results.read_text())["threshold"] if results.is_file() else 0.5
+    return FoldModel(model.to(device).eval(), cfg, float(threshold), checkpoint)
+
+
+def fold_checkpoints(run_dir: str | Path, experiment: str = "mmnet") -> list[Path]:
+    """best.pt of every finished fold of an experiment under an output directory."""
+    return sorted(Path(run_dir, "runs", experiment).glob("fold*/best.pt"))
+
+
+def patient_data(images_by_mag: dict[int, list[int]], cfg: Config) -> PatientImages:
+    """One patient's cache rows as PatientImages in the model's magnification layout."""
+    if cfg.sample_mode == "pooled":
+        rows = [np.array(sorted(r for m in cfg.magnifications for r in images_by_mag.get(m, [])))]
+    else:
+        rows = [np.array(images_by_mag.get(m, []), dtype=np.int64) for m in cfg.magnifications]
+    return PatientImages(["patient"], np.zeros(1, np.int64), np.zeros(1, np.int64), ["0"], [rows])
+
+
+@torch.no_grad()
+def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: dict[int, list[int]],
+                    device: str = "cpu") -> dict:
+    """Mean over tuples, then over fold models: probability, subtypes, magnification weights."""
+    source = ImageSource(cache, device)
+    probs, subtypes, weights, tuples_used = [], [], [], 0
+    started = time.perf_counter()
+    for fm in models:
+        data = patient_data(images_by_mag, fm.cfg)
+        if not any(len(r) for r in data.rows[0]):
+            continue
+        tuples, _ = evaluation_tuples(data)
+        images, mask = source.gather(tuples)
+        out = fm.model(prepare_batch(images, fm.model.norm_mean, fm.model.norm_std, None), mask)
+        probs.append(float(torch.sigmoid(out.logits.float()).mean()))
+        weights.append(out.mag_weights.float().mean(0).cpu().numpy())
+        if out.subtype_logits is not None:
+            subtypes.append(torch.softmax(out.subtype_logits.float(), -1).mean(0).cpu().numpy())
+        tuples_used += len(tuples)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    if not probs:
+        raise ValueError("no image of a magnification the model uses")
+    names = (["pooled"] if models[0].cfg.sample_mode == "pooled" else [f"{m}X" for m in models[0].cfg.magnifications])
+    result = {"malignant_probability": float(np.mean(probs)),
+              "threshold": float(np.mean([m.threshold for m in models])),
+              "magnification_weights": dict(zip(names, np.mean(weights, 0).astype(float).round(4).tolist())),
+              "tuples": tuples_used, "models": len(probs),
+              "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
+    if subtypes:
+        mean = np.mean(subtypes, 0)
+        result["subtype_probabilities"] = {SUBTYPE_NAMES[c]: round(float(p), 4) for c, p in zip(SUBTYPES, mean)}
+    result["decision"] = "malignant" if result["malignant_probability"] >= result["threshold"] else "benign"
+    return result
+
+
+def tuple_inputs(model: torch.nn.Module, source: ImageSource, tuple_rows: np.ndarray):
+    """Normalised (1, M, 3, H, W) input, mask and the raw uint8 images of one tuple."""
+    images, mask = source.gather(tuple_rows[None])
+    return prepare_batch(images, model.norm_mean, model.norm_std, None), mask, images[0].cpu().numpy()
+
+
+def explain_tuple(fm: FoldModel, source: ImageSource, tuple_rows: np.ndarray, title: str, path: Path) -> Path:
+    """Figure of one tuple: images, Grad-CAM of the predicted class, spatial attention."""
+    from backbones.our.gradcam import attention_maps, cam_maps, patient_figure
+
+    x, mask, raw = tuple_inputs(fm.model, source, tuple_rows)
+    attention, prob, weights = attention_maps(fm.model, x, mask)
+    target = int(prob >= fm.threshold)
+    cams = cam_maps(fm.model, x, mask, "gradcam", target=target)
+    names = ["pooled"] if fm.cfg.sample_mode == "pooled" else list(fm.cfg.magnifications)
+    weights_text = ", ".join(f"{n}{'X' if n != 'pooled' else ''} {w:.2f}" for n, w in zip(names, weights))
+    full = (f"{title}\nP(malignant) {prob:.2f} at threshold {fm.threshold:.2f} -> "
+            f"{'malignant' if target else 'benign'} (Grad-CAM of that class) | weights {weights_text}")
+    return patient_figure(raw, mask[0].cpu().numpy() > 0, cams, attention, names, full, path)
+
+
+def write_gradcam_figures(cfg: Config, study, source: ImageSource, usable: np.ndarray,
+                          experiment: str = "mmnet") -> list[Path]:
+    """Per fold: TP / TN / FP / FN test patients (as available), one figure each."""
+    import pandas as pd
+
+    from backbones.our.gradcam import choose_cases
+    from utils.train import fold_split
+
+    written = []
+    for checkpoint in fold_checkpoints(cfg.output_dir, experiment):
+        fm = load_fold_model(checkpoint, str(source.device))
+        fold = int(checkpoint.parent.name.removeprefix("fold"))
+        predictions = pd.read_csv(checkpoint.parent / "predictions.csv")
+        test = fold_split(study.index, usable, study.folds, fold, fm.cfg)["test"]
+        tuples, owners = evaluation_tuples(test)
+        for case, patient in choose_cases(predictions, fm.threshold, cfg.gradcam_patients):
+            first = tuples[owners == test.patients.index(patient)][0]
+            label = "malignant" if test.labels[test.patients.index(patient)] else "benign"
+            path = Path(cfg.output_dir) / "plots" / "gradcam" / f"{experiment}_fold{fold}_{case}_{patient}.png"
+            written.append(explain_tuple(fm, source, first, f"{patient} ({label}, {case}, fold {fold})", path))
+    log.info("Grad-CAM: %d figure(s) in %s", len(written), Path(cfg.output_dir) / "plots" / "gradcam")
+    return written
