@@ -21,10 +21,9 @@ import pandas as pd
 import torch
 
 from config import Config, EXPERIMENTS, detect_env, experiment_config
-from preprocess.augment import prepare_batch
 from preprocess.dataset import ImageSource, PatientImages, evaluation_tuples, training_tuples
 from utils.losses import StudyLoss
-from utils.train import amp_context, make_optimizer, make_scheduler, new_fold_state, predict, train_one_epoch
+from utils.train import amp_context, make_scheduler, new_fold_state, predict, train_one_epoch
 
 FULL = {"images": 7909, "folds": 5}  # the default study's size
 
