@@ -33,6 +33,7 @@ def run(cfg) -> int:
     from utils.study import run_study
     from preprocess.preprocess import DataError
     from preprocess.splits import FoldError
+    from utils.helpers import StopRequested
 
     try:
         prepare_output(cfg)
@@ -43,6 +44,9 @@ def run(cfg) -> int:
             log.info("--analyze-only: stopping after analysis and folds")
             return 0
         return run_study(cfg, data)
+    except StopRequested as exc:
+        log.warning("stopped on request after %s; state saved. Rerun the same command to resume.", exc)
+        return 0
     except (DataError, FoldError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         log.error("%s", exc)

@@ -36,7 +36,7 @@ def test_resumed_run_matches_uninterrupted(tmp_path, demo_tree, demo_index, monk
     real_epoch = train.train_one_epoch
 
     def stop_in_second_epoch(*args, **kwargs):
-        if kwargs.get("epoch", args[-1]) == 1:
+        if kwargs["epoch"] == 1:
             raise KeyboardInterrupt  # as if the pod stopped mid-epoch
         return real_epoch(*args, **kwargs)
 

@@ -130,3 +130,37 @@ class BackgroundWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+# ---------------------------------------------------------------- graceful stop
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived: the current step finished and its state was saved."""
+
+
+_STOP = {"signal": ""}
+
+
+def _on_signal(signum, frame) -> None:
+    import signal
+
+    if _STOP["signal"] and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, lose at most this epoch
+    _STOP["signal"] = signal.Signals(signum).name
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM (a pod being stopped) and SIGINT ask the loop to stop after the current step."""
+    import signal
+
+    _STOP["signal"] = ""
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+
+def stop_requested() -> str:
+    """Name of the signal that asked to stop, or '' while none did."""
+    return _STOP["signal"]
+
+
+def clear_stop() -> None:
+    _STOP["signal"] = ""

@@ -106,9 +106,13 @@ def predict_duration(cfg, env, study, source, usable, names: list[str]) -> float
 
 
 def run_experiment(cfg, env, study, source, usable, name: str, folds_hash: str) -> list[dict]:
+    from utils.helpers import StopRequested, stop_requested
+
     exp_cfg = experiment_config(cfg, name)
     results = []
     for fold in range(cfg.folds):
+        if stop_requested():
+            raise StopRequested(f"{stop_requested()} before {name} fold {fold}")
         try:
             results.append(run_fold(exp_cfg, env, study, source, name, fold, usable, folds_hash))
         except ForeignRunError as exc:  # a whole-study decision, not one fold's failure
@@ -121,6 +125,9 @@ def run_experiment(cfg, env, study, source, usable, name: str, folds_hash: str) 
 def run_study(cfg, study) -> int:
     from utils.report import write_report
 
+    from utils.helpers import install_stop_handlers
+
+    install_stop_handlers()  # from here on SIGTERM/SIGINT stop after the current step, saved
     env = detect_env(cfg.device, cfg.batch_size, cfg.workers)
     source, usable = load_images(cfg, env, study)
     folds_hash = folds_fingerprint(study.folds)

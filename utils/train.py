@@ -12,6 +12,8 @@ import torch
 
 from preprocess.augment import prepare_batch
 from preprocess.dataset import ImageSource, PatientImages
+from utils.checkpoint import (FoldState, ForeignRunError, checkpoint_payload, config_json, cpu_copy,  # noqa: F401
+                              finished_results, new_fold_state, refuse_if_foreign, restore)
 
 log = logging.getLogger("mmnet")
 
@@ -20,15 +22,13 @@ class TrainingError(RuntimeError):
     """A fold cannot go on (non-finite loss, non-finite predictions)."""
 
 
-class ForeignRunError(TrainingError):
-    """output/ holds a fold trained with another config or other folds: never reused silently."""
-
-
 @dataclass
 class EpochResult:
     loss: float
     tuples: int
     seconds: float
+    stopped_at: int | None = None  # steps done when a stop was requested mid-epoch
+    losses: list | None = None  # per-step losses so far (kept for a mid-epoch resume)
 
 
 def amp_context(device: str, amp_dtype: str):
@@ -67,40 +67,74 @@ def _targets(data: PatientImages, owners: np.ndarray, device) -> tuple[torch.Ten
 def train_one_epoch(model, source: ImageSource, data: PatientImages, tuples: np.ndarray,
                     owners: np.ndarray, optimizer, scheduler, scaler, loss_fn, batch_size: int,
                     amp_dtype: str, grad_clip: float, generator: torch.Generator,
-                    epoch: int) -> EpochResult:
-    """One pass over `tuples` (already shuffled). Raises TrainingError on a non-finite loss."""
+                    epoch: int, start_step: int = 0, prior_losses=None, should_stop=None,
+                    accumulation: int = 1) -> EpochResult:
+    """One pass over `tuples` (already shuffled), from `start_step` on.
+
+    Each step is one optimizer update over batch_size tuples, split into `accumulation`
+    micro-batches (same effective batch, less memory). should_stop() is asked after every
+    step. Raises TrainingError on a non-finite loss.
+    """
     model.train()
     started, device = time.perf_counter(), source.device
-    losses = torch.zeros(math.ceil(len(tuples) / batch_size), device=device)
+    n_steps = math.ceil(len(tuples) / batch_size)
+    losses = torch.zeros(n_steps, device=device)
+    if prior_losses:
+        losses[:len(prior_losses)] = torch.tensor(prior_losses, device=device)
     labels_all, subtypes_all = _targets(data, owners, device)
-    for step, start in enumerate(range(0, len(tuples), batch_size)):
-        images, mask = source.gather(tuples[start:start + batch_size])
-        x = prepare_batch(images, model.norm_mean, model.norm_std, generator)
-        with amp_context(device.type, amp_dtype):
-            output = model(x, mask)
-        loss, _ = loss_fn(output, labels_all[start:start + batch_size],
-                          subtypes_all[start:start + batch_size])
+    micro = math.ceil(batch_size / accumulation)
+    stopped_at = None
+    for step in range(start_step, n_steps):
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        end = min(len(tuples), (step + 1) * batch_size)
+        for start in range(step * batch_size, end, micro):
+            stop = min(end, start + micro)
+            images, mask = source.gather(tuples[start:stop])
+            x = prepare_batch(images, model.norm_mean, model.norm_std, generator)
+            with amp_context(device.type, amp_dtype):
+                output = model(x, mask)
+            loss, _ = loss_fn(output, labels_all[start:stop], subtypes_all[start:stop])
+            scaler.scale(loss * (stop - start) / (end - step * batch_size)).backward()
+            losses[step] += loss.detach() * (stop - start) / (end - step * batch_size)
         if grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        losses[step] = loss.detach()  # checked once per epoch: no GPU sync per step
-    values = losses.cpu().numpy()
+        if should_stop is not None and should_stop() and step + 1 < n_steps:
+            stopped_at = step + 1
+            break
+    values = losses[:stopped_at or n_steps].cpu().numpy()  # one sync per epoch, not per step
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
         raise TrainingError(f"non-finite loss at epoch {epoch} step {int(bad[0])}: lower --lr "
                             f"or check the data; the last good checkpoint is kept")
-    return EpochResult(float(values.mean()), len(tuples), time.perf_counter() - started)
+    return EpochResult(float(values.mean()), len(tuples), time.perf_counter() - started,
+                       stopped_at, values.tolist())
+
+
+def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
+            amp_dtype: str) -> dict[str, np.ndarray]:
+    """Malignant probability, subtype probabilities and magnification weights per tuple.
+
+    A CUDA out-of-memory halves the evaluation batch and starts over (prediction is stateless).
+    """
+    while True:
+        try:
+            return _predict_batches(model, source, tuples, batch_size, amp_dtype)
+        except torch.OutOfMemoryError:
+            if batch_size <= 1:
+                raise
+            batch_size //= 2
+            log.warning("CUDA out of memory while predicting: retrying with batches of %d", batch_size)
+            if source.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 @torch.inference_mode()
-def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
-            amp_dtype: str) -> dict[str, np.ndarray]:
-    """Malignant probability, subtype probabilities and magnification weights per tuple."""
+def _predict_batches(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
+                     amp_dtype: str) -> dict[str, np.ndarray]:
     model.eval()
     probs, subtypes, weights = [], [], []
     for start in range(0, len(tuples), batch_size):
@@ -121,21 +155,6 @@ def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
 
 
 # ---------------------------------------------------------------- one fold
-@dataclass
-class FoldState:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    epoch: int = 0  # next epoch to run
-    best_auc: float = -1.0
-    best_loss: float = float("inf")
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    history: list = None
-    best_weights: dict = None
-
-
 def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]:
     """Train / inner-validation / test patients of one outer fold."""
     from preprocess.dataset import patient_images
@@ -143,73 +162,6 @@ def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]
     role = folds.set_index("patient")[f"role_f{fold}"]
     return {r: patient_images(index, usable, role.index[role == r], cfg.magnifications, cfg.sample_mode)
             for r in ("train", "val", "test")}
-
-
-def config_json(cfg) -> str:
-    """The fold's config inside its checkpoint: the model can be rebuilt from the file alone."""
-    import dataclasses
-    import json
-
-    return json.dumps(dataclasses.asdict(cfg))
-
-
-def cpu_copy(state_dict: dict) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
-
-
-def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
-    from backbones import build_model
-    from utils.helpers import seed_everything
-
-    seed_everything(seed)  # same init for every experiment of this fold
-    model = build_model(cfg).to(env.device).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs,
-                               int(cfg.warmup_epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(env.device, enabled=env.amp_dtype == "float16")
-    return FoldState(model, optimizer, scheduler, scaler, history=[])
-
-
-def checkpoint_payload(state: FoldState, identity: dict) -> dict:
-    """Tensors and plain values only: torch.load(weights_only=True) reads it back."""
-    rng = {"torch": torch.get_rng_state(),
-           "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-            "rng": rng, "epoch": state.epoch, "best_auc": state.best_auc,
-            "best_loss": state.best_loss, "best_epoch": state.best_epoch,
-            "bad_epochs": state.bad_epochs, "history": state.history, **identity}
-
-
-def restore(state: FoldState, payload: dict, best: dict | None) -> None:
-    state.model.load_state_dict(payload["model"])
-    state.optimizer.load_state_dict(payload["optimizer"])
-    state.scheduler.load_state_dict(payload["scheduler"])
-    state.scaler.load_state_dict(payload["scaler"])
-    torch.set_rng_state(payload["rng"]["torch"])
-    for key in ("epoch", "best_auc", "best_loss", "best_epoch", "bad_epochs", "history"):
-        setattr(state, key, payload[key])
-    state.best_weights = best["model"] if best else cpu_copy(state.model.state_dict())
-
-
-def _refuse_if_foreign(path, identity: dict, saved: dict) -> None:
-    if saved.get("config_hash") != identity["config_hash"] or saved.get("folds_hash") != identity["folds_hash"]:
-        raise ForeignRunError(f"{path} was written with a different config or folds: rerun with "
-                            f"--no-resume to retrain, or use another --output-dir")
-
-
-def finished_results(run_dir, identity: dict, resume: bool) -> dict | None:
-    """results.json of a finished fold with the same identity, or None to (re)train."""
-    import json
-
-    path = run_dir / "results.json"
-    if not (resume and path.is_file()):
-        return None
-    results = json.loads(path.read_text())
-    _refuse_if_foreign(path, identity, results)
-    return results
 
 
 def _validate(state: FoldState, source, split, val_tuples, val_owners, batch: int, amp: str) -> dict:
@@ -222,9 +174,60 @@ def _validate(state: FoldState, source, split, val_tuples, val_owners, batch: in
     return {"val_loss": loss, "val_auc": float(roc_auc_score(labels, out["prob"]))}
 
 
-def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, writer) -> None:
-    from preprocess.dataset import evaluation_tuples, training_tuples, tuples_per_epoch
+def _start_epoch(state: FoldState, cfg, env, split, fold: int, count: int):
+    """Seeds, tuples and augmentation generator of the epoch; a mid-epoch resume re-applies the
+    RNG states saved at the stop, so the rest of the epoch is what it would have been."""
+    from preprocess.dataset import training_tuples
     from utils.helpers import derived_seed, seed_everything
+
+    seed_everything(derived_seed(cfg.seed, fold, state.epoch))  # resumable: seeds depend on epoch only
+    rng = np.random.default_rng(derived_seed(cfg.seed, fold, state.epoch, 1))
+    gen = torch.Generator(device=env.device).manual_seed(derived_seed(cfg.seed, fold, state.epoch, 2))
+    tuples, owners = training_tuples(split["train"], count, rng, cfg.class_balanced)
+    if state.saved_rng:
+        torch.set_rng_state(state.saved_rng["torch"])
+        if "cuda" in state.saved_rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state.saved_rng["cuda"])
+        gen.set_state(state.saved_rng["augment"])
+        state.saved_rng = None
+    return tuples, owners, gen
+
+
+def _epoch_with_oom_retry(state: FoldState, args: dict, run_dir, env) -> EpochResult:
+    """A CUDA out-of-memory halves the micro-batch (gradient accumulation keeps the effective
+    batch) and replays the epoch from its last checkpoint."""
+    while True:
+        try:
+            return train_one_epoch(**args, accumulation=state.accumulation)
+        except torch.OutOfMemoryError:
+            if state.accumulation >= args["batch_size"]:
+                raise
+            state.accumulation *= 2
+            log.warning("CUDA out of memory: retrying epoch %d with micro-batches of %d (x%d accumulation)",
+                        state.epoch + 1, math.ceil(args["batch_size"] / state.accumulation), state.accumulation)
+            if env.device == "cuda":
+                torch.cuda.empty_cache()
+            raise _ReplayEpoch from None
+
+
+class _ReplayEpoch(Exception):
+    """Restart the epoch from the last checkpoint (after an out-of-memory)."""
+
+
+def _reload_last(state: FoldState, run_dir, env) -> None:
+    """Back to the state at the start of the epoch, keeping the new accumulation factor."""
+    from utils.helpers import load_checkpoint
+
+    accumulation = state.accumulation
+    payload = load_checkpoint(run_dir / "last.pt", env.device)
+    best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
+    restore(state, payload, best)
+    state.accumulation = accumulation
+
+
+def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, writer) -> None:
+    from preprocess.dataset import evaluation_tuples, tuples_per_epoch
+    from utils.helpers import StopRequested, stop_requested
     from utils.losses import StudyLoss, subtype_class_weights
 
     loss_fn = StudyLoss(cfg, subtype_class_weights(split["train"].subtypes))
@@ -232,13 +235,24 @@ def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, 
     count = tuples_per_epoch(split["train"], cfg.tuples_per_epoch)
     while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
         epoch = state.epoch
-        seed_everything(derived_seed(cfg.seed, fold, epoch))  # resumable: seeds depend on epoch only
-        rng = np.random.default_rng(derived_seed(cfg.seed, fold, epoch, 1))
-        gen = torch.Generator(device=env.device).manual_seed(derived_seed(cfg.seed, fold, epoch, 2))
-        tuples, owners = training_tuples(split["train"], count, rng, cfg.class_balanced)
-        result = train_one_epoch(state.model, source, split["train"], tuples, owners, state.optimizer,
-                                 state.scheduler, state.scaler, loss_fn, env.batch_size,
-                                 env.amp_dtype, cfg.grad_clip, gen, epoch)
+        tuples, owners, gen = _start_epoch(state, cfg, env, split, fold, count)
+        args = dict(model=state.model, source=source, data=split["train"], tuples=tuples, owners=owners,
+                    optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
+                    loss_fn=loss_fn, batch_size=env.batch_size, amp_dtype=env.amp_dtype,
+                    grad_clip=cfg.grad_clip, generator=gen, epoch=epoch, start_step=state.step,
+                    prior_losses=state.partial_losses, should_stop=stop_requested)
+        try:
+            result = _epoch_with_oom_retry(state, args, run_dir, env)
+        except _ReplayEpoch:
+            writer.wait()
+            _reload_last(state, run_dir, env)
+            continue
+        if result.stopped_at is not None:
+            state.step, state.partial_losses = result.stopped_at, result.losses
+            writer.submit([(checkpoint_payload(state, identity, gen), run_dir / "last.pt")])
+            writer.wait()
+            raise StopRequested(f"{run_dir.parent.name} fold {fold} epoch {epoch + 1} step {state.step}")
+        state.step, state.partial_losses = 0, None
         val = _validate(state, source, split, val_tuples, val_owners, env.batch_size * 2, env.amp_dtype)
         improved = val["val_auc"] > state.best_auc + 1e-4 or (
             abs(val["val_auc"] - state.best_auc) <= 1e-4 and val["val_loss"] < state.best_loss)
@@ -307,13 +321,15 @@ def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_
     steps = math.ceil(tuples_per_epoch(split["train"], cfg.tuples_per_epoch) / env.batch_size)
     state = new_fold_state(cfg, env, steps, derived_seed(cfg.seed, fold))
     started = time.perf_counter()
+    writer = BackgroundWriter()
     if cfg.resume and (run_dir / "last.pt").is_file():
         payload = load_checkpoint(run_dir / "last.pt", env.device)
-        _refuse_if_foreign(run_dir / "last.pt", identity, payload)
+        refuse_if_foreign(run_dir / "last.pt", identity, payload)
         best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
         restore(state, payload, best)
-        log.info("%s fold %d: resuming at epoch %d", experiment, fold, state.epoch + 1)
-    writer = BackgroundWriter()
+        log.info("%s fold %d: resuming at epoch %d step %d", experiment, fold, state.epoch + 1, state.step)
+    else:  # the start state on disk: an out-of-memory replay of epoch 1 returns to it
+        writer.submit([(checkpoint_payload(state, identity), run_dir / "last.pt")])
     try:
         _train_epochs(state, cfg, env, source, split, run_dir, identity, fold, writer)
     finally:  # also on an interrupt: the last submitted checkpoint lands whole before we leave

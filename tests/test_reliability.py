@@ -1,0 +1,98 @@
+"""Interruption, out-of-memory, determinism across processes, settings per device."""
+import os
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import utils.helpers as helpers
+import utils.train as train
+from tests.conftest import ROOT, tiny_config, tiny_study
+from utils.helpers import StopRequested, load_checkpoint
+
+
+def _run(cfg, demo_tree, demo_index, fold=0):
+    env, study, source, usable, folds_hash = tiny_study(cfg, demo_tree, demo_index)
+    return train.run_fold(cfg, env, study, source, "mmnet", fold, usable, folds_hash)
+
+
+def _predictions(cfg):
+    return pd.read_csv(f"{cfg.output_dir}/runs/mmnet/fold0/predictions.csv")
+
+
+def test_stop_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, demo_tree, demo_index, monkeypatch):
+    whole = tiny_config(tmp_path / "whole", epochs=2)
+    _run(whole, demo_tree, demo_index)
+
+    cut = tiny_config(tmp_path / "cut", epochs=2)
+    calls = {"n": 0}
+
+    def stop_after_six_steps():  # 4 steps per epoch: stops in epoch 2 after its 2nd step
+        calls["n"] += 1
+        return "SIGTERM" if calls["n"] == 6 else ""
+
+    monkeypatch.setattr(helpers, "stop_requested", stop_after_six_steps)
+    with pytest.raises(StopRequested, match="epoch 2 step 2"):
+        _run(cut, demo_tree, demo_index)
+    saved = load_checkpoint(tmp_path / "cut/runs/mmnet/fold0/last.pt")
+    assert (saved["epoch"], saved["step"], len(saved["partial_losses"])) == (1, 2, 2)
+    monkeypatch.setattr(helpers, "stop_requested", lambda: "")
+    _run(cut, demo_tree, demo_index)
+    pd.testing.assert_frame_equal(_predictions(whole), _predictions(cut), check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole/runs/mmnet/fold0/history.csv")[["epoch", "train_loss", "val_auc"]],
+                                  pd.read_csv(tmp_path / "cut/runs/mmnet/fold0/history.csv")[["epoch", "train_loss", "val_auc"]])
+
+
+def test_out_of_memory_halves_the_micro_batch_and_goes_on(tmp_path, demo_tree, demo_index, monkeypatch, caplog):
+    real_prepare = train.prepare_batch
+
+    def small_memory(images, *args, **kwargs):
+        if images.shape[0] > 4:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real_prepare(images, *args, **kwargs)
+
+    monkeypatch.setattr(train, "prepare_batch", small_memory)
+    cfg = tiny_config(tmp_path, epochs=2, batch_size=8)
+    result = _run(cfg, demo_tree, demo_index)
+    assert result["epochs_run"] == 2
+    assert "micro-batches of 4 (x2 accumulation)" in caplog.text
+    assert load_checkpoint(tmp_path / "runs/mmnet/fold0/last.pt")["accumulation"] == 2
+
+
+def _main(out, *extra):
+    return [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet", "--backbone", "test_resnet",
+            "--epochs", "3", "--tuples-per-epoch", "64", "--gradcam-patients", "0", "--output-dir", str(out),
+            "--report-file", str(out / "R.md"), "--data-dir", str(out / "none"), *extra]
+
+
+def _kill_after_first_epoch(cmd, sig):
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "fold 0 epoch 1/3" in line:
+            proc.send_signal(sig)
+    proc.wait(timeout=300)
+    return proc.returncode, "".join(lines)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_reruns_to_the_uninterrupted_result(tmp_path, sig):
+    whole = tmp_path / "whole"
+    assert subprocess.run(_main(whole), cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    cut = tmp_path / "cut"
+    code, output = _kill_after_first_epoch(_main(cut), sig)
+    if sig == signal.SIGTERM:
+        assert code == 0 and "Rerun the same command to resume" in output and "Traceback" not in output
+    else:
+        assert code == -signal.SIGKILL
+    assert not (cut / "runs/mmnet/fold1/results.json").exists()
+    again = subprocess.run(_main(cut), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:]
+    for fold in (0, 1):
+        a = pd.read_csv(whole / f"runs/mmnet/fold{fold}/predictions.csv")
+        b = pd.read_csv(cut / f"runs/mmnet/fold{fold}/predictions.csv")
+        pd.testing.assert_frame_equal(a, b, check_exact=True)

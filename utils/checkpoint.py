@@ -1,0 +1,104 @@
+"""Fold state and its checkpoints: what is saved, how it is restored, when it is refused."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+class ForeignRunError(RuntimeError):
+    """output/ holds a fold trained with another config or other folds: never reused silently."""
+
+
+@dataclass
+class FoldState:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # next epoch to run
+    best_auc: float = -1.0
+    best_loss: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list = None
+    best_weights: dict = None
+    step: int = 0  # >0: the epoch was stopped after this many steps
+    partial_losses: list = None
+    saved_rng: dict = None  # RNG states at a mid-epoch stop, re-applied on resume
+    accumulation: int = 1  # micro-batches per step; doubled after a CUDA out-of-memory
+
+
+def config_json(cfg) -> str:
+    """The fold's config inside its checkpoint: the model can be rebuilt from the file alone."""
+    import dataclasses
+    import json
+
+    return json.dumps(dataclasses.asdict(cfg))
+
+
+def cpu_copy(state_dict: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
+    from backbones import build_model
+    from utils.helpers import seed_everything
+    from utils.train import make_optimizer, make_scheduler
+
+    seed_everything(seed)  # same init for every experiment of this fold
+    model = build_model(cfg).to(env.device).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs,
+                               int(cfg.warmup_epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(env.device, enabled=env.amp_dtype == "float16")
+    return FoldState(model, optimizer, scheduler, scaler, history=[])
+
+
+def checkpoint_payload(state: FoldState, identity: dict, generator: torch.Generator | None = None) -> dict:
+    """Tensors and plain values only: torch.load(weights_only=True) reads it back."""
+    rng = {"torch": torch.get_rng_state(),
+           "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        rng["augment"] = generator.get_state()
+    return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+            "rng": rng, "epoch": state.epoch, "best_auc": state.best_auc,
+            "best_loss": state.best_loss, "best_epoch": state.best_epoch,
+            "bad_epochs": state.bad_epochs, "history": state.history, "step": state.step,
+            "partial_losses": state.partial_losses, "accumulation": state.accumulation, **identity}
+
+
+def restore(state: FoldState, payload: dict, best: dict | None) -> None:
+    state.model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.scaler.load_state_dict(payload["scaler"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    for key in ("epoch", "best_auc", "best_loss", "best_epoch", "bad_epochs", "history", "step",
+                "partial_losses", "accumulation"):
+        setattr(state, key, payload[key])
+    state.saved_rng = payload["rng"] if state.step else None
+    state.best_weights = best["model"] if best else cpu_copy(state.model.state_dict())
+
+
+def refuse_if_foreign(path, identity: dict, saved: dict) -> None:
+    if saved.get("config_hash") != identity["config_hash"] or saved.get("folds_hash") != identity["folds_hash"]:
+        raise ForeignRunError(f"{path} was written with a different config or folds: rerun with "
+                            f"--no-resume to retrain, or use another --output-dir")
+
+
+def finished_results(run_dir, identity: dict, resume: bool) -> dict | None:
+    """results.json of a finished fold with the same identity, or None to (re)train."""
+    import json
+
+    path = run_dir / "results.json"
+    if not (resume and path.is_file()):
+        return None
+    results = json.loads(path.read_text())
+    refuse_if_foreign(path, identity, results)
+    return results
+
+
