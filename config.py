@@ -79,6 +79,7 @@ class Config:
     # --- environment
     device: str = "auto"  # auto | cuda | mps | cpu
     workers: int = 0  # decode processes; 0 = from CPU affinity
+    jobs: int = 0  # experiment x fold processes at once; 0 = one per visible GPU (1 without)
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
     bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
 
@@ -88,7 +89,7 @@ class Config:
     def training_hash(self) -> str:
         """Hash of every field that changes what a fold learns (not paths or run flags)."""
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
-                "report_only", "experiments", "resume", "workers", "gradcam_patients",
+                "report_only", "experiments", "resume", "workers", "jobs", "gradcam_patients",
                 "bootstrap_samples"}
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -181,7 +182,7 @@ _CHOICES = {"folds_source": ("grouped", "kaggle"), "sample_mode": ("tuple", "poo
             "pretrained": ("auto", "on", "off"), "loss": ("focal", "ce"),
             "device": ("auto", "cuda", "mps", "cpu")}
 _MINIMUM = {"folds": 2, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
-            "batch_size": 0, "tuples_per_epoch": 0, "workers": 0, "max_patients": 0,
+            "batch_size": 0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
             "warmup_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0}
 

@@ -96,3 +96,38 @@ def test_killed_run_reruns_to_the_uninterrupted_result(tmp_path, sig):
         a = pd.read_csv(whole / f"runs/mmnet/fold{fold}/predictions.csv")
         b = pd.read_csv(cut / f"runs/mmnet/fold{fold}/predictions.csv")
         pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_two_worker_processes_give_the_one_worker_results(tmp_path):
+    """Jobs in parallel processes: same folds, seeds and results as one process.
+
+    Equality is to 1e-5, not bitwise: a worker gets half the CPU threads, and a different
+    number of threads sums floats in a different order. Every decision must be identical.
+    """
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        cmd = [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet,single_40x", "--backbone",
+               "test_resnet", "--jobs", str(jobs), "--gradcam-patients", "0", "--output-dir", str(out),
+               "--report-file", str(out / "R.md"), "--data-dir", str(tmp_path / "none")]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:]
+        runs[jobs] = out
+    assert "on 2 parallel workers" in (runs[2] / "run.log").read_text()
+    for run in ("mmnet/fold0", "mmnet/fold1", "single_40x/fold0", "single_40x/fold1"):
+        a = pd.read_csv(runs[1] / "runs" / run / "predictions.csv")
+        b = pd.read_csv(runs[2] / "runs" / run / "predictions.csv")
+        pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5, rtol=0)
+    one = pd.read_csv(runs[1] / "tables" / "per_fold.csv")
+    two = pd.read_csv(runs[2] / "tables" / "per_fold.csv")
+    pd.testing.assert_frame_equal(one, two)
+
+
+def test_device_settings_for_cpu_and_forced_device():
+    from config import ConfigError, detect_env
+
+    env = detect_env("cpu")
+    assert env.device == "cpu" and env.amp_dtype == "none" and env.batch_size > 0 and env.workers >= 1
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cpu"):
+            detect_env("cuda")

@@ -7,7 +7,11 @@ import time
 
 import numpy as np
 
+from pathlib import Path
+
 from config import EXPERIMENTS, ConfigError, detect_env, experiment_config
+from utils.parallel import default_jobs, run_jobs
+from utils.pipeline import RUN_LOG
 from utils.train import ForeignRunError, TrainingError, run_fold
 
 log = logging.getLogger("mmnet")
@@ -132,9 +136,14 @@ def run_study(cfg, study) -> int:
     source, usable = load_images(cfg, env, study)
     folds_hash = folds_fingerprint(study.folds)
     names = selected_experiments(cfg)
-    predict_duration(cfg, env, study, source, usable, names)
+    jobs = cfg.jobs or default_jobs(env.device)
+    predicted = predict_duration(cfg, env, study, source, usable, names)
     failed, started = 0, time.perf_counter()
-    for name in names:
+    if jobs > 1:
+        log.info("running %d experiment x fold jobs on %d parallel workers (about %.1f min)",
+                 len(names) * cfg.folds, jobs, predicted / 60 / jobs)
+        failed = run_jobs(cfg, study, names, folds_hash, jobs, str(Path(cfg.output_dir) / RUN_LOG))
+    for name in names if jobs == 1 else []:
         t0 = time.perf_counter()
         results = run_experiment(cfg, env, study, source, usable, name, folds_hash)
         failed += cfg.folds - len(results)
