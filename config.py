@@ -78,6 +78,7 @@ class Config:
     tuples_per_epoch: int = 0  # 0 = training images / magnifications used
     # --- environment
     device: str = "auto"  # auto | cuda | mps | cpu
+    deterministic: bool = False  # GPU: deterministic kernels, no autotuning (slower)
     workers: int = 0  # decode processes; 0 = from CPU affinity
     jobs: int = 0  # experiment x fold processes at once; 0 = one per visible GPU (1 without)
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
@@ -151,6 +152,11 @@ def _batch_for_memory(gb: float) -> int:
     return 64 if gb >= 40 else 32 if gb >= 16 else 16
 
 
+def _shm_gb() -> float:
+    import shutil
+    return shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else float("inf")
+
+
 def detect_env(device: str = "auto", batch_size: int = 0, workers: int = 0) -> EnvInfo:
     import torch
 
@@ -167,9 +173,14 @@ def detect_env(device: str = "auto", batch_size: int = 0, workers: int = 0) -> E
         name, gb = props.name, props.total_memory / 2**30
         amp = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     auto_batch = _batch_for_memory(gb) if device == "cuda" else (16 if device == "mps" else 8)
-    auto_workers = max(1, min(8, usable_cpus()))
+    auto_workers, notes = max(1, min(8, usable_cpus())), []
+    if _shm_gb() < 1.0 and auto_workers > 2:
+        # Docker's default 64 MB /dev/shm: process pools keep their queues and locks there.
+        auto_workers = 2
+        notes.append(f"/dev/shm is {_shm_gb():.2f} GB: decode workers lowered to 2 "
+                     f"(start the container with --shm-size=8g for more)")
     return EnvInfo(device=device, amp_dtype=amp, batch_size=batch_size or auto_batch,
-                   workers=workers or auto_workers, device_name=name, memory_gb=round(gb, 1))
+                   workers=workers or auto_workers, device_name=name, memory_gb=round(gb, 1), notes=notes)
 
 
 class _OneLineParser(argparse.ArgumentParser):

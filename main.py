@@ -39,6 +39,9 @@ def run(cfg) -> int:
         prepare_output(cfg)
         if cfg.report_only:
             return write_report(cfg)
+        if not cfg.analyze_only:
+            from backbones import check_backbone
+            check_backbone(cfg.backbone)
         data = prepare_data(cfg)
         if cfg.analyze_only:
             log.info("--analyze-only: stopping after analysis and folds")
@@ -49,7 +52,8 @@ def run(cfg) -> int:
         return 0
     except (DataError, FoldError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        log.error("%s", exc)
+        if logging.getLogger().handlers:  # also into run.log, once logging is set up
+            log.error("%s", exc)
         return 2
 
 

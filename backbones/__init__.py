@@ -46,6 +46,16 @@ def _import_models() -> None:
     from backbones.our import model  # noqa: F401
 
 
+def check_backbone(name: str) -> None:
+    """Fail at start, not after the analysis, when timm has no such model."""
+    import timm
+    from config import ConfigError
+
+    if not timm.is_model(name):
+        raise ConfigError(f"unknown timm backbone '{name}'; e.g. resnet18, resnet50, efficientnet_b0, "
+                          f"convnext_tiny (python -c \"import timm; print(timm.list_models())\" lists all)")
+
+
 def wants_pretrained(cfg) -> bool:
     if cfg.pretrained == "auto":
         return torch.cuda.is_available() or bool(cfg.pretrained_file)
@@ -59,11 +69,8 @@ def create_backbone(cfg) -> tuple[nn.Module, str]:
     a pod without internet should still finish, with the header saying so.
     """
     import timm
-    from config import ConfigError
 
-    if cfg.backbone not in timm.list_models() and not timm.is_model(cfg.backbone):
-        raise ConfigError(f"unknown timm backbone '{cfg.backbone}'; e.g. resnet18, resnet50, "
-                          f"efficientnet_b0, convnext_tiny (see timm.list_models())")
+    check_backbone(cfg.backbone)
     kwargs = dict(num_classes=0, global_pool="")
     if not wants_pretrained(cfg):
         return timm.create_model(cfg.backbone, pretrained=False, **kwargs), "random init"

@@ -1,5 +1,4 @@
 """Interruption, out-of-memory, determinism across processes, settings per device."""
-import os
 import signal
 import subprocess
 import sys

@@ -164,9 +164,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = Config(backbone=args.backbone, image_size=args.image_size, pretrained="off", device=args.device)
     env = detect_env(args.device, args.batch, 0)
-    if env.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    from utils.env import configure_backends
+    configure_backends(env.device, deterministic=False)
     rates = measure(cfg, env, args.batches, args.cache_images)
     rates["predicted_full_run_minutes"] = predicted_full_run_s(cfg, rates) / 60
     table = pd.DataFrame([{"metric": k, "value": round(v, 3)} for k, v in rates.items()])

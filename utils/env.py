@@ -67,3 +67,24 @@ def runpod_hint(output_dir: str | Path) -> str:
         return (f"/workspace exists but outputs go to {Path(output_dir).resolve()}: they are lost "
                 f"when the pod stops; pass --output-dir /workspace/output to keep them")
     return ""
+
+
+def configure_backends(device: str, deterministic: bool) -> str:
+    """Fast GPU settings (TF32, cuDNN autotuning) or deterministic ones; says which, honestly."""
+    import os
+
+    import torch
+
+    if device != "cuda":
+        return "deterministic: same seed and thread count give identical results on this device"
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        return ("deterministic GPU kernels requested (--deterministic): slower; kernels without a "
+                "deterministic version warn in the log")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return ("NOT bitwise deterministic on GPU: cuDNN autotuning may pick other convolution algorithms "
+            "per run, and the backward of index gathers and fused AdamW use atomic adds; expect "
+            "differences in the last digits between runs (use --deterministic to trade speed for it)")

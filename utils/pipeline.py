@@ -13,7 +13,7 @@ import pandas as pd
 from config import Config, detect_env, EnvInfo, usable_cpus
 from preprocess.preprocess import DataError, index_dataset, missing_data_message, write_issues
 from preprocess.splits import build_folds, FoldError, kaggle_folds, load_folds, write_folds
-from utils.env import free_disk_gb, git_commit, gpu_facts, runpod_hint, shm_gb, versions
+from utils.env import configure_backends, free_disk_gb, git_commit, gpu_facts, runpod_hint, shm_gb, versions
 from utils.helpers import atomic_write_text, setup_logging
 
 log = logging.getLogger("mmnet")
@@ -48,12 +48,13 @@ def prepare_output(cfg: Config) -> None:
     log.info("run %s | device %s (%s) | amp %s | batch %d | workers %d | commit %s",
              header["started"], env.device, env.device_name, env.amp_dtype, env.batch_size,
              env.workers, header["commit"])
+    log.info("determinism: %s", header["determinism"])
     for warning in header["warnings"]:
         log.warning("%s", warning)
 
 
 def run_header(cfg: Config, env: EnvInfo) -> dict:
-    warnings = []
+    warnings = list(env.notes)
     disk = free_disk_gb(cfg.output_dir)
     if disk < 5:
         warnings.append(f"only {disk} GB free under {cfg.output_dir}: the cache and checkpoints need ~3 GB")
@@ -62,7 +63,7 @@ def run_header(cfg: Config, env: EnvInfo) -> dict:
     return {"started": datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
             "env": dataclasses.asdict(env), "versions": versions(), "gpu": gpu_facts(),
             "shm_gb": shm_gb(), "free_disk_gb": disk, "config": dataclasses.asdict(cfg),
-            "warnings": warnings}
+            "determinism": configure_backends(env.device, cfg.deterministic), "warnings": warnings}
 
 
 def _resolve_data_dir(cfg: Config) -> tuple[Path, bool]:

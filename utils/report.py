@@ -73,6 +73,7 @@ def _header(out: Path, runs: dict) -> list[str]:
              f"AMP {header.get('env', {}).get('amp_dtype', '?')}, batch {header.get('env', {}).get('batch_size', '?')}",
              f"- versions: {', '.join(f'{k} {v}' for k, v in header.get('versions', {}).items())}",
              f"- backbone weights: {', '.join(pretrained) or 'n/a'}",
+             f"- determinism: {header.get('determinism', 'unknown')}",
              f"- data: {dataset.get('data_dir', '?')}: {dataset.get('images', '?')} images, "
              f"{dataset.get('patients', '?')} patients, {dataset.get('issues', '?')} data issue(s)"]
     if dataset.get("demo"):

@@ -156,12 +156,22 @@ def _predict_batches(model, source: ImageSource, tuples: np.ndarray, batch_size:
 
 # ---------------------------------------------------------------- one fold
 def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]:
-    """Train / inner-validation / test patients of one outer fold."""
+    """Train / inner-validation / test patients of one outer fold.
+
+    A patient with no usable image of the magnifications this model reads (a single-
+    magnification baseline and a patient lacking that magnification) is left out, and said so.
+    """
     from preprocess.dataset import patient_images
 
     role = folds.set_index("patient")[f"role_f{fold}"]
-    return {r: patient_images(index, usable, role.index[role == r], cfg.magnifications, cfg.sample_mode)
-            for r in ("train", "val", "test")}
+    split = {r: patient_images(index, usable, role.index[role == r], cfg.magnifications, cfg.sample_mode)
+             for r in ("train", "val", "test")}
+    for r, data in split.items():
+        left_out = sorted(set(role.index[role == r]) - set(data.patients))
+        if left_out:
+            log.warning("fold %d %s: %d patient(s) have no usable %s image and are left out: %s", fold, r,
+                        len(left_out), "/".join(f"{m}X" for m in cfg.magnifications), ", ".join(left_out))
+    return split
 
 
 def _validate(state: FoldState, source, split, val_tuples, val_owners, batch: int, amp: str) -> dict:
