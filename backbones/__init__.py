@@ -10,6 +10,7 @@ from torch import nn
 
 log = logging.getLogger("mmnet")
 _REGISTRY: dict[str, Callable] = {}
+_DOWNLOAD_FAILED: set = set()  # backbones whose weights could not be fetched in this process
 
 
 @dataclass
@@ -74,12 +75,16 @@ def create_backbone(cfg) -> tuple[nn.Module, str]:
     kwargs = dict(num_classes=0, global_pool="")
     if not wants_pretrained(cfg):
         return timm.create_model(cfg.backbone, pretrained=False, **kwargs), "random init"
+    if cfg.backbone in _DOWNLOAD_FAILED and not cfg.pretrained_file:
+        # The hub retries for about a minute per file; one failure per process is enough.
+        return timm.create_model(cfg.backbone, pretrained=False, **kwargs), "random init (download failed)"
     try:
         if cfg.pretrained_file:
             kwargs["pretrained_cfg_overlay"] = dict(file=cfg.pretrained_file)
         model = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
         return model, f"pretrained ({cfg.pretrained_file or 'timm hub'})"
     except Exception as exc:  # network, hub or file errors all end in the same fallback
+        _DOWNLOAD_FAILED.add(cfg.backbone)
         log.warning("!!! PRETRAINED WEIGHTS UNAVAILABLE for %s (%s: %s): training from RANDOM "
                     "INIT; pass --pretrained-file PATH to use local weights", cfg.backbone,
                     type(exc).__name__, str(exc).splitlines()[0][:200])

@@ -96,3 +96,38 @@ def test_shared_backbone_has_one_set_of_weights():
     count = lambda m: sum(p.numel() for p in m.parameters())
     backbone = sum(p.numel() for p in shared.branches[0].backbone.parameters())
     assert count(separate) - count(shared) == 3 * backbone
+
+
+def test_pretrained_file_is_loaded(tmp_path):
+    from backbones import create_backbone
+    import timm
+
+    reference = timm.create_model("test_resnet", pretrained=False, num_classes=0, global_pool="")
+    torch.save(reference.state_dict(), tmp_path / "weights.pth")
+    backbone, status = create_backbone(dataclasses.replace(TINY, pretrained_file=str(tmp_path / "weights.pth")))
+    assert status.startswith("pretrained")
+    for a, b in zip(backbone.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_unavailable_weights_fall_back_loudly_once(monkeypatch, caplog):
+    import timm
+
+    import backbones
+
+    calls = []
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        if pretrained:
+            raise OSError("no network")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(backbones, "_DOWNLOAD_FAILED", set())
+    cfg = dataclasses.replace(TINY, pretrained="on")
+    assert backbones.create_backbone(cfg)[1] == "random init (download failed)"
+    assert backbones.create_backbone(cfg)[1] == "random init (download failed)"
+    assert calls.count(True) == 1  # the second backbone does not wait on the network again
+    assert "PRETRAINED WEIGHTS UNAVAILABLE" in caplog.text

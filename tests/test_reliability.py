@@ -78,10 +78,16 @@ def _kill_after_first_epoch(cmd, sig):
     return proc.returncode, "".join(lines)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_run_reruns_to_the_uninterrupted_result(tmp_path, sig):
-    whole = tmp_path / "whole"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    whole = tmp_path_factory.mktemp("whole")
     assert subprocess.run(_main(whole), cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    return whole
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_reruns_to_the_uninterrupted_result(tmp_path, sig, uninterrupted):
+    whole = uninterrupted
     cut = tmp_path / "cut"
     code, output = _kill_after_first_epoch(_main(cut), sig)
     if sig == signal.SIGTERM:
@@ -130,3 +136,17 @@ def test_device_settings_for_cpu_and_forced_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--device cpu"):
             detect_env("cuda")
+
+
+def test_failed_fold_is_reported_and_the_rest_continue(monkeypatch, caplog, tmp_path):
+    import utils.study as study_module
+
+    def first_fold_fails(cfg, env, study, source, name, fold, usable, folds_hash):
+        if fold == 0:
+            raise train.TrainingError("non-finite loss at epoch 0 step 0")
+        return {"fold": fold}
+
+    monkeypatch.setattr(study_module, "run_fold", first_fold_fails)
+    results = study_module.run_experiment(tiny_config(tmp_path), None, None, None, None, "mmnet", "hash")
+    assert results == [{"fold": 1}]
+    assert "mmnet fold 0 FAILED: non-finite loss at epoch 0 step 0" in caplog.text
