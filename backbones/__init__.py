@@ -113,6 +113,18 @@ class Heads(nn.Module):
         return self.binary(z).squeeze(-1), (self.subtype(z) if self.subtype is not None else None)
 
 
+class StudyModel(nn.Module):
+    """What every registered model carries: its magnifications, the normalisation of its
+    backbone, where its weights came from, and the binary/subtype heads."""
+
+    def __init__(self, cfg, backbone: nn.Module, pretrained_status: str):
+        super().__init__()
+        self.magnifications = tuple(cfg.magnifications)
+        self.pretrained_status = pretrained_status
+        self.norm_mean, self.norm_std = data_config(backbone)
+        self.heads = Heads(cfg.feature_dim, cfg.dropout, cfg.subtype_head)
+
+
 def magnification_backbones(cfg, count: int) -> tuple[nn.ModuleList, str]:
     """One backbone per magnification, or one shared (the same module repeated)."""
     first, status = create_backbone(cfg)

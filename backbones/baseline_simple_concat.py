@@ -5,19 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backbones import Heads, ModelOutput, data_config, magnification_backbones, register
+from backbones import ModelOutput, StudyModel, magnification_backbones, register
 
 
-class SimpleConcatNet(nn.Module):
+class SimpleConcatNet(StudyModel):
     def __init__(self, backbones: nn.ModuleList, cfg, pretrained_status: str = ""):
-        super().__init__()
-        self.magnifications = tuple(cfg.magnifications)
-        self.pretrained_status = pretrained_status
-        self.norm_mean, self.norm_std = data_config(backbones[0])
+        super().__init__(cfg, backbones[0], pretrained_status)
         self.backbones = backbones
         width = backbones[0].num_features * len(backbones)
         self.mlp = nn.Sequential(nn.Linear(width, cfg.feature_dim), nn.LayerNorm(cfg.feature_dim), nn.GELU())
-        self.heads = Heads(cfg.feature_dim, cfg.dropout, cfg.subtype_head)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> ModelOutput:
         pooled = [b.forward_features(x[:, m].contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))

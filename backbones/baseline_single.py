@@ -5,19 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backbones import Heads, ModelOutput, create_backbone, data_config, register
+from backbones import ModelOutput, StudyModel, create_backbone, register
 
 
-class SingleImageNet(nn.Module):
+class SingleImageNet(StudyModel):
     def __init__(self, backbone: nn.Module, cfg, pretrained_status: str = ""):
-        super().__init__()
-        self.magnifications = tuple(cfg.magnifications)
-        self.pretrained_status = pretrained_status
-        self.norm_mean, self.norm_std = data_config(backbone)
+        super().__init__(cfg, backbone, pretrained_status)
         self.backbone = backbone
         self.project = nn.Sequential(nn.Linear(backbone.num_features, cfg.feature_dim),
                                      nn.LayerNorm(cfg.feature_dim), nn.GELU())
-        self.heads = Heads(cfg.feature_dim, cfg.dropout, cfg.subtype_head)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> ModelOutput:
         """x: (B, 1, 3, H, W); the single slot is the one image of the sample."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backbones import Heads, ModelOutput, data_config, magnification_backbones, register
+from backbones import ModelOutput, StudyModel, magnification_backbones, register
 from backbones.our.modules import (ChannelAttention, CrossMagnificationFusion,
                                    HierarchicalMagnificationAttention, MultiScaleAttentionPool,
                                    SpatialAttention)
@@ -32,19 +32,15 @@ class MagnificationBranch(nn.Module):
         return self.pool(features), attention
 
 
-class MMNet(nn.Module):
+class MMNet(StudyModel):
     def __init__(self, backbones: nn.ModuleList, cfg, pretrained_status: str = ""):
-        super().__init__()
-        self.magnifications = tuple(cfg.magnifications)
-        self.pretrained_status = pretrained_status
-        self.norm_mean, self.norm_std = data_config(backbones[0])
+        super().__init__(cfg, backbones[0], pretrained_status)
         self.branches = nn.ModuleList([
             MagnificationBranch(b, cfg.feature_dim, cfg.spatial_attention, cfg.channel_attention,
                                 cfg.multiscale_pooling) for b in backbones])
         self.hierarchy = (HierarchicalMagnificationAttention(cfg.feature_dim)
                           if cfg.hierarchical_attention else None)
         self.fusion = CrossMagnificationFusion(cfg.feature_dim, len(backbones), cfg.cross_mag_fusion)
-        self.heads = Heads(cfg.feature_dim, cfg.dropout, cfg.subtype_head)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> ModelOutput:
         """x: (B, M, 3, H, W) normalised images; mask: (B, M), 1 where the image exists."""
