@@ -50,6 +50,25 @@ def patient_images(index: pd.DataFrame, usable: np.ndarray, patients, magnificat
                          groups, rows)
 
 
+def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]:
+    """Train / inner-validation / test patients of one outer fold.
+
+    A patient with no usable image of the magnifications this model reads (a single-
+    magnification baseline and a patient lacking that magnification) is left out, and said so.
+    """
+    import logging
+
+    role = folds.set_index("patient")[f"role_f{fold}"]
+    split = {r: patient_images(index, usable, role.index[role == r], cfg.magnifications, cfg.sample_mode)
+             for r in ("train", "val", "test")}
+    for r, data in split.items():
+        left_out = sorted(set(role.index[role == r]) - set(data.patients))
+        if left_out:
+            logging.getLogger("mmnet").warning("fold %d %s: %d patient(s) have no usable %s image and are left out: %s", fold, r,
+                        len(left_out), "/".join(f"{m}X" for m in cfg.magnifications), ", ".join(left_out))
+    return split
+
+
 def training_tuples(data: PatientImages, count: int, rng: np.random.Generator,
                     class_balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """`count` fresh random tuples and their patient positions.

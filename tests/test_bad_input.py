@@ -10,7 +10,7 @@ from PIL import Image
 import config
 from preprocess.preprocess import build_cache, index_dataset
 from tests.conftest import ROOT
-from utils.train import fold_split
+from preprocess.dataset import fold_split
 
 
 def _main(*argv, timeout=180):

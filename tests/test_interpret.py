@@ -9,7 +9,8 @@ import predict
 from preprocess.dataset import evaluation_tuples
 from tests.conftest import DEMO_H, DEMO_W, tiny_config, tiny_study
 from utils.inference import load_fold_model, tuple_inputs
-from utils.train import fold_split, run_fold
+from preprocess.dataset import fold_split
+from utils.train import run_fold
 
 
 @pytest.fixture(scope="module")

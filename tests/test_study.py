@@ -15,10 +15,11 @@ from utils.metrics import cluster_bootstrap_ci, corrected_resampled_ttest
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
 def test_each_experiment_trains_one_step_on_demo_data(experiment, tmp_path, demo_tree, demo_index):
-    from preprocess.dataset import training_tuples
-    from utils.losses import StudyLoss
-    from utils.train import fold_split, new_fold_state, train_one_epoch
     import torch
+
+    from preprocess.dataset import fold_split, training_tuples
+    from utils.losses import StudyLoss
+    from utils.train import new_fold_state, train_one_epoch
 
     base = tiny_config(tmp_path)
     cfg = experiment_config(base, experiment)

@@ -122,7 +122,7 @@ def write_gradcam_figures(cfg: Config, study, source: ImageSource, usable: np.nd
     import pandas as pd
 
     from backbones.our.gradcam import choose_cases
-    from utils.train import fold_split
+    from preprocess.dataset import fold_split
 
     written = []
     for checkpoint in fold_checkpoints(cfg.output_dir, experiment):

@@ -55,12 +55,10 @@ def experiment_seconds(cfg, train_samples: int, eval_samples: int, rates: dict) 
 
 def measure_rates(cfg, env, study, source, usable) -> dict:
     """MMNet train and eval tuples/s on this device, from a few real batches of fold 0."""
-    from preprocess.dataset import evaluation_tuples, training_tuples
-    from utils.losses import StudyLoss
-    from utils.train import fold_split, new_fold_state, predict, train_one_epoch
-
+    from preprocess.dataset import evaluation_tuples, fold_split, training_tuples
     from utils.helpers import snapshot
-    from utils.train import checkpoint_payload
+    from utils.losses import StudyLoss
+    from utils.train import checkpoint_payload, new_fold_state, predict, train_one_epoch
 
     mm = experiment_config(cfg, "mmnet")
     split = fold_split(study.index, usable, study.folds, 0, mm)
@@ -93,7 +91,7 @@ def torch_generator(device: str, seed: int):
 def predict_duration(cfg, env, study, source, usable, names: list[str]) -> float:
     """Predicted seconds for the selected experiments at their full epoch budget."""
     from preprocess.dataset import evaluation_tuples, tuples_per_epoch
-    from utils.train import fold_split
+    from preprocess.dataset import fold_split
 
     rates = measure_rates(cfg, env, study, source, usable)
     total = 0.0

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from preprocess.augment import prepare_batch
-from preprocess.dataset import ImageSource, PatientImages
+from preprocess.dataset import ImageSource, PatientImages, fold_split
 from utils.checkpoint import (FoldState, ForeignRunError, checkpoint_payload, config_json, cpu_copy,  # noqa: F401
                               finished_results, new_fold_state, refuse_if_foreign, restore)
 
@@ -155,25 +155,6 @@ def _predict_batches(model, source: ImageSource, tuples: np.ndarray, batch_size:
 
 
 # ---------------------------------------------------------------- one fold
-def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]:
-    """Train / inner-validation / test patients of one outer fold.
-
-    A patient with no usable image of the magnifications this model reads (a single-
-    magnification baseline and a patient lacking that magnification) is left out, and said so.
-    """
-    from preprocess.dataset import patient_images
-
-    role = folds.set_index("patient")[f"role_f{fold}"]
-    split = {r: patient_images(index, usable, role.index[role == r], cfg.magnifications, cfg.sample_mode)
-             for r in ("train", "val", "test")}
-    for r, data in split.items():
-        left_out = sorted(set(role.index[role == r]) - set(data.patients))
-        if left_out:
-            log.warning("fold %d %s: %d patient(s) have no usable %s image and are left out: %s", fold, r,
-                        len(left_out), "/".join(f"{m}X" for m in cfg.magnifications), ", ".join(left_out))
-    return split
-
-
 def _validate(state: FoldState, source, split, val_tuples, val_owners, batch: int, amp: str) -> dict:
     from sklearn.metrics import roc_auc_score
 
