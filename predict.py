@@ -25,7 +25,7 @@ MAG_FOLDER = re.compile(r"(40|100|200|400)x", re.IGNORECASE)
 def magnification_of(path: Path, root: Path) -> int | None:
     from preprocess.preprocess import parse_name
 
-    fields = parse_name(path.name)
+    fields = parse_name(path.stem + ".png")  # the grammar holds for re-encoded copies too
     if fields:
         return fields["mag"]
     for part in reversed(path.relative_to(root).parts[:-1]):

@@ -120,6 +120,18 @@ def test_predictor_skips_corrupt_and_unnamed_files(trained_run, demo_tree, tmp_p
     assert reasons["loose_image.png"].startswith("unknown magnification")
 
 
+def test_predictor_reads_reencoded_breakhis_names(trained_run, demo_tree, tmp_path, capsys):
+    from PIL import Image
+
+    patient = _patient_copy(demo_tree, tmp_path)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for png in [*(patient / "40X").glob("*.png"), *(patient / "100X").glob("*.png")]:  # as JPEG, flat
+        Image.open(png).convert("RGB").save(flat / (png.stem + ".jpg"), quality=90)
+    code, result, _ = _predict(capsys, "--run-dir", str(trained_run), "--patient-dir", str(flat))
+    assert code == 0 and result["images_used"] == {"40X": 3, "100X": 3} and not result["skipped"]
+
+
 def test_predictor_on_an_empty_folder(trained_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = _predict(capsys, "--run-dir", str(trained_run), "--patient-dir", str(tmp_path / "empty"))

@@ -98,3 +98,14 @@ def test_kaggle_folds_accepted_only_without_leak(real_index, real_folds, tmp_pat
     _kaggle_table(real_index, fold_of).to_csv(csv, index=False)
     with pytest.raises(FoldError, match="22549"):
         kaggle_folds(csv, real_index, 0.2, 42)
+
+
+def test_dry_run_subset_takes_whole_slide_groups_of_both_classes(real_index):
+    from utils.pipeline import select_patients
+
+    subset = select_patients(real_index, 16, seed=42)
+    chosen = real_index[real_index["group"].isin(set(subset["group"]))]
+    assert set(chosen["patient"]) == set(subset["patient"])  # never half a slide group
+    per_class = subset.groupby("label")["patient"].nunique()
+    assert list(per_class.index) == [0, 1] and (per_class >= 8).all()
+    assert len(subset) == len(chosen)
