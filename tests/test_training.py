@@ -97,3 +97,30 @@ def test_learns_demo_signal(tmp_path, demo_tree, demo_index):
         m = result["metrics"]["patient"]
         correct += round(m["accuracy"] * m["n"])
     assert correct >= 12
+
+
+def test_resume_reads_checkpoints_on_the_cpu(tmp_path, demo_tree, demo_index, monkeypatch):
+    """RNG states must be CPU tensors for torch.set_rng_state, whatever device trains."""
+    cfg = tiny_config(tmp_path, epochs=2)
+    real_epoch = train.train_one_epoch
+
+    def stop_in_second_epoch(*args, **kwargs):
+        if kwargs["epoch"] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, demo_tree, demo_index)
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    import utils.helpers as helpers
+
+    locations, original = [], helpers.load_checkpoint
+
+    def recording(path, map_location="cpu"):
+        locations.append(map_location)
+        return original(path, map_location)
+
+    monkeypatch.setattr(helpers, "load_checkpoint", recording)
+    _run(cfg, demo_tree, demo_index)
+    assert locations and set(locations) == {"cpu"}

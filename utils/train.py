@@ -210,7 +210,7 @@ def _reload_last(state: FoldState, run_dir, env) -> None:
     from utils.helpers import load_checkpoint
 
     accumulation = state.accumulation
-    payload = load_checkpoint(run_dir / "last.pt", env.device)
+    payload = load_checkpoint(run_dir / "last.pt")  # on the CPU: RNG states must stay there
     best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
     restore(state, payload, best)
     state.accumulation = accumulation
@@ -314,7 +314,7 @@ def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_
     started = time.perf_counter()
     writer = BackgroundWriter()
     if cfg.resume and (run_dir / "last.pt").is_file():
-        payload = load_checkpoint(run_dir / "last.pt", env.device)
+        payload = load_checkpoint(run_dir / "last.pt")  # on the CPU: RNG states must stay there
         refuse_if_foreign(run_dir / "last.pt", identity, payload)
         best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
         restore(state, payload, best)
