@@ -32,8 +32,8 @@ def _init_worker(cfg, study, slots, log_file: str, jobs: int) -> None:
     install_stop_handlers()
     slot = slots.get()
     device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else cfg.device
-    if device == "cuda":
-        torch.cuda.set_device(slot)  # "cuda" below then means this worker's GPU
+    if device == "cuda":  # more jobs than GPUs share them round-robin
+        torch.cuda.set_device(slot % torch.cuda.device_count())  # "cuda" now means this GPU
     else:
         device = "cpu" if device == "auto" else device
     torch.set_num_threads(max(1, usable_cpus() // jobs))
