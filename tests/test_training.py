@@ -67,6 +67,7 @@ def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path, demo_tree,
     for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_auc", "config_hash"):
         assert key in last
     assert last["config_hash"] == cfg.training_hash()
+    assert {"torch", "numpy_key", "numpy_rest"} <= set(last["rng"])
     assert not list((tmp_path / "runs/mmnet/fold0").glob("*.tmp"))
 
 

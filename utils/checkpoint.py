@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+
 class ForeignRunError(RuntimeError):
     """output/ holds a fold trained with another config or other folds: never reused silently."""
 
@@ -57,8 +58,9 @@ def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
 
 def checkpoint_payload(state: FoldState, identity: dict, generator: torch.Generator | None = None) -> dict:
     """Tensors and plain values only: torch.load(weights_only=True) reads it back."""
-    rng = {"torch": torch.get_rng_state(),
-           "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    _, key, position, has_gauss, cached = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(key.astype(np.int64)),
+           "numpy_rest": [int(position), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     if generator is not None:
@@ -76,7 +78,9 @@ def restore(state: FoldState, payload: dict, best: dict | None) -> None:
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     state.scaler.load_state_dict(payload["scaler"])
-    torch.set_rng_state(payload["rng"]["torch"])
+    rng = payload["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(("MT19937", rng["numpy_key"].numpy().astype(np.uint32), *rng["numpy_rest"]))
     for key in ("epoch", "best_auc", "best_loss", "best_epoch", "bad_epochs", "history", "step",
                 "partial_losses", "accumulation"):
         setattr(state, key, payload[key])
@@ -87,7 +91,7 @@ def restore(state: FoldState, payload: dict, best: dict | None) -> None:
 def refuse_if_foreign(path, identity: dict, saved: dict) -> None:
     if saved.get("config_hash") != identity["config_hash"] or saved.get("folds_hash") != identity["folds_hash"]:
         raise ForeignRunError(f"{path} was written with a different config or folds: rerun with "
-                            f"--no-resume to retrain, or use another --output-dir")
+                              f"--no-resume to retrain, or use another --output-dir")
 
 
 def finished_results(run_dir, identity: dict, resume: bool) -> dict | None:

@@ -184,21 +184,20 @@ def _start_epoch(state: FoldState, cfg, env, split, fold: int, count: int):
     return tuples, owners, gen
 
 
-def _epoch_with_oom_retry(state: FoldState, args: dict, run_dir, env) -> EpochResult:
-    """A CUDA out-of-memory halves the micro-batch (gradient accumulation keeps the effective
-    batch) and replays the epoch from its last checkpoint."""
-    while True:
-        try:
-            return train_one_epoch(**args, accumulation=state.accumulation)
-        except torch.OutOfMemoryError:
-            if state.accumulation >= args["batch_size"]:
-                raise
-            state.accumulation *= 2
-            log.warning("CUDA out of memory: retrying epoch %d with micro-batches of %d (x%d accumulation)",
-                        state.epoch + 1, math.ceil(args["batch_size"] / state.accumulation), state.accumulation)
-            if env.device == "cuda":
-                torch.cuda.empty_cache()
-            raise _ReplayEpoch from None
+def _epoch_or_replay(state: FoldState, args: dict, env) -> EpochResult:
+    """One epoch; a CUDA out-of-memory instead halves the micro-batch (gradient accumulation
+    keeps the effective batch) and asks for the epoch to be replayed from its checkpoint."""
+    try:
+        return train_one_epoch(**args, accumulation=state.accumulation)
+    except torch.OutOfMemoryError:
+        if state.accumulation >= args["batch_size"]:
+            raise
+        state.accumulation *= 2
+        log.warning("CUDA out of memory: retrying epoch %d with micro-batches of %d (x%d accumulation)",
+                    state.epoch + 1, math.ceil(args["batch_size"] / state.accumulation), state.accumulation)
+        if env.device == "cuda":
+            torch.cuda.empty_cache()
+        raise _ReplayEpoch from None
 
 
 class _ReplayEpoch(Exception):
@@ -233,7 +232,7 @@ def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, 
                     grad_clip=cfg.grad_clip, generator=gen, epoch=epoch, start_step=state.step,
                     prior_losses=state.partial_losses, should_stop=stop_requested)
         try:
-            result = _epoch_with_oom_retry(state, args, run_dir, env)
+            result = _epoch_or_replay(state, args, env)
         except _ReplayEpoch:
             writer.wait()
             _reload_last(state, run_dir, env)
