@@ -124,10 +124,20 @@ def run_experiment(cfg, env, study, source, usable, name: str, folds_hash: str) 
     return results
 
 
-def run_study(cfg, study) -> int:
-    from utils.report import write_report
+def run_sequential(cfg, env, study, source, usable, names: list[str], folds_hash: str) -> int:
+    """Experiments one after the other in this process; returns the number of failed folds."""
+    failed = 0
+    for name in names:
+        started = time.perf_counter()
+        results = run_experiment(cfg, env, study, source, usable, name, folds_hash)
+        failed += cfg.folds - len(results)
+        log.info("experiment %s: %d/%d folds in %.1f s", name, len(results), cfg.folds, time.perf_counter() - started)
+    return failed
 
+
+def run_study(cfg, study) -> int:
     from utils.helpers import install_stop_handlers
+    from utils.report import write_report
 
     install_stop_handlers()  # from here on SIGTERM/SIGINT stop after the current step, saved
     env = detect_env(cfg.device, cfg.batch_size, cfg.workers)
@@ -136,16 +146,13 @@ def run_study(cfg, study) -> int:
     names = selected_experiments(cfg)
     jobs = cfg.jobs or default_jobs(env.device)
     predicted = predict_duration(cfg, env, study, source, usable, names)
-    failed, started = 0, time.perf_counter()
+    started = time.perf_counter()
     if jobs > 1:
         log.info("running %d experiment x fold jobs on %d parallel workers (about %.1f min)",
                  len(names) * cfg.folds, jobs, predicted / 60 / jobs)
         failed = run_jobs(cfg, study, names, folds_hash, jobs, str(Path(cfg.output_dir) / RUN_LOG))
-    for name in names if jobs == 1 else []:
-        t0 = time.perf_counter()
-        results = run_experiment(cfg, env, study, source, usable, name, folds_hash)
-        failed += cfg.folds - len(results)
-        log.info("experiment %s: %d/%d folds in %.1f s", name, len(results), cfg.folds, time.perf_counter() - t0)
+    else:
+        failed = run_sequential(cfg, env, study, source, usable, names, folds_hash)
     log.info("study: %d experiment(s) x %d folds in %.1f s", len(names), cfg.folds, time.perf_counter() - started)
     if "mmnet" in names and cfg.gradcam_patients:
         from utils.inference import write_gradcam_figures
