@@ -96,6 +96,10 @@ def write_markdown(cfg, runs: dict, shown: dict) -> Path:
     for title, table in shown.items():
         if not title.startswith("_") and len(table):
             lines += [f"### {title}", "", markdown_table(table), ""]
+    benchmark = out / "tables" / "benchmark.csv"
+    if benchmark.is_file():  # written by `python -m utils.benchmark --output-dir` this folder
+        import pandas as pd
+        lines += ["### Benchmark (python -m utils.benchmark)", "", markdown_table(pd.read_csv(benchmark)), ""]
     lines += ["## Log", "", "```text", _read(out / "run.log").rstrip(), "```", ""]
     path = Path(cfg.report_file)
     path.parent.mkdir(parents=True, exist_ok=True)
