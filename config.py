@@ -55,9 +55,9 @@ class Config:
     pretrained_file: str = ""  # local weights for the backbone (offline pods)
     feature_dim: int = 256  # per-magnification embedding size
     dropout: float = 0.3  # before the heads
-    spatial_attention: bool = True
-    channel_attention: bool = True
-    hierarchical_attention: bool = True
+    spatial_attention: bool = True  # sigmoid map over each backbone feature map
+    channel_attention: bool = True  # gate per channel from pooled descriptors
+    hierarchical_attention: bool = True  # 100X attends to 40X, 200X to both, 400X to all
     cross_mag_fusion: bool = True  # off = plain mean over available magnifications
     multiscale_pooling: bool = True  # off = global average pooling
     shared_backbone: bool = False  # one backbone for all magnifications
@@ -67,14 +67,14 @@ class Config:
     patience: int = 4  # epochs without inner-validation improvement
     batch_size: int = 0  # tuples per batch; 0 = from device memory
     lr: float = 3e-4  # AdamW peak learning rate (heads); backbone gets lr * backbone_lr_scale
-    backbone_lr_scale: float = 0.3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
+    backbone_lr_scale: float = 0.3  # backbone lr = lr * this (pretrained layers move less)
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
     loss: str = "focal"  # focal | ce (binary cross-entropy)
     focal_alpha: float = 0.5  # malignant weight; 0.5 = neutral (the sampler balances classes); <0 = none
-    focal_gamma: float = 2.0
-    subtype_loss_weight: float = 0.3
+    focal_gamma: float = 2.0  # focusing; 0 = (weighted) cross-entropy
+    subtype_loss_weight: float = 0.3  # weight of the subtype cross-entropy in the loss
     tuples_per_epoch: int = 0  # 0 = training images / magnifications used
     # --- environment
     device: str = "auto"  # auto | cuda | mps | cpu
@@ -202,20 +202,31 @@ def _comma_list(kind):
     return lambda text: tuple(kind(t.strip()) for t in text.split(",") if t.strip())
 
 
+def _field_comments() -> dict[str, str]:
+    """The comment beside each Config field: one source for the code and for --help."""
+    import inspect
+    import re
+
+    source = inspect.getsource(Config)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#(.+)$", source, re.M)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(description="MMNet on BreakHis: analysis, folds, training, report.")
+    comments = _field_comments()
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} (default: {f.default})".strip())
         elif f.name == "magnifications":
-            parser.add_argument(flag, type=_comma_list(int), default=None, help="e.g. 40,400")
+            parser.add_argument(flag, type=_comma_list(int), default=None, help="comma list, e.g. 40,400")
         elif f.name == "experiments":
             parser.add_argument(flag, type=_comma_list(str), default=None,
                                 help="comma list; default all: " + ",".join(EXPERIMENTS))
         else:
-            parser.add_argument(flag, type=type(f.default), default=None,
-                                choices=_CHOICES.get(f.name))
+            parser.add_argument(flag, type=type(f.default), default=None, choices=_CHOICES.get(f.name),
+                                help=f"{text} (default: {f.default!r})".strip())
     return parser
 
 

@@ -34,3 +34,13 @@ def test_experiments_are_overrides_of_one_config():
         assert all(getattr(cfg, k) == v for k, v in overrides.items())
     assert experiment_config(base, "mmnet").training_hash() != \
         experiment_config(base, "mmnet_no_spatial").training_hash()
+
+
+def test_every_option_has_help_text():
+    import dataclasses
+
+    from config import Config, _field_comments
+
+    comments = _field_comments()
+    assert {f.name for f in dataclasses.fields(Config)} <= set(comments)
+    assert comments["epochs"].startswith("upper bound")
