@@ -83,6 +83,7 @@ class Config:
     jobs: int = 0  # experiment x fold processes at once; 0 = one per visible GPU (1 without)
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
     bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
+    keep_models: str = "all"  # experiments whose best.pt stays after their folds: all | mmnet
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
@@ -91,7 +92,7 @@ class Config:
         """Hash of every field that changes what a fold learns (not paths or run flags)."""
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
                 "report_only", "experiments", "resume", "workers", "jobs", "gradcam_patients",
-                "bootstrap_samples"}
+                "bootstrap_samples", "keep_models"}
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -120,7 +121,7 @@ ABLATIONS = tuple(n for n in EXPERIMENTS if n.startswith("mmnet_"))
 DRY_RUN_OVERRIDES = {"folds": 2, "epochs": 2, "patience": 2, "image_size": 64,
                      "feature_dim": 64, "batch_size": 8, "tuples_per_epoch": 32,
                      "max_patients": 16, "pretrained": "off", "gradcam_patients": 2,
-                     "bootstrap_samples": 200}
+                     "bootstrap_samples": 200, "backbone": "resnet10t", "keep_models": "mmnet"}
 
 
 def experiment_config(base: Config, name: str) -> Config:
@@ -190,7 +191,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 _CHOICES = {"folds_source": ("grouped", "kaggle"), "sample_mode": ("tuple", "pooled"),
-            "pretrained": ("auto", "on", "off"), "loss": ("focal", "ce"),
+            "pretrained": ("auto", "on", "off"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
             "device": ("auto", "cuda", "mps", "cpu")}
 _MINIMUM = {"folds": 2, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,

@@ -18,8 +18,9 @@ def test_dry_run_end_to_end_with_experiment_filter(tmp_path):
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["mmnet", "single_40x"]
     for fold in (0, 1):
         folder = out / "runs" / "mmnet" / f"fold{fold}"
-        for name in ("history.csv", "predictions.csv", "results.json", "last.pt", "best.pt"):
+        for name in ("history.csv", "predictions.csv", "results.json", "best.pt"):
             assert (folder / name).is_file(), folder / name
+        assert not (folder / "last.pt").exists()  # a finished fold keeps only its model
     folds = pd.read_csv(out / "folds.csv", dtype={"group": str})
     assert folds["fold"].nunique() == 2 and (folds.groupby("group")["fold"].nunique() == 1).all()
     mmnet = pd.read_csv(out / "tables" / "mmnet_folds.csv")

@@ -56,9 +56,8 @@ def test_out_of_memory_halves_the_micro_batch_and_goes_on(tmp_path, demo_tree, d
     monkeypatch.setattr(train, "prepare_batch", small_memory)
     cfg = tiny_config(tmp_path, epochs=2, batch_size=8)
     result = _run(cfg, demo_tree, demo_index)
-    assert result["epochs_run"] == 2
+    assert result["epochs_run"] == 2 and result["accumulation"] == 2
     assert "micro-batches of 4 (x2 accumulation)" in caplog.text
-    assert load_checkpoint(tmp_path / "runs/mmnet/fold0/last.pt")["accumulation"] == 2
 
 
 def _main(out, *extra):
@@ -150,3 +149,40 @@ def test_failed_fold_is_reported_and_the_rest_continue(monkeypatch, caplog, tmp_
     results = study_module.run_experiment(tiny_config(tmp_path), None, None, None, None, "mmnet", "hash")
     assert results == [{"fold": 1}]
     assert "mmnet fold 0 FAILED: non-finite loss at epoch 0 step 0" in caplog.text
+
+
+def test_out_of_memory_in_the_first_epoch_restarts_from_the_initial_state(tmp_path, demo_tree, demo_index, monkeypatch):
+    """Replaying epoch 1 after an out-of-memory equals training with the smaller micro-batch
+    from the start: the replay really begins from the initial weights."""
+    real_prepare = train.prepare_batch
+    calls = {"n": 0}
+
+    def fails_on_third_batch(images, *args, **kwargs):  # after two steps have changed the weights
+        calls["n"] += 1
+        if calls["n"] == 3 and images.shape[0] > 4:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real_prepare(images, *args, **kwargs)
+
+    monkeypatch.setattr(train, "prepare_batch", fails_on_third_batch)
+    replayed = tiny_config(tmp_path / "replayed", epochs=1)
+    assert _run(replayed, demo_tree, demo_index)["accumulation"] == 2
+    monkeypatch.setattr(train, "prepare_batch", real_prepare)
+    direct = tiny_config(tmp_path / "direct", epochs=1)
+    original = train.FoldState.__init__
+
+    def start_with_accumulation(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.accumulation = 2
+
+    monkeypatch.setattr(train.FoldState, "__init__", start_with_accumulation)
+    _run(direct, demo_tree, demo_index)
+    pd.testing.assert_frame_equal(_predictions(replayed), _predictions(direct), check_exact=True)
+
+
+def test_failed_checkpoint_write_is_one_clear_error(tmp_path, demo_tree, demo_index, monkeypatch):
+    def disk_full(state, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 152250368")
+
+    monkeypatch.setattr(helpers, "save_checkpoint", disk_full)
+    with pytest.raises(OSError, match=r"could not write .*last\.pt .*free disk space .*rerun the same command"):
+        _run(tiny_config(tmp_path, epochs=1), demo_tree, demo_index)

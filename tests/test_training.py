@@ -60,15 +60,30 @@ def test_finished_fold_is_skipped_and_foreign_config_refused(tmp_path, demo_tree
         _run(dataclasses.replace(cfg, lr=1e-3), demo_tree, demo_index)
 
 
-def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path, demo_tree, demo_index):
-    cfg = tiny_config(tmp_path, epochs=1)
-    _run(cfg, demo_tree, demo_index)
-    last = torch.load(tmp_path / "runs/mmnet/fold0/last.pt", weights_only=True)
+def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path, demo_tree, demo_index, monkeypatch):
+    cfg = tiny_config(tmp_path, epochs=2)
+    real_epoch = train.train_one_epoch
+
+    def stop_in_second_epoch(*args, **kwargs):
+        if kwargs["epoch"] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, demo_tree, demo_index)
+    folder = tmp_path / "runs/mmnet/fold0"
+    last = torch.load(folder / "last.pt", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_auc", "config_hash"):
         assert key in last
-    assert last["config_hash"] == cfg.training_hash()
+    assert last["config_hash"] == cfg.training_hash() and last["epoch"] == 1
     assert {"torch", "numpy_key", "numpy_rest"} <= set(last["rng"])
-    assert not list((tmp_path / "runs/mmnet/fold0").glob("*.tmp"))
+    assert not list(folder.glob("*.tmp"))
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    _run(cfg, demo_tree, demo_index)
+    assert not (folder / "last.pt").exists()  # finished: only the model is kept
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert "config_json" in best and set(best["model"]) == set(last["model"])
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, demo_tree, demo_index, monkeypatch):

@@ -117,11 +117,14 @@ class BackgroundWriter:
         self._thread.start()
 
     def _write(self, items: list) -> None:
-        try:
-            for state, path in items:
+        for state, path in items:
+            try:
                 save_checkpoint(state, path)
-        except BaseException as exc:  # surfaced in the training thread by wait()
-            self._error = exc
+            except Exception as exc:  # a full disk surfaces as OSError or as torch's RuntimeError
+                self._error = OSError(f"could not write {path} ({type(exc).__name__}: {str(exc)[:120]}); "
+                                      f"free disk space there or pass another --output-dir, then rerun "
+                                      f"the same command to resume")
+                return
 
     def wait(self) -> None:
         if self._thread is not None:

@@ -204,18 +204,26 @@ class _ReplayEpoch(Exception):
     """Restart the epoch from the last checkpoint (after an out-of-memory)."""
 
 
-def _reload_last(state: FoldState, run_dir, env) -> None:
-    """Back to the state at the start of the epoch, keeping the new accumulation factor."""
+def _reload_last(state: FoldState, run_dir, fresh_state) -> None:
+    """Back to the state at the start of the epoch, keeping the new accumulation factor.
+
+    Before the first checkpoint that is the initial state, which depends only on config, fold
+    and seed: fresh_state() rebuilds it rather than every fold writing it to disk.
+    """
     from utils.helpers import load_checkpoint
 
     accumulation = state.accumulation
-    payload = load_checkpoint(run_dir / "last.pt")  # on the CPU: RNG states must stay there
-    best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
-    restore(state, payload, best)
+    if (run_dir / "last.pt").is_file():
+        best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
+        restore(state, load_checkpoint(run_dir / "last.pt"), best)  # on the CPU: RNG states stay there
+    else:
+        initial = fresh_state()
+        for part in ("model", "optimizer", "scheduler", "scaler"):
+            getattr(state, part).load_state_dict(getattr(initial, part).state_dict())
     state.accumulation = accumulation
 
 
-def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, writer) -> None:
+def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, writer, fresh_state) -> None:
     from preprocess.dataset import evaluation_tuples, tuples_per_epoch
     from utils.helpers import StopRequested, stop_requested
     from utils.losses import StudyLoss, subtype_class_weights
@@ -235,7 +243,7 @@ def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, 
             result = _epoch_or_replay(state, args, env)
         except _ReplayEpoch:
             writer.wait()
-            _reload_last(state, run_dir, env)
+            _reload_last(state, run_dir, fresh_state)
             continue
         if result.stopped_at is not None:
             state.step, state.partial_losses = result.stopped_at, result.losses
@@ -309,7 +317,10 @@ def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_
     run_dir.mkdir(parents=True, exist_ok=True)
     split = fold_split(study.index, usable, study.folds, fold, cfg)
     steps = math.ceil(tuples_per_epoch(split["train"], cfg.tuples_per_epoch) / env.batch_size)
-    state = new_fold_state(cfg, env, steps, derived_seed(cfg.seed, fold))
+    def fresh_state():
+        return new_fold_state(cfg, env, steps, derived_seed(cfg.seed, fold))
+
+    state = fresh_state()
     started = time.perf_counter()
     writer = BackgroundWriter()
     if cfg.resume and (run_dir / "last.pt").is_file():
@@ -318,10 +329,8 @@ def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_
         best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
         restore(state, payload, best)
         log.info("%s fold %d: resuming at epoch %d step %d", experiment, fold, state.epoch + 1, state.step)
-    else:  # the start state on disk: an out-of-memory replay of epoch 1 returns to it
-        writer.submit([(checkpoint_payload(state, identity), run_dir / "last.pt")])
     try:
-        _train_epochs(state, cfg, env, source, split, run_dir, identity, fold, writer)
+        _train_epochs(state, cfg, env, source, split, run_dir, identity, fold, writer, fresh_state)
     finally:  # also on an interrupt: the last submitted checkpoint lands whole before we leave
         writer.wait()
     state.model.load_state_dict(state.best_weights)
@@ -334,10 +343,16 @@ def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_
                "train_seconds": sum(h["seconds"] for h in state.history),
                "wall_seconds_this_run": time.perf_counter() - started,
                "pretrained": getattr(state.model, "pretrained_status", ""),
+               "accumulation": state.accumulation,  # >1 after a CUDA out-of-memory
                "patients": {r: len(split[r]) for r in split},
                "magnification_weights": predictions[weight_cols].mean().to_dict(),
                "metrics": fold_metrics(predictions, threshold)}
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+    # A finished fold is skipped on restart: only best.pt (the model) is needed from now on,
+    # and last.pt (weights + optimizer, ~0.5 GB for four resnet18s) would fill a pod's disk.
+    (run_dir / "last.pt").unlink(missing_ok=True)
+    if cfg.keep_models == "mmnet" and experiment != "mmnet":
+        (run_dir / "best.pt").unlink(missing_ok=True)
     m = results["metrics"]["patient"]
     log.info("%s fold %d done: patient acc %.3f bal-acc %.3f auc %.3f (threshold %.3f, best epoch %d)",
              experiment, fold, m["accuracy"], m["balanced_accuracy"], m["auc"], threshold, state.best_epoch + 1)
