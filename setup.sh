@@ -39,7 +39,7 @@ free = shutil.disk_usage(".").free / 2**30
 print(f"device: {device}")
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), torchvision {torchvision.__version__}, timm {timm.__version__}")
 print(f"/dev/shm: {shm:.1f} GiB, free disk here: {free:.0f} GiB")
-if free < 5:
-    print("warning: less than 5 GiB free; the image cache and checkpoints need about 3 GiB")
+if free < 12:
+    print("warning: less than 12 GiB free; the default study needs about 10 GiB (--keep-models mmnet: about 3)")
 PYEOF
 echo "setup.sh: done. Next: python main.py --dry-run"
