@@ -56,7 +56,7 @@ def prepare_output(cfg: Config) -> None:
 def run_header(cfg: Config, env: EnvInfo) -> dict:
     warnings = list(env.notes)
     disk = free_disk_gb(cfg.output_dir)
-    if disk < 12:  # resnet18 at 224 px: cache 1.2 GB + fold models 8.3 GB + one last.pt per job
+    if disk < 12:  # resnet18 at 224 px: cache 1.2 GB + fold models 8.6 GB + one last.pt per job
         warnings.append(f"only {disk} GB free under {cfg.output_dir}: the default study needs ~10 GB "
                         f"(--keep-models mmnet needs ~3 GB)")
     if hint := runpod_hint(cfg.output_dir):
