@@ -15,6 +15,19 @@ def _run(cfg, demo_tree, demo_index, fold=0, experiment="mmnet"):
     return train.run_fold(cfg, env, study, source, experiment, fold, usable, folds_hash)
 
 
+def _interrupt_in_epoch(monkeypatch, epoch: int):
+    """Make training raise KeyboardInterrupt when `epoch` starts; returns the real function."""
+    real_epoch = train.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if kwargs["epoch"] == epoch:
+            raise KeyboardInterrupt  # as if the pod stopped mid-run
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    return real_epoch
+
+
 def _predictions(cfg, fold=0):
     return pd.read_csv(f"{cfg.output_dir}/runs/mmnet/fold{fold}/predictions.csv")
 
@@ -33,14 +46,7 @@ def test_resumed_run_matches_uninterrupted(tmp_path, demo_tree, demo_index, monk
     _run(whole, demo_tree, demo_index)
 
     cut = tiny_config(tmp_path / "cut", epochs=3)
-    real_epoch = train.train_one_epoch
-
-    def stop_in_second_epoch(*args, **kwargs):
-        if kwargs["epoch"] == 1:
-            raise KeyboardInterrupt  # as if the pod stopped mid-epoch
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", stop_in_second_epoch)
+    real_epoch = _interrupt_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         _run(cut, demo_tree, demo_index)
     assert load_checkpoint(tmp_path / "cut/runs/mmnet/fold0/last.pt")["epoch"] == 1
@@ -62,14 +68,7 @@ def test_finished_fold_is_skipped_and_foreign_config_refused(tmp_path, demo_tree
 
 def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path, demo_tree, demo_index, monkeypatch):
     cfg = tiny_config(tmp_path, epochs=2)
-    real_epoch = train.train_one_epoch
-
-    def stop_in_second_epoch(*args, **kwargs):
-        if kwargs["epoch"] == 1:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", stop_in_second_epoch)
+    real_epoch = _interrupt_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         _run(cfg, demo_tree, demo_index)
     folder = tmp_path / "runs/mmnet/fold0"
@@ -118,14 +117,7 @@ def test_learns_demo_signal(tmp_path, demo_tree, demo_index):
 def test_resume_reads_checkpoints_on_the_cpu(tmp_path, demo_tree, demo_index, monkeypatch):
     """RNG states must be CPU tensors for torch.set_rng_state, whatever device trains."""
     cfg = tiny_config(tmp_path, epochs=2)
-    real_epoch = train.train_one_epoch
-
-    def stop_in_second_epoch(*args, **kwargs):
-        if kwargs["epoch"] == 1:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", stop_in_second_epoch)
+    real_epoch = _interrupt_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         _run(cfg, demo_tree, demo_index)
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)

@@ -88,6 +88,25 @@ def restore(state: FoldState, payload: dict, best: dict | None) -> None:
     state.best_weights = best["model"] if best else cpu_copy(state.model.state_dict())
 
 
+def reload_last(state: FoldState, run_dir, fresh_state) -> None:
+    """Back to the state at the start of the epoch, keeping the new accumulation factor.
+
+    Before the first checkpoint that is the initial state, which depends only on config, fold
+    and seed: fresh_state() rebuilds it rather than every fold writing it to disk.
+    """
+    from utils.helpers import load_checkpoint
+
+    accumulation = state.accumulation
+    if (run_dir / "last.pt").is_file():
+        best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
+        restore(state, load_checkpoint(run_dir / "last.pt"), best)  # on the CPU: RNG states stay there
+    else:
+        initial = fresh_state()
+        for part in ("model", "optimizer", "scheduler", "scaler"):
+            getattr(state, part).load_state_dict(getattr(initial, part).state_dict())
+    state.accumulation = accumulation
+
+
 def refuse_if_foreign(path, identity: dict, saved: dict) -> None:
     if saved.get("config_hash") != identity["config_hash"] or saved.get("folds_hash") != identity["folds_hash"]:
         raise ForeignRunError(f"{path} was written with a different config or folds: rerun with "

@@ -13,7 +13,7 @@ import torch
 from preprocess.augment import prepare_batch
 from preprocess.dataset import ImageSource, PatientImages, fold_split
 from utils.checkpoint import (FoldState, ForeignRunError, checkpoint_payload, config_json, cpu_copy,  # noqa: F401
-                              finished_results, new_fold_state, refuse_if_foreign, restore)
+                              finished_results, new_fold_state, refuse_if_foreign, reload_last, restore)
 
 log = logging.getLogger("mmnet")
 
@@ -204,25 +204,6 @@ class _ReplayEpoch(Exception):
     """Restart the epoch from the last checkpoint (after an out-of-memory)."""
 
 
-def _reload_last(state: FoldState, run_dir, fresh_state) -> None:
-    """Back to the state at the start of the epoch, keeping the new accumulation factor.
-
-    Before the first checkpoint that is the initial state, which depends only on config, fold
-    and seed: fresh_state() rebuilds it rather than every fold writing it to disk.
-    """
-    from utils.helpers import load_checkpoint
-
-    accumulation = state.accumulation
-    if (run_dir / "last.pt").is_file():
-        best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
-        restore(state, load_checkpoint(run_dir / "last.pt"), best)  # on the CPU: RNG states stay there
-    else:
-        initial = fresh_state()
-        for part in ("model", "optimizer", "scheduler", "scaler"):
-            getattr(state, part).load_state_dict(getattr(initial, part).state_dict())
-    state.accumulation = accumulation
-
-
 def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, writer, fresh_state) -> None:
     from preprocess.dataset import evaluation_tuples, tuples_per_epoch
     from utils.helpers import StopRequested, stop_requested
@@ -243,7 +224,7 @@ def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, 
             result = _epoch_or_replay(state, args, env)
         except _ReplayEpoch:
             writer.wait()
-            _reload_last(state, run_dir, fresh_state)
+            reload_last(state, run_dir, fresh_state)
             continue
         if result.stopped_at is not None:
             state.step, state.partial_losses = result.stopped_at, result.losses
