@@ -174,14 +174,22 @@ def detect_env(device: str = "auto", batch_size: int = 0, workers: int = 0) -> E
         name, gb = props.name, props.total_memory / 2**30
         amp = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     auto_batch = _batch_for_memory(gb) if device == "cuda" else (16 if device == "mps" else 8)
-    auto_workers, notes = max(1, min(8, usable_cpus())), []
-    if _shm_gb() < 1.0 and auto_workers > 2:
-        # Docker's default 64 MB /dev/shm: process pools keep their queues and locks there.
-        auto_workers = 2
-        notes.append(f"/dev/shm is {_shm_gb():.2f} GB: decode workers lowered to 2 "
-                     f"(start the container with --shm-size=8g for more)")
+    workers, notes = decode_workers(workers)
     return EnvInfo(device=device, amp_dtype=amp, batch_size=batch_size or auto_batch,
-                   workers=workers or auto_workers, device_name=name, memory_gb=round(gb, 1), notes=notes)
+                   workers=workers, device_name=name, memory_gb=round(gb, 1), notes=notes)
+
+
+def decode_workers(requested: int = 0) -> tuple[int, list[str]]:
+    """Processes for PNG checks and decoding: the request, else usable cores capped at 8,
+    and 2 at most on a small /dev/shm. Returns the count and notes for the run header."""
+    if requested:
+        return requested, []
+    workers = max(1, min(8, usable_cpus()))
+    if _shm_gb() < 1.0 and workers > 2:
+        # Docker's default 64 MB /dev/shm: process pools keep their queues and locks there.
+        return 2, [f"/dev/shm is {_shm_gb():.2f} GB: decode workers lowered to 2 "
+                   f"(start the container with --shm-size=8g for more)"]
+    return workers, []
 
 
 class _OneLineParser(argparse.ArgumentParser):

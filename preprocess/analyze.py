@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import numpy as np
 import pandas as pd
 
-from config import MAGNIFICATIONS, SUBTYPES, usable_cpus
+from config import MAGNIFICATIONS, SUBTYPES, decode_workers
 from utils.tables import save_table
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        index, issues = index_dataset(args.data_dir, workers=usable_cpus())
+        index, issues = index_dataset(args.data_dir, workers=decode_workers()[0])
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import usable_cpus  # noqa: E402
+from config import decode_workers  # noqa: E402
 from preprocess.analyze import analysis_tables  # noqa: E402
 from preprocess.preprocess import DataError, index_dataset  # noqa: E402
 from utils.tables import markdown_table  # noqa: E402
@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default="data/breakhis")
     args = parser.parse_args(argv)
     try:
-        index, issues = index_dataset(args.data_dir, workers=usable_cpus())
+        index, issues = index_dataset(args.data_dir, workers=decode_workers()[0])
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

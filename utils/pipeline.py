@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from config import Config, detect_env, EnvInfo, usable_cpus
+from config import Config, decode_workers, detect_env, EnvInfo
 from preprocess.preprocess import DataError, index_dataset, missing_data_message, write_issues
 from preprocess.splits import build_folds, FoldError, kaggle_folds, load_folds, write_folds
 from utils.env import configure_backends, free_disk_gb, git_commit, gpu_facts, runpod_hint, shm_gb, versions
@@ -127,8 +127,7 @@ def prepare_data(cfg: Config) -> StudyData:
     from preprocess.analyze import analyze
 
     data_dir, demo = _resolve_data_dir(cfg)
-    env_workers = cfg.workers or min(8, usable_cpus())
-    index, issues = index_dataset(data_dir, workers=env_workers)
+    index, issues = index_dataset(data_dir, workers=decode_workers(cfg.workers)[0])
     write_issues(issues, cfg.output_dir)
     if cfg.max_patients and index["patient"].nunique() > cfg.max_patients:
         index = select_patients(index, cfg.max_patients, cfg.seed)
