@@ -17,7 +17,8 @@ from utils.env import configure_backends, free_disk_gb, git_commit, gpu_facts, r
 from utils.helpers import atomic_write_text, setup_logging
 
 log = logging.getLogger("mmnet")
-RUN_LOG, HEADER_FILE = "run.log", "run_header.json"
+# Files under the output directory that utils.report reads back.
+RUN_LOG, HEADER_FILE, DATASET_FILE = "run.log", "run_header.json", "dataset.json"
 
 
 @dataclass
@@ -141,6 +142,6 @@ def prepare_data(cfg: Config) -> StudyData:
     analyze(index, data_dir, cfg.output_dir)
     summary = {"data_dir": str(data_dir), "demo": demo, "images": len(index),
                "patients": int(index["patient"].nunique()), "issues": len(issues)}
-    atomic_write_text(Path(cfg.output_dir) / "dataset.json", json.dumps(summary, indent=2))
+    atomic_write_text(Path(cfg.output_dir) / DATASET_FILE, json.dumps(summary, indent=2))
     folds = _folds(cfg, index, data_dir)
     return StudyData(index=index, folds=folds, data_dir=data_dir, demo=demo)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from config import ABLATIONS, BASELINES, EXPERIMENTS
 from utils import plottings
+from utils.pipeline import DATASET_FILE, HEADER_FILE, RUN_LOG
 from utils.tables import (comparison_table, fold_table, load_runs, magnification_importance,
                           markdown_table, per_fold_table, save_table, statistics, subtype_tables,
                           timing_table)
 
 log = logging.getLogger("mmnet")
-DATASET_FILE = "dataset.json"
 
 
 def write_tables(runs: dict, cfg, tables: Path) -> dict:
@@ -63,7 +63,7 @@ def _read(path: Path, default: str = "") -> str:
 
 
 def _header(out: Path, runs: dict) -> list[str]:
-    header = json.loads(_read(out / "run_header.json", "{}"))
+    header = json.loads(_read(out / HEADER_FILE, "{}"))
     dataset = json.loads(_read(out / DATASET_FILE, "{}"))
     pretrained = sorted({r.get("pretrained", "") for run in runs.values() for r in run["results"]})
     lines = ["# MMNet-BreakHis run report", "",
@@ -100,7 +100,7 @@ def write_markdown(cfg, runs: dict, shown: dict) -> Path:
     if benchmark.is_file():  # written by `python -m utils.benchmark --output-dir` this folder
         import pandas as pd
         lines += ["### Benchmark (python -m utils.benchmark)", "", markdown_table(pd.read_csv(benchmark)), ""]
-    lines += ["## Log", "", "```text", _read(out / "run.log").rstrip(), "```", ""]
+    lines += ["## Log", "", "```text", _read(out / RUN_LOG).rstrip(), "```", ""]
     path = Path(cfg.report_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines), encoding="utf-8")
