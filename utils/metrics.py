@@ -93,11 +93,10 @@ def format_mean_sd(values, digits: int = 3) -> str:
 
 
 # ---------------------------------------------------------------- statistics
-def pooled_out_of_fold(predictions: list, thresholds: list) -> pd.DataFrame:
-    """Concatenate the test predictions of every fold, each with its own fold's decision."""
-    frames = []
-    for fold, (frame, threshold) in enumerate(zip(predictions, thresholds)):
-        frames.append(frame.assign(fold=fold, threshold=threshold))
+def pooled_out_of_fold(predictions: list, results: list) -> pd.DataFrame:
+    """Concatenate the test predictions of every fold, each tagged with its fold number and
+    its fold's decision threshold (from that fold's results)."""
+    frames = [frame.assign(fold=r["fold"], threshold=r["threshold"]) for frame, r in zip(predictions, results)]
     return pd.concat(frames, ignore_index=True)
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils.metrics import pooled_out_of_fold
 
 
 def _plt():
@@ -26,9 +25,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def _patients(run: dict) -> pd.DataFrame:
-    pooled = pooled_out_of_fold(run["predictions"], [r["threshold"] for r in run["results"]])
-    return pooled.groupby(["fold", "patient"]).agg(label=("label", "first"), prob=("prob", "mean"),
-                                                   threshold=("threshold", "first")).reset_index()
+    return (run["pooled"].groupby(["fold", "patient"])
+            .agg(label=("label", "first"), prob=("prob", "mean"), threshold=("threshold", "first"))
+            .reset_index())
 
 
 def confusion_matrices(runs: dict, path: Path) -> Path:
@@ -59,7 +58,7 @@ def roc_curves(run: dict, name: str, path: Path) -> Path:
     plt = _plt()
     grid = np.linspace(0, 1, 101)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    levels = {"tuple": pooled_out_of_fold(run["predictions"], [r["threshold"] for r in run["results"]]),
+    levels = {"tuple": run["pooled"],
               "patient": _patients(run)}
     for ax, (level, frame) in zip(axes, levels.items()):
         curves = []
@@ -129,7 +128,7 @@ def calibration_plot(run: dict, name: str, path: Path, bins: int = 10) -> Path:
     from sklearn.calibration import calibration_curve
 
     plt = _plt()
-    pooled = pooled_out_of_fold(run["predictions"], [r["threshold"] for r in run["results"]])
+    pooled = run["pooled"]
     observed, predicted = calibration_curve(pooled["label"], pooled["prob"], n_bins=bins, strategy="quantile")
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ls="--", color="grey")

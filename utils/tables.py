@@ -58,7 +58,10 @@ def load_results(output_dir: str | Path, experiment: str) -> list[dict]:
 
 
 def load_runs(output_dir: str | Path, experiments) -> dict[str, dict]:
-    """name -> {results, predictions, histories} for every experiment with finished folds."""
+    """name -> {results, predictions, histories, pooled} for every experiment with finished
+    folds; pooled: all out-of-fold test predictions with each fold's number and threshold."""
+    from utils.metrics import pooled_out_of_fold
+
     runs = {}
     for name in experiments:
         results = load_results(output_dir, name)
@@ -69,6 +72,7 @@ def load_runs(output_dir: str | Path, experiments) -> dict[str, dict]:
                       "predictions": [pd.read_csv(folder / f"fold{r['fold']}" / "predictions.csv",
                                                   dtype={"group": str}) for r in results],
                       "histories": [pd.read_csv(folder / f"fold{r['fold']}" / "history.csv") for r in results]}
+        runs[name]["pooled"] = pooled_out_of_fold(runs[name]["predictions"], results)
     return runs
 
 
@@ -97,11 +101,11 @@ def _fold_values(run: dict, level: str, metric: str) -> dict:
 def statistics(runs: dict, n_boot: int, seed: int, reference: str = "mmnet") -> pd.DataFrame:
     """Long table: experiment x level x metric -> fold mean/sd, pooled value, bootstrap CI,
     paired difference with the reference and the corrected resampled t-test p-value."""
-    from utils.metrics import cluster_bootstrap_ci, corrected_resampled_ttest, mean_sd, pooled_out_of_fold
+    from utils.metrics import cluster_bootstrap_ci, corrected_resampled_ttest, mean_sd
 
     rows = []
     for name, run in runs.items():
-        pooled = pooled_out_of_fold(run["predictions"], [r["threshold"] for r in run["results"]])
+        pooled = run["pooled"]
         n_test = np.mean([r["patients"]["test"] for r in run["results"]])
         n_train = np.mean([r["patients"]["train"] + r["patients"]["val"] for r in run["results"]])
         for level in LEVELS:
@@ -156,12 +160,11 @@ def per_fold_table(runs: dict) -> pd.DataFrame:
 def subtype_tables(runs: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Binary recall per subtype (pooled patients, 'correct/total') and the subtype head's scores."""
     from config import SUBTYPES
-    from utils.metrics import format_mean_sd, pooled_out_of_fold
+    from utils.metrics import format_mean_sd
 
     recall_rows, head_rows = [], []
     for name, run in runs.items():
-        pooled = pooled_out_of_fold(run["predictions"], [r["threshold"] for r in run["results"]])
-        patients = pooled.groupby("patient").agg(label=("label", "first"), subtype=("subtype", "first"),
+        patients = run["pooled"].groupby("patient").agg(label=("label", "first"), subtype=("subtype", "first"),
                                                  prob=("prob", "mean"), threshold=("threshold", "first"))
         patients["correct"] = (patients["prob"] >= patients["threshold"]).astype(int) == patients["label"]
         row = {"experiment": name}
