@@ -75,3 +75,12 @@ def test_threshold_separates_separable_validation():
     t = choose_threshold([0, 0, 1, 1], [0.1, 0.3, 0.35, 0.9])
     assert 0.3 < t < 0.35
     assert choose_threshold([1, 1], [0.2, 0.4]) == 0.5
+
+
+def test_pooled_predictions_keep_real_fold_numbers_and_thresholds():
+    from utils.metrics import pooled_out_of_fold
+
+    frame = pd.DataFrame({"patient": ["a"], "label": [1], "prob": [0.7]})
+    pooled = pooled_out_of_fold([frame, frame], [{"fold": 0, "threshold": 0.4}, {"fold": 2, "threshold": 0.6}])
+    assert pooled["fold"].tolist() == [0, 2]  # fold 1 failed: its number is not reused
+    assert pooled["threshold"].tolist() == [0.4, 0.6]
