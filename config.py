@@ -124,6 +124,12 @@ DRY_RUN_OVERRIDES = {"folds": 2, "epochs": 2, "patience": 2, "image_size": 64,
                      "bootstrap_samples": 200, "backbone": "resnet10t", "keep_models": "mmnet"}
 
 
+def slot_labels(cfg: Config) -> list[str]:
+    """What each input slot of the model holds: '40X'..'400X', or 'pooled' for image-level
+    models trained on every magnification at once."""
+    return ["pooled"] if cfg.sample_mode == "pooled" else [f"{m}X" for m in cfg.magnifications]
+
+
 def experiment_config(base: Config, name: str) -> Config:
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment '{name}'; valid: {', '.join(EXPERIMENTS)}")

@@ -44,3 +44,12 @@ def test_every_option_has_help_text():
     comments = _field_comments()
     assert {f.name for f in dataclasses.fields(Config)} <= set(comments)
     assert comments["epochs"].startswith("upper bound")
+
+
+def test_slot_labels_name_what_each_input_slot_holds():
+    from config import slot_labels
+
+    base = parse_args([])
+    assert slot_labels(experiment_config(base, "mmnet")) == ["40X", "100X", "200X", "400X"]
+    assert slot_labels(experiment_config(base, "single_200x")) == ["200X"]
+    assert slot_labels(experiment_config(base, "pooled_single")) == ["pooled"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import Config, SUBTYPE_NAMES, SUBTYPES
+from config import Config, SUBTYPE_NAMES, SUBTYPES, slot_labels
 from preprocess.augment import prepare_batch
 from preprocess.dataset import ImageSource, PatientImages, evaluation_tuples
 from utils.helpers import load_checkpoint
@@ -82,10 +82,9 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
         torch.cuda.synchronize()
     if not probs:
         raise ValueError("no image of a magnification the model uses")
-    names = (["pooled"] if models[0].cfg.sample_mode == "pooled" else [f"{m}X" for m in models[0].cfg.magnifications])
     result = {"malignant_probability": float(np.mean(probs)),
               "threshold": float(np.mean([m.threshold for m in models])),
-              "magnification_weights": dict(zip(names, np.mean(weights, 0).astype(float).round(4).tolist())),
+              "magnification_weights": dict(zip(slot_labels(models[0].cfg), np.mean(weights, 0).astype(float).round(4).tolist())),
               "tuples": tuples_used, "models": len(probs),
               "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
     if subtypes:
@@ -109,11 +108,11 @@ def explain_tuple(fm: FoldModel, source: ImageSource, tuple_rows: np.ndarray, ti
     attention, prob, weights = attention_maps(fm.model, x, mask)
     target = int(prob >= fm.threshold)
     cams = cam_maps(fm.model, x, mask, "gradcam", target=target)
-    names = ["pooled"] if fm.cfg.sample_mode == "pooled" else list(fm.cfg.magnifications)
-    weights_text = ", ".join(f"{n}{'X' if n != 'pooled' else ''} {w:.2f}" for n, w in zip(names, weights))
+    labels = slot_labels(fm.cfg)
+    weights_text = ", ".join(f"{label} {w:.2f}" for label, w in zip(labels, weights))
     full = (f"{title}\nP(malignant) {prob:.2f} at threshold {fm.threshold:.2f} -> "
             f"{'malignant' if target else 'benign'} (Grad-CAM of that class) | weights {weights_text}")
-    return patient_figure(raw, mask[0].cpu().numpy() > 0, cams, attention, names, full, path)
+    return patient_figure(raw, mask[0].cpu().numpy() > 0, cams, attention, labels, full, path)
 
 
 def write_gradcam_figures(cfg: Config, study, source: ImageSource, usable: np.ndarray,

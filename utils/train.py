@@ -258,6 +258,7 @@ def _test_predictions(state, cfg, env, source, split) -> tuple[object, float]:
     """Test-fold predictions (one row per tuple) and the threshold chosen on inner validation."""
     import pandas as pd
 
+    from config import slot_labels
     from preprocess.dataset import evaluation_tuples
     from utils.metrics import choose_threshold
 
@@ -271,9 +272,8 @@ def _test_predictions(state, cfg, env, source, split) -> tuple[object, float]:
                               "prob": out["prob"]})
         for i in range(out.get("subtype_prob", np.zeros((0, 0))).shape[1]):
             frame[f"p_sub_{i}"] = out["subtype_prob"][:, i]
-        names = ["pooled"] if cfg.sample_mode == "pooled" else [f"{m}x" for m in cfg.magnifications]
-        for i, name in enumerate(names):
-            frame[f"w_{name}"] = out["mag_weights"][:, i]
+        for i, label in enumerate(slot_labels(cfg)):
+            frame[f"w_{label.lower()}"] = out["mag_weights"][:, i]
         rows[role] = frame
     val_patients = rows["val"].groupby("patient").agg(label=("label", "first"), prob=("prob", "mean"))
     return rows["test"], choose_threshold(val_patients["label"], val_patients["prob"])

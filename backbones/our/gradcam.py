@@ -104,19 +104,19 @@ def overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.45) -> np.n
 
 
 def patient_figure(images: np.ndarray, present: np.ndarray, cams: np.ndarray, attention,
-                   magnifications, title: str, path: Path) -> Path:
-    """Columns: magnifications; rows: image, Grad-CAM overlay, spatial attention (if any)."""
+                   labels, title: str, path: Path) -> Path:
+    """Columns: input slots (labels such as '40X'); rows: image, Grad-CAM, spatial attention."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = 3 if attention is not None else 2
-    fig, axes = plt.subplots(rows, len(magnifications), figsize=(2.6 * len(magnifications), 2.6 * rows + 0.6),
+    fig, axes = plt.subplots(rows, len(labels), figsize=(2.6 * len(labels), 2.6 * rows + 0.6),
                              squeeze=False)
-    for col, mag in enumerate(magnifications):
+    for col, label in enumerate(labels):
         for row in range(rows):
             axes[row][col].axis("off")
-        axes[0][col].set_title(f"{mag}X" if present[col] else f"{mag}X (missing)")
+        axes[0][col].set_title(label if present[col] else f"{label} (missing)")
         if not present[col]:
             continue
         axes[0][col].imshow(images[col])
@@ -125,8 +125,8 @@ def patient_figure(images: np.ndarray, present: np.ndarray, cams: np.ndarray, at
             low, high = float(attention[col].min()), float(attention[col].max())
             axes[2][col].imshow((attention[col] - low) / max(high - low, 1e-6), cmap="magma", vmin=0, vmax=1)
             axes[2][col].set_title(f"range {low:.2f}-{high:.2f}", fontsize=7)
-    for row, label in enumerate(["image", "Grad-CAM", "spatial attention"][:rows]):
-        axes[row][0].text(-0.08, 0.5, label, transform=axes[row][0].transAxes, rotation=90,
+    for row, row_name in enumerate(["image", "Grad-CAM", "spatial attention"][:rows]):
+        axes[row][0].text(-0.08, 0.5, row_name, transform=axes[row][0].transAxes, rotation=90,
                           ha="right", va="center")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
