@@ -88,19 +88,33 @@ def restore(state: FoldState, payload: dict, best: dict | None) -> None:
     state.best_weights = best["model"] if best else cpu_copy(state.model.state_dict())
 
 
+def restore_from_disk(state: FoldState, run_dir, identity: dict | None = None) -> bool:
+    """Restore last.pt (and the best weights in best.pt) if there is one; False if not.
+
+    With `identity`, a checkpoint of another config or other folds is refused. Files are read
+    on the CPU: torch.set_rng_state needs CPU tensors, whatever device trains.
+    """
+    from utils.helpers import load_checkpoint
+
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return False
+    payload = load_checkpoint(last)
+    if identity is not None:
+        refuse_if_foreign(last, identity, payload)
+    best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
+    restore(state, payload, best)
+    return True
+
+
 def reload_last(state: FoldState, run_dir, fresh_state) -> None:
     """Back to the state at the start of the epoch, keeping the new accumulation factor.
 
     Before the first checkpoint that is the initial state, which depends only on config, fold
     and seed: fresh_state() rebuilds it rather than every fold writing it to disk.
     """
-    from utils.helpers import load_checkpoint
-
     accumulation = state.accumulation
-    if (run_dir / "last.pt").is_file():
-        best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
-        restore(state, load_checkpoint(run_dir / "last.pt"), best)  # on the CPU: RNG states stay there
-    else:
+    if not restore_from_disk(state, run_dir):
         initial = fresh_state()
         for part in ("model", "optimizer", "scheduler", "scaler"):
             getattr(state, part).load_state_dict(getattr(initial, part).state_dict())

@@ -13,7 +13,7 @@ import torch
 from preprocess.augment import prepare_batch
 from preprocess.dataset import ImageSource, PatientImages, fold_split
 from utils.checkpoint import (FoldState, ForeignRunError, checkpoint_payload, config_json, cpu_copy,  # noqa: F401
-                              finished_results, new_fold_state, refuse_if_foreign, reload_last, restore)
+                              finished_results, new_fold_state, reload_last, restore_from_disk)
 
 log = logging.getLogger("mmnet")
 
@@ -287,7 +287,7 @@ def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_
     import pandas as pd
 
     from preprocess.dataset import tuples_per_epoch
-    from utils.helpers import BackgroundWriter, atomic_write_text, derived_seed, load_checkpoint
+    from utils.helpers import BackgroundWriter, atomic_write_text, derived_seed
     from utils.metrics import fold_metrics
 
     run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
@@ -298,17 +298,14 @@ def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_
     run_dir.mkdir(parents=True, exist_ok=True)
     split = fold_split(study.index, usable, study.folds, fold, cfg)
     steps = math.ceil(tuples_per_epoch(split["train"], cfg.tuples_per_epoch) / env.batch_size)
+
     def fresh_state():
         return new_fold_state(cfg, env, steps, derived_seed(cfg.seed, fold))
 
     state = fresh_state()
     started = time.perf_counter()
     writer = BackgroundWriter()
-    if cfg.resume and (run_dir / "last.pt").is_file():
-        payload = load_checkpoint(run_dir / "last.pt")  # on the CPU: RNG states must stay there
-        refuse_if_foreign(run_dir / "last.pt", identity, payload)
-        best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
-        restore(state, payload, best)
+    if cfg.resume and restore_from_disk(state, run_dir, identity):
         log.info("%s fold %d: resuming at epoch %d step %d", experiment, fold, state.epoch + 1, state.step)
     try:
         _train_epochs(state, cfg, env, source, split, run_dir, identity, fold, writer, fresh_state)
