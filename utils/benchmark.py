@@ -77,6 +77,36 @@ def _model_alone_rate(state, cfg, env, batches: int, batch: int, slots: int) -> 
     return batches * batch / (time.perf_counter() - started)
 
 
+def time_train_and_eval(state, cfg, env, source: ImageSource, data: PatientImages, train_count: int,
+                        eval_tuples: np.ndarray) -> dict:
+    """Tuples/s of training (cache -> gather -> device augmentation -> model -> optimizer) and
+    of evaluation, each timed after one warm-up batch, through the real loop functions."""
+    gen = torch.Generator(device=env.device).manual_seed(0)
+    loss_fn = StudyLoss(cfg, None)
+
+    def train(count: int, seed: int) -> float:
+        tuples, owners = training_tuples(data, count, np.random.default_rng(seed))
+        _sync(env.device)
+        started = time.perf_counter()
+        train_one_epoch(state.model, source, data, tuples, owners, state.optimizer, state.scheduler,
+                        state.scaler, loss_fn, env.batch_size, env.amp_dtype, cfg.grad_clip, gen, 0)
+        _sync(env.device)
+        return count / (time.perf_counter() - started)
+
+    def evaluate(tuples: np.ndarray) -> float:
+        _sync(env.device)
+        started = time.perf_counter()
+        predict(state.model, source, tuples, env.batch_size * 2, env.amp_dtype)
+        _sync(env.device)
+        return len(tuples) / (time.perf_counter() - started)
+
+    train(env.batch_size * 2, 0)  # warm-up (two batches): allocator, cuDNN autotuning, lazy imports
+    rates = {"train": train(train_count, 1)}
+    evaluate(eval_tuples[:env.batch_size])
+    rates["eval"] = evaluate(eval_tuples)
+    return rates
+
+
 def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
     slots = len(cfg.magnifications)
     per_mag = 25  # a 100-image patient: 25 images at each of 4 magnifications
@@ -85,26 +115,10 @@ def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
     source = ImageSource(cache, env.device)
     state = new_fold_state(cfg, env, steps_per_epoch=batches, seed=0)
     state.scheduler = make_scheduler(state.optimizer, 10 * batches, 0)
-    count = batches * env.batch_size
-    gen = torch.Generator(device=env.device).manual_seed(0)
-    tuples, owners = training_tuples(data, env.batch_size * 2, np.random.default_rng(0))
-    train_one_epoch(state.model, source, data, tuples, owners, state.optimizer, state.scheduler,
-                    state.scaler, StudyLoss(cfg, None), env.batch_size, env.amp_dtype, 1.0, gen, 0)  # warm-up
-    tuples, owners = training_tuples(data, count, np.random.default_rng(1))
-    _sync(env.device)
-    started = time.perf_counter()
-    train_one_epoch(state.model, source, data, tuples, owners, state.optimizer, state.scheduler,
-                    state.scaler, StudyLoss(cfg, None), env.batch_size, env.amp_dtype, 1.0, gen, 1)
-    _sync(env.device)
-    end_to_end = count / (time.perf_counter() - started)
+    eval_tuples, _ = evaluation_tuples(data)
+    rates = time_train_and_eval(state, cfg, env, source, data, batches * env.batch_size, eval_tuples)
+    end_to_end, eval_rate = rates["train"], rates["eval"]
     alone = _model_alone_rate(state, cfg, env, batches, env.batch_size, slots)
-    eval_tuples, owners = evaluation_tuples(data)
-    predict(state.model, source, eval_tuples[:env.batch_size], env.batch_size * 2, env.amp_dtype)
-    _sync(env.device)
-    started = time.perf_counter()
-    predict(state.model, source, eval_tuples, env.batch_size * 2, env.amp_dtype)
-    _sync(env.device)
-    eval_rate = len(eval_tuples) / (time.perf_counter() - started)
     single_ms, ensemble_ms = predictor_latency(state.model, cfg, cache, data, env.device)
     return {"cache_build_images_per_s": cache_build_rate(cache_images, env.workers, cfg.image_size) if cache_images else float("nan"),
             "train_tuples_per_s_end_to_end": end_to_end, "train_tuples_per_s_model_alone": alone,

@@ -5,7 +5,6 @@ import hashlib
 import logging
 import time
 
-import numpy as np
 
 from pathlib import Path
 
@@ -54,11 +53,12 @@ def experiment_seconds(cfg, train_samples: int, eval_samples: int, rates: dict) 
 
 
 def measure_rates(cfg, env, study, source, usable) -> dict:
-    """MMNet train and eval tuples/s on this device, from a few real batches of fold 0."""
-    from preprocess.dataset import evaluation_tuples, fold_split, training_tuples
+    """MMNet train and eval tuples/s on this device, from a few real batches of fold 0, plus
+    the per-fold model build and the loop's share of each checkpoint."""
+    from preprocess.dataset import evaluation_tuples, fold_split
+    from utils.benchmark import time_train_and_eval
     from utils.helpers import snapshot
-    from utils.losses import StudyLoss
-    from utils.train import checkpoint_payload, new_fold_state, predict, train_one_epoch
+    from utils.train import checkpoint_payload, new_fold_state
 
     mm = experiment_config(cfg, "mmnet")
     split = fold_split(study.index, usable, study.folds, 0, mm)
@@ -66,32 +66,18 @@ def measure_rates(cfg, env, study, source, usable) -> dict:
     started = time.perf_counter()
     state = new_fold_state(mm, env, steps_per_epoch=3, seed=cfg.seed)
     rates = {"setup_s": time.perf_counter() - started}
-    gen = torch_generator(env.device, cfg.seed)
-    for phase, count in (("warm", env.batch_size), ("train", env.batch_size * 2)):
-        tuples, owners = training_tuples(split["train"], count, np.random.default_rng(0))
-        result = train_one_epoch(state.model, source, split["train"], tuples, owners, state.optimizer,
-                                 state.scheduler, state.scaler, StudyLoss(mm, None), env.batch_size,
-                                 env.amp_dtype, mm.grad_clip, gen, 0)
-        rates[phase] = count / result.seconds
-    tuples, _ = evaluation_tuples(split["val"])
-    started = time.perf_counter()
-    predict(state.model, source, tuples[:env.batch_size * 4], env.batch_size * 2, env.amp_dtype)
-    rates["eval"] = min(len(tuples), env.batch_size * 4) / (time.perf_counter() - started)
+    val_tuples, _ = evaluation_tuples(split["val"])
+    rates.update(time_train_and_eval(state, mm, env, source, split["train"], env.batch_size * 2,
+                                     val_tuples[:env.batch_size * 4]))
     started = time.perf_counter()  # the loop's share of a checkpoint: the CPU snapshot;
     snapshot(checkpoint_payload(state, {}))  # the disk write runs in the background
     rates["checkpoint_s"] = time.perf_counter() - started
     return rates
 
 
-def torch_generator(device: str, seed: int):
-    import torch
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def predict_duration(cfg, env, study, source, usable, names: list[str]) -> float:
     """Predicted seconds for the selected experiments at their full epoch budget."""
-    from preprocess.dataset import evaluation_tuples, tuples_per_epoch
-    from preprocess.dataset import fold_split
+    from preprocess.dataset import evaluation_tuples, fold_split, tuples_per_epoch
 
     rates = measure_rates(cfg, env, study, source, usable)
     total = 0.0
