@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
-import os
+import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent
+from utils.env import PROJECT_ROOT  # noqa: F401  (the project root, for users of config)
 MAGNIFICATIONS = (40, 100, 200, 400)
 SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")  # benign first, then malignant
 SUBTYPE_NAMES = {
@@ -136,66 +137,13 @@ def experiment_config(base: Config, name: str) -> Config:
     return dataclasses.replace(base, **EXPERIMENTS[name])
 
 
-@dataclass
-class EnvInfo:
-    device: str
-    amp_dtype: str  # bfloat16 | float16 | none
-    batch_size: int
-    workers: int
-    device_name: str = ""
-    memory_gb: float = 0.0
-    notes: list = field(default_factory=list)
+def get_training_config(argv=None) -> dict:
+    """The resolved device settings of a run with these options (device, AMP dtype, batch
+    size, decode workers, device name and memory), as main.py would use them."""
+    from utils.device import detect_env  # torch is imported only here: config stays torch-free
 
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS has no affinity API
-        return os.cpu_count() or 1
-
-
-def _batch_for_memory(gb: float) -> int:
-    # Tuples of four 224 px images through four resnet18 branches: ~0.25 GB each in bf16.
-    return 64 if gb >= 40 else 32 if gb >= 16 else 16
-
-
-def _shm_gb() -> float:
-    import shutil
-    return shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else float("inf")
-
-
-def detect_env(device: str = "auto", batch_size: int = 0, workers: int = 0) -> EnvInfo:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else (
-            "mps" if torch.backends.mps.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but torch sees no CUDA GPU; use --device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps requested but MPS is not available; use --device cpu")
-    name, gb, amp = device, 0.0, "none"
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        name, gb = props.name, props.total_memory / 2**30
-        amp = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    auto_batch = _batch_for_memory(gb) if device == "cuda" else (16 if device == "mps" else 8)
-    workers, notes = decode_workers(workers)
-    return EnvInfo(device=device, amp_dtype=amp, batch_size=batch_size or auto_batch,
-                   workers=workers, device_name=name, memory_gb=round(gb, 1), notes=notes)
-
-
-def decode_workers(requested: int = 0) -> tuple[int, list[str]]:
-    """Processes for PNG checks and decoding: the request, else usable cores capped at 8,
-    and 2 at most on a small /dev/shm. Returns the count and notes for the run header."""
-    if requested:
-        return requested, []
-    workers = max(1, min(8, usable_cpus()))
-    if _shm_gb() < 1.0 and workers > 2:
-        # Docker's default 64 MB /dev/shm: process pools keep their queues and locks there.
-        return 2, [f"/dev/shm is {_shm_gb():.2f} GB: decode workers lowered to 2 "
-                   f"(start the container with --shm-size=8g for more)"]
-    return workers, []
+    cfg = parse_args(argv or [])
+    return dataclasses.asdict(detect_env(cfg.device, cfg.batch_size, cfg.workers))
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -219,9 +167,6 @@ def _comma_list(kind):
 
 def _field_comments() -> dict[str, str]:
     """The comment beside each Config field: one source for the code and for --help."""
-    import inspect
-    import re
-
     source = inspect.getsource(Config)
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#(.+)$", source, re.M)}
 

@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+if __package__ in (None, ""):  # run as a script: make the project root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+
+from preprocess.dataset import ImageSource, evaluation_tuples
+from preprocess.preprocess import decode_resized, parse_name
+from utils.inference import explain_tuple, fold_checkpoints, load_fold_model, patient_data, predict_patient
+from utils.plottings import patient_figure
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 MAG_FOLDER = re.compile(r"(40|100|200|400)x", re.IGNORECASE)
 
 
 def magnification_of(path: Path, root: Path) -> int | None:
-    from preprocess.preprocess import parse_name
-
     fields = parse_name(path.stem + ".png")  # the grammar holds for re-encoded copies too
     if fields:
         return fields["mag"]
@@ -36,10 +42,6 @@ def magnification_of(path: Path, root: Path) -> int | None:
 
 def load_patient(patient_dir: Path, size: int):
     """uint8 cache (N, size, size, 3), rows per magnification, skipped files with reasons."""
-    import numpy as np
-
-    from preprocess.preprocess import decode_resized
-
     images, by_mag, skipped = [], {}, []
     files = sorted(p for p in patient_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     for path in files:
@@ -71,7 +73,6 @@ def main(argv=None) -> int:
     parser.add_argument("--cam", help="write a Grad-CAM figure of the patient's first tuple here")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as exc:
@@ -80,8 +81,6 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from utils.inference import fold_checkpoints, load_fold_model, predict_patient
-
     patient_dir = Path(args.patient_dir)
     if not patient_dir.is_dir():
         raise FileNotFoundError(f"patient folder '{patient_dir}' does not exist")
@@ -108,11 +107,8 @@ def run(args) -> int:
 
 
 def write_cam(fm, cache, by_mag, path: Path, device: str) -> Path:
-    from preprocess.dataset import ImageSource, evaluation_tuples
-    from utils.inference import explain_tuple, patient_data
-
     tuples, _ = evaluation_tuples(patient_data(by_mag, fm.cfg))
-    return explain_tuple(fm, ImageSource(cache, device), tuples[0], f"{path.stem} ({fm.path})", path)
+    return patient_figure(explain_tuple(fm, ImageSource(cache, device), tuples[0], f"{path.stem} ({fm.path})"), path)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import timm
 import torch
 from torch import nn
+
+from config import ConfigError
 
 log = logging.getLogger("mmnet")
 _REGISTRY: dict[str, Callable] = {}
@@ -29,29 +32,17 @@ def register(name: str):
 
 
 def list_models() -> list[str]:
-    _import_models()
     return sorted(_REGISTRY)
 
 
 def build_model(cfg) -> nn.Module:
-    _import_models()
     if cfg.model not in _REGISTRY:
-        from config import ConfigError
         raise ConfigError(f"unknown model '{cfg.model}'; valid: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[cfg.model](cfg)
 
 
-def _import_models() -> None:
-    # Importing the modules runs their @register decorators.
-    from backbones import baseline_simple_concat, baseline_single  # noqa: F401
-    from backbones.our import model  # noqa: F401
-
-
 def check_backbone(name: str) -> None:
     """Fail at start, not after the analysis, when timm has no such model."""
-    import timm
-    from config import ConfigError
-
     if not timm.is_model(name):
         raise ConfigError(f"unknown timm backbone '{name}'; e.g. resnet18, resnet50, efficientnet_b0, "
                           f"convnext_tiny (python -c \"import timm; print(timm.list_models())\" lists all)")
@@ -69,8 +60,6 @@ def create_backbone(cfg) -> tuple[nn.Module, str]:
     When weights cannot be had, warn loudly and fall back to random init rather than stop:
     a pod without internet should still finish, with the header saying so.
     """
-    import timm
-
     check_backbone(cfg.backbone)
     kwargs = dict(num_classes=0, global_pool="")
     if not wants_pretrained(cfg):
@@ -93,8 +82,6 @@ def create_backbone(cfg) -> tuple[nn.Module, str]:
 
 def data_config(backbone: nn.Module) -> tuple[tuple, tuple]:
     """Normalisation mean and std from the backbone's timm data config."""
-    import timm
-
     config = timm.data.resolve_data_config({}, model=backbone)
     return tuple(config["mean"]), tuple(config["std"])
 
@@ -131,3 +118,9 @@ def magnification_backbones(cfg, count: int) -> tuple[nn.ModuleList, str]:
     if cfg.shared_backbone or count == 1:
         return nn.ModuleList([first] * count), status
     return nn.ModuleList([first] + [create_backbone(cfg)[0] for _ in range(count - 1)]), status
+
+
+# The registered models: importing them runs their @register decorators. They import the
+# names above from this package, so they come after them.
+from backbones import baseline_simple_concat, baseline_single  # noqa: E402,F401
+from backbones.our import model  # noqa: E402,F401

@@ -15,9 +15,13 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from PIL import Image
 
-from config import MAGNIFICATIONS, SUBTYPES, decode_workers
-from utils.tables import save_table
+from config import MAGNIFICATIONS, SUBTYPES
+from preprocess.preprocess import DataError, index_dataset, write_issues
+from utils.env import decode_workers
+from utils.files import markdown_table, save_table
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +60,8 @@ def patient_mag_counts(index: pd.DataFrame) -> pd.DataFrame:
 
 
 def _plot_bars(index: pd.DataFrame, plots: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     index["tumor_class"].value_counts().sort_index().plot.bar(ax=axes[0], color=["#4c9f70", "#c0504d"])
     axes[0].set(title="Images per class", ylabel="images", xlabel="")
     index.groupby(["mag", "tumor_class"]).size().unstack(fill_value=0).plot.bar(
@@ -66,23 +69,21 @@ def _plot_bars(index: pd.DataFrame, plots: Path) -> None:
     axes[1].set(title="Images per magnification", xlabel="magnification (X)", ylabel="images")
     fig.tight_layout()
     fig.savefig(plots / "class_magnification_bars.png", dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
     order = [s for s in SUBTYPES if s in set(index["subtype"])]
     table = index.groupby(["subtype"]).agg(images=("path", "size"), patients=("patient", "nunique"))
     table.reindex(order).plot.bar(ax=ax, secondary_y="patients")
     ax.set(title="Subtypes: images and patients", xlabel="subtype")
     fig.tight_layout()
     fig.savefig(plots / "subtype_distribution.png", dpi=120)
-    plt.close(fig)
 
 
 def _plot_heatmap(index: pd.DataFrame, plots: Path) -> None:
-    import matplotlib.pyplot as plt
-
     counts = patient_mag_counts(index)
-    fig, ax = plt.subplots(figsize=(5, max(3, 0.16 * len(counts) + 1)))
+    fig = Figure(figsize=(5, max(3, 0.16 * len(counts) + 1)))
+    ax = fig.subplots()
     image = ax.imshow(counts.to_numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(MAGNIFICATIONS)), [f"{m}X" for m in MAGNIFICATIONS])
     ax.set_yticks(range(len(counts)), counts.index, fontsize=5 if len(counts) > 30 else 8)
@@ -90,15 +91,12 @@ def _plot_heatmap(index: pd.DataFrame, plots: Path) -> None:
     fig.colorbar(image, ax=ax, label="images")
     fig.tight_layout()
     fig.savefig(plots / "patient_magnification_heatmap.png", dpi=120)
-    plt.close(fig)
 
 
 def _plot_sample_grid(index: pd.DataFrame, data_dir: Path, plots: Path) -> None:
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
     subtypes = [s for s in SUBTYPES if s in set(index["subtype"])]
-    fig, axes = plt.subplots(len(subtypes), 4, figsize=(8, 1.6 * len(subtypes) + 0.5), squeeze=False)
+    fig = Figure(figsize=(8, 1.6 * len(subtypes) + 0.5))
+    axes = fig.subplots(len(subtypes), 4, squeeze=False)
     for r, subtype in enumerate(subtypes):
         for c, mag in enumerate(MAGNIFICATIONS):
             ax = axes[r][c]
@@ -114,7 +112,6 @@ def _plot_sample_grid(index: pd.DataFrame, data_dir: Path, plots: Path) -> None:
                 ax.text(-0.05, 0.5, subtype, transform=ax.transAxes, ha="right", va="center")
     fig.tight_layout()
     fig.savefig(plots / "sample_grid.png", dpi=110)
-    plt.close(fig)
 
 
 def analyze(index: pd.DataFrame, data_dir: str | Path, output_dir: str | Path) -> dict[str, pd.DataFrame]:
@@ -134,9 +131,6 @@ def analyze(index: pd.DataFrame, data_dir: str | Path, output_dir: str | Path) -
 
 
 def main(argv=None) -> int:
-    from preprocess.preprocess import DataError, index_dataset, write_issues
-    from utils.tables import markdown_table
-
     parser = argparse.ArgumentParser(description="Analyse a BreakHis tree.")
     parser.add_argument("--data-dir", default="data/breakhis")
     parser.add_argument("--output-dir", default="output")

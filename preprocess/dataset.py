@@ -5,10 +5,16 @@ Tuples are arrays of cache rows, shape (T, M), with -1 where a patient lacks a m
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
+
+from config import SUBTYPES
+
+log = logging.getLogger("mmnet")
 
 
 @dataclass
@@ -30,8 +36,6 @@ def patient_images(index: pd.DataFrame, usable: np.ndarray, patients, magnificat
 
     sample_mode 'pooled' treats every magnification as one pool (M = 1).
     """
-    from config import SUBTYPES
-
     frame = index.assign(row=np.arange(len(index)))[usable]
     frame = frame[frame["patient"].isin(set(patients)) & frame["mag"].isin(magnifications)]
     ids, labels, subtypes, groups, rows = [], [], [], [], []
@@ -56,15 +60,13 @@ def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]
     A patient with no usable image of the magnifications this model reads (a single-
     magnification baseline and a patient lacking that magnification) is left out, and said so.
     """
-    import logging
-
     role = folds.set_index("patient")[f"role_f{fold}"]
     split = {r: patient_images(index, usable, role.index[role == r], cfg.magnifications, cfg.sample_mode)
              for r in ("train", "val", "test")}
     for r, data in split.items():
         left_out = sorted(set(role.index[role == r]) - set(data.patients))
         if left_out:
-            logging.getLogger("mmnet").warning("fold %d %s: %d patient(s) have no usable %s image and are left out: %s", fold, r,
+            log.warning("fold %d %s: %d patient(s) have no usable %s image and are left out: %s", fold, r,
                         len(left_out), "/".join(f"{m}X" for m in cfg.magnifications), ", ".join(left_out))
     return split
 
@@ -121,8 +123,6 @@ class ImageSource:
     """
 
     def __init__(self, cache: np.ndarray, device: str, max_device_gb: float = 0.0):
-        import torch
-
         self.device = torch.device(device)
         gb = cache.nbytes / 2**30
         self.on_device = self.device.type != "cpu" and (not max_device_gb or gb <= max_device_gb)
@@ -133,8 +133,6 @@ class ImageSource:
 
     def gather(self, tuples: np.ndarray):
         """uint8 (B, M, H, W, 3) on the device and float mask (B, M) of present images."""
-        import torch
-
         mask = torch.from_numpy(tuples >= 0).to(self.device)
         safe = np.where(tuples >= 0, tuples, 0)
         if self.on_device:

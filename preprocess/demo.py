@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from config import MAGNIFICATIONS, SUBTYPE_NAMES, usable_cpus
+from config import MAGNIFICATIONS, SUBTYPE_NAMES
+from utils.env import usable_cpus
 from preprocess.preprocess import parse_name
 
 BENIGN, MALIGNANT = ("A", "F", "PT", "TA"), ("DC", "LC", "MC", "PC")

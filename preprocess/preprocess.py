@@ -1,12 +1,18 @@
 """Index the BreakHis tree, validate every file, report what is wrong without stopping."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 from config import MAGNIFICATIONS
 
@@ -64,8 +70,6 @@ def scan_tree(data_dir: Path) -> tuple[list[Path], list[dict]]:
 
 def check_image(path: str) -> dict:
     """Header and CRC check of one PNG without a full decode (cheap enough for 7,909 files)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             size, mode = img.size, img.mode
@@ -162,9 +166,6 @@ def write_issues(issues: pd.DataFrame, output_dir: str | Path) -> Path:
 # ---------------------------------------------------------------- image cache
 def decode_resized(path: str, size: int):
     """RGB uint8 (size, size, 3): the whole 700x460 frame squashed, as the model sees it."""
-    import numpy as np
-    from PIL import Image
-
     with Image.open(path) as img:
         img = img.convert("RGB")  # grayscale/RGBA/palette: converted (validation reports it)
         return np.asarray(img.resize((size, size), Image.BICUBIC, reducing_gap=3.0), dtype=np.uint8)
@@ -172,8 +173,6 @@ def decode_resized(path: str, size: int):
 
 def _decode_chunk(job) -> list[tuple[int, str]]:
     """Decode rows [start, start+len(paths)) straight into the shared memory-mapped file."""
-    import numpy as np
-
     npy_path, start, paths, size = job
     array = np.load(npy_path, mmap_mode="r+")
     failures = []
@@ -188,9 +187,6 @@ def _decode_chunk(job) -> list[tuple[int, str]]:
 
 
 def cache_key(index: pd.DataFrame, data_dir: Path, size: int) -> str:
-    import hashlib
-    import json
-
     files = [(p, (data_dir / p).stat().st_size) for p in index["path"]]
     return hashlib.sha256(json.dumps([size, files]).encode()).hexdigest()[:16]
 
@@ -201,12 +197,6 @@ def build_cache(index: pd.DataFrame, data_dir: str | Path, cache_dir: str | Path
 
     Keyed by size and file list (names and byte sizes): rebuilt only when either changes.
     """
-    import json
-    import os
-    import time
-
-    import numpy as np
-
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(index, data_dir, size)

@@ -61,14 +61,11 @@ def tiny_config(output_dir, **overrides):
 
 
 def tiny_study(cfg, demo_tree, demo_index):
-    """Everything run_fold needs, built the way the study builds it."""
-    from config import detect_env
+    """Everything run_fold needs (a Study with its images attached), built as the study builds it."""
     from preprocess.splits import build_folds
-    from utils.pipeline import StudyData
-    from utils.study import folds_fingerprint, load_images
+    from utils.device import detect_env
+    from utils.pipeline import Study, attach_images
 
     folds = build_folds(demo_index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
-    study = StudyData(index=demo_index, folds=folds, data_dir=demo_tree, demo=True)
-    env = detect_env("cpu", cfg.batch_size, 1)
-    source, usable = load_images(cfg, env, study)
-    return env, study, source, usable, folds_fingerprint(folds)
+    prepared = Study(index=demo_index, folds=folds, data_dir=demo_tree, demo=True)
+    return attach_images(cfg, prepared, detect_env("cpu", cfg.batch_size, 1))

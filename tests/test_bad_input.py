@@ -77,9 +77,12 @@ def test_invalid_cli_values(argv, expected, tmp_path):
 
 
 def test_small_shm_lowers_decode_workers(monkeypatch):
-    monkeypatch.setattr(config, "_shm_gb", lambda: 0.0625)
-    monkeypatch.setattr(config, "usable_cpus", lambda: 16)
-    env = config.detect_env("cpu")
+    import utils.env as env_module
+    from utils.device import detect_env
+
+    monkeypatch.setattr(env_module, "shm_gb", lambda: 0.0625)
+    monkeypatch.setattr(env_module, "usable_cpus", lambda: 16)
+    env = detect_env("cpu")
     assert env.workers == 2 and "shm-size" in env.notes[0]
-    monkeypatch.setattr(config, "_shm_gb", lambda: 32.0)
-    assert config.detect_env("cpu").workers == 8
+    monkeypatch.setattr(env_module, "shm_gb", lambda: 32.0)
+    assert detect_env("cpu").workers == 8

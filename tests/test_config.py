@@ -53,3 +53,20 @@ def test_slot_labels_name_what_each_input_slot_holds():
     assert slot_labels(experiment_config(base, "mmnet")) == ["40X", "100X", "200X", "400X"]
     assert slot_labels(experiment_config(base, "single_200x")) == ["200X"]
     assert slot_labels(experiment_config(base, "pooled_single")) == ["pooled"]
+
+
+def test_get_training_config_resolves_the_device_settings():
+    from config import get_training_config
+
+    settings = get_training_config(["--device", "cpu", "--batch-size", "12"])
+    assert settings["device"] == "cpu" and settings["amp_dtype"] == "none"
+    assert settings["batch_size"] == 12 and settings["workers"] >= 1
+
+
+def test_get_base_path_prefers_a_pod_volume(tmp_path, monkeypatch):
+    import utils.env as env
+
+    monkeypatch.setattr(env, "RUNPOD_VOLUME", tmp_path / "absent")
+    assert env.get_base_path() == env.PROJECT_ROOT
+    monkeypatch.setattr(env, "RUNPOD_VOLUME", tmp_path)
+    assert env.get_base_path() == tmp_path / "mmnet-breakhis"

@@ -10,7 +10,7 @@ from preprocess.dataset import evaluation_tuples
 from tests.conftest import DEMO_H, DEMO_W, tiny_config, tiny_study
 from utils.inference import load_fold_model, tuple_inputs
 from preprocess.dataset import fold_split
-from utils.train import run_fold
+from utils.fold import run_fold
 
 
 @pytest.fixture(scope="module")
@@ -24,22 +24,22 @@ def left_signal_run(tmp_path_factory):
     index, _ = index_dataset(tree)
     # 128 px gives test_resnet 4x4 maps: two columns of cells per half.
     cfg = tiny_config(root / "out", image_size=128, epochs=6, tuples_per_epoch=64)
-    env, study, source, usable, folds_hash = tiny_study(cfg, tree, index)
-    run_fold(cfg, env, study, source, "mmnet", 0, usable, folds_hash)
-    return cfg, study, source, usable
+    study = tiny_study(cfg, tree, index)
+    run_fold(cfg, study, "mmnet", 0)
+    return cfg, study
 
 
 def _malignant_test_maps(run, method):
     from backbones.our.gradcam import cam_maps
 
-    cfg, study, source, usable = run
+    cfg, study = run
     fm = load_fold_model(f"{cfg.output_dir}/runs/mmnet/fold0/best.pt")
-    test = fold_split(study.index, usable, study.folds, 0, fm.cfg)["test"]
+    test = fold_split(study.index, study.usable, study.folds, 0, fm.cfg)["test"]
     tuples, owners = evaluation_tuples(test)
     maps = []
     for rows, owner in zip(tuples, owners):
         if test.labels[owner] == 1:
-            x, mask, _ = tuple_inputs(fm.model, source, rows)
+            x, mask, _ = tuple_inputs(fm.model, study.source, rows)
             maps.append(cam_maps(fm.model, x, mask, method, target=1))
     return np.stack(maps)  # (T, M, H, W)
 
@@ -55,7 +55,7 @@ def test_gradcam_mass_lies_in_the_signal_region(left_signal_run, method, margin)
 
 def test_choose_cases_picks_confident_errors_and_hits():
     import pandas as pd
-    from backbones.our.gradcam import choose_cases
+    from utils.inference import choose_cases
 
     preds = pd.DataFrame({"patient": list("abcdef"), "label": [1, 1, 0, 0, 0, 1],
                           "prob": [0.9, 0.7, 0.1, 0.3, 0.8, 0.2]})
@@ -67,9 +67,9 @@ def test_choose_cases_picks_confident_errors_and_hits():
 def trained_run(tmp_path_factory, demo_tree, demo_index):
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_config(out, epochs=1)
-    env, study, source, usable, folds_hash = tiny_study(cfg, demo_tree, demo_index)
+    study = tiny_study(cfg, demo_tree, demo_index)
     for fold in range(2):
-        run_fold(cfg, env, study, source, "mmnet", fold, usable, folds_hash)
+        run_fold(cfg, study, "mmnet", fold)
     return out
 
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import utils.helpers as helpers
+import utils.fold as fold_module
 import utils.train as train
 from tests.conftest import ROOT, tiny_config, tiny_study
 from utils.helpers import StopRequested, load_checkpoint
 
 
 def _run(cfg, demo_tree, demo_index, fold=0):
-    env, study, source, usable, folds_hash = tiny_study(cfg, demo_tree, demo_index)
-    return train.run_fold(cfg, env, study, source, "mmnet", fold, usable, folds_hash)
+    return fold_module.run_fold(cfg, tiny_study(cfg, demo_tree, demo_index), "mmnet", fold)
 
 
 def _predictions(cfg):
@@ -33,12 +33,12 @@ def test_stop_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, demo_tree, 
         calls["n"] += 1
         return "SIGTERM" if calls["n"] == 6 else ""
 
-    monkeypatch.setattr(helpers, "stop_requested", stop_after_six_steps)
+    monkeypatch.setattr(fold_module, "stop_requested", stop_after_six_steps)
     with pytest.raises(StopRequested, match="epoch 2 step 2"):
         _run(cut, demo_tree, demo_index)
     saved = load_checkpoint(tmp_path / "cut/runs/mmnet/fold0/last.pt")
     assert (saved["epoch"], saved["step"], len(saved["partial_losses"])) == (1, 2, 2)
-    monkeypatch.setattr(helpers, "stop_requested", lambda: "")
+    monkeypatch.setattr(fold_module, "stop_requested", lambda: "")
     _run(cut, demo_tree, demo_index)
     pd.testing.assert_frame_equal(_predictions(whole), _predictions(cut), check_exact=True)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole/runs/mmnet/fold0/history.csv")[["epoch", "train_loss", "val_auc"]],
@@ -128,25 +128,25 @@ def test_two_worker_processes_give_the_one_worker_results(tmp_path):
 
 
 def test_device_settings_for_cpu_and_forced_device():
-    from config import ConfigError, detect_env
+    from utils.device import DeviceError, detect_env
 
     env = detect_env("cpu")
     assert env.device == "cpu" and env.amp_dtype == "none" and env.batch_size > 0 and env.workers >= 1
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="--device cpu"):
+        with pytest.raises(DeviceError, match="--device cpu"):
             detect_env("cuda")
 
 
 def test_failed_fold_is_reported_and_the_rest_continue(monkeypatch, caplog, tmp_path):
     import utils.study as study_module
 
-    def first_fold_fails(cfg, env, study, source, name, fold, usable, folds_hash):
+    def first_fold_fails(cfg, study, name, fold):
         if fold == 0:
             raise train.TrainingError("non-finite loss at epoch 0 step 0")
         return {"fold": fold}
 
     monkeypatch.setattr(study_module, "run_fold", first_fold_fails)
-    results = study_module.run_experiment(tiny_config(tmp_path), None, None, None, None, "mmnet", "hash")
+    results = study_module.run_experiment(tiny_config(tmp_path), None, "mmnet")
     assert results == [{"fold": 1}]
     assert "mmnet fold 0 FAILED: non-finite loss at epoch 0 step 0" in caplog.text
 
@@ -168,13 +168,13 @@ def test_out_of_memory_in_the_first_epoch_restarts_from_the_initial_state(tmp_pa
     assert _run(replayed, demo_tree, demo_index)["accumulation"] == 2
     monkeypatch.setattr(train, "prepare_batch", real_prepare)
     direct = tiny_config(tmp_path / "direct", epochs=1)
-    original = train.FoldState.__init__
+    original = fold_module.FoldState.__init__
 
     def start_with_accumulation(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.accumulation = 2
 
-    monkeypatch.setattr(train.FoldState, "__init__", start_with_accumulation)
+    monkeypatch.setattr(fold_module.FoldState, "__init__", start_with_accumulation)
     _run(direct, demo_tree, demo_index)
     pd.testing.assert_frame_equal(_predictions(replayed), _predictions(direct), check_exact=True)
 

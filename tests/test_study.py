@@ -19,20 +19,19 @@ def test_each_experiment_trains_one_step_on_demo_data(experiment, tmp_path, demo
 
     from preprocess.dataset import fold_split, training_tuples
     from utils.losses import StudyLoss
-    from utils.train import new_fold_state, train_one_epoch
+    from utils.train import EpochPlan, LoopSettings, new_fold_state, train_one_epoch
 
     base = tiny_config(tmp_path)
     cfg = experiment_config(base, experiment)
-    env, study, source, usable, _ = tiny_study(base, demo_tree, demo_index)
-    split = fold_split(study.index, usable, study.folds, 0, cfg)
-    state = new_fold_state(cfg, env, steps_per_epoch=1, seed=0)
+    study = tiny_study(base, demo_tree, demo_index)
+    split = fold_split(study.index, study.usable, study.folds, 0, cfg)
+    state = new_fold_state(cfg, study.env, steps_per_epoch=1, seed=0)
     before = [p.detach().clone() for p in state.model.parameters()]
     tuples, owners = training_tuples(split["train"], 8, np.random.default_rng(0))
     slots = 1 if cfg.model == "single" else 4
     assert tuples.shape == (8, slots)
-    result = train_one_epoch(state.model, source, split["train"], tuples, owners, state.optimizer,
-                             state.scheduler, state.scaler, StudyLoss(cfg, None), 8, "none", 1.0,
-                             torch.Generator().manual_seed(0), 0)
+    loop = LoopSettings(study.source, split["train"], StudyLoss(cfg, None), 8, "none", 1.0)
+    result = train_one_epoch(state, loop, EpochPlan(tuples, owners, torch.Generator().manual_seed(0), 0))
     assert np.isfinite(result.loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
     if experiment.startswith("single_"):  # only that magnification's images are drawn
@@ -92,12 +91,9 @@ def _fake_run(out, experiment, folds=3, seed=0):
         frame.to_csv(folder / "predictions.csv", index=False)
         pd.DataFrame({"epoch": [0, 1], "train_loss": [0.7, 0.5], "val_loss": [0.69, 0.6],
                       "val_auc": [0.7, 0.8]}).to_csv(folder / "history.csv", index=False)
-        from utils.metrics import fold_metrics
-        weights = frame[[c for c in frame.columns if c.startswith("w_")]].mean().to_dict()
         (folder / "results.json").write_text(json.dumps({
             "experiment": experiment, "fold": fold, "threshold": 0.5, "best_epoch": 1, "epochs_run": 2,
-            "train_seconds": 3.0, "pretrained": "random init", "patients": {"train": 20, "val": 5, "test": 8},
-            "magnification_weights": weights, "metrics": fold_metrics(frame, 0.5)}))
+            "train_seconds": 3.0, "pretrained": "random init", "patients": {"train": 20, "val": 5, "test": 8}}))
 
 
 def test_report_only_rebuilds_everything_from_output(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import resource
 import tempfile
 import time
@@ -20,11 +21,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from config import Config, EXPERIMENTS, detect_env, experiment_config
-from preprocess.dataset import ImageSource, PatientImages, evaluation_tuples, training_tuples
+from config import EXPERIMENTS, Config, experiment_config
+from preprocess.dataset import (ImageSource, PatientImages, evaluation_tuples, fold_split, training_tuples,
+                                tuples_per_epoch)
+from preprocess.demo import demo_filenames, write_tree
+from preprocess.preprocess import build_cache, index_dataset
+from utils.checkpoint import checkpoint_payload
+from utils.device import configure_backends, detect_env
+from utils.files import markdown_table
+from utils.helpers import snapshot
+from utils.inference import FoldModel, predict_patient
 from utils.losses import StudyLoss
-from utils.train import amp_context, make_scheduler, new_fold_state, predict, train_one_epoch
+from utils.train import (EpochPlan, LoopSettings, amp_context, make_scheduler, new_fold_state, predict,
+                         train_one_epoch)
 
+log = logging.getLogger("mmnet")
 FULL = {"images": 7909, "folds": 5}  # the default study's size
 
 
@@ -34,9 +45,6 @@ def _sync(device: str) -> None:
 
 
 def cache_build_rate(images: int, workers: int, size: int) -> float:
-    from preprocess.demo import demo_filenames, write_tree
-    from preprocess.preprocess import build_cache, index_dataset
-
     with tempfile.TemporaryDirectory() as tmp:
         names = demo_filenames(patients=max(2, images // 12), images_per_mag=3)[:images]
         write_tree(Path(tmp) / "tree", names, workers=workers)
@@ -77,32 +85,30 @@ def _model_alone_rate(state, cfg, env, batches: int, batch: int, slots: int) -> 
     return batches * batch / (time.perf_counter() - started)
 
 
-def time_train_and_eval(state, cfg, env, source: ImageSource, data: PatientImages, train_count: int,
-                        eval_tuples: np.ndarray) -> dict:
+def time_train_and_eval(state, loop: LoopSettings, train_count: int, eval_tuples: np.ndarray) -> dict:
     """Tuples/s of training (cache -> gather -> device augmentation -> model -> optimizer) and
     of evaluation, each timed after one warm-up batch, through the real loop functions."""
-    gen = torch.Generator(device=env.device).manual_seed(0)
-    loss_fn = StudyLoss(cfg, None)
+    device = loop.source.device.type
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def train(count: int, seed: int) -> float:
-        tuples, owners = training_tuples(data, count, np.random.default_rng(seed))
-        _sync(env.device)
+        tuples, owners = training_tuples(loop.data, count, np.random.default_rng(seed))
+        _sync(device)
         started = time.perf_counter()
-        train_one_epoch(state.model, source, data, tuples, owners, state.optimizer, state.scheduler,
-                        state.scaler, loss_fn, env.batch_size, env.amp_dtype, cfg.grad_clip, gen, 0)
-        _sync(env.device)
+        train_one_epoch(state, loop, EpochPlan(tuples, owners, gen, 0))
+        _sync(device)
         return count / (time.perf_counter() - started)
 
     def evaluate(tuples: np.ndarray) -> float:
-        _sync(env.device)
+        _sync(device)
         started = time.perf_counter()
-        predict(state.model, source, tuples, env.batch_size * 2, env.amp_dtype)
-        _sync(env.device)
+        predict(state.model, loop.source, tuples, loop.batch_size * 2, loop.amp_dtype)
+        _sync(device)
         return len(tuples) / (time.perf_counter() - started)
 
-    train(env.batch_size * 2, 0)  # warm-up (two batches): allocator, cuDNN autotuning, lazy imports
+    train(loop.batch_size * 2, 0)  # warm-up (two batches): allocator, cuDNN autotuning, lazy imports
     rates = {"train": train(train_count, 1)}
-    evaluate(eval_tuples[:env.batch_size])
+    evaluate(eval_tuples[:loop.batch_size])
     rates["eval"] = evaluate(eval_tuples)
     return rates
 
@@ -116,7 +122,8 @@ def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
     state = new_fold_state(cfg, env, steps_per_epoch=batches, seed=0)
     state.scheduler = make_scheduler(state.optimizer, 10 * batches, 0)
     eval_tuples, _ = evaluation_tuples(data)
-    rates = time_train_and_eval(state, cfg, env, source, data, batches * env.batch_size, eval_tuples)
+    loop = LoopSettings(source, data, StudyLoss(cfg, None), env.batch_size, env.amp_dtype, cfg.grad_clip)
+    rates = time_train_and_eval(state, loop, batches * env.batch_size, eval_tuples)
     end_to_end, eval_rate = rates["train"], rates["eval"]
     alone = _model_alone_rate(state, cfg, env, batches, env.batch_size, slots)
     single_ms, ensemble_ms = predictor_latency(state.model, cfg, cache, data, env.device)
@@ -130,8 +137,6 @@ def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
 
 def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) -> tuple[float, float]:
     """predict.py's model path on one 100-image patient (25 per magnification), warm, best of N."""
-    from utils.inference import FoldModel, predict_patient
-
     by_mag = {m: data.rows[0][i].tolist() for i, m in enumerate(cfg.magnifications)}
     fold_model = FoldModel(model.eval(), cfg, 0.5, Path("benchmark"))
     timings = []
@@ -147,13 +152,62 @@ def peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+# ---------------------------------------------------------------- duration of a study
+def sample_slots(cfg) -> int:
+    """Images per training sample: 1 for image-level models, M for tuple models."""
+    return 1 if cfg.model == "single" else len(cfg.magnifications)
+
+
+def experiment_seconds(cfg, train_samples: int, eval_samples: int, rates: dict) -> float:
+    """Time of all folds at the full epoch budget, from MMNet's measured tuple rates.
+
+    A sample of s images costs about s/4 of a 4-magnification tuple.
+    """
+    cost = sample_slots(cfg) / 4
+    per_epoch = (train_samples * cost / rates["train"] + eval_samples * cost / rates["eval"]
+                 + rates.get("checkpoint_s", 0.0))
+    return cfg.folds * (cfg.epochs * per_epoch + rates.get("setup_s", 0.0))
+
+
+def measure_rates(cfg, study) -> dict:
+    """MMNet train and eval tuples/s on this device, from a few real batches of fold 0, plus
+    the per-fold model build and the loop's share of each checkpoint."""
+    env, mm = study.env, experiment_config(cfg, "mmnet")
+    split = fold_split(study.index, study.usable, study.folds, 0, mm)
+    new_fold_state(mm, env, steps_per_epoch=3, seed=cfg.seed)  # first build pays one-off imports
+    started = time.perf_counter()
+    state = new_fold_state(mm, env, steps_per_epoch=3, seed=cfg.seed)
+    rates = {"setup_s": time.perf_counter() - started}
+    val_tuples, _ = evaluation_tuples(split["val"])
+    loop = LoopSettings(study.source, split["train"], StudyLoss(mm, None), env.batch_size, env.amp_dtype, mm.grad_clip)
+    rates.update(time_train_and_eval(state, loop, env.batch_size * 2, val_tuples[:env.batch_size * 4]))
+    started = time.perf_counter()  # the loop's share of a checkpoint: the CPU snapshot;
+    snapshot(checkpoint_payload(state, {}))  # the disk write runs in the background
+    rates["checkpoint_s"] = time.perf_counter() - started
+    return rates
+
+
+def predict_duration(cfg, study, names: list[str]) -> float:
+    """Predicted seconds for the selected experiments at their full epoch budget."""
+    rates = measure_rates(cfg, study)
+    total = 0.0
+    for name in names:
+        exp = experiment_config(cfg, name)
+        split = fold_split(study.index, study.usable, study.folds, 0, exp)
+        train = tuples_per_epoch(split["train"], exp.tuples_per_epoch)
+        evals = len(evaluation_tuples(split["val"])[0]) + len(evaluation_tuples(split["test"])[0]) / exp.epochs
+        total += experiment_seconds(exp, train, int(evals), rates)
+    log.info("predicted duration: %.1f min for %d experiment(s) x %d folds x up to %d epochs "
+             "(measured %.1f train / %.1f eval tuples/s; early stopping can only shorten it)",
+             total / 60, len(names), cfg.folds, cfg.epochs, rates["train"], rates["eval"])
+    return total
+
+
 def predicted_full_run_s(cfg: Config, rates: dict) -> float:
     """Every default experiment x 5 folds at the full epoch budget, from the measured rates.
 
     Per fold, ~64 % of the images train (4/5 outer, 4/5 of that inner) and ~36 % are scored.
     """
-    from utils.study import experiment_seconds, sample_slots
-
     speeds = {"train": rates["train_tuples_per_s_end_to_end"], "eval": rates["eval_tuples_per_s"]}
     train_images = FULL["images"] * (1 - 1 / FULL["folds"]) * (1 - cfg.inner_val_fraction)
     total = 0.0
@@ -178,7 +232,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = Config(backbone=args.backbone, image_size=args.image_size, pretrained="off", device=args.device)
     env = detect_env(args.device, args.batch, 0)
-    from utils.env import configure_backends
     configure_backends(env.device, deterministic=False)
     rates = measure(cfg, env, args.batches, args.cache_images)
     rates["predicted_full_run_minutes"] = predicted_full_run_s(cfg, rates) / 60
@@ -188,7 +241,6 @@ def main(argv=None) -> int:
     out = Path(args.output_dir) / "tables"
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "benchmark.csv", index=False)
-    from utils.tables import markdown_table
     print(markdown_table(table))
     print(f"predicted full default run ({len(EXPERIMENTS)} experiments x 5 folds x {cfg.epochs} epochs, "
           f"no early stop): {rates['predicted_full_run_minutes']:.1f} min on {env.device_name}")

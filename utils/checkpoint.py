@@ -1,10 +1,14 @@
 """Fold state and its checkpoints: what is saved, how it is restored, when it is refused."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from utils.helpers import load_checkpoint
 
 
 class ForeignRunError(RuntimeError):
@@ -32,28 +36,11 @@ class FoldState:
 
 def config_json(cfg) -> str:
     """The fold's config inside its checkpoint: the model can be rebuilt from the file alone."""
-    import dataclasses
-    import json
-
     return json.dumps(dataclasses.asdict(cfg))
 
 
 def cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
-
-
-def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
-    from backbones import build_model
-    from utils.helpers import seed_everything
-    from utils.train import make_optimizer, make_scheduler
-
-    seed_everything(seed)  # same init for every experiment of this fold
-    model = build_model(cfg).to(env.device).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs,
-                               int(cfg.warmup_epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(env.device, enabled=env.amp_dtype == "float16")
-    return FoldState(model, optimizer, scheduler, scaler, history=[])
 
 
 def checkpoint_payload(state: FoldState, identity: dict, generator: torch.Generator | None = None) -> dict:
@@ -94,8 +81,6 @@ def restore_from_disk(state: FoldState, run_dir, identity: dict | None = None) -
     With `identity`, a checkpoint of another config or other folds is refused. Files are read
     on the CPU: torch.set_rng_state needs CPU tensors, whatever device trains.
     """
-    from utils.helpers import load_checkpoint
-
     last = run_dir / "last.pt"
     if not last.is_file():
         return False
@@ -129,8 +114,6 @@ def refuse_if_foreign(path, identity: dict, saved: dict) -> None:
 
 def finished_results(run_dir, identity: dict, resume: bool) -> dict | None:
     """results.json of a finished fold with the same identity, or None to (re)train."""
-    import json
-
     path = run_dir / "results.json"
     if not (resume and path.is_file()):
         return None

@@ -1,12 +1,50 @@
-"""Facts about the machine and the code for the run header and setup checks."""
+"""Facts about the machine and the code, without torch: paths, cores, /dev/shm, disk, commit.
+
+Torch-free on purpose: config, the analysis and the report import it and must start without
+loading torch. Device facts that need torch live in utils/device.py.
+"""
 from __future__ import annotations
 
-import platform
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from config import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RUNPOD_VOLUME = Path("/workspace")  # RunPod's persistent volume: survives a pod stop
+
+
+def get_base_path() -> Path:
+    """Where outputs and caches belong: the pod's persistent volume when there is one (RunPod
+    mounts it at /workspace), else the project folder."""
+    if RUNPOD_VOLUME.is_dir() and os.access(RUNPOD_VOLUME, os.W_OK):
+        return RUNPOD_VOLUME / "mmnet-breakhis"
+    return PROJECT_ROOT
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity API
+        return os.cpu_count() or 1
+
+
+def shm_gb() -> float:
+    """Size of /dev/shm in GB; infinity where there is none (macOS: no such limit)."""
+    return shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else float("inf")
+
+
+def decode_workers(requested: int = 0) -> tuple[int, list[str]]:
+    """Processes for PNG checks and decoding: the request, else usable cores capped at 8,
+    and 2 at most on a small /dev/shm. Returns the count and notes for the run header."""
+    if requested:
+        return requested, []
+    workers = max(1, min(8, usable_cpus()))
+    if shm_gb() < 1.0 and workers > 2:
+        # Docker's default 64 MB /dev/shm: process pools keep their queues and locks there.
+        return 2, [f"/dev/shm is {shm_gb():.2f} GB: decode workers lowered to 2 "
+                   f"(start the container with --shm-size=8g for more)"]
+    return workers, []
 
 
 def git_commit() -> str:
@@ -27,64 +65,9 @@ def free_disk_gb(path: str | Path) -> float:
     return round(shutil.disk_usage(path).free / 2**30, 1)
 
 
-def shm_gb() -> float:
-    return round(shutil.disk_usage("/dev/shm").total / 2**30, 2) if Path("/dev/shm").exists() else 0.0
-
-
-def versions() -> dict:
-    import numpy
-    import timm
-    import torch
-
-    facts = {"python": platform.python_version(), "torch": torch.__version__,
-             "timm": timm.__version__, "numpy": numpy.__version__,
-             "cuda": torch.version.cuda or "none", "platform": platform.platform()}
-    try:
-        import pytorch_grad_cam  # noqa: F401
-        from importlib.metadata import version
-        facts["grad-cam"] = version("grad-cam")
-    except Exception:  # grad-cam is optional for training
-        facts["grad-cam"] = "missing"
-    return facts
-
-
-def gpu_facts() -> dict:
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"gpus": 0}
-    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    props = torch.cuda.get_device_properties(0)
-    return {"gpus": len(names), "gpu_names": names,
-            "gpu_memory_gb": round(props.total_memory / 2**30, 1),
-            "capability": f"{props.major}.{props.minor}"}
-
-
 def runpod_hint(output_dir: str | Path) -> str:
     """A warning when a pod's persistent volume exists but outputs would not land on it."""
-    workspace = Path("/workspace")
-    if workspace.is_dir() and workspace not in Path(output_dir).resolve().parents:
+    if RUNPOD_VOLUME.is_dir() and RUNPOD_VOLUME not in Path(output_dir).resolve().parents:
         return (f"/workspace exists but outputs go to {Path(output_dir).resolve()}: they are lost "
                 f"when the pod stops; pass --output-dir /workspace/output to keep them")
     return ""
-
-
-def configure_backends(device: str, deterministic: bool) -> str:
-    """Fast GPU settings (TF32, cuDNN autotuning) or deterministic ones; says which, honestly."""
-    import os
-
-    import torch
-
-    if device != "cuda":
-        return "deterministic: same seed and thread count give identical results on this device"
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-        return ("deterministic GPU kernels requested (--deterministic): slower; kernels without a "
-                "deterministic version warn in the log")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    return ("NOT bitwise deterministic on GPU: cuDNN autotuning may pick other convolution algorithms "
-            "per run, and the backward of index gathers and fused AdamW use atomic adds; expect "
-            "differences in the last digits between runs (use --deterministic to trade speed for it)")

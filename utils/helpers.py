@@ -1,22 +1,19 @@
-"""Seeding, logging and atomic checkpoint files."""
+"""Seeding, checkpoint files written atomically (on a background thread), graceful stop."""
 from __future__ import annotations
 
-import logging
-import os
 import random
-import sys
-import tempfile
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+from utils.files import atomic_write_bytes
 
 
 def seed_everything(seed: int) -> None:
     """Python, NumPy and torch (CPU and every GPU) from one seed."""
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -30,63 +27,17 @@ def derived_seed(*parts: int) -> int:
                .astype(np.uint64).dot([1, 2**32]) % (2**63 - 1))
 
 
-def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Log to stdout and, when given, append to log_file (the raw run log)."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(level)
-    stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
-    root.addHandler(stream)
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
-        root.addHandler(file_handler)
-    for noisy in ("matplotlib", "PIL", "timm"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def atomic_write_bytes(path: str | Path, write) -> Path:
-    """Call write(file_object) on a temp file beside path, then os.replace: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """torch.save of tensors and plain values only, so weights_only=True can read it back."""
-    import torch
-
     return atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    import torch
-
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def snapshot(obj):
     """Deep copy with every tensor cloned to the CPU: safe to serialise while training goes on."""
-    import torch
-
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
@@ -101,16 +52,16 @@ class BackgroundWriter:
 
     Writes happen in order (a new one first waits for the previous one); call wait() before
     relying on the files. An error in the writer is raised by the next submit() or wait().
+    `save` is the function that writes one file (save_checkpoint unless a test swaps it).
     """
 
-    def __init__(self):
+    def __init__(self, save=None):
         self._thread = None
         self._error = None
+        self._save = save or save_checkpoint
 
     def submit(self, items: list) -> None:
         """items: [(state, path), ...], written in that order on the background thread."""
-        import threading
-
         self.wait()
         frozen = [(snapshot(state), path) for state, path in items]
         self._thread = threading.Thread(target=self._write, args=(frozen,), daemon=False)
@@ -119,7 +70,7 @@ class BackgroundWriter:
     def _write(self, items: list) -> None:
         for state, path in items:
             try:
-                save_checkpoint(state, path)
+                self._save(state, path)
             except Exception as exc:  # a full disk surfaces as OSError or as torch's RuntimeError
                 self._error = OSError(f"could not write {path} ({type(exc).__name__}: {str(exc)[:120]}); "
                                       f"free disk space there or pass another --output-dir, then rerun "
@@ -144,8 +95,6 @@ _STOP = {"signal": ""}
 
 
 def _on_signal(signum, frame) -> None:
-    import signal
-
     if _STOP["signal"] and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C: stop now, lose at most this epoch
     _STOP["signal"] = signal.Signals(signum).name
@@ -153,8 +102,6 @@ def _on_signal(signum, frame) -> None:
 
 def install_stop_handlers() -> None:
     """SIGTERM (a pod being stopped) and SIGINT ask the loop to stop after the current step."""
-    import signal
-
     _STOP["signal"] = ""
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)

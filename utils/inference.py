@@ -1,4 +1,5 @@
-"""Trained fold models: loading, patient-level prediction, Grad-CAM figures of a run."""
+"""Trained fold models: loading, patient-level prediction, and the Grad-CAM maps of a run's
+test patients (saved as .npz under output/gradcam/; the report draws them)."""
 from __future__ import annotations
 
 import json
@@ -8,12 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from config import Config, SUBTYPE_NAMES, SUBTYPES, slot_labels
+from backbones import build_model
+from backbones.our.gradcam import attention_maps, cam_maps
+from config import SUBTYPE_NAMES, SUBTYPES, Config, slot_labels
 from preprocess.augment import prepare_batch
-from preprocess.dataset import ImageSource, PatientImages, evaluation_tuples
+from preprocess.dataset import ImageSource, PatientImages, evaluation_tuples, fold_split
+from utils.files import GRADCAM_DIR
 from utils.helpers import load_checkpoint
+from utils.metrics import patient_probabilities
 
 log = logging.getLogger("mmnet")
 
@@ -28,8 +34,6 @@ class FoldModel:
 
 def load_fold_model(checkpoint: str | Path, device: str = "cpu") -> FoldModel:
     """Rebuild a model from best.pt alone (its config travels inside); threshold from results.json."""
-    from backbones import build_model
-
     checkpoint = Path(checkpoint)
     payload = load_checkpoint(checkpoint, device)
     if "config_json" not in payload:
@@ -100,40 +104,52 @@ def tuple_inputs(model: torch.nn.Module, source: ImageSource, tuple_rows: np.nda
     return prepare_batch(images, model.norm_mean, model.norm_std, None), mask, images[0].cpu().numpy()
 
 
-def explain_tuple(fm: FoldModel, source: ImageSource, tuple_rows: np.ndarray, title: str, path: Path) -> Path:
-    """Figure of one tuple: images, Grad-CAM of the predicted class, spatial attention."""
-    from backbones.our.gradcam import attention_maps, cam_maps, patient_figure
-
+def explain_tuple(fm: FoldModel, source: ImageSource, tuple_rows: np.ndarray, title: str) -> dict:
+    """Images, Grad-CAM of the predicted class and spatial attention of one tuple, with the
+    caption facts (probability, threshold, magnification weights): what a figure needs."""
     x, mask, raw = tuple_inputs(fm.model, source, tuple_rows)
     attention, prob, weights = attention_maps(fm.model, x, mask)
     target = int(prob >= fm.threshold)
-    cams = cam_maps(fm.model, x, mask, "gradcam", target=target)
     labels = slot_labels(fm.cfg)
     weights_text = ", ".join(f"{label} {w:.2f}" for label, w in zip(labels, weights))
     full = (f"{title}\nP(malignant) {prob:.2f} at threshold {fm.threshold:.2f} -> "
             f"{'malignant' if target else 'benign'} (Grad-CAM of that class) | weights {weights_text}")
-    return patient_figure(raw, mask[0].cpu().numpy() > 0, cams, attention, labels, full, path)
+    explanation = {"images": raw, "present": mask[0].cpu().numpy() > 0,
+                   "cams": cam_maps(fm.model, x, mask, "gradcam", target=target),
+                   "labels": np.array(labels), "title": np.array(full)}
+    if attention is not None:
+        explanation["attention"] = attention
+    return explanation
 
 
-def write_gradcam_figures(cfg: Config, study, source: ImageSource, usable: np.ndarray,
-                          experiment: str = "mmnet") -> list[Path]:
-    """Per fold: TP / TN / FP / FN test patients (as available), one figure each."""
-    import pandas as pd
+def choose_cases(predictions: pd.DataFrame, threshold: float, count: int) -> list[tuple[str, str]]:
+    """(case, patient) for the most confident TP, TN, FP, FN of a fold, in that order."""
+    patients = patient_probabilities(predictions).set_index("patient")
+    patients["pred"] = (patients["prob"] >= threshold).astype(int)
+    cases = []
+    for case, label, pred, most in (("TP", 1, 1, True), ("TN", 0, 0, False), ("FP", 0, 1, True),
+                                    ("FN", 1, 0, False)):
+        part = patients[(patients["label"] == label) & (patients["pred"] == pred)]
+        if len(part):
+            cases.append((case, part["prob"].idxmax() if most else part["prob"].idxmin()))
+    return cases[:count]
 
-    from backbones.our.gradcam import choose_cases
-    from preprocess.dataset import fold_split
 
+def write_gradcam_maps(cfg: Config, study, experiment: str = "mmnet") -> list[Path]:
+    """Per fold: maps of the TP / TN / FP / FN test patients (as available), one .npz each."""
     written = []
     for checkpoint in fold_checkpoints(cfg.output_dir, experiment):
-        fm = load_fold_model(checkpoint, str(source.device))
+        fm = load_fold_model(checkpoint, str(study.source.device))
         fold = int(checkpoint.parent.name.removeprefix("fold"))
         predictions = pd.read_csv(checkpoint.parent / "predictions.csv")
-        test = fold_split(study.index, usable, study.folds, fold, fm.cfg)["test"]
+        test = fold_split(study.index, study.usable, study.folds, fold, fm.cfg)["test"]
         tuples, owners = evaluation_tuples(test)
         for case, patient in choose_cases(predictions, fm.threshold, cfg.gradcam_patients):
             first = tuples[owners == test.patients.index(patient)][0]
             label = "malignant" if test.labels[test.patients.index(patient)] else "benign"
-            path = Path(cfg.output_dir) / "plots" / "gradcam" / f"{experiment}_fold{fold}_{case}_{patient}.png"
-            written.append(explain_tuple(fm, source, first, f"{patient} ({label}, {case}, fold {fold})", path))
-    log.info("Grad-CAM: %d figure(s) in %s", len(written), Path(cfg.output_dir) / "plots" / "gradcam")
+            path = Path(cfg.output_dir) / GRADCAM_DIR / f"{experiment}_fold{fold}_{case}_{patient}.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, **explain_tuple(fm, study.source, first, f"{patient} ({label}, {case}, fold {fold})"))
+            written.append(path)
+    log.info("Grad-CAM: maps of %d patient(s) in %s", len(written), Path(cfg.output_dir) / GRADCAM_DIR)
     return written

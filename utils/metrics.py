@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 METRICS = ("accuracy", "balanced_accuracy", "f1", "auc", "sensitivity", "specificity")
@@ -32,12 +33,16 @@ def binary_metrics(labels, probs, threshold: float = 0.5) -> dict:
 
 
 def patient_probabilities(predictions: pd.DataFrame) -> pd.DataFrame:
-    """One row per patient: label, group, subtype and the mean probability over its tuples."""
-    sub_cols = [c for c in predictions.columns if c.startswith("p_sub_")]
-    agg = {"label": ("label", "first"), "group": ("group", "first"), "subtype": ("subtype", "first"),
-           "prob": ("prob", "mean"), "n_tuples": ("prob", "size")}
-    agg.update({c: (c, "mean") for c in sub_cols})
-    return predictions.groupby("patient", sort=True).agg(**agg).reset_index()
+    """One row per patient (and fold, when pooled): its probability is the mean over its
+    tuples, likewise each subtype probability; label, group, subtype and the fold's threshold
+    are carried along. The one place where tuples become patients."""
+    keys = [k for k in ("fold", "patient") if k in predictions.columns]
+    mean_cols = ["prob"] + [c for c in predictions.columns if c.startswith("p_sub_")]
+    first_cols = [c for c in ("label", "group", "subtype", "threshold") if c in predictions.columns]
+    agg = {c: (c, "first") for c in first_cols}
+    agg.update({c: (c, "mean") for c in mean_cols})
+    agg["n_tuples"] = ("prob", "size")
+    return predictions.groupby(keys, sort=True).agg(**agg).reset_index()
 
 
 def choose_threshold(labels, probs) -> float:
@@ -103,16 +108,12 @@ def pooled_out_of_fold(predictions: list, results: list) -> pd.DataFrame:
 def _units(pooled: pd.DataFrame, level: str) -> pd.DataFrame:
     """Rows that are scored: tuples, or patients (mean probability over their tuples)."""
     if level == "patient":
-        pooled = (pooled.groupby("patient")
-                  .agg(label=("label", "first"), prob=("prob", "mean"), threshold=("threshold", "first"))
-                  .reset_index())
+        pooled = patient_probabilities(pooled.drop(columns="fold", errors="ignore"))
     return pooled.assign(decided=(pooled["prob"] >= pooled["threshold"]).astype(int))
 
 
 def weighted_metrics(labels: np.ndarray, probs: np.ndarray, decided: np.ndarray, weights: np.ndarray) -> dict:
     """METRICS from a confusion matrix whose rows count `weights` times (a bootstrap draw)."""
-    from sklearn.metrics import roc_auc_score
-
     pos, neg = labels == 1, labels == 0
     tp, fn = weights[pos & (decided == 1)].sum(), weights[pos & (decided == 0)].sum()
     tn, fp = weights[neg & (decided == 0)].sum(), weights[neg & (decided == 1)].sum()
@@ -157,8 +158,6 @@ def corrected_resampled_ttest(differences, n_train: float, n_test: float) -> tup
     The variance is inflated by (1/k + n_test/n_train) because cross-validation folds share
     training data. Returns (t, two-sided p) with k - 1 degrees of freedom.
     """
-    from scipy import stats
-
     d = np.asarray(differences, dtype=float)
     d = d[np.isfinite(d)]
     k = len(d)

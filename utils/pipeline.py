@@ -1,32 +1,54 @@
-"""The steps before training: output folder, run header, data index, analysis, folds."""
+"""The steps before training: output folder, run header, data index, analysis, folds, and the
+image cache placed on the device. Their product is one Study object that the engine reads."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from config import Config, decode_workers, detect_env, EnvInfo
-from preprocess.preprocess import DataError, index_dataset, missing_data_message, write_issues
-from preprocess.splits import build_folds, FoldError, kaggle_folds, load_folds, write_folds
-from utils.env import configure_backends, free_disk_gb, git_commit, gpu_facts, runpod_hint, shm_gb, versions
-from utils.helpers import atomic_write_text, setup_logging
+from config import Config
+from preprocess.analyze import analyze
+from preprocess.dataset import ImageSource
+from preprocess.demo import write_demo_tree
+from preprocess.preprocess import DataError, build_cache, index_dataset, missing_data_message, write_issues
+from preprocess.splits import FoldError, build_folds, kaggle_folds, load_folds, write_folds
+from utils.device import EnvInfo, configure_backends, detect_env, gpu_facts, versions
+from utils.env import decode_workers, free_disk_gb, git_commit, runpod_hint, shm_gb
+from utils.files import DATASET_FILE, HEADER_FILE, RUN_LOG, atomic_write_text, setup_logging
 
 log = logging.getLogger("mmnet")
-# Files under the output directory that utils.report reads back.
-RUN_LOG, HEADER_FILE, DATASET_FILE = "run.log", "run_header.json", "dataset.json"
 
 
 @dataclass
-class StudyData:
+class Study:
+    """What a study has prepared, handed as one object to every fold it trains."""
     index: pd.DataFrame  # one row per usable image (INDEX_COLUMNS)
     folds: pd.DataFrame  # one row per patient: group, label, fold, role_f<k>
     data_dir: Path
     demo: bool  # True when the data are synthetic
+    env: EnvInfo | None = None  # set by attach_images()
+    source: ImageSource | None = None  # the decoded images where the model runs
+    usable: np.ndarray | None = None  # (N,) rows of the index that decoded
+    folds_hash: str = ""  # changes whenever any patient's fold or inner role changes
+
+
+def folds_fingerprint(folds: pd.DataFrame) -> str:
+    cols = ["patient", "fold"] + sorted(c for c in folds.columns if c.startswith("role_f"))
+    return hashlib.sha256(folds[cols].sort_values("patient").to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def attach_images(cfg: Config, study: Study, env: EnvInfo) -> Study:
+    """Decoded-image cache (built once, then only mapped) placed where the model runs."""
+    cache, usable = build_cache(study.index, study.data_dir, cfg.resolved_cache_dir(), cfg.image_size, env.workers)
+    return dataclasses.replace(study, env=env, source=ImageSource(cache, env.device), usable=usable,
+                               folds_hash=folds_fingerprint(study.folds))
 
 
 def prepare_output(cfg: Config) -> None:
@@ -64,7 +86,7 @@ def run_header(cfg: Config, env: EnvInfo) -> dict:
         warnings.append(hint)
     return {"started": datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
             "env": dataclasses.asdict(env), "versions": versions(), "gpu": gpu_facts(),
-            "shm_gb": shm_gb(), "free_disk_gb": disk, "config": dataclasses.asdict(cfg),
+            "shm_gb": round(shm_gb(), 2), "free_disk_gb": disk, "config": dataclasses.asdict(cfg),
             "determinism": configure_backends(env.device, cfg.deterministic), "warnings": warnings}
 
 
@@ -73,8 +95,6 @@ def _resolve_data_dir(cfg: Config) -> tuple[Path, bool]:
     has_images = data_dir.is_dir() and any(data_dir.rglob("*.png"))
     if has_images or not cfg.dry_run:
         return data_dir, False
-    from preprocess.demo import write_demo_tree
-
     demo_dir = Path(cfg.output_dir) / "demo_data"
     if not any(demo_dir.rglob("*.png")):
         write_demo_tree(demo_dir)
@@ -123,10 +143,8 @@ def _folds(cfg: Config, index: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
     return folds
 
 
-def prepare_data(cfg: Config) -> StudyData:
+def prepare_data(cfg: Config) -> Study:
     """Index + validate, write data issues and the analysis, then load or build the folds."""
-    from preprocess.analyze import analyze
-
     data_dir, demo = _resolve_data_dir(cfg)
     index, issues = index_dataset(data_dir, workers=decode_workers(cfg.workers)[0])
     write_issues(issues, cfg.output_dir)
@@ -144,4 +162,4 @@ def prepare_data(cfg: Config) -> StudyData:
                "patients": int(index["patient"].nunique()), "issues": len(issues)}
     atomic_write_text(Path(cfg.output_dir) / DATASET_FILE, json.dumps(summary, indent=2))
     folds = _folds(cfg, index, data_dir)
-    return StudyData(index=index, folds=folds, data_dir=data_dir, demo=demo)
+    return Study(index=index, folds=folds, data_dir=data_dir, demo=demo)

@@ -4,38 +4,38 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from utils.metrics import patient_probabilities
 
 
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(rows: int = 1, cols: int = 1, figsize=(6, 4), squeeze: bool = True):
+    """A figure with its own canvas: no pyplot state, no backend to choose, nothing to close."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, dpi: int = 120) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
+    fig.savefig(path, dpi=dpi)
     return path
 
 
 def _patients(run: dict) -> pd.DataFrame:
-    return (run["pooled"].groupby(["fold", "patient"])
-            .agg(label=("label", "first"), prob=("prob", "mean"), threshold=("threshold", "first"))
-            .reset_index())
+    return patient_probabilities(run["pooled"])
 
 
 def confusion_matrices(runs: dict, path: Path) -> Path:
     """Pooled patient-level confusion matrix of every experiment (each fold's own threshold)."""
-    plt = _plt()
     cols = min(4, len(runs))
     rows = math.ceil(len(runs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 3 * rows), squeeze=False)
+    fig, axes = _figure(rows, cols, figsize=(3.1 * cols, 3 * rows), squeeze=False)
     for ax in axes.flat[len(runs):]:
         ax.axis("off")
     for ax, (name, run) in zip(axes.flat, runs.items()):
@@ -53,11 +53,8 @@ def confusion_matrices(runs: dict, path: Path) -> Path:
 
 def roc_curves(run: dict, name: str, path: Path) -> Path:
     """Per-fold ROC curves, their mean and a ±1 sd band, at tuple and patient level."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    plt = _plt()
     grid = np.linspace(0, 1, 101)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    fig, axes = _figure(1, 2, figsize=(10, 4.5))
     levels = {"tuple": run["pooled"],
               "patient": _patients(run)}
     for ax, (level, frame) in zip(axes, levels.items()):
@@ -80,8 +77,7 @@ def roc_curves(run: dict, name: str, path: Path) -> Path:
 
 
 def training_curves(run: dict, name: str, path: Path) -> Path:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = _figure(1, 2, figsize=(10, 4))
     for result, history in zip(run["results"], run["histories"]):
         epochs = history["epoch"] + 1
         axes[0].plot(epochs, history["train_loss"], label=f"fold {result['fold']} train")
@@ -96,8 +92,7 @@ def training_curves(run: dict, name: str, path: Path) -> Path:
 
 def experiment_bars(stats: pd.DataFrame, path: Path, level: str = "patient") -> Path:
     """Pooled balanced accuracy and AUC of every experiment with 95 % bootstrap CIs."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = _figure(1, 2, figsize=(12, 4.5))
     for ax, metric in zip(axes, ("balanced_accuracy", "auc")):
         part = stats[(stats["level"] == level) & (stats["metric"] == metric)]
         x = np.arange(len(part))
@@ -110,10 +105,9 @@ def experiment_bars(stats: pd.DataFrame, path: Path, level: str = "patient") -> 
 
 
 def magnification_importance_plot(table: pd.DataFrame, name: str, path: Path) -> Path:
-    plt = _plt()
     folds = table[table["fold"] != "mean ± sd"]
     cols = [c for c in folds.columns if c.startswith("w_")]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure(figsize=(6, 4))
     width = 0.8 / max(1, len(folds))
     for i, (_, row) in enumerate(folds.iterrows()):
         ax.bar(np.arange(len(cols)) + i * width, row[cols].astype(float), width, label=f"fold {row['fold']}")
@@ -125,14 +119,54 @@ def magnification_importance_plot(table: pd.DataFrame, name: str, path: Path) ->
 
 def calibration_plot(run: dict, name: str, path: Path, bins: int = 10) -> Path:
     """Reliability curve of pooled out-of-fold tuple probabilities."""
-    from sklearn.calibration import calibration_curve
-
-    plt = _plt()
     pooled = run["pooled"]
     observed, predicted = calibration_curve(pooled["label"], pooled["prob"], n_bins=bins, strategy="quantile")
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = _figure(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ls="--", color="grey")
     ax.plot(predicted, observed, marker="o")
     ax.set(title=f"{name}: calibration (tuples)", xlabel="predicted malignant probability",
            ylabel="observed malignant fraction", xlim=(0, 1), ylim=(0, 1))
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------- Grad-CAM figures
+def overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.45) -> np.ndarray:
+    """uint8 RGB image with a jet-coloured [0, 1] map blended over it."""
+    colour = matplotlib.colormaps["jet"](heat)[..., :3]
+    return np.clip((1 - strength) * image / 255.0 + strength * colour, 0, 1)
+
+
+def patient_figure(explanation, path: Path) -> Path:
+    """Columns: input slots (labels such as '40X'); rows: image, Grad-CAM, spatial attention.
+    `explanation`: what utils.inference.explain_tuple returns (or its saved .npz)."""
+    images, present, cams = explanation["images"], explanation["present"], explanation["cams"]
+    attention = explanation["attention"] if "attention" in explanation else None
+    labels = [str(label) for label in explanation["labels"]]
+    rows = 3 if attention is not None else 2
+    fig, axes = _figure(rows, len(labels), figsize=(2.6 * len(labels), 2.6 * rows + 0.6), squeeze=False)
+    for col, label in enumerate(labels):
+        for row in range(rows):
+            axes[row][col].axis("off")
+        axes[0][col].set_title(label if present[col] else f"{label} (missing)")
+        if not present[col]:
+            continue
+        axes[0][col].imshow(images[col])
+        axes[1][col].imshow(overlay(images[col], cams[col]))
+        if attention is not None:  # min-max scaled so structure shows; the raw range is printed
+            low, high = float(attention[col].min()), float(attention[col].max())
+            axes[2][col].imshow((attention[col] - low) / max(high - low, 1e-6), cmap="magma", vmin=0, vmax=1)
+            axes[2][col].set_title(f"range {low:.2f}-{high:.2f}", fontsize=7)
+    for row, row_name in enumerate(["image", "Grad-CAM", "spatial attention"][:rows]):
+        axes[row][0].text(-0.08, 0.5, row_name, transform=axes[row][0].transAxes, rotation=90,
+                          ha="right", va="center")
+    fig.suptitle(str(explanation["title"]), fontsize=9)
+    return _save(fig, path, dpi=110)
+
+
+def gradcam_figures(maps_dir: Path, plots_dir: Path) -> list[Path]:
+    """One figure per saved .npz of Grad-CAM maps."""
+    written = []
+    for npz in sorted(Path(maps_dir).glob("*.npz")):
+        with np.load(npz) as explanation:
+            written.append(patient_figure(explanation, Path(plots_dir) / f"{npz.stem}.png"))
+    return written

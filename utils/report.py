@@ -1,4 +1,5 @@
-"""Tables, plots and RUNPOD_OUTPUT.md, rebuilt from output/ alone (also by --report-only)."""
+"""Tables, plots and RUNPOD_OUTPUT.md, rebuilt from output/ alone (also by --report-only).
+Reads files only: never imports torch or a model."""
 from __future__ import annotations
 
 import json
@@ -6,12 +7,13 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
+
 from config import ABLATIONS, BASELINES, EXPERIMENTS
 from utils import plottings
-from utils.pipeline import DATASET_FILE, HEADER_FILE, RUN_LOG
-from utils.tables import (comparison_table, fold_table, load_runs, magnification_importance,
-                          markdown_table, per_fold_table, save_table, statistics, subtype_tables,
-                          timing_table)
+from utils.files import DATASET_FILE, GRADCAM_DIR, HEADER_FILE, RUN_LOG, markdown_table, save_table
+from utils.tables import (comparison_table, fold_table, load_runs, magnification_importance, per_fold_table,
+                          statistics, subtype_tables, timing_table)
 
 log = logging.getLogger("mmnet")
 
@@ -29,7 +31,7 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
     for file, table in zip(files, shown.values()):
         save_table(table, tables, file, latex=True)
     for name, run in runs.items():
-        save_table(fold_table(run["results"]), tables, f"{name}_folds")
+        save_table(fold_table(run), tables, f"{name}_folds")
     shown["Per fold (patient level)"] = per_fold_table(runs)
     save_table(shown["Per fold (patient level)"], tables, "per_fold", latex=True)
     recall, head = subtype_tables(runs)
@@ -46,7 +48,8 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
     return shown
 
 
-def write_plots(runs: dict, stats, plots: Path) -> None:
+def write_plots(runs: dict, stats, out: Path) -> None:
+    plots = out / "plots"
     plottings.confusion_matrices(runs, plots / "confusion_matrices.png")
     plottings.experiment_bars(stats, plots / "experiments_bar.png")
     if "mmnet" in runs:  # the curves of the proposed model; the others are in the tables
@@ -56,6 +59,7 @@ def write_plots(runs: dict, stats, plots: Path) -> None:
         plottings.calibration_plot(run, "mmnet", plots / "calibration_mmnet.png")
         plottings.magnification_importance_plot(magnification_importance(run), "mmnet",
                                                 plots / "magnification_importance_mmnet.png")
+    plottings.gradcam_figures(out / GRADCAM_DIR, plots / "gradcam")
 
 
 def _read(path: Path, default: str = "") -> str:
@@ -98,7 +102,6 @@ def write_markdown(cfg, runs: dict, shown: dict) -> Path:
             lines += [f"### {title}", "", markdown_table(table), ""]
     benchmark = out / "tables" / "benchmark.csv"
     if benchmark.is_file():  # written by `python -m utils.benchmark --output-dir` this folder
-        import pandas as pd
         lines += ["### Benchmark (python -m utils.benchmark)", "", markdown_table(pd.read_csv(benchmark)), ""]
     lines += ["## Log", "", "```text", _read(out / RUN_LOG).rstrip(), "```", ""]
     path = Path(cfg.report_file)
@@ -116,7 +119,7 @@ def write_report(cfg) -> int:
     tables = out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     shown = write_tables(runs, cfg, tables)
-    write_plots(runs, shown["_stats"], out / "plots")
+    write_plots(runs, shown["_stats"], out)
     log.info("main comparison (patient level):\n%s", markdown_table(shown["Main comparison (patient level)"]))
     if len(shown["Ablations (patient level)"]) > 1:
         log.info("ablations (patient level):\n%s", markdown_table(shown["Ablations (patient level)"]))

@@ -1,67 +1,35 @@
-"""Tables from output/ CSVs as CSV, Markdown and LaTeX. Never imports torch."""
+"""Result tables from output/ files alone (never imports torch). Every metric is computed
+here from predictions.csv; results.json contributes only what training knows (threshold,
+epochs, timings, patient counts)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def markdown_table(df: pd.DataFrame, index: bool = False) -> str:
-    """GitHub Markdown for a DataFrame (no tabulate dependency)."""
-    frame = df.reset_index() if index else df
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    rows = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows]) + "\n"
-
-
-def latex_table(df: pd.DataFrame) -> str:
-    escape = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")
-    cols = "l" + "r" * (len(df.columns) - 1)
-    lines = [rf"\begin{{tabular}}{{{cols}}}", r"\hline",
-             " & ".join(escape(c) for c in df.columns) + r" \\", r"\hline"]
-    lines += [" & ".join(escape(_cell(v)) for v in row) + r" \\" for row in df.itertuples(index=False)]
-    return "\n".join(lines + [r"\hline", r"\end{tabular}"]) + "\n"
-
-
-def save_table(df: pd.DataFrame, tables_dir: str | Path, name: str, latex: bool = False) -> Path:
-    """Write name.csv and name.md (and name.tex) under tables_dir; returns the CSV path."""
-    tables_dir = Path(tables_dir)
-    tables_dir.mkdir(parents=True, exist_ok=True)
-    csv = tables_dir / f"{name}.csv"
-    df.to_csv(csv, index=False)
-    (tables_dir / f"{name}.md").write_text(markdown_table(df))
-    if latex:
-        (tables_dir / f"{name}.tex").write_text(latex_table(df))
-    return csv
+from config import SUBTYPES
+from utils.metrics import (METRICS, cluster_bootstrap_ci, corrected_resampled_ttest, fold_metrics, format_mean_sd,
+                           mean_sd, patient_probabilities, pooled_out_of_fold)
 
 
 # ---------------------------------------------------------------- results of the runs
 LEVELS = ("patient", "tuple")
-SHOWN = ("accuracy", "balanced_accuracy", "f1", "auc", "sensitivity", "specificity")
+SHOWN = METRICS
 SHORT = {"accuracy": "acc", "balanced_accuracy": "bal_acc", "f1": "f1", "auc": "auc",
          "sensitivity": "sens", "specificity": "spec"}
 
 
 def load_results(output_dir: str | Path, experiment: str) -> list[dict]:
-    import json
-
     paths = sorted((Path(output_dir) / "runs" / experiment).glob("fold*/results.json"))
     return [json.loads(p.read_text()) for p in paths]
 
 
 def load_runs(output_dir: str | Path, experiments) -> dict[str, dict]:
-    """name -> {results, predictions, histories, pooled} for every experiment with finished
-    folds; pooled: all out-of-fold test predictions with each fold's number and threshold."""
-    from utils.metrics import pooled_out_of_fold
-
+    """name -> {results, predictions, histories, pooled, metrics} for every experiment with
+    finished folds; pooled: all out-of-fold test predictions with each fold's number and
+    threshold; metrics: fold -> fold_metrics() of that fold's predictions."""
     runs = {}
     for name in experiments:
         results = load_results(output_dir, name)
@@ -73,18 +41,18 @@ def load_runs(output_dir: str | Path, experiments) -> dict[str, dict]:
                                                   dtype={"group": str}) for r in results],
                       "histories": [pd.read_csv(folder / f"fold{r['fold']}" / "history.csv") for r in results]}
         runs[name]["pooled"] = pooled_out_of_fold(runs[name]["predictions"], results)
+        runs[name]["metrics"] = {r["fold"]: fold_metrics(frame, r["threshold"])
+                                 for r, frame in zip(results, runs[name]["predictions"])}
     return runs
 
 
-def fold_table(results: list[dict]) -> pd.DataFrame:
+def fold_table(run: dict) -> pd.DataFrame:
     """One row per fold (both levels) plus a 'mean ± sd' row."""
-    from utils.metrics import format_mean_sd
-
     rows = []
-    for r in results:
+    for r in run["results"]:
         row = {"fold": r["fold"], "threshold": round(r["threshold"], 3), "best_epoch": r["best_epoch"] + 1}
         for level in LEVELS:
-            row.update({f"{level}_{m}": r["metrics"][level][m] for m in SHOWN})
+            row.update({f"{level}_{m}": run["metrics"][r["fold"]][level][m] for m in SHOWN})
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
@@ -95,14 +63,12 @@ def fold_table(results: list[dict]) -> pd.DataFrame:
 
 
 def _fold_values(run: dict, level: str, metric: str) -> dict:
-    return {r["fold"]: r["metrics"][level][metric] for r in run["results"]}
+    return {fold: metrics[level][metric] for fold, metrics in run["metrics"].items()}
 
 
 def statistics(runs: dict, n_boot: int, seed: int, reference: str = "mmnet") -> pd.DataFrame:
     """Long table: experiment x level x metric -> fold mean/sd, pooled value, bootstrap CI,
     paired difference with the reference and the corrected resampled t-test p-value."""
-    from utils.metrics import cluster_bootstrap_ci, corrected_resampled_ttest, mean_sd
-
     rows = []
     for name, run in runs.items():
         pooled = run["pooled"]
@@ -152,39 +118,38 @@ def comparison_table(stats: pd.DataFrame, experiments, level: str = "patient",
 
 
 def per_fold_table(runs: dict) -> pd.DataFrame:
-    rows = [{"experiment": name, "fold": r["fold"], **{SHORT[m]: round(r["metrics"]["patient"][m], 4) for m in SHOWN}}
+    rows = [{"experiment": name, "fold": r["fold"],
+             **{SHORT[m]: round(run["metrics"][r["fold"]]["patient"][m], 4) for m in SHOWN}}
             for name, run in runs.items() for r in run["results"]]
     return pd.DataFrame(rows)
 
 
 def subtype_tables(runs: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Binary recall per subtype (pooled patients, 'correct/total') and the subtype head's scores."""
-    from config import SUBTYPES
-    from utils.metrics import format_mean_sd
-
     recall_rows, head_rows = [], []
     for name, run in runs.items():
-        patients = run["pooled"].groupby("patient").agg(label=("label", "first"), subtype=("subtype", "first"),
-                                                 prob=("prob", "mean"), threshold=("threshold", "first"))
+        patients = patient_probabilities(run["pooled"])
         patients["correct"] = (patients["prob"] >= patients["threshold"]).astype(int) == patients["label"]
         row = {"experiment": name}
         for code, part in patients.groupby("subtype"):
             row[SUBTYPES[int(code)]] = f"{int(part['correct'].sum())}/{len(part)}"
         recall_rows.append(row)
-        scores = [r["metrics"]["patient"].get("subtype_macro_f1") for r in run["results"]]
-        if all(s is not None for s in scores):
-            head_rows.append({"experiment": name, "subtype_macro_f1": format_mean_sd(scores),
+        folds = [m["patient"] for m in run["metrics"].values()]
+        if all("subtype_macro_f1" in m for m in folds):
+            head_rows.append({"experiment": name,
+                              "subtype_macro_f1": format_mean_sd([m["subtype_macro_f1"] for m in folds]),
                               "subtype_balanced_accuracy": format_mean_sd(
-                                  [r["metrics"]["patient"]["subtype_balanced_accuracy"] for r in run["results"]])})
+                                  [m["subtype_balanced_accuracy"] for m in folds])})
     return pd.DataFrame(recall_rows), pd.DataFrame(head_rows)
 
 
 def magnification_importance(run: dict) -> pd.DataFrame:
     """Mean fusion weight per magnification on each fold's test tuples, and mean ± sd."""
-    from utils.metrics import format_mean_sd
-
-    table = pd.DataFrame([{"fold": r["fold"], **{k: round(v, 4) for k, v in r["magnification_weights"].items()}}
-                          for r in run["results"]])
+    rows = []
+    for r, frame in zip(run["results"], run["predictions"]):
+        weights = frame[[c for c in frame.columns if c.startswith("w_")]].mean()
+        rows.append({"fold": r["fold"], **{k: round(v, 4) for k, v in weights.items()}})
+    table = pd.DataFrame(rows)
     summary = {c: format_mean_sd(table[c]) for c in table.columns if c != "fold"}
     return pd.concat([table, pd.DataFrame([{"fold": "mean ± sd", **summary}])], ignore_index=True)
 

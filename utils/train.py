@@ -1,4 +1,4 @@
-"""The one training loop: train_one_epoch(), predict(), run_fold()."""
+"""The one training loop: a fold's model, optimizer and schedule, train_one_epoch(), predict()."""
 from __future__ import annotations
 
 import contextlib
@@ -6,14 +6,16 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
+from backbones import build_model
 from preprocess.augment import prepare_batch
-from preprocess.dataset import ImageSource, PatientImages, fold_split
-from utils.checkpoint import (FoldState, ForeignRunError, checkpoint_payload, config_json, cpu_copy,  # noqa: F401
-                              finished_results, new_fold_state, reload_last, restore_from_disk)
+from preprocess.dataset import ImageSource, PatientImages
+from utils.checkpoint import FoldState
+from utils.helpers import seed_everything
 
 log = logging.getLogger("mmnet")
 
@@ -29,6 +31,29 @@ class EpochResult:
     seconds: float
     stopped_at: int | None = None  # steps done when a stop was requested mid-epoch
     losses: list | None = None  # per-step losses so far (kept for a mid-epoch resume)
+
+
+@dataclass
+class LoopSettings:
+    """What stays the same for every epoch of a fold."""
+    source: ImageSource  # the decoded images, where the model runs
+    data: PatientImages  # the training patients
+    loss_fn: Callable  # (output, labels, subtypes) -> (loss, parts)
+    batch_size: int  # tuples per optimizer step
+    amp_dtype: str  # bfloat16 | float16 | none
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    should_stop: Callable | None = None  # asked after every step; truthy = save and stop
+
+
+@dataclass
+class EpochPlan:
+    """What one epoch draws: its tuples (already shuffled) and its augmentation stream."""
+    tuples: np.ndarray  # (T, M) cache rows
+    owners: np.ndarray  # (T,) patient position of each tuple
+    generator: torch.Generator  # augmentation randomness
+    epoch: int
+    start_step: int = 0  # >0 when resuming an epoch that was stopped mid-way
+    prior_losses: list | None = None  # the losses of the steps done before the stop
 
 
 def amp_context(device: str, amp_dtype: str):
@@ -59,58 +84,68 @@ def make_scheduler(optimizer, total_steps: int, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _targets(data: PatientImages, owners: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-    labels = torch.from_numpy(data.labels[owners]).to(device)
-    return labels, torch.from_numpy(data.subtypes[owners]).to(device)
+def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
+    """A fold's model, optimizer, schedule and scaler, from the config and the seed alone."""
+    seed_everything(seed)  # same init for every experiment of this fold
+    model = build_model(cfg).to(env.device).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs,
+                               int(cfg.warmup_epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(env.device, enabled=env.amp_dtype == "float16")
+    return FoldState(model, optimizer, scheduler, scaler, history=[])
 
 
-def train_one_epoch(model, source: ImageSource, data: PatientImages, tuples: np.ndarray,
-                    owners: np.ndarray, optimizer, scheduler, scaler, loss_fn, batch_size: int,
-                    amp_dtype: str, grad_clip: float, generator: torch.Generator,
-                    epoch: int, start_step: int = 0, prior_losses=None, should_stop=None,
-                    accumulation: int = 1) -> EpochResult:
-    """One pass over `tuples` (already shuffled), from `start_step` on.
+def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds: tuple) -> torch.Tensor:
+    """One optimizer update over tuples [start, end), in state.accumulation micro-batches."""
+    start_row, end = bounds
+    labels_all, subtypes_all = targets
+    state.optimizer.zero_grad(set_to_none=True)
+    micro = math.ceil(loop.batch_size / state.accumulation)
+    total = torch.zeros((), device=loop.source.device)
+    for start in range(start_row, end, micro):
+        stop = min(end, start + micro)
+        images, mask = loop.source.gather(plan.tuples[start:stop])
+        x = prepare_batch(images, state.model.norm_mean, state.model.norm_std, plan.generator)
+        with amp_context(loop.source.device.type, loop.amp_dtype):
+            output = state.model(x, mask)
+        loss, _ = loop.loss_fn(output, labels_all[start:stop], subtypes_all[start:stop])
+        rows, batch = stop - start, end - start_row  # a micro-batch's share of the step's mean
+        state.scaler.scale(loss * rows / batch).backward()
+        total += loss.detach() * rows / batch
+    if loop.grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), loop.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    return total
 
-    Each step is one optimizer update over batch_size tuples, split into `accumulation`
-    micro-batches (same effective batch, less memory). should_stop() is asked after every
-    step. Raises TrainingError on a non-finite loss.
-    """
-    model.train()
-    started, device = time.perf_counter(), source.device
-    n_steps = math.ceil(len(tuples) / batch_size)
+
+def train_one_epoch(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> EpochResult:
+    """One pass over plan.tuples from plan.start_step on; each step is one optimizer update over
+    loop.batch_size tuples. loop.should_stop() is asked after every step. Raises TrainingError
+    on a non-finite loss."""
+    state.model.train()
+    started, device = time.perf_counter(), loop.source.device
+    n_steps = math.ceil(len(plan.tuples) / loop.batch_size)
     losses = torch.zeros(n_steps, device=device)
-    if prior_losses:
-        losses[:len(prior_losses)] = torch.tensor(prior_losses, device=device)
-    labels_all, subtypes_all = _targets(data, owners, device)
-    micro = math.ceil(batch_size / accumulation)
+    if plan.prior_losses:
+        losses[:len(plan.prior_losses)] = torch.tensor(plan.prior_losses, device=device)
+    targets = (torch.from_numpy(loop.data.labels[plan.owners]).to(device),
+               torch.from_numpy(loop.data.subtypes[plan.owners]).to(device))
     stopped_at = None
-    for step in range(start_step, n_steps):
-        optimizer.zero_grad(set_to_none=True)
-        end = min(len(tuples), (step + 1) * batch_size)
-        for start in range(step * batch_size, end, micro):
-            stop = min(end, start + micro)
-            images, mask = source.gather(tuples[start:stop])
-            x = prepare_batch(images, model.norm_mean, model.norm_std, generator)
-            with amp_context(device.type, amp_dtype):
-                output = model(x, mask)
-            loss, _ = loss_fn(output, labels_all[start:stop], subtypes_all[start:stop])
-            scaler.scale(loss * (stop - start) / (end - step * batch_size)).backward()
-            losses[step] += loss.detach() * (stop - start) / (end - step * batch_size)
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if should_stop is not None and should_stop() and step + 1 < n_steps:
+    for step in range(plan.start_step, n_steps):
+        bounds = (step * loop.batch_size, min(len(plan.tuples), (step + 1) * loop.batch_size))
+        losses[step] += _step(state, loop, plan, targets, bounds)
+        if loop.should_stop is not None and loop.should_stop() and step + 1 < n_steps:
             stopped_at = step + 1
             break
     values = losses[:stopped_at or n_steps].cpu().numpy()  # one sync per epoch, not per step
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
-        raise TrainingError(f"non-finite loss at epoch {epoch} step {int(bad[0])}: lower --lr "
+        raise TrainingError(f"non-finite loss at epoch {plan.epoch} step {int(bad[0])}: lower --lr "
                             f"or check the data; the last good checkpoint is kept")
-    return EpochResult(float(values.mean()), len(tuples), time.perf_counter() - started,
+    return EpochResult(float(values.mean()), len(plan.tuples), time.perf_counter() - started,
                        stopped_at, values.tolist())
 
 
@@ -152,186 +187,3 @@ def _predict_batches(model, source: ImageSource, tuples: np.ndarray, batch_size:
     if not np.isfinite(result["prob"]).all():
         raise TrainingError("the model produced non-finite probabilities; not scoring them")
     return result
-
-
-# ---------------------------------------------------------------- one fold
-def _validate(state: FoldState, source, split, val_tuples, val_owners, batch: int, amp: str) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    out = predict(state.model, source, val_tuples, batch, amp)
-    labels = split["val"].labels[val_owners]
-    p = np.clip(out["prob"], 1e-7, 1 - 1e-7)
-    loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
-    return {"val_loss": loss, "val_auc": float(roc_auc_score(labels, out["prob"]))}
-
-
-def _start_epoch(state: FoldState, cfg, env, split, fold: int, count: int):
-    """Seeds, tuples and augmentation generator of the epoch; a mid-epoch resume re-applies the
-    RNG states saved at the stop, so the rest of the epoch is what it would have been."""
-    from preprocess.dataset import training_tuples
-    from utils.helpers import derived_seed, seed_everything
-
-    seed_everything(derived_seed(cfg.seed, fold, state.epoch))  # resumable: seeds depend on epoch only
-    rng = np.random.default_rng(derived_seed(cfg.seed, fold, state.epoch, 1))
-    gen = torch.Generator(device=env.device).manual_seed(derived_seed(cfg.seed, fold, state.epoch, 2))
-    tuples, owners = training_tuples(split["train"], count, rng, cfg.class_balanced)
-    if state.saved_rng:
-        torch.set_rng_state(state.saved_rng["torch"])
-        if "cuda" in state.saved_rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state.saved_rng["cuda"])
-        gen.set_state(state.saved_rng["augment"])
-        state.saved_rng = None
-    return tuples, owners, gen
-
-
-def _epoch_or_replay(state: FoldState, args: dict, env) -> EpochResult:
-    """One epoch; a CUDA out-of-memory instead halves the micro-batch (gradient accumulation
-    keeps the effective batch) and asks for the epoch to be replayed from its checkpoint."""
-    try:
-        return train_one_epoch(**args, accumulation=state.accumulation)
-    except torch.OutOfMemoryError:
-        if state.accumulation >= args["batch_size"]:
-            raise
-        state.accumulation *= 2
-        log.warning("CUDA out of memory: retrying epoch %d with micro-batches of %d (x%d accumulation)",
-                    state.epoch + 1, math.ceil(args["batch_size"] / state.accumulation), state.accumulation)
-        if env.device == "cuda":
-            torch.cuda.empty_cache()
-        raise _ReplayEpoch from None
-
-
-class _ReplayEpoch(Exception):
-    """Restart the epoch from the last checkpoint (after an out-of-memory)."""
-
-
-def _train_epochs(state, cfg, env, source, split, run_dir, identity, fold: int, writer, fresh_state) -> None:
-    from preprocess.dataset import evaluation_tuples, tuples_per_epoch
-    from utils.helpers import StopRequested, stop_requested
-    from utils.losses import StudyLoss, subtype_class_weights
-
-    loss_fn = StudyLoss(cfg, subtype_class_weights(split["train"].subtypes))
-    val_tuples, val_owners = evaluation_tuples(split["val"])
-    count = tuples_per_epoch(split["train"], cfg.tuples_per_epoch)
-    while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
-        epoch = state.epoch
-        tuples, owners, gen = _start_epoch(state, cfg, env, split, fold, count)
-        args = dict(model=state.model, source=source, data=split["train"], tuples=tuples, owners=owners,
-                    optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
-                    loss_fn=loss_fn, batch_size=env.batch_size, amp_dtype=env.amp_dtype,
-                    grad_clip=cfg.grad_clip, generator=gen, epoch=epoch, start_step=state.step,
-                    prior_losses=state.partial_losses, should_stop=stop_requested)
-        try:
-            result = _epoch_or_replay(state, args, env)
-        except _ReplayEpoch:
-            writer.wait()
-            reload_last(state, run_dir, fresh_state)
-            continue
-        if result.stopped_at is not None:
-            state.step, state.partial_losses = result.stopped_at, result.losses
-            writer.submit([(checkpoint_payload(state, identity, gen), run_dir / "last.pt")])
-            writer.wait()
-            raise StopRequested(f"{run_dir.parent.name} fold {fold} epoch {epoch + 1} step {state.step}")
-        state.step, state.partial_losses = 0, None
-        val = _validate(state, source, split, val_tuples, val_owners, env.batch_size * 2, env.amp_dtype)
-        improved = val["val_auc"] > state.best_auc + 1e-4 or (
-            abs(val["val_auc"] - state.best_auc) <= 1e-4 and val["val_loss"] < state.best_loss)
-        writes = []
-        if improved:
-            state.best_auc, state.best_loss, state.best_epoch, state.bad_epochs = \
-                val["val_auc"], val["val_loss"], epoch, 0
-            state.best_weights = cpu_copy(state.model.state_dict())
-            writes.append(({"model": state.best_weights, "epoch": epoch, "config_json": config_json(cfg),
-                            **identity}, run_dir / "best.pt"))
-        else:
-            state.bad_epochs += 1
-        row = {"epoch": epoch, "train_loss": result.loss, **val, "lr": state.scheduler.get_last_lr()[-1],
-               "tuples_per_s": result.tuples / result.seconds, "seconds": result.seconds, "best": improved}
-        state.history.append(row)
-        state.epoch = epoch + 1
-        writer.submit([(checkpoint_payload(state, identity), run_dir / "last.pt"), *writes])
-        log.info("%s fold %d epoch %d/%d | loss %.4f | val auc %.4f loss %.4f | %.0f tuples/s%s",
-                 run_dir.parent.name, fold, epoch + 1, cfg.epochs, result.loss, val["val_auc"],
-                 val["val_loss"], row["tuples_per_s"], " *" if improved else "")
-
-
-def _test_predictions(state, cfg, env, source, split) -> tuple[object, float]:
-    """Test-fold predictions (one row per tuple) and the threshold chosen on inner validation."""
-    import pandas as pd
-
-    from config import slot_labels
-    from preprocess.dataset import evaluation_tuples
-    from utils.metrics import choose_threshold
-
-    rows = {}
-    for role in ("val", "test"):
-        data = split[role]
-        tuples, owners = evaluation_tuples(data)
-        out = predict(state.model, source, tuples, env.batch_size * 2, env.amp_dtype)
-        frame = pd.DataFrame({"patient": np.array(data.patients)[owners], "group": np.array(data.groups)[owners],
-                              "label": data.labels[owners], "subtype": data.subtypes[owners],
-                              "prob": out["prob"]})
-        for i in range(out.get("subtype_prob", np.zeros((0, 0))).shape[1]):
-            frame[f"p_sub_{i}"] = out["subtype_prob"][:, i]
-        for i, label in enumerate(slot_labels(cfg)):
-            frame[f"w_{label.lower()}"] = out["mag_weights"][:, i]
-        rows[role] = frame
-    val_patients = rows["val"].groupby("patient").agg(label=("label", "first"), prob=("prob", "mean"))
-    return rows["test"], choose_threshold(val_patients["label"], val_patients["prob"])
-
-
-def run_fold(cfg, env, study, source, experiment: str, fold: int, usable, folds_hash: str) -> dict:
-    """Train one experiment on one fold (or resume it, or return its finished results)."""
-    import json
-    from pathlib import Path
-
-    import pandas as pd
-
-    from preprocess.dataset import tuples_per_epoch
-    from utils.helpers import BackgroundWriter, atomic_write_text, derived_seed
-    from utils.metrics import fold_metrics
-
-    run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
-    identity = {"config_hash": cfg.training_hash(), "folds_hash": folds_hash}
-    if (done := finished_results(run_dir, identity, cfg.resume)) is not None:
-        log.info("%s fold %d: finished earlier, skipped (config %s)", experiment, fold, identity["config_hash"])
-        return done
-    run_dir.mkdir(parents=True, exist_ok=True)
-    split = fold_split(study.index, usable, study.folds, fold, cfg)
-    steps = math.ceil(tuples_per_epoch(split["train"], cfg.tuples_per_epoch) / env.batch_size)
-
-    def fresh_state():
-        return new_fold_state(cfg, env, steps, derived_seed(cfg.seed, fold))
-
-    state = fresh_state()
-    started = time.perf_counter()
-    writer = BackgroundWriter()
-    if cfg.resume and restore_from_disk(state, run_dir, identity):
-        log.info("%s fold %d: resuming at epoch %d step %d", experiment, fold, state.epoch + 1, state.step)
-    try:
-        _train_epochs(state, cfg, env, source, split, run_dir, identity, fold, writer, fresh_state)
-    finally:  # also on an interrupt: the last submitted checkpoint lands whole before we leave
-        writer.wait()
-    state.model.load_state_dict(state.best_weights)
-    predictions, threshold = _test_predictions(state, cfg, env, source, split)
-    predictions.to_csv(run_dir / "predictions.csv", index=False)
-    pd.DataFrame(state.history).to_csv(run_dir / "history.csv", index=False)
-    weight_cols = [c for c in predictions.columns if c.startswith("w_")]
-    results = {"experiment": experiment, "fold": fold, **identity, "threshold": threshold,
-               "best_epoch": state.best_epoch, "epochs_run": state.epoch,
-               "train_seconds": sum(h["seconds"] for h in state.history),
-               "wall_seconds_this_run": time.perf_counter() - started,
-               "pretrained": getattr(state.model, "pretrained_status", ""),
-               "accumulation": state.accumulation,  # >1 after a CUDA out-of-memory
-               "patients": {r: len(split[r]) for r in split},
-               "magnification_weights": predictions[weight_cols].mean().to_dict(),
-               "metrics": fold_metrics(predictions, threshold)}
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
-    # A finished fold is skipped on restart: only best.pt (the model) is needed from now on,
-    # and last.pt (weights + optimizer, ~0.5 GB for four resnet18s) would fill a pod's disk.
-    (run_dir / "last.pt").unlink(missing_ok=True)
-    if cfg.keep_models == "mmnet" and experiment != "mmnet":
-        (run_dir / "best.pt").unlink(missing_ok=True)
-    m = results["metrics"]["patient"]
-    log.info("%s fold %d done: patient acc %.3f bal-acc %.3f auc %.3f (threshold %.3f, best epoch %d)",
-             experiment, fold, m["accuracy"], m["balanced_accuracy"], m["auc"], threshold, state.best_epoch + 1)
-    return results

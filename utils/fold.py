@@ -1,0 +1,210 @@
+"""One experiment on one outer fold: train (or resume, or skip), then predict the test fold.
+
+run_fold(cfg, study, experiment, fold) writes runs/<experiment>/fold<k>/: history.csv,
+predictions.csv (one row per test tuple), results.json (what only training knows: threshold,
+epochs, timings) and best.pt. Every metric is computed later, by the report, from the files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from config import slot_labels
+from preprocess.dataset import evaluation_tuples, fold_split, training_tuples, tuples_per_epoch
+from utils.checkpoint import (FoldState, checkpoint_payload, config_json, cpu_copy, finished_results,
+                              reload_last, restore_from_disk)
+from utils.helpers import BackgroundWriter, StopRequested, derived_seed, seed_everything, stop_requested
+from utils.files import atomic_write_text
+from utils.losses import StudyLoss, subtype_class_weights
+from utils.metrics import choose_threshold, fold_metrics, patient_probabilities
+from utils.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
+
+log = logging.getLogger("mmnet")
+
+
+@dataclass
+class FoldRun:
+    """One experiment x fold being trained: where it writes and what it trains on."""
+    cfg: object  # the experiment's Config
+    study: object  # utils.pipeline.Study with images attached
+    name: str  # experiment name
+    fold: int
+    split: dict  # role -> PatientImages
+    run_dir: Path
+    identity: dict  # config and folds hashes: a checkpoint of another run is refused
+    writer: BackgroundWriter
+    fresh_state: Callable[[], FoldState]  # the fold's initial state, rebuilt on demand
+
+
+def _start_epoch(state: FoldState, run: FoldRun, count: int) -> EpochPlan:
+    """Seeds, tuples and augmentation generator of the epoch; a mid-epoch resume re-applies the
+    RNG states saved at the stop, so the rest of the epoch is what it would have been."""
+    cfg, fold = run.cfg, run.fold
+    seed_everything(derived_seed(cfg.seed, fold, state.epoch))  # resumable: seeds depend on epoch only
+    rng = np.random.default_rng(derived_seed(cfg.seed, fold, state.epoch, 1))
+    gen = torch.Generator(device=run.study.env.device).manual_seed(derived_seed(cfg.seed, fold, state.epoch, 2))
+    tuples, owners = training_tuples(run.split["train"], count, rng, cfg.class_balanced)
+    if state.saved_rng:
+        torch.set_rng_state(state.saved_rng["torch"])
+        if "cuda" in state.saved_rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state.saved_rng["cuda"])
+        gen.set_state(state.saved_rng["augment"])
+        state.saved_rng = None
+    return EpochPlan(tuples, owners, gen, state.epoch, state.step, state.partial_losses)
+
+
+class _ReplayEpoch(Exception):
+    """Restart the epoch from the last checkpoint (after an out-of-memory)."""
+
+
+def _epoch_or_replay(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> EpochResult:
+    """One epoch; a CUDA out-of-memory instead halves the micro-batch (gradient accumulation
+    keeps the effective batch) and asks for the epoch to be replayed from its checkpoint."""
+    try:
+        return train_one_epoch(state, loop, plan)
+    except torch.OutOfMemoryError:
+        if state.accumulation >= loop.batch_size:
+            raise
+        state.accumulation *= 2
+        log.warning("CUDA out of memory: retrying epoch %d with micro-batches of %d (x%d accumulation)",
+                    plan.epoch + 1, math.ceil(loop.batch_size / state.accumulation), state.accumulation)
+        if loop.source.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise _ReplayEpoch from None
+
+
+def _validate(state: FoldState, run: FoldRun, val_tuples, val_owners) -> dict:
+    env = run.study.env
+    out = predict(state.model, run.study.source, val_tuples, env.batch_size * 2, env.amp_dtype)
+    labels = run.split["val"].labels[val_owners]
+    p = np.clip(out["prob"], 1e-7, 1 - 1e-7)
+    loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    return {"val_loss": loss, "val_auc": float(roc_auc_score(labels, out["prob"]))}
+
+
+def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict) -> None:
+    """Keep the best weights by inner-validation AUC (loss breaks ties), log, checkpoint."""
+    epoch = state.epoch
+    improved = val["val_auc"] > state.best_auc + 1e-4 or (
+        abs(val["val_auc"] - state.best_auc) <= 1e-4 and val["val_loss"] < state.best_loss)
+    writes = []
+    if improved:
+        state.best_auc, state.best_loss, state.best_epoch, state.bad_epochs = \
+            val["val_auc"], val["val_loss"], epoch, 0
+        state.best_weights = cpu_copy(state.model.state_dict())
+        writes.append(({"model": state.best_weights, "epoch": epoch, "config_json": config_json(run.cfg),
+                        **run.identity}, run.run_dir / "best.pt"))
+    else:
+        state.bad_epochs += 1
+    row = {"epoch": epoch, "train_loss": result.loss, **val, "lr": state.scheduler.get_last_lr()[-1],
+           "tuples_per_s": result.tuples / result.seconds, "seconds": result.seconds, "best": improved}
+    state.history.append(row)
+    state.epoch = epoch + 1
+    run.writer.submit([(checkpoint_payload(state, run.identity), run.run_dir / "last.pt"), *writes])
+    log.info("%s fold %d epoch %d/%d | loss %.4f | val auc %.4f loss %.4f | %.0f tuples/s%s",
+             run.name, run.fold, epoch + 1, run.cfg.epochs, result.loss, val["val_auc"],
+             val["val_loss"], row["tuples_per_s"], " *" if improved else "")
+
+
+def _train_epochs(state: FoldState, run: FoldRun) -> None:
+    cfg, env = run.cfg, run.study.env
+    loop = LoopSettings(run.study.source, run.split["train"],
+                        StudyLoss(cfg, subtype_class_weights(run.split["train"].subtypes)),
+                        env.batch_size, env.amp_dtype, cfg.grad_clip, stop_requested)
+    val_tuples, val_owners = evaluation_tuples(run.split["val"])
+    count = tuples_per_epoch(run.split["train"], cfg.tuples_per_epoch)
+    while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
+        plan = _start_epoch(state, run, count)
+        try:
+            result = _epoch_or_replay(state, loop, plan)
+        except _ReplayEpoch:
+            run.writer.wait()
+            reload_last(state, run.run_dir, run.fresh_state)
+            continue
+        if result.stopped_at is not None:
+            state.step, state.partial_losses = result.stopped_at, result.losses
+            run.writer.submit([(checkpoint_payload(state, run.identity, plan.generator), run.run_dir / "last.pt")])
+            run.writer.wait()
+            raise StopRequested(f"{run.name} fold {run.fold} epoch {plan.epoch + 1} step {state.step}")
+        state.step, state.partial_losses = 0, None
+        _record_epoch(state, run, result, _validate(state, run, val_tuples, val_owners))
+
+
+def _predictions(state: FoldState, run: FoldRun, role: str) -> pd.DataFrame:
+    """One row per evaluation tuple of a split: identity, label, probabilities, weights."""
+    data, env = run.split[role], run.study.env
+    tuples, owners = evaluation_tuples(data)
+    out = predict(state.model, run.study.source, tuples, env.batch_size * 2, env.amp_dtype)
+    frame = pd.DataFrame({"patient": np.array(data.patients)[owners], "group": np.array(data.groups)[owners],
+                          "label": data.labels[owners], "subtype": data.subtypes[owners], "prob": out["prob"]})
+    for i in range(out.get("subtype_prob", np.zeros((0, 0))).shape[1]):
+        frame[f"p_sub_{i}"] = out["subtype_prob"][:, i]
+    for i, label in enumerate(slot_labels(run.cfg)):
+        frame[f"w_{label.lower()}"] = out["mag_weights"][:, i]
+    return frame
+
+
+def _open_fold(cfg, study, experiment: str, fold: int) -> FoldRun:
+    run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split = fold_split(study.index, study.usable, study.folds, fold, cfg)
+    steps = math.ceil(tuples_per_epoch(split["train"], cfg.tuples_per_epoch) / study.env.batch_size)
+    identity = {"config_hash": cfg.training_hash(), "folds_hash": study.folds_hash}
+    return FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
+                   lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold)))
+
+
+def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
+    """Test predictions and results.json; the threshold is chosen on inner validation only."""
+    state.model.load_state_dict(state.best_weights)
+    val = patient_probabilities(_predictions(state, run, "val"))
+    threshold = choose_threshold(val["label"], val["prob"])
+    predictions = _predictions(state, run, "test")
+    predictions.to_csv(run.run_dir / "predictions.csv", index=False)
+    pd.DataFrame(state.history).to_csv(run.run_dir / "history.csv", index=False)
+    results = {"experiment": run.name, "fold": run.fold, **run.identity, "threshold": threshold,
+               "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+               "train_seconds": sum(h["seconds"] for h in state.history),
+               "wall_seconds_this_run": time.perf_counter() - started,
+               "pretrained": getattr(state.model, "pretrained_status", ""),
+               "accumulation": state.accumulation,  # >1 after a CUDA out-of-memory
+               "patients": {r: len(run.split[r]) for r in run.split}}
+    atomic_write_text(run.run_dir / "results.json", json.dumps(results, indent=2))
+    m = fold_metrics(predictions, threshold)["patient"]
+    log.info("%s fold %d done: patient acc %.3f bal-acc %.3f auc %.3f (threshold %.3f, best epoch %d)",
+             run.name, run.fold, m["accuracy"], m["balanced_accuracy"], m["auc"], threshold, state.best_epoch + 1)
+    return results
+
+
+def run_fold(cfg, study, experiment: str, fold: int) -> dict:
+    """Train one experiment on one fold (or resume it, or return its finished results)."""
+    identity = {"config_hash": cfg.training_hash(), "folds_hash": study.folds_hash}
+    run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
+    if (done := finished_results(run_dir, identity, cfg.resume)) is not None:
+        log.info("%s fold %d: finished earlier, skipped (config %s)", experiment, fold, identity["config_hash"])
+        return done
+    run = _open_fold(cfg, study, experiment, fold)
+    state, started = run.fresh_state(), time.perf_counter()
+    if cfg.resume and restore_from_disk(state, run.run_dir, run.identity):
+        log.info("%s fold %d: resuming at epoch %d step %d", experiment, fold, state.epoch + 1, state.step)
+    try:
+        _train_epochs(state, run)
+    finally:  # also on an interrupt: the last submitted checkpoint lands whole before we leave
+        run.writer.wait()
+    results = _finish(state, run, started)
+    # A finished fold is skipped on restart: only best.pt (the model) is needed from now on,
+    # and last.pt (weights + optimizer, ~0.5 GB for four resnet18s) would fill a pod's disk.
+    (run.run_dir / "last.pt").unlink(missing_ok=True)
+    if cfg.keep_models == "mmnet" and experiment != "mmnet":
+        (run.run_dir / "best.pt").unlink(missing_ok=True)
+    return results
