@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.env import PROJECT_ROOT  # noqa: F401  (the project root, for users of config)
+from utils.env import PROJECT_ROOT, get_base_path  # noqa: F401  (PROJECT_ROOT: for users of config)
 MAGNIFICATIONS = (40, 100, 200, 400)
 SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")  # benign first, then malignant
 SUBTYPE_NAMES = {
@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 class Config:
     # --- paths
     data_dir: str = "data/breakhis"  # BreakHis root, scanned recursively
-    output_dir: str = "output"  # tables, plots, runs, folds.csv
+    output_dir: str = ""  # tables, plots, runs, folds.csv; empty = output/ under utils.env.get_base_path()
     cache_dir: str = ""  # decoded-image cache; empty = <output_dir>/cache
     report_file: str = "RUNPOD_OUTPUT.md"  # the run log as Markdown
     # --- what to do
@@ -44,7 +44,7 @@ class Config:
     inner_val_fraction: float = 0.2  # share of training slide groups for early stopping
     seed: int = 42  # one seed for folds, tuples, augmentation and init
     # --- data
-    image_size: int = 224  # square side after resizing the 700x460 frame
+    image_size: int = 224  # short side of the resized frame; the 700x460 aspect is kept (224 -> 224x341)
     magnifications: tuple = MAGNIFICATIONS  # magnifications fed to the model
     sample_mode: str = "tuple"  # tuple (one image per magnification) | pooled (single images)
     class_balanced: bool = True  # draw training patients with equal class mass
@@ -52,7 +52,7 @@ class Config:
     # --- model
     model: str = "mmnet"  # registry name, see backbones.list_models()
     backbone: str = "resnet18"  # timm model name
-    pretrained: str = "auto"  # auto (on for CUDA) | on | off
+    pretrained: str = "auto"  # auto (on for CUDA) | on | off; resolved at start and part of the run identity
     pretrained_file: str = ""  # local weights for the backbone (offline pods)
     feature_dim: int = 256  # per-magnification embedding size
     dropout: float = 0.3  # before the heads
@@ -66,7 +66,9 @@ class Config:
     # --- optimisation
     epochs: int = 12  # upper bound; early stopping may end sooner
     patience: int = 4  # epochs without inner-validation improvement
-    batch_size: int = 0  # tuples per batch; 0 = from device memory
+    batch_size: int = 32  # tuples per optimizer step, the same on every device
+    micro_batch: int = 0  # tuples per forward pass; 0 = from device memory (accumulation keeps the step)
+    amp: str = "auto"  # auto (bf16 on compute capability >= 8, fp16 + scaler below, none on CPU/MPS) | bfloat16 | float16 | none
     lr: float = 3e-4  # AdamW peak learning rate (heads); backbone gets lr * backbone_lr_scale
     backbone_lr_scale: float = 0.3  # backbone lr = lr * this (pretrained layers move less)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
@@ -82,6 +84,7 @@ class Config:
     deterministic: bool = False  # GPU: deterministic kernels, no autotuning (slower)
     workers: int = 0  # decode processes; 0 = from CPU affinity
     jobs: int = 0  # experiment x fold processes at once; 0 = one per visible GPU (1 without)
+    checkpoint_minutes: float = 5.0  # write last.pt at most this often (and at a stop, and at a fold's end); 0 = every epoch
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
     bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
     keep_models: str = "all"  # experiments whose best.pt stays after their folds: all | mmnet
@@ -93,7 +96,8 @@ class Config:
         """Hash of every field that changes what a fold learns (not paths or run flags)."""
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
                 "report_only", "experiments", "resume", "workers", "jobs", "gradcam_patients",
-                "bootstrap_samples", "keep_models"}
+                "bootstrap_samples", "keep_models", "micro_batch", "checkpoint_minutes", "device",
+                "deterministic"}
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -112,7 +116,7 @@ EXPERIMENTS: dict[str, dict] = {
     "mmnet_no_hierarchical": {"hierarchical_attention": False},
     "mmnet_no_fusion": {"cross_mag_fusion": False},
     "mmnet_no_msap": {"multiscale_pooling": False},
-    "mmnet_ce_loss": {"loss": "ce"},
+    "mmnet_ce_loss": {"focal_gamma": 0.0},  # the same loss without focusing: the only change
 }
 BASELINES = ("single_40x", "single_100x", "single_200x", "single_400x", "simple_concat",
              "pooled_single")
@@ -143,7 +147,7 @@ def get_training_config(argv=None) -> dict:
     from utils.device import detect_env  # torch is imported only here: config stays torch-free
 
     cfg = parse_args(argv or [])
-    return dataclasses.asdict(detect_env(cfg.device, cfg.batch_size, cfg.workers))
+    return dataclasses.asdict(detect_env(cfg))
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -153,10 +157,10 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 _CHOICES = {"folds_source": ("grouped", "kaggle"), "sample_mode": ("tuple", "pooled"),
-            "pretrained": ("auto", "on", "off"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
+            "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
             "device": ("auto", "cuda", "mps", "cpu")}
 _MINIMUM = {"folds": 2, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
-            "batch_size": 0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
+            "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
             "warmup_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0}
 
@@ -197,6 +201,8 @@ def validate(cfg: Config) -> Config:
     bad = [m for m in cfg.magnifications if m not in MAGNIFICATIONS]
     if bad or not cfg.magnifications:
         raise ConfigError(f"--magnifications must be a subset of {MAGNIFICATIONS}, got {bad or '()'}")
+    # The hierarchy runs from low to high magnification whatever order the flag lists them in.
+    cfg = dataclasses.replace(cfg, magnifications=tuple(sorted(set(cfg.magnifications))))
     unknown = [e for e in cfg.experiments if e not in EXPERIMENTS]
     if unknown:
         raise ConfigError(f"unknown experiment(s) {', '.join(unknown)}; valid: {', '.join(EXPERIMENTS)}")
@@ -210,4 +216,5 @@ def parse_args(argv=None) -> Config:
     given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     base = dict(DRY_RUN_OVERRIDES) if given.get("dry_run") else {}
     base.update(given)
+    base.setdefault("output_dir", str(get_base_path() / "output"))
     return validate(Config(**base))

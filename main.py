@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from backbones import check_backbone
-from config import ConfigError, parse_args
+from backbones import check_backbone, check_weights
+from config import Config, ConfigError, parse_args
 from preprocess.preprocess import DataError
 from preprocess.splits import FoldError
-from utils.device import DeviceError
+from utils.benchmark import quick_study_minutes
+from utils.device import DeviceError, EnvInfo, detect_env, resolved_config
+from utils.env import keep_hub_cache_on_volume
 from utils.helpers import StopRequested
 from utils.inference import write_gradcam_maps
 from utils.pipeline import prepare_data, prepare_output
@@ -35,18 +37,36 @@ def main(argv=None) -> int:
         return 130
 
 
-def run(cfg) -> int:
+def settle_device(cfg: Config) -> tuple[Config, EnvInfo | None]:
+    """Device, AMP and weights decided once, before anything is written; a full study that
+    would run on a CPU by accident, or from a silent random init, stops here."""
+    if cfg.report_only:
+        return cfg, None
+    env = detect_env(cfg)
+    cfg = resolved_config(cfg, env)
+    if cfg.analyze_only:
+        return cfg, env
+    check_backbone(cfg.backbone)
+    if env.device == "cpu" and cfg.device == "auto" and not cfg.dry_run:
+        raise ConfigError(f"no CUDA GPU or Apple MPS found: the full study would take about "
+                          f"{quick_study_minutes(cfg, env):.0f} min on this CPU; pass --device cpu to run it "
+                          f"anyway, or --dry-run for a few-minute end-to-end check")
+    keep_hub_cache_on_volume()
+    log.info("backbone weights: %s", check_weights(cfg))
+    return cfg, env
+
+
+def run(cfg: Config) -> int:
     try:
-        prepare_output(cfg)                                   # output folder, log, run header
+        cfg, env = settle_device(cfg)                         # device, AMP, weights
+        prepare_output(cfg, env)                              # output folder, log, run header
         if cfg.report_only:
             return write_report(cfg)
-        if not cfg.analyze_only:
-            check_backbone(cfg.backbone)                      # fail now, not after the analysis
         prepared = prepare_data(cfg)                          # index, issues, analysis, folds
         if cfg.analyze_only:
             log.info("--analyze-only: stopping after analysis and folds")
             return 0
-        study, failed = run_study(cfg, prepared)              # every experiment x fold
+        study, failed = run_study(cfg, prepared, env)         # every experiment x fold
         if "mmnet" in (cfg.experiments or ("mmnet",)) and cfg.gradcam_patients:
             write_gradcam_maps(cfg, study)                    # maps of chosen test patients
         code = write_report(cfg)                              # tables, plots, RUNPOD_OUTPUT.md

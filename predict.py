@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import numpy as np
 
 from preprocess.dataset import ImageSource, evaluation_tuples
-from preprocess.preprocess import decode_resized, parse_name
+from preprocess.preprocess import decode_resized, frame_shape, parse_name
 from utils.inference import explain_tuple, fold_checkpoints, load_fold_model, patient_data, predict_patient
 from utils.plottings import patient_figure
 
@@ -41,7 +41,7 @@ def magnification_of(path: Path, root: Path) -> int | None:
 
 
 def load_patient(patient_dir: Path, size: int):
-    """uint8 cache (N, size, size, 3), rows per magnification, skipped files with reasons."""
+    """uint8 cache (N, height, width, 3), rows per magnification, skipped files with reasons."""
     images, by_mag, skipped = [], {}, []
     files = sorted(p for p in patient_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     for path in files:
@@ -59,7 +59,7 @@ def load_patient(patient_dir: Path, size: int):
             skipped.append({"file": rel, "reason": f"unreadable: {type(exc).__name__}"})
             continue
         by_mag.setdefault(mag, []).append(len(images) - 1)
-    cache = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    cache = np.stack(images) if images else np.zeros((0, *frame_shape(size), 3), np.uint8)
     return cache, by_mag, skipped
 
 

@@ -13,7 +13,6 @@ from config import ConfigError
 
 log = logging.getLogger("mmnet")
 _REGISTRY: dict[str, Callable] = {}
-_DOWNLOAD_FAILED: set = set()  # backbones whose weights could not be fetched in this process
 
 
 @dataclass
@@ -48,36 +47,41 @@ def check_backbone(name: str) -> None:
                           f"convnext_tiny (python -c \"import timm; print(timm.list_models())\" lists all)")
 
 
+class WeightsError(ConfigError):
+    """Pretrained weights were asked for and cannot be loaded: nothing trains from a silent
+    random init."""
+
+
 def wants_pretrained(cfg) -> bool:
-    if cfg.pretrained == "auto":
-        return torch.cuda.is_available() or bool(cfg.pretrained_file)
+    """'auto' is resolved at start (on for CUDA); here it can only mean a local file was given."""
     return cfg.pretrained == "on" or bool(cfg.pretrained_file)
 
 
 def create_backbone(cfg) -> tuple[nn.Module, str]:
     """timm feature extractor (B, C, h, w) and how it was initialised.
 
-    When weights cannot be had, warn loudly and fall back to random init rather than stop:
-    a pod without internet should still finish, with the header saying so.
+    Weights that are wanted and cannot be loaded raise WeightsError with what to do.
     """
     check_backbone(cfg.backbone)
     kwargs = dict(num_classes=0, global_pool="")
     if not wants_pretrained(cfg):
         return timm.create_model(cfg.backbone, pretrained=False, **kwargs), "random init"
-    if cfg.backbone in _DOWNLOAD_FAILED and not cfg.pretrained_file:
-        # The hub retries for about a minute per file; one failure per process is enough.
-        return timm.create_model(cfg.backbone, pretrained=False, **kwargs), "random init (download failed)"
+    if cfg.pretrained_file:
+        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.pretrained_file)
     try:
-        if cfg.pretrained_file:
-            kwargs["pretrained_cfg_overlay"] = dict(file=cfg.pretrained_file)
         model = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
-        return model, f"pretrained ({cfg.pretrained_file or 'timm hub'})"
-    except Exception as exc:  # network, hub or file errors all end in the same fallback
-        _DOWNLOAD_FAILED.add(cfg.backbone)
-        log.warning("!!! PRETRAINED WEIGHTS UNAVAILABLE for %s (%s: %s): training from RANDOM "
-                    "INIT; pass --pretrained-file PATH to use local weights", cfg.backbone,
-                    type(exc).__name__, str(exc).splitlines()[0][:200])
-        return timm.create_model(cfg.backbone, pretrained=False, **kwargs), "random init (download failed)"
+    except Exception as exc:  # network, hub or file errors: all mean the weights are not there
+        first = (str(exc).splitlines() or [""])[0][:160]
+        raise WeightsError(f"pretrained weights for {cfg.backbone} could not be loaded ({type(exc).__name__}: "
+                           f"{first}); pass --pretrained-file PATH (a timm state dict) or --pretrained off "
+                           f"to train from random init") from None
+    return model, f"pretrained ({cfg.pretrained_file or 'timm hub'})"
+
+
+def check_weights(cfg) -> str:
+    """Load the wanted weights once at start (and fill the hub cache), so a run without them
+    stops before any analysis or training. Returns how backbones will be initialised."""
+    return create_backbone(cfg)[1]
 
 
 def data_config(backbone: nn.Module) -> tuple[tuple, tuple]:

@@ -1,78 +1,91 @@
-"""Batch augmentation and normalisation on the device (uint8 in, normalised float out)."""
+"""Batch augmentation and normalisation on the device (uint8 in, normalised float out).
+
+Every random choice is drawn for the whole batch at once and applied with torch.where or a
+batched matrix product, so a batch causes no host-device synchronisation and few passes over
+memory: flips on the uint8 images, then colour jitter as one affine colour map per image, then
+stain jitter as one affine map of optical densities per image. Images stay channels-last from
+the cache to the model: prepare_batch returns (B, M, 3, H, W) whose slot slices x[:, m] are
+channels_last tensors, which the branches take without a copy.
+"""
 from __future__ import annotations
 
 import torch
 
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), as in scikit-image.
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)  # a constant: inverted once, not per batch
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # grey = RGB . LUMA (ITU-R 601), sums to 1
+COLOUR_JITTER, STAIN_JITTER = 0.1, 0.1  # see the README: both move real images ~8 grey levels
+_ON_DEVICE: dict = {}  # (name, device) -> the constant there, copied once
 
 
-def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=gen, device=device)
+def _constant(name: str, value: torch.Tensor, device) -> torch.Tensor:
+    key = (name, device)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = value.to(device)
+    return _ON_DEVICE[key]
 
 
-def _flip_rotate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    n = x.shape[0]
-    flip = torch.rand(n, generator=gen, device=x.device) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    turns = torch.randint(0, 4, (n,), generator=gen, device=x.device)
-    out = x.clone()
-    for k in (1, 2, 3):  # histology has no up: every 90-degree rotation is a valid view
-        chosen = turns == k
-        if chosen.any():
-            out[chosen] = torch.rot90(x[chosen], k, dims=(2, 3))
-    return out
+def _uniform(shape, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape, generator=gen, device=device)
 
 
-def _colour(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+def flip_rotate(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(N, H, W, 3) uint8: horizontal flips and 180-degree turns, the views a rectangular frame
+    keeps (histology has no up, but a 90-degree turn would stand a landscape frame on end)."""
+    n, dev = images.shape[0], images.device
+    coin = lambda: (torch.rand(n, generator=gen, device=dev) < 0.5)[:, None, None, None]
+    images = torch.where(coin(), images.flip(2), images)
+    return torch.where(coin(), images.flip(1, 2), images)
+
+
+def colour_map(x: torch.Tensor, gen: torch.Generator, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brightness, contrast and saturation jitter of (N, P, 3) pixels as y = x @ M + o.
+
+    brightness b, contrast c around the image mean m, saturation s towards grey:
+    y = b*c*(s*I + (1-s)*LUMA 1^T) x + b*m*(1-c) (the luma weights sum to 1).
+    """
     n, dev = x.shape[0], x.device
-    bright = _uniform(n, 1 - strength, 1 + strength, gen, dev)[:, None, None, None]
-    contrast = _uniform(n, 1 - strength, 1 + strength, gen, dev)[:, None, None, None]
-    satur = _uniform(n, 1 - strength, 1 + strength, gen, dev)[:, None, None, None]
-    x = x * bright
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * contrast + mean
-    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    return ((x - grey) * satur + grey).clamp(0, 1)
+    b, c, s = _uniform((3, n, 1, 1), 1 - strength, 1 + strength, gen, dev)
+    mix = s * torch.eye(3, device=dev) + (1 - s) * _constant("luma", LUMA, dev)[:, None]
+    mean = x.mean(dim=(1, 2))[:, None, None]
+    return b * c * mix, (b * mean * (1 - c)).expand(n, 1, 3)
 
 
-def _hed_jitter(x: torch.Tensor, gen: torch.Generator, sigma: float) -> torch.Tensor:
-    """Scale and shift the stain concentrations: mimics staining differences between labs."""
-    n, dev = x.shape[0], x.device
-    rgb_from_hed = _RGB_FROM_HED.to(dev, x.dtype)
-    hed_from_rgb = torch.linalg.inv(rgb_from_hed)
-    od = -torch.log(x.clamp(min=1e-6))  # optical density
-    hed = torch.einsum("nchw,cd->ndhw", od, hed_from_rgb)
-    alpha = _uniform(n * 3, 1 - sigma, 1 + sigma, gen, dev).view(n, 3, 1, 1)
-    beta = _uniform(n * 3, -sigma, sigma, gen, dev).view(n, 3, 1, 1)
-    od = torch.einsum("ndhw,dc->nchw", hed * alpha + beta, rgb_from_hed)
-    return torch.exp(-od).clamp(0, 1)
+def stain_map(gen: torch.Generator, n: int, sigma: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (1 +- sigma) and shift (+- sigma) of haematoxylin, eosin and DAB concentrations,
+    as one map of optical densities: od' = od @ (HED_FROM_RGB diag(a) RGB_FROM_HED) + b RGB_FROM_HED."""
+    alpha = _uniform((n, 3), 1 - sigma, 1 + sigma, gen, device)
+    beta = _uniform((n, 1, 3), -sigma, sigma, gen, device)
+    to_hed, to_rgb = _constant("hed_from_rgb", HED_FROM_RGB, device), _constant("rgb_from_hed", RGB_FROM_HED, device)
+    return to_hed @ (alpha[:, :, None] * to_rgb), beta @ to_rgb
 
 
-def to_float(batch_uint8: torch.Tensor) -> torch.Tensor:
-    """(..., H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1] with leading dims flattened."""
-    x = batch_uint8.reshape(-1, *batch_uint8.shape[-3:]).permute(0, 3, 1, 2)
-    return x.float().div_(255)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, colour: float = 0.1, stain: float = 0.03) -> torch.Tensor:
-    """Flips, 90-degree rotations, colour and HED stain jitter on (N, 3, H, W) floats in [0, 1]."""
-    x = _flip_rotate(x, gen)
-    x = _colour(x, gen, colour)
-    return _hed_jitter(x, gen, stain) if stain > 0 else x
-
-
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - m) / s
+def augment(pixels: torch.Tensor, gen: torch.Generator, colour: float = COLOUR_JITTER,
+            stain: float = STAIN_JITTER) -> torch.Tensor:
+    """Colour and stain jitter of (N, P, 3) float pixels in [0, 1]."""
+    matrix, offset = colour_map(pixels, gen, colour)
+    pixels = torch.baddbmm(offset, pixels, matrix).clamp_(0, 1)
+    if stain <= 0:
+        return pixels
+    matrix, offset = stain_map(gen, pixels.shape[0], stain, pixels.device)
+    density = torch.baddbmm(offset, pixels.clamp(min=1e-6).log_().neg_(), matrix)
+    return density.neg_().exp_().clamp_(0, 1)
 
 
 def prepare_batch(batch_uint8: torch.Tensor, mean, std, gen: torch.Generator | None) -> torch.Tensor:
-    """uint8 (B, M, H, W, 3) -> normalised float (B, M, 3, H, W); augmented when gen is given."""
-    b, m = batch_uint8.shape[:2]
-    x = to_float(batch_uint8)
+    """uint8 (B, M, H, W, 3) -> normalised float (B, M, 3, H, W); augmented when gen is given.
+
+    The images are laid out slot-major and channels-last once, here: x[:, m] is then a
+    channels_last (B, 3, H, W) tensor with no further copy.
+    """
+    b, m, h, w, c = batch_uint8.shape
+    images = batch_uint8.transpose(0, 1).reshape(m * b, h, w, c)
     if gen is not None:
-        x = augment(x, gen)
-    x = normalize(x, mean, std)
-    return x.reshape(b, m, *x.shape[1:])
+        images = flip_rotate(images, gen)
+    pixels = images.reshape(m * b, h * w, c).float().div_(255)
+    if gen is not None:
+        pixels = augment(pixels, gen)
+    dev = pixels.device
+    pixels = (pixels - torch.tensor(mean, device=dev)) / torch.tensor(std, device=dev)
+    return pixels.view(m, b, h, w, c).permute(1, 0, 4, 2, 3)

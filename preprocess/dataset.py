@@ -71,20 +71,22 @@ def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]
     return split
 
 
-def training_tuples(data: PatientImages, count: int, rng: np.random.Generator,
-                    class_balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """`count` fresh random tuples and their patient positions.
-
-    Patients are drawn with probability proportional to their image count (so every image is
-    seen about equally often), rescaled to equal mass per class when class_balanced.
-    """
-    sizes = np.array([sum(len(r) for r in rows) for rows in data.rows], dtype=np.float64)
-    weights = sizes.copy()
+def sampling_weights(data: PatientImages, class_balanced: bool = True) -> np.ndarray:
+    """Probability of drawing each patient for a training tuple: proportional to its image
+    count (every image is seen about equally often), rescaled to equal mass per class when
+    class_balanced. The subtype loss weights are derived from the same numbers."""
+    weights = np.array([sum(len(r) for r in rows) for rows in data.rows], dtype=np.float64)
     if class_balanced:
         for label in np.unique(data.labels):
             members = data.labels == label
             weights[members] /= weights[members].sum()
-    patients = rng.choice(len(data), size=count, p=weights / weights.sum())
+    return weights / weights.sum()
+
+
+def training_tuples(data: PatientImages, count: int, rng: np.random.Generator,
+                    class_balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`count` fresh random tuples and their patient positions, drawn by sampling_weights()."""
+    patients = rng.choice(len(data), size=count, p=sampling_weights(data, class_balanced))
     tuples = np.full((count, len(data.rows[0])), -1, dtype=np.int64)
     for m in range(tuples.shape[1]):
         for i, p in enumerate(patients):
@@ -120,26 +122,33 @@ def tuples_per_epoch(data: PatientImages, requested: int) -> int:
 class ImageSource:
     """The cache where the model runs: on a GPU the whole uint8 array is copied to device
     memory once, so a batch is one indexing op with no loader, worker or host copy in between.
+    `on_device` forces that path on or off (tests run it on the CPU).
     """
 
-    def __init__(self, cache: np.ndarray, device: str, max_device_gb: float = 0.0):
+    def __init__(self, cache: np.ndarray, device: str, on_device: bool | None = None):
         self.device = torch.device(device)
-        gb = cache.nbytes / 2**30
-        self.on_device = self.device.type != "cpu" and (not max_device_gb or gb <= max_device_gb)
-        if self.on_device:
-            self.images = torch.from_numpy(np.ascontiguousarray(cache)).to(self.device)
-        else:
-            self.images = cache  # memmap: rows are read on demand
+        self.on_device = self.device.type != "cpu" if on_device is None else on_device
+        self.images = _copy_to(cache, self.device) if self.on_device else cache  # else memmap: rows read on demand
 
     def gather(self, tuples: np.ndarray):
         """uint8 (B, M, H, W, 3) on the device and float mask (B, M) of present images."""
-        mask = torch.from_numpy(tuples >= 0).to(self.device)
-        safe = np.where(tuples >= 0, tuples, 0)
         if self.on_device:
-            batch = self.images[torch.from_numpy(safe).to(self.device)]
+            index = torch.from_numpy(tuples).to(self.device, non_blocking=True)
+            mask = index >= 0
+            batch = self.images[index.clamp(min=0)]
         else:
-            flat = np.ascontiguousarray(self.images[safe.reshape(-1)])
-            batch = torch.from_numpy(flat).reshape(*safe.shape, *flat.shape[1:]).to(self.device)
+            mask = torch.from_numpy(tuples >= 0)
+            flat = self.images[np.where(tuples >= 0, tuples, 0).reshape(-1)]  # fancy index: a writable copy
+            batch = torch.from_numpy(flat).reshape(*tuples.shape, *flat.shape[1:])
         # Missing magnifications become black images; the mask keeps them out of the fusion.
         batch = batch * mask[..., None, None, None].to(batch.dtype)
         return batch, mask.float()
+
+
+def _copy_to(cache: np.ndarray, device: torch.device, rows: int = 512) -> torch.Tensor:
+    """The cache in device memory, copied in chunks: no second host copy of the whole array,
+    and no read-only memmap handed to torch (which warns that it is not writable)."""
+    images = torch.empty(cache.shape, dtype=torch.uint8, device=device)
+    for start in range(0, len(cache), rows):
+        images[start:start + rows].copy_(torch.from_numpy(np.array(cache[start:start + rows])))
+    return images

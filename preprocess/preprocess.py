@@ -164,11 +164,19 @@ def write_issues(issues: pd.DataFrame, output_dir: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------- image cache
+def frame_shape(size: int) -> tuple[int, int]:
+    """(height, width) of a cached frame: the short side is `size` and the 700x460 aspect is
+    kept (224 -> 224x341), so no tissue is squashed and a 180-degree turn is a valid view."""
+    return size, round(size * EXPECTED_SIZE[0] / EXPECTED_SIZE[1])
+
+
 def decode_resized(path: str, size: int):
-    """RGB uint8 (size, size, 3): the whole 700x460 frame squashed, as the model sees it."""
+    """RGB uint8 (height, width, 3) of frame_shape(size), as the model sees it. A frame of
+    another size (reported by the validation) is resized to the same shape."""
+    height, width = frame_shape(size)
     with Image.open(path) as img:
         img = img.convert("RGB")  # grayscale/RGBA/palette: converted (validation reports it)
-        return np.asarray(img.resize((size, size), Image.BICUBIC, reducing_gap=3.0), dtype=np.uint8)
+        return np.asarray(img.resize((width, height), Image.BICUBIC, reducing_gap=3.0), dtype=np.uint8)
 
 
 def _decode_chunk(job) -> list[tuple[int, str]]:
@@ -193,20 +201,23 @@ def cache_key(index: pd.DataFrame, data_dir: Path, size: int) -> str:
 
 def build_cache(index: pd.DataFrame, data_dir: str | Path, cache_dir: str | Path, size: int,
                 workers: int = 1):
-    """uint8 memmap (N, size, size, 3) in index order and a bool mask of decodable rows.
+    """uint8 memmap (N, height, width, 3) of frame_shape(size) in index order and a bool mask
+    of decodable rows.
 
     Keyed by size and file list (names and byte sizes): rebuilt only when either changes.
     """
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(index, data_dir, size)
-    npy, meta = cache_dir / f"images_{size}px_{key}.npy", cache_dir / f"images_{size}px_{key}.json"
+    height, width = frame_shape(size)
+    stem = f"images_{height}x{width}_{key}"
+    npy, meta = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
     if npy.is_file() and meta.is_file():
         ok = np.array(json.loads(meta.read_text())["ok"], dtype=bool)
         log.info("cache: reusing %s (%d images, %.2f GB)", npy.name, len(ok), npy.stat().st_size / 1e9)
         return np.load(npy, mmap_mode="r"), ok
     tmp = npy.with_suffix(".partial.npy")
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), size, size, 3)).flush()
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), height, width, 3)).flush()
     paths = [str(data_dir / p) for p in index["path"]]
     step = max(16, len(paths) // (workers * 8) + 1)
     jobs = [(str(tmp), s, paths[s:s + step], size) for s in range(0, len(paths), step)]

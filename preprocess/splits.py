@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +39,41 @@ def _check_enough_groups(labels: pd.Series, n_splits: int, what: str) -> None:
                             f"folds were asked for; lower --folds or add data")
 
 
+def group_subtypes(patients: pd.DataFrame) -> pd.Series:
+    """Subtype per slide group (the most common among its patients: 14-13412 is DC and LC)."""
+    return patients.groupby("group")["subtype"].agg(lambda s: s.mode().sort_values().iloc[0])
+
+
 def outer_folds(patients: pd.DataFrame, n_folds: int, seed: int) -> pd.Series:
-    """Fold index per patient from StratifiedGroupKFold over slide groups."""
+    """Fold index per patient from StratifiedGroupKFold over slide groups, stratified on the
+    subtype: every training part then holds every subtype that has two or more slide groups,
+    and every test fold both classes (both are checked, not hoped for)."""
     labels = group_labels(patients)
     _check_enough_groups(labels, n_folds, "outer folds")
+    subtypes = group_subtypes(patients).reindex(labels.index)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold_of_group = {}
     groups = labels.index.to_numpy()
-    for fold, (_, test) in enumerate(splitter.split(groups, labels.to_numpy(), groups)):
-        fold_of_group.update({g: fold for g in groups[test]})
-    return patients["group"].map(fold_of_group)
+    with warnings.catch_warnings():  # rare subtypes (phyllodes: 2 slide groups) have fewer groups than folds
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for fold, (_, test) in enumerate(splitter.split(groups, subtypes.to_numpy(), groups)):
+            fold_of_group.update({g: fold for g in groups[test]})
+    folds = patients["group"].map(fold_of_group)
+    check_outer_coverage(patients.assign(fold=folds), n_folds)
+    return folds
+
+
+def check_outer_coverage(patients: pd.DataFrame, n_folds: int) -> None:
+    """Both classes in every test fold; every subtype with 2+ slide groups in every training part."""
+    groups_per_subtype = patients.groupby("subtype")["group"].nunique()
+    for fold in range(n_folds):
+        test, train = patients[patients["fold"] == fold], patients[patients["fold"] != fold]
+        if test["label"].nunique() < 2:
+            raise FoldError(f"outer fold {fold} has one class only in its test part; try another --seed")
+        missing = sorted(set(groups_per_subtype.index[groups_per_subtype >= 2]) - set(train["subtype"]))
+        if missing:
+            raise FoldError(f"outer fold {fold}: the training part lacks subtype(s) {', '.join(missing)}; "
+                            f"try another --seed")
 
 
 def inner_validation_groups(patients: pd.DataFrame, fraction: float, seed: int) -> set:

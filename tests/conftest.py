@@ -55,7 +55,7 @@ def tiny_config(output_dir, **overrides):
 
     values = dict(output_dir=str(output_dir), backbone="test_resnet", pretrained="off", image_size=48,
                   feature_dim=32, epochs=2, patience=5, batch_size=8, tuples_per_epoch=32, folds=2,
-                  device="cpu", workers=1)
+                  device="cpu", workers=1, amp="none", checkpoint_minutes=0.0)
     values.update(overrides)
     return Config(**values)
 
@@ -68,4 +68,4 @@ def tiny_study(cfg, demo_tree, demo_index):
 
     folds = build_folds(demo_index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
     prepared = Study(index=demo_index, folds=folds, data_dir=demo_tree, demo=True)
-    return attach_images(cfg, prepared, detect_env("cpu", cfg.batch_size, 1))
+    return attach_images(cfg, prepared, detect_env(cfg))

@@ -78,11 +78,12 @@ def test_invalid_cli_values(argv, expected, tmp_path):
 
 def test_small_shm_lowers_decode_workers(monkeypatch):
     import utils.env as env_module
+    from config import Config
     from utils.device import detect_env
 
     monkeypatch.setattr(env_module, "shm_gb", lambda: 0.0625)
     monkeypatch.setattr(env_module, "usable_cpus", lambda: 16)
-    env = detect_env("cpu")
+    env = detect_env(Config(device="cpu"))
     assert env.workers == 2 and "shm-size" in env.notes[0]
     monkeypatch.setattr(env_module, "shm_gb", lambda: 32.0)
-    assert detect_env("cpu").workers == 8
+    assert detect_env(Config(device="cpu")).workers == 8

@@ -41,7 +41,7 @@ def test_training_tuples_fresh_per_seed_one_patient_each(demo_index):
 
 def test_cache_is_keyed_and_reused(demo_tree, demo_index, tmp_path):
     cache, ok = build_cache(demo_index, demo_tree, tmp_path, 32, workers=2)
-    assert cache.shape == (len(demo_index), 32, 32, 3) and cache.dtype == np.uint8 and ok.all()
+    assert cache.shape == (len(demo_index), 32, 49, 3) and cache.dtype == np.uint8 and ok.all()  # 700x460 aspect
     assert cache.reshape(len(cache), -1).std(axis=1).min() > 0  # every row holds a picture
     files = sorted(tmp_path.glob("*.npy"))
     again, _ = build_cache(demo_index, demo_tree, tmp_path, 32)
@@ -65,9 +65,39 @@ def test_source_gather_masks_missing_and_augment_keeps_range():
     images, mask = ImageSource(cache, "cpu").gather(np.array([[0, -1], [3, 4]]))
     assert images.shape == (2, 2, 16, 16, 3) and mask.tolist() == [[1, 0], [1, 1]]
     assert images[0, 1].sum() == 0 and torch.equal(images[1, 0], torch.from_numpy(cache[3]))
-    x = images.reshape(-1, 16, 16, 3).permute(0, 3, 1, 2).float() / 255
+    x = images.reshape(4, 16 * 16, 3).float() / 255
     out = augment(x, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and not torch.equal(out, x)
     normalised = prepare_batch(images, (0.5,) * 3, (0.25,) * 3, None)
     assert normalised.shape == (2, 2, 3, 16, 16)
     assert torch.allclose(normalised[1, 0, 0], (torch.from_numpy(cache[3][..., 0]).float() / 255 - 0.5) / 0.25)
+
+
+def test_colour_and_stain_maps_equal_the_step_by_step_transforms():
+    """The one-matrix colour and stain maps against the textbook steps (oracle)."""
+    from preprocess.augment import HED_FROM_RGB, LUMA, RGB_FROM_HED, colour_map, stain_map
+
+    x = torch.rand(3, 40, 3)
+    matrix, offset = colour_map(x, torch.Generator().manual_seed(1), 0.2)
+    b, c, s = 0.8 + 0.4 * torch.rand((3, 3, 1, 1), generator=torch.Generator().manual_seed(1))
+    y = x * b
+    y = (y - y.mean(dim=(1, 2), keepdim=True)) * c + y.mean(dim=(1, 2), keepdim=True)
+    grey = (y * LUMA).sum(-1, keepdim=True)
+    torch.testing.assert_close(torch.baddbmm(offset, x, matrix), (y - grey) * s + grey)
+
+    od = torch.rand(3, 40, 3)
+    matrix, offset = stain_map(torch.Generator().manual_seed(2), 3, 0.1, "cpu")
+    g = torch.Generator().manual_seed(2)
+    alpha, beta = 0.9 + 0.2 * torch.rand((3, 3), generator=g), -0.1 + 0.2 * torch.rand((3, 1, 3), generator=g)
+    torch.testing.assert_close(torch.baddbmm(offset, od, matrix), ((od @ HED_FROM_RGB) * alpha[:, None] + beta) @ RGB_FROM_HED)
+
+
+def test_flips_keep_the_frame_and_channels_last_reaches_the_model():
+    from preprocess.augment import flip_rotate
+
+    images = torch.arange(2 * 3 * 5 * 3, dtype=torch.uint8).reshape(2, 3, 5, 3)
+    views = {tuple(flip_rotate(images, torch.Generator().manual_seed(k))[0].flatten().tolist()) for k in range(40)}
+    expected = {tuple(v.flatten().tolist()) for v in (images[0], images[0].flip(1), images[0].flip(0, 1), images[0].flip(0))}
+    assert views == expected  # identity, mirror, 180-degree turn, and both: never a 90-degree turn
+    batch = prepare_batch(torch.zeros(2, 4, 6, 9, 3, dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3, torch.Generator())
+    assert batch.shape == (2, 4, 3, 6, 9) and batch[:, 2].is_contiguous(memory_format=torch.channels_last)

@@ -42,7 +42,23 @@ def test_focal_downweights_easy_examples():
 def test_subtype_weights_are_inverse_frequency():
     weights = subtype_class_weights(np.array([0, 0, 0, 4, 7, 7]))
     assert weights[0] * 3 == pytest.approx(weights[4] * 1) and weights[7] * 2 == pytest.approx(weights[4])
-    assert weights[1] == 0 and weights[[0, 4, 7]].mean() == pytest.approx(1.0)
+    assert weights[1] == 0 and float((weights[[0, 4, 7]] * torch.tensor([3, 1, 2]) / 6).sum()) == pytest.approx(1.0)
+
+
+def test_subtype_weights_equalise_the_loss_under_the_class_balanced_sampler():
+    """Benign patients are drawn far more often per patient than malignant ones; the weights
+    come from the sampler's draw probabilities, so each subtype gets the same loss share."""
+    from preprocess.dataset import PatientImages, sampling_weights
+
+    subtypes = np.array([0, 1, 4, 4, 4, 4, 4, 6])  # 2 benign (A, F), 6 malignant (5 DC, 1 MC)
+    labels = (subtypes >= 4).astype(int)
+    rows = [[np.arange(n)] for n in (10, 30, 20, 20, 20, 20, 20, 40)]
+    data = PatientImages([str(i) for i in range(8)], labels, subtypes, [str(i) for i in range(8)], rows)
+    draw = sampling_weights(data, class_balanced=True)
+    assert draw[labels == 0].sum() == pytest.approx(0.5)
+    weights = subtype_class_weights(subtypes, draw)
+    share = np.bincount(subtypes, weights=draw, minlength=8) * weights.numpy()
+    assert np.allclose(share[[0, 1, 4, 6]], 0.25) and share[[2, 3, 5, 7]].sum() == 0
 
 
 def test_binary_metrics_hand_case():

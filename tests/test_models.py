@@ -110,24 +110,50 @@ def test_pretrained_file_is_loaded(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_unavailable_weights_fall_back_loudly_once(monkeypatch, caplog):
+def test_unavailable_weights_stop_with_what_to_do(monkeypatch):
+    """Weights that are wanted and cannot be loaded never become a silent random init."""
     import timm
 
     import backbones
 
-    calls = []
     real = timm.create_model
 
     def offline(name, pretrained=False, **kwargs):
-        calls.append(pretrained)
         if pretrained:
             raise OSError("no network")
         return real(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    monkeypatch.setattr(backbones, "_DOWNLOAD_FAILED", set())
-    cfg = dataclasses.replace(TINY, pretrained="on")
-    assert backbones.create_backbone(cfg)[1] == "random init (download failed)"
-    assert backbones.create_backbone(cfg)[1] == "random init (download failed)"
-    assert calls.count(True) == 1  # the second backbone does not wait on the network again
-    assert "PRETRAINED WEIGHTS UNAVAILABLE" in caplog.text
+    with pytest.raises(backbones.WeightsError, match=r"--pretrained-file PATH .* or --pretrained off") as err:
+        backbones.check_weights(dataclasses.replace(TINY, pretrained="on"))
+    assert len(str(err.value).splitlines()) == 1
+    assert backbones.check_weights(dataclasses.replace(TINY, pretrained="off")) == "random init"
+
+
+def test_progressive_attention_respects_the_magnification_order():
+    """Refined level m depends on inputs 0..m only: zero gradient from every higher level."""
+    from backbones.our.modules import HierarchicalMagnificationAttention
+
+    torch.manual_seed(0)
+    module = HierarchicalMagnificationAttention(16, 4)
+    z = torch.randn(3, 4, 16, requires_grad=True)
+    refined = module(z, torch.ones(3, 4))
+    probe = torch.randn(16)  # not a plain sum: a LayerNorm output always sums to the same value
+    for level in range(4):
+        grad, = torch.autograd.grad((refined[:, level] * probe).sum(), z, retain_graph=True)
+        assert (grad[:, level + 1:] == 0).all(), level
+        assert all(grad[:, lower].abs().max() > 0 for lower in range(level + 1)), level
+
+
+def test_progressive_attention_ignores_a_missing_lower_level():
+    from backbones.our.modules import HierarchicalMagnificationAttention
+
+    torch.manual_seed(0)
+    module = HierarchicalMagnificationAttention(16, 4)
+    z = torch.randn(2, 4, 16)
+    mask = torch.tensor([[0.0, 1, 1, 1], [0, 0, 0, 1]])
+    other = z.clone()
+    other[:, 0] += 5.0  # change the missing 40X slot only
+    a, b = module(z, mask), module(other, mask)
+    torch.testing.assert_close(a[:, 1:], b[:, 1:])
+    assert torch.isfinite(a).all()

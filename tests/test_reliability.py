@@ -128,13 +128,15 @@ def test_two_worker_processes_give_the_one_worker_results(tmp_path):
 
 
 def test_device_settings_for_cpu_and_forced_device():
+    from config import Config
     from utils.device import DeviceError, detect_env
 
-    env = detect_env("cpu")
-    assert env.device == "cpu" and env.amp_dtype == "none" and env.batch_size > 0 and env.workers >= 1
+    env = detect_env(Config(device="cpu", batch_size=24))
+    assert env.device == "cpu" and env.amp_dtype == "none" and env.workers >= 1
+    assert env.batch_size == 24 and 1 <= env.micro_batch <= 24  # the step is the config's, not the device's
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="--device cpu"):
-            detect_env("cuda")
+            detect_env(Config(device="cuda"))
 
 
 def test_failed_fold_is_reported_and_the_rest_continue(monkeypatch, caplog, tmp_path):

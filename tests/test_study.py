@@ -10,7 +10,7 @@ from scipy import stats as scipy_stats
 
 from config import ABLATIONS, BASELINES, EXPERIMENTS, experiment_config
 from tests.conftest import ROOT, tiny_config, tiny_study
-from utils.metrics import cluster_bootstrap_ci, corrected_resampled_ttest
+from utils.statistics import bootstrap_ci, corrected_resampled_ttest
 
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
@@ -48,6 +48,8 @@ def test_corrected_ttest_hand_computed():
     naive_t = 0.03 / np.sqrt(0.00025 / 5)
     assert t < naive_t  # the correction widens the interval
     assert corrected_resampled_ttest([0.0, 0.0, 0.0], 4, 1) == (0.0, 1.0)
+    # the same non-zero difference in all 5 folds: the exact sign test, not "n/a"
+    assert corrected_resampled_ttest([0.02] * 5, 4, 1)[1] == pytest.approx(2 * 0.5 ** 5)
 
 
 def _pooled(seed=0, patients=30, tuples=6):
@@ -56,17 +58,17 @@ def _pooled(seed=0, patients=30, tuples=6):
     for p in range(patients):
         label = int(p % 3 != 0)
         for _ in range(tuples):
-            rows.append({"patient": f"p{p}", "label": label, "threshold": 0.5,
+            rows.append({"patient": f"p{p}", "group": str(p), "label": label, "threshold": 0.5,
                          "prob": float(np.clip(rng.normal(0.4 + 0.25 * label, 0.2), 0, 1))})
     return pd.DataFrame(rows)
 
 
-def test_bootstrap_resamples_patients_not_tuples():
+def test_bootstrap_resamples_slide_groups_not_tuples():
     pooled = _pooled()
     doubled = pd.concat([pooled, pooled], ignore_index=True)  # every tuple twice
     for level in ("tuple", "patient"):
-        a = cluster_bootstrap_ci(pooled, level, n_boot=300, seed=1)
-        b = cluster_bootstrap_ci(doubled, level, n_boot=300, seed=1)
+        a = bootstrap_ci(pooled, level, n_boot=300, seed=1)
+        b = bootstrap_ci(doubled, level, n_boot=300, seed=1)
         for metric in a:
             assert a[metric] == pytest.approx(b[metric]), (level, metric)
     low, high = a["accuracy"][1:]
@@ -84,7 +86,8 @@ def _fake_run(out, experiment, folds=3, seed=0):
                 rows.append({"patient": f"SOB_{fold}_{p}", "group": str(fold * 10 + p), "label": label,
                              "subtype": (p % 4) + 4 * label, "prob": float(np.clip(rng.normal(0.3 + 0.4 * label, 0.2), 0, 1)),
                              **{f"p_sub_{i}": 1 / 8 for i in range(8)},
-                             **{f"w_{m}x": w[i] for i, m in enumerate((40, 100, 200, 400))}})
+                             **{f"w_{m}x": w[i] for i, m in enumerate((40, 100, 200, 400))},
+                             **{f"prob_without_{m}x": float(rng.random()) for m in (40, 100, 200, 400)}})
         frame = pd.DataFrame(rows)
         folder = out / "runs" / experiment / f"fold{fold}"
         folder.mkdir(parents=True)
@@ -92,7 +95,8 @@ def _fake_run(out, experiment, folds=3, seed=0):
         pd.DataFrame({"epoch": [0, 1], "train_loss": [0.7, 0.5], "val_loss": [0.69, 0.6],
                       "val_auc": [0.7, 0.8]}).to_csv(folder / "history.csv", index=False)
         (folder / "results.json").write_text(json.dumps({
-            "experiment": experiment, "fold": fold, "threshold": 0.5, "best_epoch": 1, "epochs_run": 2,
+            "experiment": experiment, "fold": fold, "threshold": 0.5, "val_threshold": 0.4,
+            "train_prevalence": 0.6, "best_epoch": 1, "epochs_run": 2,
             "train_seconds": 3.0, "pretrained": "random init", "patients": {"train": 20, "val": 5, "test": 8}}))
 
 
@@ -116,7 +120,15 @@ def test_report_only_rebuilds_everything_from_output(tmp_path):
     assert list(main["experiment"]) == ["mmnet", *BASELINES]
     assert list(pd.read_csv(out / "tables" / "ablation.csv")["experiment"]) == ["mmnet", *ABLATIONS]
     stats = pd.read_csv(out / "tables" / "statistics.csv")
-    assert stats.loc[stats["experiment"] != "mmnet", "p_value"].between(0, 1).all()
+    compared = stats[(stats["experiment"] != "mmnet") & stats["metric"].isin(["auc", "balanced_accuracy"])
+                     & (stats["level"] == "patient")]
+    assert len(compared) == 2 * (len(EXPERIMENTS) - 1)
+    assert compared["p_value"].between(0, 1).all() and (compared["p_holm"] >= compared["p_value"] - 1e-12).all()
+    assert (compared["diff_ci_low"] <= compared["diff_pooled"]).all() and (compared["diff_pooled"] <= compared["diff_ci_high"]).all()
+    assert stats.loc[stats["level"] == "tuple", "p_value"].isna().all()  # samples of different size: no test
+    assert "p=" not in (out / "tables" / "main_comparison_tuple.md").read_text()
+    importance = pd.read_csv(out / "tables" / "magnification_importance.csv")
+    assert list(importance.columns) == ["fold", "40X", "100X", "200X", "400X"]
     text = report.read_text()
     assert "Main comparison (patient level)" in text and "Ablations" in text and "Time per experiment" in text
 

@@ -103,18 +103,20 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, demo_tree, demo_ind
 
 
 def test_learns_demo_signal(tmp_path, demo_tree, demo_index):
-    """Out-of-fold patient accuracy over both folds of the 16 demo patients.
+    """Out-of-fold patient ranking and accuracy over both folds of the 16 demo patients.
 
     The synthetic signal (nuclear density and darkness) survives resizing to 48 px, and a
     few epochs separate it almost perfectly. The bar, 12 of 16 patients, has a probability
-    of 0.038 under coin-flipping, so passing it means the pipeline learned.
+    of 0.038 under coin-flipping, so passing it means the pipeline learned. Four short epochs
+    rank the patients right but leave every probability near 0.45 (uncalibrated), so the
+    count uses the inner-validation threshold, the secondary decision rule of the report.
     """
     cfg = tiny_config(tmp_path, epochs=4, tuples_per_epoch=64)
     correct = 0
     for fold in range(2):
         result = _run(cfg, demo_tree, demo_index, fold=fold)
-        predictions = _predictions(cfg, fold)
-        m = fold_metrics(predictions, result["threshold"])["patient"]
+        m = fold_metrics(_predictions(cfg, fold), result["val_threshold"])["patient"]
+        assert m["auc"] >= 0.9
         correct += round(m["accuracy"] * m["n"])
     assert correct >= 12
 

@@ -25,7 +25,7 @@ from config import EXPERIMENTS, Config, experiment_config
 from preprocess.dataset import (ImageSource, PatientImages, evaluation_tuples, fold_split, training_tuples,
                                 tuples_per_epoch)
 from preprocess.demo import demo_filenames, write_tree
-from preprocess.preprocess import build_cache, index_dataset
+from preprocess.preprocess import build_cache, frame_shape, index_dataset
 from utils.checkpoint import checkpoint_payload
 from utils.device import configure_backends, detect_env
 from utils.files import markdown_table
@@ -61,28 +61,29 @@ def synthetic_patients(n_patients: int, per_mag: int, mags: int) -> tuple[np.nda
     return np.arange(n_patients * mags * per_mag), data
 
 
-def _model_alone_rate(state, cfg, env, batches: int, batch: int, slots: int) -> float:
-    """Forward, backward and optimizer step on tensors already on the device."""
-    x = torch.randn(batch, slots, 3, cfg.image_size, cfg.image_size, device=env.device)
-    mask = torch.ones(batch, slots, device=env.device)
-    labels = torch.randint(0, 2, (batch,), device=env.device)
-    subtypes = torch.randint(0, 8, (batch,), device=env.device)
+def _model_alone_rate(state, cfg, env, batches: int, slots: int) -> float:
+    """The same steps (micro-batches, accumulation, optimizer) on tensors already on the device."""
+    micro, steps_per_batch = env.micro_batch, -(-env.batch_size // env.micro_batch)
+    x = torch.randn(micro, slots, 3, *frame_shape(cfg.image_size), device=env.device)
+    mask = torch.ones(micro, slots, device=env.device)
+    labels = torch.randint(0, 2, (micro,), device=env.device)
+    subtypes = torch.randint(0, 8, (micro,), device=env.device)
     loss_fn = StudyLoss(cfg, None)
     state.model.train()
     _sync(env.device)
     started = time.perf_counter()
     for _ in range(batches):
-        with amp_context(env.device, env.amp_dtype):
-            out = state.model(x, mask)
-        loss = loss_fn(out, labels, subtypes)[0]
         state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
+        for _ in range(steps_per_batch):
+            with amp_context(env.device, env.amp_dtype):
+                out = state.model(x, mask)
+            state.scaler.scale(loss_fn(out, labels, subtypes)[0] / steps_per_batch).backward()
         state.scaler.unscale_(state.optimizer)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
         state.scaler.step(state.optimizer)
         state.scaler.update()
     _sync(env.device)
-    return batches * batch / (time.perf_counter() - started)
+    return batches * micro * steps_per_batch / (time.perf_counter() - started)
 
 
 def time_train_and_eval(state, loop: LoopSettings, train_count: int, eval_tuples: np.ndarray) -> dict:
@@ -117,15 +118,16 @@ def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
     slots = len(cfg.magnifications)
     per_mag = 25  # a 100-image patient: 25 images at each of 4 magnifications
     rows, data = synthetic_patients(n_patients=8, per_mag=per_mag, mags=slots)
-    cache = np.random.default_rng(0).integers(0, 256, (len(rows), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    cache = np.random.default_rng(0).integers(0, 256, (len(rows), *frame_shape(cfg.image_size), 3), dtype=np.uint8)
     source = ImageSource(cache, env.device)
     state = new_fold_state(cfg, env, steps_per_epoch=batches, seed=0)
     state.scheduler = make_scheduler(state.optimizer, 10 * batches, 0)
     eval_tuples, _ = evaluation_tuples(data)
     loop = LoopSettings(source, data, StudyLoss(cfg, None), env.batch_size, env.amp_dtype, cfg.grad_clip)
+    state.accumulation = -(-env.batch_size // env.micro_batch)
     rates = time_train_and_eval(state, loop, batches * env.batch_size, eval_tuples)
     end_to_end, eval_rate = rates["train"], rates["eval"]
-    alone = _model_alone_rate(state, cfg, env, batches, env.batch_size, slots)
+    alone = _model_alone_rate(state, cfg, env, batches, slots)
     single_ms, ensemble_ms = predictor_latency(state.model, cfg, cache, data, env.device)
     return {"cache_build_images_per_s": cache_build_rate(cache_images, env.workers, cfg.image_size) if cache_images else float("nan"),
             "train_tuples_per_s_end_to_end": end_to_end, "train_tuples_per_s_model_alone": alone,
@@ -220,24 +222,38 @@ def predicted_full_run_s(cfg: Config, rates: dict) -> float:
     return total
 
 
+def quick_study_minutes(cfg: Config, env) -> float:
+    """A few-second estimate of the default study on this device, for the start-up check:
+    one timed MMNet training step on a random micro-batch of 4, eval taken as 3x faster."""
+    mm = dataclasses.replace(experiment_config(cfg, "mmnet"), pretrained="off", pretrained_file="")
+    state = new_fold_state(mm, env, steps_per_epoch=1, seed=0)
+    small = dataclasses.replace(env, batch_size=4, micro_batch=4)
+    _model_alone_rate(state, mm, small, 1, len(mm.magnifications))  # warm-up
+    rate = _model_alone_rate(state, mm, small, 1, len(mm.magnifications))
+    speeds = {"train_tuples_per_s_end_to_end": rate, "eval_tuples_per_s": 3 * rate}
+    return predicted_full_run_s(cfg, speeds) / 60
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=0, help="tuples per batch (0 = from device)")
+    parser.add_argument("--batch", type=int, default=Config.batch_size, help="tuples per optimizer step")
+    parser.add_argument("--micro-batch", type=int, default=0, help="tuples per forward pass (0 = from device memory)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     parser.add_argument("--batches", type=int, default=4, help="timed training batches")
     parser.add_argument("--cache-images", type=int, default=64, help="PNGs decoded for the cache rate")
     parser.add_argument("--output-dir", default="output")
     args = parser.parse_args(argv)
-    cfg = Config(backbone=args.backbone, image_size=args.image_size, pretrained="off", device=args.device)
-    env = detect_env(args.device, args.batch, 0)
+    cfg = Config(backbone=args.backbone, image_size=args.image_size, pretrained="off", device=args.device,
+                 batch_size=args.batch, micro_batch=args.micro_batch)
+    env = detect_env(cfg)
     configure_backends(env.device, deterministic=False)
     rates = measure(cfg, env, args.batches, args.cache_images)
     rates["predicted_full_run_minutes"] = predicted_full_run_s(cfg, rates) / 60
     table = pd.DataFrame([{"metric": k, "value": round(v, 3)} for k, v in rates.items()])
     table.insert(0, "device", env.device_name)
-    table.insert(1, "setting", f"{args.backbone} {args.image_size}px batch {env.batch_size} amp {env.amp_dtype}")
+    table.insert(1, "setting", f"{args.backbone} {args.image_size}px batch {env.batch_size} (micro {env.micro_batch}) amp {env.amp_dtype}")
     out = Path(args.output_dir) / "tables"
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "benchmark.csv", index=False)

@@ -31,7 +31,7 @@ class FoldState:
     step: int = 0  # >0: the epoch was stopped after this many steps
     partial_losses: list = None
     saved_rng: dict = None  # RNG states at a mid-epoch stop, re-applied on resume
-    accumulation: int = 1  # micro-batches per step; doubled after a CUDA out-of-memory
+    accumulation: int = 1  # micro-batches per step (from device memory); doubled after an out-of-memory
 
 
 def config_json(cfg) -> str:
@@ -48,8 +48,8 @@ def checkpoint_payload(state: FoldState, identity: dict, generator: torch.Genera
     _, key, position, has_gauss, cached = np.random.get_state()
     rng = {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(key.astype(np.int64)),
            "numpy_rest": [int(position), int(has_gauss), float(cached)]}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if next(state.model.parameters()).is_cuda:  # the one GPU this job trains on, not every visible one
+        rng["cuda"] = torch.cuda.get_rng_state()
     if generator is not None:
         rng["augment"] = generator.get_state()
     return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
@@ -68,8 +68,10 @@ def restore(state: FoldState, payload: dict, best: dict | None) -> None:
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(("MT19937", rng["numpy_key"].numpy().astype(np.uint32), *rng["numpy_rest"]))
+    # Not the accumulation: the micro-batch belongs to the device that resumes (another GPU
+    # may hold more); the step, and so the result, is the same batch either way.
     for key in ("epoch", "best_auc", "best_loss", "best_epoch", "bad_epochs", "history", "step",
-                "partial_losses", "accumulation"):
+                "partial_losses"):
         setattr(state, key, payload[key])
     state.saved_rng = payload["rng"] if state.step else None
     state.best_weights = best["model"] if best else cpu_copy(state.model.state_dict())
@@ -101,8 +103,8 @@ def reload_last(state: FoldState, run_dir, fresh_state) -> None:
     accumulation = state.accumulation
     if not restore_from_disk(state, run_dir):
         initial = fresh_state()
-        for part in ("model", "optimizer", "scheduler", "scaler"):
-            getattr(state, part).load_state_dict(getattr(initial, part).state_dict())
+        for f in dataclasses.fields(state):  # every field: weights, optimizer, epoch, history, best
+            setattr(state, f.name, getattr(initial, f.name))
     state.accumulation = accumulation
 
 

@@ -1,6 +1,7 @@
 """The device a run trains on and its settings: detect_env(), backend switches, GPU facts."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 from dataclasses import dataclass, field
@@ -21,16 +22,19 @@ class DeviceError(ValueError):
 class EnvInfo:
     device: str
     amp_dtype: str  # bfloat16 | float16 | none
-    batch_size: int
+    batch_size: int  # tuples per optimizer step: the config's, the same on every device
+    micro_batch: int  # tuples per forward pass, from device memory
     workers: int
     device_name: str = ""
     memory_gb: float = 0.0
     notes: list = field(default_factory=list)
 
 
-def _batch_for_memory(gb: float) -> int:
+def _micro_batch_for(device: str, gb: float) -> int:
     # Tuples of four 224 px images through four resnet18 branches: ~0.25 GB each in bf16.
-    return 64 if gb >= 40 else 32 if gb >= 16 else 16
+    if device == "cuda":
+        return 64 if gb >= 40 else 32 if gb >= 16 else 16
+    return 16 if device == "mps" else 8  # CPU: a dry-run device; small steps keep caches warm
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -44,17 +48,53 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def detect_env(device: str = "auto", batch_size: int = 0, workers: int = 0) -> EnvInfo:
-    device = resolve_device(device)
-    name, gb, amp = device, 0.0, "none"
+def auto_amp(device: str) -> str:
+    """bf16 only where tensor cores run it (compute capability 8.0+, Ampere on): V100, T4 and
+    RTX 20xx report bf16 support through emulation, slower than fp16 with a loss scaler."""
+    if device != "cuda":
+        return "none"
+    major, _ = torch.cuda.get_device_capability(torch.cuda.current_device())
+    return "bfloat16" if major >= 8 else "float16"
+
+
+def detect_env(cfg) -> EnvInfo:
+    """Device, AMP dtype, batch and micro-batch, decode workers for a run with this config."""
+    device = resolve_device(cfg.device)
+    name, gb = device, 0.0
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         name, gb = props.name, props.total_memory / 2**30
-        amp = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    auto_batch = _batch_for_memory(gb) if device == "cuda" else (16 if device == "mps" else 8)
-    workers, notes = decode_workers(workers)
-    return EnvInfo(device=device, amp_dtype=amp, batch_size=batch_size or auto_batch,
+    amp = auto_amp(device) if cfg.amp == "auto" else cfg.amp
+    micro = min(cfg.batch_size, cfg.micro_batch or _micro_batch_for(device, gb))
+    workers, notes = decode_workers(cfg.workers)
+    return EnvInfo(device=device, amp_dtype=amp, batch_size=cfg.batch_size, micro_batch=micro,
                    workers=workers, device_name=name, memory_gb=round(gb, 1), notes=notes)
+
+
+def resolved_config(cfg, env: EnvInfo):
+    """The config with what depends on the device decided, so it enters the run identity:
+    pretrained auto -> on (CUDA) or off, amp auto -> the dtype this device trains in."""
+    pretrained = cfg.pretrained
+    if pretrained == "auto":
+        pretrained = "on" if env.device == "cuda" or cfg.pretrained_file else "off"
+    return dataclasses.replace(cfg, pretrained=pretrained, amp=env.amp_dtype)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, and the RuntimeErrors that mean the same: MPS out of memory,
+    cuDNN/cuBLAS workspace allocation failures."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
+
+
+def empty_cache(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    elif device == "mps":
+        torch.mps.empty_cache()
 
 
 def versions() -> dict:
@@ -79,8 +119,11 @@ def gpu_facts() -> dict:
 
 
 def configure_backends(device: str, deterministic: bool) -> str:
-    """Fast GPU settings (TF32, cuDNN autotuning) or deterministic ones; says which, honestly."""
+    """Fast GPU settings (TF32, cuDNN autotuning) or deterministic ones; says which, honestly.
+    Called in the main process and in every worker process (spawned workers start afresh)."""
     if device != "cuda":
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         return "deterministic: same seed and thread count give identical results on this device"
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -15,11 +15,20 @@ RUNPOD_VOLUME = Path("/workspace")  # RunPod's persistent volume: survives a pod
 
 
 def get_base_path() -> Path:
-    """Where outputs and caches belong: the pod's persistent volume when there is one (RunPod
-    mounts it at /workspace), else the project folder."""
+    """Where outputs and caches belong: the project folder when it lies on the pod's persistent
+    volume (RunPod mounts it at /workspace) or there is none, else a folder on that volume."""
+    on_volume = RUNPOD_VOLUME.is_dir() and os.access(RUNPOD_VOLUME, os.W_OK)
+    if not on_volume or RUNPOD_VOLUME in PROJECT_ROOT.parents:
+        return PROJECT_ROOT
+    return RUNPOD_VOLUME / "mmnet-breakhis"
+
+
+def keep_hub_cache_on_volume() -> None:
+    """Downloaded weights go to the persistent volume, so a restarted pod does not fetch them
+    again (unless the user chose a cache place)."""
     if RUNPOD_VOLUME.is_dir() and os.access(RUNPOD_VOLUME, os.W_OK):
-        return RUNPOD_VOLUME / "mmnet-breakhis"
-    return PROJECT_ROOT
+        os.environ.setdefault("HF_HOME", str(RUNPOD_VOLUME / ".cache" / "huggingface"))
+        os.environ.setdefault("TORCH_HOME", str(RUNPOD_VOLUME / ".cache" / "torch"))
 
 
 def usable_cpus() -> int:

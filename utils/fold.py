@@ -20,13 +20,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from config import slot_labels
-from preprocess.dataset import evaluation_tuples, fold_split, training_tuples, tuples_per_epoch
+from preprocess.dataset import evaluation_tuples, fold_split, sampling_weights, training_tuples, tuples_per_epoch
+from utils.device import empty_cache, is_out_of_memory
 from utils.checkpoint import (FoldState, checkpoint_payload, config_json, cpu_copy, finished_results,
                               reload_last, restore_from_disk)
 from utils.helpers import BackgroundWriter, StopRequested, derived_seed, seed_everything, stop_requested
 from utils.files import atomic_write_text
 from utils.losses import StudyLoss, subtype_class_weights
-from utils.metrics import choose_threshold, fold_metrics, patient_probabilities
+from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
 from utils.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
 
 log = logging.getLogger("mmnet")
@@ -44,6 +45,8 @@ class FoldRun:
     identity: dict  # config and folds hashes: a checkpoint of another run is refused
     writer: BackgroundWriter
     fresh_state: Callable[[], FoldState]  # the fold's initial state, rebuilt on demand
+    last_saved: float = 0.0  # time.monotonic() of the last last.pt written
+    best_unsaved: bool = False  # best weights changed since best.pt was last written
 
 
 def _start_epoch(state: FoldState, run: FoldRun, count: int) -> EpochPlan:
@@ -56,8 +59,8 @@ def _start_epoch(state: FoldState, run: FoldRun, count: int) -> EpochPlan:
     tuples, owners = training_tuples(run.split["train"], count, rng, cfg.class_balanced)
     if state.saved_rng:
         torch.set_rng_state(state.saved_rng["torch"])
-        if "cuda" in state.saved_rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state.saved_rng["cuda"])
+        if "cuda" in state.saved_rng and run.study.env.device == "cuda":  # onto whichever GPU resumes
+            torch.cuda.set_rng_state(state.saved_rng["cuda"])
         gen.set_state(state.saved_rng["augment"])
         state.saved_rng = None
     return EpochPlan(tuples, owners, gen, state.epoch, state.step, state.partial_losses)
@@ -72,45 +75,60 @@ def _epoch_or_replay(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> E
     keeps the effective batch) and asks for the epoch to be replayed from its checkpoint."""
     try:
         return train_one_epoch(state, loop, plan)
-    except torch.OutOfMemoryError:
-        if state.accumulation >= loop.batch_size:
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if state.accumulation >= loop.batch_size or not is_out_of_memory(exc):
             raise
         state.accumulation *= 2
-        log.warning("CUDA out of memory: retrying epoch %d with micro-batches of %d (x%d accumulation)",
+        log.warning("out of memory: retrying epoch %d with micro-batches of %d (x%d accumulation)",
                     plan.epoch + 1, math.ceil(loop.batch_size / state.accumulation), state.accumulation)
-        if loop.source.device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(loop.source.device.type)
         raise _ReplayEpoch from None
 
 
 def _validate(state: FoldState, run: FoldRun, val_tuples, val_owners) -> dict:
     env = run.study.env
-    out = predict(state.model, run.study.source, val_tuples, env.batch_size * 2, env.amp_dtype)
+    out = predict(state.model, run.study.source, val_tuples, env.micro_batch * 2, env.amp_dtype)
     labels = run.split["val"].labels[val_owners]
     p = np.clip(out["prob"], 1e-7, 1 - 1e-7)
     loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
     return {"val_loss": loss, "val_auc": float(roc_auc_score(labels, out["prob"]))}
 
 
+def save_checkpoints(state: FoldState, run: FoldRun, generator: torch.Generator | None = None) -> None:
+    """last.pt (everything to resume) and, when the best weights changed, best.pt, written in
+    the background. On a timer, at a stop request and at the end of a fold's training: a
+    four-backbone last.pt is ~0.5 GB, too much to write every epoch to a network volume."""
+    writes = [(checkpoint_payload(state, run.identity, generator), run.run_dir / "last.pt")]
+    if run.best_unsaved:
+        writes.append(({"model": state.best_weights, "epoch": state.best_epoch, "config_json": config_json(run.cfg),
+                        **run.identity}, run.run_dir / "best.pt"))
+        run.best_unsaved = False
+    run.writer.submit(writes)
+    run.last_saved = time.monotonic()
+
+
+def _checkpoint_due(state: FoldState, run: FoldRun) -> bool:
+    finished = state.epoch >= run.cfg.epochs or state.bad_epochs >= run.cfg.patience
+    return finished or time.monotonic() - run.last_saved >= 60 * run.cfg.checkpoint_minutes
+
+
 def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict) -> None:
-    """Keep the best weights by inner-validation AUC (loss breaks ties), log, checkpoint."""
+    """Keep the best weights by inner-validation AUC (loss breaks ties), log, checkpoint when due."""
     epoch = state.epoch
     improved = val["val_auc"] > state.best_auc + 1e-4 or (
         abs(val["val_auc"] - state.best_auc) <= 1e-4 and val["val_loss"] < state.best_loss)
-    writes = []
     if improved:
         state.best_auc, state.best_loss, state.best_epoch, state.bad_epochs = \
             val["val_auc"], val["val_loss"], epoch, 0
-        state.best_weights = cpu_copy(state.model.state_dict())
-        writes.append(({"model": state.best_weights, "epoch": epoch, "config_json": config_json(run.cfg),
-                        **run.identity}, run.run_dir / "best.pt"))
+        state.best_weights, run.best_unsaved = cpu_copy(state.model.state_dict()), True
     else:
         state.bad_epochs += 1
     row = {"epoch": epoch, "train_loss": result.loss, **val, "lr": state.scheduler.get_last_lr()[-1],
            "tuples_per_s": result.tuples / result.seconds, "seconds": result.seconds, "best": improved}
     state.history.append(row)
     state.epoch = epoch + 1
-    run.writer.submit([(checkpoint_payload(state, run.identity), run.run_dir / "last.pt"), *writes])
+    if _checkpoint_due(state, run):
+        save_checkpoints(state, run)
     log.info("%s fold %d epoch %d/%d | loss %.4f | val auc %.4f loss %.4f | %.0f tuples/s%s",
              run.name, run.fold, epoch + 1, run.cfg.epochs, result.loss, val["val_auc"],
              val["val_loss"], row["tuples_per_s"], " *" if improved else "")
@@ -119,7 +137,8 @@ def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict
 def _train_epochs(state: FoldState, run: FoldRun) -> None:
     cfg, env = run.cfg, run.study.env
     loop = LoopSettings(run.study.source, run.split["train"],
-                        StudyLoss(cfg, subtype_class_weights(run.split["train"].subtypes)),
+                        StudyLoss(cfg, subtype_class_weights(run.split["train"].subtypes, sampling_weights(
+                            run.split["train"], cfg.class_balanced))),
                         env.batch_size, env.amp_dtype, cfg.grad_clip, stop_requested)
     val_tuples, val_owners = evaluation_tuples(run.split["val"])
     count = tuples_per_epoch(run.split["train"], cfg.tuples_per_epoch)
@@ -133,7 +152,7 @@ def _train_epochs(state: FoldState, run: FoldRun) -> None:
             continue
         if result.stopped_at is not None:
             state.step, state.partial_losses = result.stopped_at, result.losses
-            run.writer.submit([(checkpoint_payload(state, run.identity, plan.generator), run.run_dir / "last.pt")])
+            save_checkpoints(state, run, plan.generator)
             run.writer.wait()
             raise StopRequested(f"{run.name} fold {run.fold} epoch {plan.epoch + 1} step {state.step}")
         state.step, state.partial_losses = 0, None
@@ -144,13 +163,20 @@ def _predictions(state: FoldState, run: FoldRun, role: str) -> pd.DataFrame:
     """One row per evaluation tuple of a split: identity, label, probabilities, weights."""
     data, env = run.split[role], run.study.env
     tuples, owners = evaluation_tuples(data)
-    out = predict(state.model, run.study.source, tuples, env.batch_size * 2, env.amp_dtype)
+    out = predict(state.model, run.study.source, tuples, env.micro_batch * 2, env.amp_dtype)
     frame = pd.DataFrame({"patient": np.array(data.patients)[owners], "group": np.array(data.groups)[owners],
                           "label": data.labels[owners], "subtype": data.subtypes[owners], "prob": out["prob"]})
     for i in range(out.get("subtype_prob", np.zeros((0, 0))).shape[1]):
         frame[f"p_sub_{i}"] = out["subtype_prob"][:, i]
-    for i, label in enumerate(slot_labels(run.cfg)):
-        frame[f"w_{label.lower()}"] = out["mag_weights"][:, i]
+    labels = [label.lower() for label in slot_labels(run.cfg)]
+    for i, label in enumerate(labels):
+        frame[f"w_{label}"] = out["mag_weights"][:, i]
+    if role == "test" and len(labels) > 1:  # what each magnification contributes: mask it out
+        for i, label in enumerate(labels):
+            masked = tuples.copy()
+            masked[:, i] = -1
+            frame[f"prob_without_{label}"] = predict(state.model, run.study.source, masked,
+                                                     env.micro_batch * 2, env.amp_dtype)["prob"]
     return frame
 
 
@@ -165,14 +191,19 @@ def _open_fold(cfg, study, experiment: str, fold: int) -> FoldRun:
 
 
 def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
-    """Test predictions and results.json; the threshold is chosen on inner validation only."""
+    """Test predictions and results.json. Decisions are at 0.5 (training is class-balanced);
+    the threshold chosen on inner validation is kept for a secondary row only."""
     state.model.load_state_dict(state.best_weights)
     val = patient_probabilities(_predictions(state, run, "val"))
-    threshold = choose_threshold(val["label"], val["prob"])
+    val_threshold = choose_threshold(val["label"], val["prob"])
     predictions = _predictions(state, run, "test")
     predictions.to_csv(run.run_dir / "predictions.csv", index=False)
     pd.DataFrame(state.history).to_csv(run.run_dir / "history.csv", index=False)
+    threshold = DECISION_THRESHOLD
+    training = np.concatenate([run.split["train"].labels, run.split["val"].labels])
     results = {"experiment": run.name, "fold": run.fold, **run.identity, "threshold": threshold,
+               "val_threshold": val_threshold,
+               "train_prevalence": float(training.mean()),  # malignant share of the training patients
                "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                "train_seconds": sum(h["seconds"] for h in state.history),
                "wall_seconds_this_run": time.perf_counter() - started,
@@ -195,6 +226,7 @@ def run_fold(cfg, study, experiment: str, fold: int) -> dict:
         return done
     run = _open_fold(cfg, study, experiment, fold)
     state, started = run.fresh_state(), time.perf_counter()
+    run.last_saved = time.monotonic()
     if cfg.resume and restore_from_disk(state, run.run_dir, run.identity):
         log.info("%s fold %d: resuming at epoch %d step %d", experiment, fold, state.epoch + 1, state.step)
     try:

@@ -22,11 +22,17 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.5,
     return loss.mean()
 
 
-def subtype_class_weights(subtypes: np.ndarray, n_classes: int = 8) -> torch.Tensor:
-    """Inverse-frequency weights (mean 1 over the classes present); absent classes get 0."""
-    counts = np.bincount(subtypes, minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
-    return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
+def subtype_class_weights(subtypes: np.ndarray, draw_probability: np.ndarray | None = None,
+                          n_classes: int = 8) -> torch.Tensor:
+    """Weights that give every subtype present the same share of the expected subtype loss
+    under the training sampler: w_k = 1 / (K * f_k), f_k = the probability that a drawn tuple
+    is of subtype k (draw_probability per patient; uniform when None). The expected weight of
+    a drawn tuple is then 1, so the loss keeps its scale. Absent subtypes get 0."""
+    probs = np.full(len(subtypes), 1 / len(subtypes)) if draw_probability is None else np.asarray(draw_probability)
+    freq = np.bincount(subtypes, weights=probs, minlength=n_classes)
+    present = freq > 0
+    weights = np.where(present, 1.0 / (present.sum() * np.where(present, freq, 1.0)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 class StudyLoss:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 METRICS = ("accuracy", "balanced_accuracy", "f1", "auc", "sensitivity", "specificity")
+# Training draws both classes equally often, so 0.5 is the decision rule of every result; the
+# threshold chosen on inner validation (a handful of patients) is reported as a secondary row.
+DECISION_THRESHOLD = 0.5
 
 
 def binary_metrics(labels, probs, threshold: float = 0.5) -> dict:
@@ -103,68 +105,3 @@ def pooled_out_of_fold(predictions: list, results: list) -> pd.DataFrame:
     its fold's decision threshold (from that fold's results)."""
     frames = [frame.assign(fold=r["fold"], threshold=r["threshold"]) for frame, r in zip(predictions, results)]
     return pd.concat(frames, ignore_index=True)
-
-
-def _units(pooled: pd.DataFrame, level: str) -> pd.DataFrame:
-    """Rows that are scored: tuples, or patients (mean probability over their tuples)."""
-    if level == "patient":
-        pooled = patient_probabilities(pooled.drop(columns="fold", errors="ignore"))
-    return pooled.assign(decided=(pooled["prob"] >= pooled["threshold"]).astype(int))
-
-
-def weighted_metrics(labels: np.ndarray, probs: np.ndarray, decided: np.ndarray, weights: np.ndarray) -> dict:
-    """METRICS from a confusion matrix whose rows count `weights` times (a bootstrap draw)."""
-    pos, neg = labels == 1, labels == 0
-    tp, fn = weights[pos & (decided == 1)].sum(), weights[pos & (decided == 0)].sum()
-    tn, fp = weights[neg & (decided == 0)].sum(), weights[neg & (decided == 1)].sum()
-    sens = tp / (tp + fn) if tp + fn else float("nan")
-    spec = tn / (tn + fp) if tn + fp else float("nan")
-    keep = weights > 0
-    auc = (float(roc_auc_score(labels[keep], probs[keep], sample_weight=weights[keep]))
-           if (tp + fn) and (tn + fp) else float("nan"))
-    return {"accuracy": (tp + tn) / weights.sum(), "balanced_accuracy": (sens + spec) / 2,
-            "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0, "auc": auc,
-            "sensitivity": sens, "specificity": spec}
-
-
-def cluster_bootstrap_ci(pooled: pd.DataFrame, level: str, n_boot: int = 2000, seed: int = 0,
-                         alpha: float = 0.05) -> dict:
-    """Point value and 95 % percentile CI per metric, resampling whole patients within class.
-
-    pooled: out-of-fold predictions (patient, label, prob, threshold of the row's fold).
-    A draw counts each patient as often as it was picked, with all its tuples: the patient is
-    the unit, so duplicating a patient's tuples cannot narrow the interval.
-    """
-    units = _units(pooled, level)
-    codes, patients = pd.factorize(units["patient"])
-    label_of = units.groupby(codes)["label"].first().to_numpy()
-    strata = [np.flatnonzero(label_of == c) for c in np.unique(label_of)]
-    y, p, d = units["label"].to_numpy(), units["prob"].to_numpy(), units["decided"].to_numpy()
-    point = weighted_metrics(y, p, d, np.ones(len(units)))
-    rng = np.random.default_rng(seed)
-    draws = {m: np.empty(n_boot) for m in METRICS}
-    for b in range(n_boot):
-        picked = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
-        weights = np.bincount(picked, minlength=len(patients))[codes].astype(float)
-        for m, value in weighted_metrics(y, p, d, weights).items():
-            draws[m][b] = value
-    return {m: (float(point[m]), float(np.nanpercentile(draws[m], 100 * alpha / 2)),
-                float(np.nanpercentile(draws[m], 100 * (1 - alpha / 2)))) for m in METRICS}
-
-
-def corrected_resampled_ttest(differences, n_train: float, n_test: float) -> tuple[float, float]:
-    """Nadeau & Bengio (2003) corrected resampled t-test on per-fold differences.
-
-    The variance is inflated by (1/k + n_test/n_train) because cross-validation folds share
-    training data. Returns (t, two-sided p) with k - 1 degrees of freedom.
-    """
-    d = np.asarray(differences, dtype=float)
-    d = d[np.isfinite(d)]
-    k = len(d)
-    if k < 2:
-        return float("nan"), float("nan")
-    variance = d.var(ddof=1)
-    if variance == 0:  # identical differences in every fold: no evidence either way, no p
-        return (0.0, 1.0) if d.mean() == 0 else (float("nan"), float("nan"))
-    t = d.mean() / np.sqrt((1 / k + n_test / n_train) * variance)
-    return float(t), float(2 * stats.t.sf(abs(t), df=k - 1))

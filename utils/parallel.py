@@ -5,6 +5,7 @@ jobs cannot change any result: N workers give what one worker gives.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -14,7 +15,7 @@ import torch
 
 from config import ConfigError, experiment_config
 from utils.checkpoint import ForeignRunError
-from utils.device import detect_env
+from utils.device import configure_backends, detect_env
 from utils.env import usable_cpus
 from utils.files import setup_logging
 from utils.fold import run_fold
@@ -40,7 +41,9 @@ def _init_worker(cfg, prepared, slots, log_file: str, jobs: int) -> None:
     else:
         device = "cpu" if device == "auto" else device
     torch.set_num_threads(max(1, usable_cpus() // jobs))
-    study = attach_images(cfg, prepared, detect_env(device, cfg.batch_size, 1))  # the parent built it: this only maps it
+    env = detect_env(dataclasses.replace(cfg, device=device, workers=1))
+    configure_backends(env.device, cfg.deterministic)  # a spawned process starts with torch's defaults
+    study = attach_images(cfg, prepared, env)  # the parent built the cache: this only maps it
     _WORKER.update(cfg=cfg, study=study, slot=slot, pid=os.getpid())
 
 

@@ -19,7 +19,7 @@ from preprocess.dataset import ImageSource
 from preprocess.demo import write_demo_tree
 from preprocess.preprocess import DataError, build_cache, index_dataset, missing_data_message, write_issues
 from preprocess.splits import FoldError, build_folds, kaggle_folds, load_folds, write_folds
-from utils.device import EnvInfo, configure_backends, detect_env, gpu_facts, versions
+from utils.device import EnvInfo, configure_backends, gpu_facts, versions
 from utils.env import decode_workers, free_disk_gb, git_commit, runpod_hint, shm_gb
 from utils.files import DATASET_FILE, HEADER_FILE, RUN_LOG, atomic_write_text, setup_logging
 
@@ -51,8 +51,9 @@ def attach_images(cfg: Config, study: Study, env: EnvInfo) -> Study:
                                folds_hash=folds_fingerprint(study.folds))
 
 
-def prepare_output(cfg: Config) -> None:
-    """Create the output folder (or say why not), start logging, record the run header."""
+def prepare_output(cfg: Config, env: EnvInfo | None) -> None:
+    """Create the output folder (or say why not), start logging, record the run header
+    (not for --report-only: the header of the run that produced the results stays)."""
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -63,14 +64,13 @@ def prepare_output(cfg: Config) -> None:
         raise OSError(f"output directory '{out}' is not writable ({exc.strerror}); "
                       f"pass --output-dir to a writable place") from None
     setup_logging(out / RUN_LOG)
-    if cfg.report_only:  # keep the header of the run that produced the results
+    if env is None:
         return
-    env = detect_env(cfg.device, cfg.batch_size, cfg.workers)
     header = run_header(cfg, env)
     atomic_write_text(out / HEADER_FILE, json.dumps(header, indent=2, default=str))
-    log.info("run %s | device %s (%s) | amp %s | batch %d | workers %d | commit %s",
-             header["started"], env.device, env.device_name, env.amp_dtype, env.batch_size,
-             env.workers, header["commit"])
+    log.info("run %s | device %s (%s) | amp %s | batch %d (micro-batch %d) | workers %d | weights %s | commit %s",
+             header["started"], env.device, env.device_name, env.amp_dtype, env.batch_size, env.micro_batch,
+             env.workers, cfg.pretrained, header["commit"])
     log.info("determinism: %s", header["determinism"])
     for warning in header["warnings"]:
         log.warning("%s", warning)
@@ -119,8 +119,16 @@ def select_patients(index: pd.DataFrame, max_patients: int, seed: int) -> pd.Dat
     return index[index["group"].isin(keep)].reset_index(drop=True)
 
 
+def _fold_settings(cfg: Config) -> dict:
+    """What folds.csv was built from: a change of any of these rebuilds it."""
+    return {"folds": cfg.folds, "seed": cfg.seed, "inner_val_fraction": cfg.inner_val_fraction,
+            "folds_source": cfg.folds_source, "stratified_on": "subtype", "grouped_by": "numeric slide id"}
+
+
 def _folds(cfg: Config, index: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
-    path = Path(cfg.output_dir) / "folds.csv"
+    path, settings_path = Path(cfg.output_dir) / "folds.csv", Path(cfg.output_dir) / "folds.json"
+    settings = _fold_settings(cfg)
+    saved = json.loads(settings_path.read_text()) if settings_path.is_file() else None
     if cfg.folds_source == "kaggle":
         kaggle = data_dir / "Folds.csv"
         if not kaggle.is_file():
@@ -128,15 +136,18 @@ def _folds(cfg: Config, index: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
         folds = kaggle_folds(kaggle, index, cfg.inner_val_fraction, cfg.seed)
     elif path.is_file():
         folds = load_folds(path)
-        same = (set(folds["patient"]) == set(index["patient"]) and folds["fold"].nunique() == cfg.folds)
+        same = set(folds["patient"]) == set(index["patient"]) and saved == settings
         if same:
             log.info("folds: reusing %s (%d patients, %d folds)", path, len(folds), cfg.folds)
             return folds
-        log.warning("folds: %s does not match this data/--folds; rebuilding it", path)
+        log.warning("folds: %s was built from other data or settings (%s); rebuilding it", path,
+                    "no folds.json" if saved is None else
+                    ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in settings.items() if saved.get(k) != v) or "patients")
         folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
     else:
         folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
     write_folds(folds, cfg.output_dir)
+    atomic_write_text(settings_path, json.dumps(settings, indent=2))
     summary = folds.groupby("fold").agg(patients=("patient", "size"), malignant=("label", "sum"),
                                         groups=("group", "nunique"))
     log.info("folds written to %s, no slide group on two sides:\n%s", path, summary.to_string())

@@ -104,28 +104,35 @@ def experiment_bars(stats: pd.DataFrame, path: Path, level: str = "patient") -> 
     return _save(fig, path)
 
 
-def magnification_importance_plot(table: pd.DataFrame, name: str, path: Path) -> Path:
+def magnification_importance_plot(table: pd.DataFrame, name: str, path: Path) -> Path | None:
+    """Drop in patient AUC per masked magnification, one bar per fold."""
+    if table.empty:
+        return None
     folds = table[table["fold"] != "mean ± sd"]
-    cols = [c for c in folds.columns if c.startswith("w_")]
+    cols = [c for c in folds.columns if c != "fold"]
     fig, ax = _figure(figsize=(6, 4))
     width = 0.8 / max(1, len(folds))
     for i, (_, row) in enumerate(folds.iterrows()):
         ax.bar(np.arange(len(cols)) + i * width, row[cols].astype(float), width, label=f"fold {row['fold']}")
-    ax.set_xticks(np.arange(len(cols)) + 0.4 - width / 2, [c.removeprefix("w_").upper() for c in cols])
-    ax.set(title=f"{name}: magnification importance (mean fusion weight)", ylabel="weight")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(np.arange(len(cols)) + 0.4 - width / 2, cols)
+    ax.set(title=f"{name}: AUC lost when one magnification is masked out", ylabel="patient AUC drop",
+           xlabel="masked magnification")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def calibration_plot(run: dict, name: str, path: Path, bins: int = 10) -> Path:
-    """Reliability curve of pooled out-of-fold tuple probabilities."""
-    pooled = run["pooled"]
-    observed, predicted = calibration_curve(pooled["label"], pooled["prob"], n_bins=bins, strategy="quantile")
-    fig, ax = _figure(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], ls="--", color="grey")
-    ax.plot(predicted, observed, marker="o")
-    ax.set(title=f"{name}: calibration (tuples)", xlabel="predicted malignant probability",
+def calibration_plot(patients: pd.DataFrame, name: str, path: Path, bins: int = 5) -> Path:
+    """Reliability of pooled patient probabilities, moved from the balanced training prior to
+    each fold's training prevalence (columns label, prob, calibrated)."""
+    fig, ax = _figure(figsize=(4.8, 4.5))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect")
+    for column, text in (("calibrated", "prior-corrected"), ("prob", "as trained (50/50 prior)")):
+        observed, predicted = calibration_curve(patients["label"], patients[column], n_bins=bins, strategy="quantile")
+        ax.plot(predicted, observed, marker="o", label=text)
+    ax.set(title=f"{name}: calibration (patients, pooled out-of-fold)", xlabel="predicted malignant probability",
            ylabel="observed malignant fraction", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -12,19 +12,21 @@ import pandas as pd
 from config import ABLATIONS, BASELINES, EXPERIMENTS
 from utils import plottings
 from utils.files import DATASET_FILE, GRADCAM_DIR, HEADER_FILE, RUN_LOG, markdown_table, save_table
-from utils.tables import (comparison_table, fold_table, load_runs, magnification_importance, per_fold_table,
-                          statistics, subtype_tables, timing_table)
+from utils.tables import (calibrated_patients, calibration_table, comparison_table, fold_table, fusion_weights,
+                          load_runs, magnification_importance, per_fold_table, statistics, subtype_tables,
+                          timing_table, validation_threshold_table)
 
 log = logging.getLogger("mmnet")
 
 
 def write_tables(runs: dict, cfg, tables: Path) -> dict:
     """Every results table under tables/; returns the ones the report shows."""
-    stats = statistics(runs, cfg.bootstrap_samples, cfg.seed)
+    stats = statistics(runs, cfg.bootstrap_samples, cfg.seed, {"main": BASELINES, "ablation": ABLATIONS})
     stats.round(5).to_csv(tables / "statistics.csv", index=False)
     shown = {
         "Main comparison (patient level)": comparison_table(stats, ["mmnet", *BASELINES], "patient"),
-        "Main comparison (tuple level)": comparison_table(stats, ["mmnet", *BASELINES], "tuple"),
+        "Per-sample level (a tuple of 4 images for MMNet, 1 image for single-magnification models: not compared)":
+            comparison_table(stats, ["mmnet", *BASELINES], "tuple"),
         "Ablations (patient level)": comparison_table(stats, ["mmnet", *ABLATIONS], "patient"),
     }
     files = ("main_comparison", "main_comparison_tuple", "ablation")
@@ -40,8 +42,17 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
     save_table(recall, tables, "subtype_recall", latex=True)
     save_table(head, tables, "subtype_head", latex=True)
     if "mmnet" in runs:
-        shown["MMNet magnification importance"] = magnification_importance(runs["mmnet"])
-        save_table(shown["MMNet magnification importance"], tables, "magnification_importance", latex=True)
+        shown["MMNet magnification importance: drop in patient AUC with that magnification masked out"] = \
+            magnification_importance(runs["mmnet"])
+        save_table(magnification_importance(runs["mmnet"]), tables, "magnification_importance", latex=True)
+        shown["MMNet fusion weights (after hierarchical attention; how the fused vector is formed, not a contribution)"] = \
+            fusion_weights(runs["mmnet"])
+        save_table(fusion_weights(runs["mmnet"]), tables, "fusion_weights")
+    shown["Secondary: decisions at the validation-chosen threshold (patient level, fold mean ± sd)"] = \
+        validation_threshold_table(runs)
+    save_table(validation_threshold_table(runs), tables, "validation_threshold")
+    shown["Calibration (patient level, corrected for the balanced training prior)"] = calibration_table(runs)
+    save_table(shown["Calibration (patient level, corrected for the balanced training prior)"], tables, "calibration")
     shown["Time per experiment"] = timing_table(runs)
     save_table(shown["Time per experiment"], tables, "timing")
     shown["_stats"] = stats
@@ -56,7 +67,7 @@ def write_plots(runs: dict, stats, out: Path) -> None:
         run = runs["mmnet"]
         plottings.roc_curves(run, "mmnet", plots / "roc_mmnet.png")
         plottings.training_curves(run, "mmnet", plots / "training_curves_mmnet.png")
-        plottings.calibration_plot(run, "mmnet", plots / "calibration_mmnet.png")
+        plottings.calibration_plot(calibrated_patients(run), "mmnet", plots / "calibration_mmnet.png")
         plottings.magnification_importance_plot(magnification_importance(run), "mmnet",
                                                 plots / "magnification_importance_mmnet.png")
     plottings.gradcam_figures(out / GRADCAM_DIR, plots / "gradcam")
@@ -88,15 +99,36 @@ def _header(out: Path, runs: dict) -> list[str]:
     return lines
 
 
+RESULTS_KEY = (
+    "Cells: value of the pooled out-of-fold predictions [95 % CI]; the CI resamples slide groups "
+    "within class (2,000 draws by default), except patient-level accuracy, sensitivity and "
+    "specificity, which use the Wilson interval. `bal_acc folds`: fold mean ± sd. Δ: the pooled "
+    "difference from mmnet [paired slide-group bootstrap CI, the same draws for both models]; p: "
+    "corrected resampled t-test across folds (Nadeau and Bengio 2003; the exact sign test when every "
+    "fold shows the same difference), Holm-adjusted within each table. A p above 0.05 means the "
+    "data cannot tell the models apart; it does not mean they are equivalent: read the CI of Δ.")
+
+
+def protocol_text(cfg, runs: dict) -> str:
+    """The protocol in one paragraph a reviewer can check against the code and folds.csv."""
+    folds = max((len(run["results"]) for run in runs.values()), default=cfg.folds)
+    return (f"{folds}-fold cross-validation, StratifiedGroupKFold stratified on the 8 subtypes with the numeric "
+            f"slide id as group (slide numbers shared by several patient folders stay together; no patient "
+            f"and no slide number is ever on both sides of a split, checked when folds are built and when "
+            f"they are loaded); seed {cfg.seed}. Inside each training part, {cfg.inner_val_fraction:.0%} of "
+            f"the slide groups of each class form an inner validation set that picks the epoch; the test "
+            f"fold picks nothing. Training draws both classes equally often, so decisions are at 0.5; the "
+            f"threshold chosen on inner validation is a secondary row. A tuple is one image per "
+            f"magnification of one patient; a patient's probability is the mean over its evaluation "
+            f"tuples, which cover every image. Every experiment uses the same folds, seeds and budget, "
+            f"so comparisons are paired. Models are compared at patient level only.")
+
+
 def write_markdown(cfg, runs: dict, shown: dict) -> Path:
     out = Path(cfg.output_dir)
     lines = _header(out, runs)
     lines += ["## Dataset", "", _read(out / "tables" / "class_by_magnification.md", "(no analysis)"), ""]
-    lines += ["## Results", "", "Patient level is primary: a patient's probability is the mean over its "
-              "tuples. Cells: fold mean ± sd; value of the pooled out-of-fold predictions [its 95 % "
-              "patient-cluster bootstrap CI]. Δ: mean paired per-fold difference from mmnet, p: "
-              "corrected resampled t-test (Nadeau and Bengio); n/a where every fold gives the same "
-              "difference.", ""]
+    lines += ["## Protocol", "", protocol_text(cfg, runs), "", "## Results", "", RESULTS_KEY, ""]
     for title, table in shown.items():
         if not title.startswith("_") and len(table):
             lines += [f"### {title}", "", markdown_table(table), ""]

@@ -6,10 +6,12 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from config import EXPERIMENTS, ConfigError, experiment_config
 from utils.benchmark import predict_duration
 from utils.checkpoint import ForeignRunError
-from utils.device import detect_env
+from utils.device import EnvInfo, empty_cache, is_out_of_memory
 from utils.files import RUN_LOG
 from utils.fold import run_fold
 from utils.helpers import StopRequested, install_stop_handlers, stop_requested
@@ -51,14 +53,22 @@ def run_sequential(cfg, study: Study, names: list[str]) -> int:
     return failed
 
 
-def run_study(cfg, prepared: Study) -> tuple[Study, int]:
+def run_study(cfg, prepared: Study, env: EnvInfo) -> tuple[Study, int]:
     """Train every selected experiment x fold; returns the study with its images attached
     and the number of failed folds."""
     install_stop_handlers()  # from here on SIGTERM/SIGINT stop after the current step, saved
-    study = attach_images(cfg, prepared, detect_env(cfg.device, cfg.batch_size, cfg.workers))
+    study = attach_images(cfg, prepared, env)
     names = selected_experiments(cfg)
     jobs = cfg.jobs or default_jobs(study.env.device)
-    predicted = predict_duration(cfg, study, names)
+    try:
+        predicted = predict_duration(cfg, study, names)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # the loop has its own back-off
+        if not is_out_of_memory(exc):
+            raise
+        log.warning("could not measure the speed for a duration estimate (out of memory at micro-batch %d); "
+                    "training goes on and backs off by itself", study.env.micro_batch)
+        empty_cache(study.env.device)
+        predicted = float("nan")
     started = time.perf_counter()
     if jobs > 1:
         log.info("running %d experiment x fold jobs on %d parallel workers (about %.1f min)",

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from config import SUBTYPES
-from utils.metrics import (METRICS, cluster_bootstrap_ci, corrected_resampled_ttest, fold_metrics, format_mean_sd,
-                           mean_sd, patient_probabilities, pooled_out_of_fold)
+from utils.metrics import (METRICS, fold_metrics, format_mean_sd, mean_sd, patient_probabilities,
+                           pooled_out_of_fold)
+from utils.statistics import (bootstrap_ci, corrected_resampled_ttest, expected_calibration_error, holm,
+                              paired_difference_ci, prior_corrected, wilson)
 
 
 # ---------------------------------------------------------------- results of the runs
@@ -66,53 +69,92 @@ def _fold_values(run: dict, level: str, metric: str) -> dict:
     return {fold: metrics[level][metric] for fold, metrics in run["metrics"].items()}
 
 
-def statistics(runs: dict, n_boot: int, seed: int, reference: str = "mmnet") -> pd.DataFrame:
-    """Long table: experiment x level x metric -> fold mean/sd, pooled value, bootstrap CI,
-    paired difference with the reference and the corrected resampled t-test p-value."""
+PROPORTIONS = ("accuracy", "sensitivity", "specificity")  # patient level: Wilson intervals
+COMPARED = ("balanced_accuracy", "auc")  # metrics on which models are compared with MMNet
+
+
+def _patient_counts(pooled: pd.DataFrame, metric: str) -> tuple[int, int]:
+    """(successes, trials) of a proportion at patient level, decisions at each fold's threshold."""
+    units = patient_probabilities(pooled)
+    right = (units["prob"] >= units["threshold"]).astype(int) == units["label"]
+    part = {"accuracy": units.index == units.index, "sensitivity": units["label"] == 1,
+            "specificity": units["label"] == 0}[metric]
+    return int(right[part].sum()), int(part.sum())
+
+
+def _level_rows(name: str, run: dict, level: str, n_boot: int, seed: int) -> list[dict]:
+    ci = bootstrap_ci(run["pooled"], level, n_boot=n_boot, seed=seed)
     rows = []
-    for name, run in runs.items():
-        pooled = run["pooled"]
-        n_test = np.mean([r["patients"]["test"] for r in run["results"]])
-        n_train = np.mean([r["patients"]["train"] + r["patients"]["val"] for r in run["results"]])
-        for level in LEVELS:
-            ci = cluster_bootstrap_ci(pooled, level, n_boot=n_boot, seed=seed)
-            for metric in SHOWN:
-                values = _fold_values(run, level, metric)
-                mean, sd = mean_sd(list(values.values()))
-                diff, p = float("nan"), float("nan")
-                if reference in runs and name != reference:
-                    ref = _fold_values(runs[reference], level, metric)
-                    paired = [values[f] - ref[f] for f in sorted(values) if f in ref]
-                    diff = float(np.nanmean(paired)) if paired else float("nan")
-                    p = corrected_resampled_ttest(paired, n_train, n_test)[1]
-                rows.append({"experiment": name, "level": level, "metric": metric, "fold_mean": mean,
-                             "fold_sd": sd, "pooled": ci[metric][0], "ci_low": ci[metric][1],
-                             "ci_high": ci[metric][2], "diff_vs_" + reference: diff, "p_value": p})
-    return pd.DataFrame(rows)
+    for metric in SHOWN:
+        mean, sd = mean_sd(list(_fold_values(run, level, metric).values()))
+        row = {"experiment": name, "level": level, "metric": metric, "fold_mean": mean, "fold_sd": sd,
+               "pooled": ci[metric][0], "ci_low": ci[metric][1], "ci_high": ci[metric][2],
+               "ci_method": "slide-group bootstrap"}
+        if level == "patient" and metric in PROPORTIONS:
+            row["ci_low"], row["ci_high"] = wilson(*_patient_counts(run["pooled"], metric))
+            row["ci_method"] = "Wilson"
+        rows.append(row)
+    return rows
 
 
-def _fmt(value: float, digits: int = 3) -> str:
+def _comparison(run: dict, ref: dict, metric: str, n_boot: int, seed: int) -> dict:
+    """Paired comparison with the reference at patient level: per-fold differences with the
+    corrected t-test, and the pooled difference with its paired slide-group bootstrap CI."""
+    values, ref_values = _fold_values(run, "patient", metric), _fold_values(ref, "patient", metric)
+    paired = [values[f] - ref_values[f] for f in sorted(values) if f in ref_values]
+    n_test = np.mean([r["patients"]["test"] for r in run["results"]])
+    n_train = np.mean([r["patients"]["train"] + r["patients"]["val"] for r in run["results"]])
+    diff, low, high = paired_difference_ci(run["pooled"], ref["pooled"], [metric], n_boot, seed)[metric]
+    return {"diff_fold_mean": float(np.nanmean(paired)) if paired else float("nan"),
+            "p_value": corrected_resampled_ttest(paired, n_train, n_test)[1],
+            "diff_pooled": diff, "diff_ci_low": low, "diff_ci_high": high}
+
+
+def statistics(runs: dict, n_boot: int, seed: int, families: dict, reference: str = "mmnet") -> pd.DataFrame:
+    """Long table: experiment x level x metric -> fold mean/sd, pooled value and its CI; for
+    the compared metrics at patient level also the paired comparison with the reference,
+    with p-values Holm-adjusted within each family (one family per results table)."""
+    rows = [row for name, run in runs.items() for level in LEVELS
+            for row in _level_rows(name, run, level, n_boot, seed)]
+    stats = pd.DataFrame(rows)
+    if reference not in runs:
+        return stats
+    for family, members in families.items():
+        keys = [(name, metric) for name in members if name in runs and name != reference for metric in COMPARED]
+        tests = {key: _comparison(runs[key[0]], runs[reference], key[1], n_boot, seed) for key in keys}
+        adjusted = holm([t["p_value"] for t in tests.values()])
+        for (key, test), p_holm in zip(tests.items(), adjusted):
+            where = (stats["experiment"] == key[0]) & (stats["level"] == "patient") & (stats["metric"] == key[1])
+            for column, value in {**test, "p_holm": p_holm, "family": family}.items():
+                stats.loc[where, column] = value
+    return stats
+
+
+def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
 def comparison_table(stats: pd.DataFrame, experiments, level: str = "patient",
                      reference: str = "mmnet") -> pd.DataFrame:
-    """Experiments x metrics as 'fold mean ± sd; pooled [95 % CI]' plus paired differences (p).
-
-    The pooled value and its CI come from all out-of-fold predictions together; a pooled AUC
-    also ranks patients across folds, so it can differ from the mean of per-fold AUCs."""
+    """Experiments x metrics as 'pooled [95 % CI]' (all out-of-fold predictions together), the
+    fold mean ± sd of balanced accuracy, and at patient level the paired comparison with the
+    reference (pooled difference [paired CI], Holm-adjusted p). The per-sample table has no
+    comparison: an MMNet sample is 4 images, a single-magnification sample 1."""
     rows = []
     for name in [e for e in experiments if e in set(stats["experiment"])]:
         part = stats[(stats["experiment"] == name) & (stats["level"] == level)].set_index("metric")
         row = {"experiment": name}
         for m in SHOWN:
             r = part.loc[m]
-            row[SHORT[m]] = (f"{_fmt(r['fold_mean'])} ± {_fmt(r['fold_sd'])}; "
-                             f"{_fmt(r['pooled'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]")
-        for m in ("balanced_accuracy", "auc"):
-            r = part.loc[m]
-            row[f"Δ{SHORT[m]} (p)"] = ("reference" if name == reference else
-                                       f"{_fmt(r['diff_vs_' + reference], 3)} (p={_fmt(r['p_value'], 3)})")
+            row[SHORT[m]] = f"{_fmt(r['pooled'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        bal = part.loc["balanced_accuracy"]
+        row["bal_acc folds"] = f"{_fmt(bal['fold_mean'])} ± {_fmt(bal['fold_sd'])}"
+        if level == "patient":
+            for m in COMPARED:
+                r = part.loc[m]
+                row[f"Δ{SHORT[m]} [CI], p Holm"] = ("reference" if name == reference else
+                                                    f"{_fmt(r.get('diff_pooled'))} [{_fmt(r.get('diff_ci_low'))}, "
+                                                    f"{_fmt(r.get('diff_ci_high'))}], p={_fmt(r.get('p_holm'))}")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -143,15 +185,75 @@ def subtype_tables(runs: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(recall_rows), pd.DataFrame(head_rows)
 
 
+def _with_summary(table: pd.DataFrame) -> pd.DataFrame:
+    summary = {c: format_mean_sd(table[c]) for c in table.columns if c != "fold"}
+    return pd.concat([table, pd.DataFrame([{"fold": "mean ± sd", **summary}])], ignore_index=True)
+
+
 def magnification_importance(run: dict) -> pd.DataFrame:
-    """Mean fusion weight per magnification on each fold's test tuples, and mean ± sd."""
+    """Per fold, the drop in patient-level AUC when one magnification is masked out of every
+    test tuple (the model sees the other three): what that magnification contributes."""
+    rows = []
+    for r, frame in zip(run["results"], run["predictions"]):
+        masked = [c for c in frame.columns if c.startswith("prob_without_")]  # in magnification order
+        full = patient_probabilities(frame)
+        if not masked or full["label"].nunique() < 2:
+            continue
+        row = {"fold": r["fold"]}
+        for column in masked:
+            without = patient_probabilities(frame.assign(prob=frame[column]))
+            row[column.removeprefix("prob_without_").upper()] = round(
+                roc_auc_score(full["label"], full["prob"]) - roc_auc_score(without["label"], without["prob"]), 4)
+        rows.append(row)
+    return _with_summary(pd.DataFrame(rows)) if rows else pd.DataFrame()
+
+
+def fusion_weights(run: dict) -> pd.DataFrame:
+    """Mean fusion weight per magnification on each fold's test tuples. Taken after the
+    hierarchical attention has mixed the levels: a weight says how the fused vector is
+    formed, not what a magnification's images contribute (see magnification_importance)."""
     rows = []
     for r, frame in zip(run["results"], run["predictions"]):
         weights = frame[[c for c in frame.columns if c.startswith("w_")]].mean()
-        rows.append({"fold": r["fold"], **{k: round(v, 4) for k, v in weights.items()}})
-    table = pd.DataFrame(rows)
-    summary = {c: format_mean_sd(table[c]) for c in table.columns if c != "fold"}
-    return pd.concat([table, pd.DataFrame([{"fold": "mean ± sd", **summary}])], ignore_index=True)
+        rows.append({"fold": r["fold"], **{k.removeprefix("w_").upper(): round(v, 4) for k, v in weights.items()}})
+    return _with_summary(pd.DataFrame(rows))
+
+
+def validation_threshold_table(runs: dict) -> pd.DataFrame:
+    """Secondary: patient-level decisions at the threshold each fold chose on its inner
+    validation patients (the primary rule is 0.5), fold mean ± sd."""
+    rows = []
+    for name, run in runs.items():
+        scores = {m: [] for m in ("balanced_accuracy", "sensitivity", "specificity")}
+        thresholds = [r.get("val_threshold", r["threshold"]) for r in run["results"]]
+        for threshold, frame in zip(thresholds, run["predictions"]):
+            metrics = fold_metrics(frame, threshold)["patient"]
+            for m in scores:
+                scores[m].append(metrics[m])
+        rows.append({"experiment": name, "thresholds": ", ".join(f"{t:.2f}" for t in thresholds),
+                     **{SHORT[m]: format_mean_sd(v) for m, v in scores.items()}})
+    return pd.DataFrame(rows)
+
+
+def calibration_table(runs: dict) -> pd.DataFrame:
+    """Patient level, pooled: ECE and Brier score of the probabilities moved from the balanced
+    training prior to each fold's training prevalence, and of the raw probabilities."""
+    rows = []
+    for name, run in runs.items():
+        units = calibrated_patients(run)
+        rows.append({"experiment": name, "patients": len(units),
+                     "ece": round(expected_calibration_error(units["label"], units["calibrated"]), 4),
+                     "brier": round(brier_score_loss(units["label"], units["calibrated"]), 4),
+                     "ece_uncorrected": round(expected_calibration_error(units["label"], units["prob"]), 4),
+                     "brier_uncorrected": round(brier_score_loss(units["label"], units["prob"]), 4)})
+    return pd.DataFrame(rows)
+
+
+def calibrated_patients(run: dict) -> pd.DataFrame:
+    """Pooled patients with their probability corrected for the training prior."""
+    prevalence = {r["fold"]: r.get("train_prevalence", 0.5) for r in run["results"]}
+    units = patient_probabilities(run["pooled"])
+    return units.assign(calibrated=prior_corrected(units["prob"], units["fold"].map(prevalence).to_numpy()))
 
 
 def timing_table(runs: dict) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from backbones import build_model
 from preprocess.augment import prepare_batch
 from preprocess.dataset import ImageSource, PatientImages
 from utils.checkpoint import FoldState
+from utils.device import empty_cache, is_out_of_memory
 from utils.helpers import seed_everything
 
 log = logging.getLogger("mmnet")
@@ -92,7 +93,8 @@ def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
     scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs,
                                int(cfg.warmup_epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(env.device, enabled=env.amp_dtype == "float16")
-    return FoldState(model, optimizer, scheduler, scaler, history=[])
+    return FoldState(model, optimizer, scheduler, scaler, history=[],
+                     accumulation=math.ceil(env.batch_size / env.micro_batch))
 
 
 def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds: tuple) -> torch.Tensor:
@@ -158,13 +160,12 @@ def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
     while True:
         try:
             return _predict_batches(model, source, tuples, batch_size, amp_dtype)
-        except torch.OutOfMemoryError:
-            if batch_size <= 1:
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if batch_size <= 1 or not is_out_of_memory(exc):
                 raise
             batch_size //= 2
-            log.warning("CUDA out of memory while predicting: retrying with batches of %d", batch_size)
-            if source.device.type == "cuda":
-                torch.cuda.empty_cache()
+            log.warning("out of memory while predicting: retrying with batches of %d", batch_size)
+            empty_cache(source.device.type)
 
 
 @torch.inference_mode()

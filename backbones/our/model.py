@@ -38,7 +38,7 @@ class MMNet(StudyModel):
         self.branches = nn.ModuleList([
             MagnificationBranch(b, cfg.feature_dim, cfg.spatial_attention, cfg.channel_attention,
                                 cfg.multiscale_pooling) for b in backbones])
-        self.hierarchy = (HierarchicalMagnificationAttention(cfg.feature_dim)
+        self.hierarchy = (HierarchicalMagnificationAttention(cfg.feature_dim, len(backbones))
                           if cfg.hierarchical_attention else None)
         self.fusion = CrossMagnificationFusion(cfg.feature_dim, len(backbones), cfg.cross_mag_fusion)
 

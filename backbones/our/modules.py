@@ -34,6 +34,17 @@ class ChannelAttention(nn.Module):
         return x * gate[:, :, None, None]
 
 
+def grid_average(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, grid, grid) cell means over adaptive_avg_pool2d's cells (cell i
+    spans floor(i*H/g) to ceil((i+1)*H/g)), by explicit slices: works on MPS where the sizes do
+    not divide (7x7 -> 2x2 raises there), and its backward is deterministic on CUDA."""
+    h, w = x.shape[-2:]
+    rows = [(i * h // grid, -(-(i + 1) * h // grid)) for i in range(grid)]
+    cols = [(j * w // grid, -(-(j + 1) * w // grid)) for j in range(grid)]
+    cells = [x[..., r0:r1, c0:c1].mean(dim=(-2, -1)) for r0, r1 in rows for c0, c1 in cols]
+    return torch.stack(cells, dim=-1).unflatten(-1, (grid, grid))
+
+
 class MultiScaleAttentionPool(nn.Module):
     """Attention pooling over 1x1, 2x2 and 4x4 grids of cells, projected to `dim`.
 
@@ -55,7 +66,7 @@ class MultiScaleAttentionPool(nn.Module):
             return self.project(x.mean(dim=(2, 3)))
         vectors = []
         for grid, scorer in zip(self.grids, self.scorers):
-            cells = F.adaptive_avg_pool2d(x, grid).flatten(2).transpose(1, 2)  # (B, g*g, C)
+            cells = grid_average(x, grid).flatten(2).transpose(1, 2)  # (B, g*g, C)
             if grid == 1:
                 vectors.append(cells[:, 0])
                 continue
@@ -65,30 +76,47 @@ class MultiScaleAttentionPool(nn.Module):
 
 
 class HierarchicalMagnificationAttention(nn.Module):
-    """Each magnification attends to the lower ones present: 100X to 40X, 200X to both, ...
+    """Progressive fusion from low to high magnification, one level at a time.
 
-    The lowest magnification has nothing below it and passes through unchanged; a sample
-    whose lower magnifications are all missing gets no context (not a NaN).
+    Every level gets a learned magnification embedding. The lowest level passes through
+    (plus its embedding, normalised); level m attends to the already refined levels below it:
+    100X to 40X, 200X to the refined 40X and 100X, 400X to all three. So the refined 40X never
+    sees the higher levels and the refined 100X never sees 200X or 400X. A missing level is
+    masked out as a key (it contributes nothing); a level with nothing present below it keeps
+    its own vector.
     """
 
-    def __init__(self, dim: int, heads: int = 4):
+    def __init__(self, dim: int, count: int, heads: int = 4):
         super().__init__()
         self.heads = heads if dim % heads == 0 else 1
-        self.qkv = nn.Linear(dim, dim * 3)
+        self.embedding = nn.Parameter(torch.zeros(count, dim))
+        nn.init.trunc_normal_(self.embedding, std=0.02)
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
 
+    def _attend(self, query: torch.Tensor, below: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """query (B, D) attends to below (B, L, D) where present (B, L) -> context (B, D)."""
+        b, levels, d = below.shape
+        h = self.heads
+        q = self.query(query).view(b, h, 1, d // h)
+        k, v = self.key_value(below).view(b, levels, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)).float().squeeze(2) / (d // h) ** 0.5  # (B, H, L)
+        absent = present[:, None, :] <= 0
+        anything = ~absent.all(dim=-1, keepdim=True)  # (B, 1, 1): some level below is present
+        scores = scores.masked_fill(absent, float("-inf")).masked_fill(~anything, 0.0)  # no NaN rows
+        weights = torch.softmax(scores, dim=-1) * anything  # nothing below: all zero
+        return (weights.to(v.dtype)[:, :, None] @ v).reshape(b, d)
+
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, m, d = z.shape
-        q, k, v = self.qkv(z).view(b, m, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-1, -2)).float() / (d // self.heads) ** 0.5  # (B, H, M, M)
-        below = torch.ones(m, m, device=z.device, dtype=torch.bool).tril(-1)
-        allowed = below[None] & (mask[:, None, :] > 0)  # key present and lower magnification
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        has_context = allowed.any(-1)[:, None, :, None]  # (B, 1, M, 1)
-        weights = torch.softmax(scores.masked_fill(~has_context, 0.0), dim=-1) * has_context
-        context = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(b, m, d)
-        return self.norm(z + self.out(context))
+        z = z + self.embedding.to(z.dtype)
+        refined = [self.norm(z[:, 0])]
+        for level in range(1, z.shape[1]):
+            below = torch.stack(refined, dim=1)
+            context = self._attend(z[:, level], below, mask[:, :level])
+            refined.append(self.norm(z[:, level] + self.out(context)))
+        return torch.stack(refined, dim=1)
 
 
 class CrossMagnificationFusion(nn.Module):

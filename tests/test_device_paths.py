@@ -1,0 +1,240 @@
+"""The GPU and MPS code paths, run on the CPU: device-resident images, bf16 autocast, fp16
+with a loss scaler, MPS-safe grid pooling, spawned workers, resume on another micro-batch,
+out-of-memory back-off, checkpoints on a timer, and the start-up checks of setup and main."""
+import dataclasses
+import multiprocessing
+import os
+import stat
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils.fold as fold_module
+from backbones import build_model
+from backbones.our.modules import grid_average
+from config import Config
+from preprocess.dataset import ImageSource
+from tests.conftest import ROOT, tiny_config, tiny_study
+from utils.helpers import BackgroundWriter
+
+
+def _run(cfg, demo_tree, demo_index, fold=0):
+    return fold_module.run_fold(cfg, tiny_study(cfg, demo_tree, demo_index), "mmnet", fold)
+
+
+@pytest.mark.parametrize("size, grid", [(8, 2), (8, 4), (12, 4), (7, 1)])
+def test_grid_pooling_equals_adaptive_pooling_where_sizes_divide(size, grid):
+    x = torch.randn(3, 5, size, size)
+    torch.testing.assert_close(grid_average(x, grid), F.adaptive_avg_pool2d(x, grid))
+
+
+def test_mmnet_at_224_px_runs_where_adaptive_pooling_needs_divisible_sizes(monkeypatch):
+    """resnet18 at 224 px gives 7x7 maps; MPS refuses adaptive pooling of 7x7 to 2x2 or 4x4."""
+    real = F.adaptive_avg_pool2d
+
+    def mps_like(x, size):
+        grid = size if isinstance(size, int) else size[0]
+        if x.shape[-1] % grid or x.shape[-2] % grid:
+            raise RuntimeError("Adaptive pool MPS: input sizes must be divisible by output sizes.")
+        return real(x, size)
+
+    monkeypatch.setattr(F, "adaptive_avg_pool2d", mps_like)
+    with pytest.raises(RuntimeError, match="divisible"):
+        F.adaptive_avg_pool2d(torch.zeros(1, 1, 7, 7), 2)
+    model = build_model(Config(backbone="resnet18", pretrained="off", image_size=224, feature_dim=32))
+    out = model(torch.randn(1, 4, 3, 224, 224), torch.ones(1, 4))
+    out.logits.sum().backward()
+    assert out.attention_maps.shape[-2:] == (7, 7) and torch.isfinite(out.logits).all()
+    assert all(p.grad is not None for p in model.branches[0].pool.parameters())
+
+
+def test_device_resident_source_matches_the_memmap_and_does_not_warn(tmp_path):
+    cache = np.random.default_rng(0).integers(0, 256, (6, 8, 10, 3), dtype=np.uint8)
+    np.save(tmp_path / "c.npy", cache)
+    memmap = np.load(tmp_path / "c.npy", mmap_mode="r")  # read-only, as the run maps it
+    tuples = np.array([[0, -1], [3, 5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" UserWarning would fail here
+        resident = ImageSource(memmap, "cpu", on_device=True)
+        a, mask_a = resident.gather(tuples)
+    b, mask_b = ImageSource(memmap, "cpu").gather(tuples)
+    assert isinstance(resident.images, torch.Tensor) and torch.equal(a, b) and torch.equal(mask_a, mask_b)
+    assert a[0, 1].sum() == 0 and mask_a.tolist() == [[1, 0], [1, 1]]
+
+
+@pytest.mark.parametrize("amp", ["bfloat16", "float16"])
+def test_mixed_precision_paths_train(amp, tmp_path, demo_tree, demo_index):
+    """bf16 autocast (Ampere and newer) and fp16 autocast with a GradScaler (older GPUs)."""
+    cfg = tiny_config(tmp_path, epochs=1, amp=amp)
+    study = tiny_study(cfg, demo_tree, demo_index)
+    state = fold_module.new_fold_state(cfg, study.env, steps_per_epoch=4, seed=0)
+    assert study.env.amp_dtype == amp and state.scaler.is_enabled() == (amp == "float16")
+    result = fold_module.run_fold(cfg, study, "mmnet", 0)
+    predictions = pd.read_csv(tmp_path / "runs/mmnet/fold0/predictions.csv")
+    assert result["epochs_run"] == 1 and predictions["prob"].between(0, 1).all()
+
+
+def test_device_resident_source_trains_like_the_memmap(tmp_path, demo_tree, demo_index):
+    results = {}
+    for resident in (False, True):
+        cfg = tiny_config(tmp_path / str(resident), epochs=1)
+        study = tiny_study(cfg, demo_tree, demo_index)
+        if resident:
+            study = dataclasses.replace(study, source=ImageSource(study.source.images, "cpu", on_device=True))
+        fold_module.run_fold(cfg, study, "mmnet", 0)
+        results[resident] = pd.read_csv(tmp_path / str(resident) / "runs/mmnet/fold0/predictions.csv")
+    pd.testing.assert_frame_equal(results[False], results[True], check_exact=True)
+
+
+def test_resume_with_another_micro_batch(tmp_path, demo_tree, demo_index, monkeypatch):
+    whole = tiny_config(tmp_path / "whole", epochs=2)
+    _run(whole, demo_tree, demo_index)
+    cut = tiny_config(tmp_path / "cut", epochs=2)
+    real = fold_module.train_one_epoch
+
+    def interrupted(state, loop, plan):
+        if plan.epoch == 1:
+            raise KeyboardInterrupt
+        return real(state, loop, plan)
+
+    monkeypatch.setattr(fold_module, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cut, demo_tree, demo_index)
+    monkeypatch.setattr(fold_module, "train_one_epoch", real)
+    result = _run(dataclasses.replace(cut, micro_batch=4), demo_tree, demo_index)  # a smaller GPU
+    assert result["accumulation"] == 2 and result["epochs_run"] == 2
+    # Epoch 1 came from the checkpoint unchanged; epoch 2 ran as 2 x 4 tuples per step. Its
+    # numbers differ from 1 x 8 (batch norm sees 4 tuples at a time), so only epoch 1 is equal.
+    a = pd.read_csv(tmp_path / "whole/runs/mmnet/fold0/history.csv")
+    b = pd.read_csv(tmp_path / "cut/runs/mmnet/fold0/history.csv")
+    assert len(b) == 2 and a.loc[0, "train_loss"] == b.loc[0, "train_loss"] and a.loc[0, "val_auc"] == b.loc[0, "val_auc"]
+
+
+def test_mps_out_of_memory_halves_the_micro_batch(tmp_path, demo_tree, demo_index, monkeypatch, caplog):
+    real = fold_module.train_one_epoch.__globals__["prepare_batch"]
+
+    def small_memory(images, *args, **kwargs):
+        if images.shape[0] > 4:
+            raise RuntimeError("MPS backend out of memory (MPS allocated: 17.1 GB, other allocations: 1 GB)")
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setitem(fold_module.train_one_epoch.__globals__, "prepare_batch", small_memory)
+    result = _run(tiny_config(tmp_path, epochs=1), demo_tree, demo_index)
+    assert result["accumulation"] == 2 and "micro-batches of 4 (x2 accumulation)" in caplog.text
+
+
+def test_a_runtime_error_that_is_not_memory_is_not_swallowed(tmp_path, demo_tree, demo_index, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setitem(fold_module.train_one_epoch.__globals__, "prepare_batch", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        _run(tiny_config(tmp_path, epochs=1), demo_tree, demo_index)
+
+
+@pytest.mark.parametrize("minutes, expected", [(0.0, 3), (60.0, 1)])
+def test_last_checkpoint_on_a_timer_and_at_the_end(minutes, expected, tmp_path, demo_tree, demo_index, monkeypatch):
+    written, real_submit = [], BackgroundWriter.submit
+
+    def recording(self, items):
+        written.extend(path.name for _, path in items)
+        return real_submit(self, items)
+
+    monkeypatch.setattr(BackgroundWriter, "submit", recording)
+    _run(tiny_config(tmp_path, epochs=3, checkpoint_minutes=minutes), demo_tree, demo_index)
+    assert written.count("last.pt") == expected and written.count("best.pt") >= 1
+    assert (tmp_path / "runs/mmnet/fold0/best.pt").is_file()
+
+
+def _worker_flags(cfg, prepared, queue):
+    import utils.parallel as parallel
+
+    slots = multiprocessing.get_context("spawn").Queue()
+    slots.put(0)
+    parallel._init_worker(cfg, prepared, slots, str(cfg.output_dir) + "/w.log", 1)
+    queue.put((torch.are_deterministic_algorithms_enabled(), parallel._WORKER["study"].env.micro_batch))
+
+
+def test_spawned_workers_configure_their_backends(tmp_path, demo_tree, demo_index):
+    cfg = tiny_config(tmp_path, deterministic=True, micro_batch=4)
+    study = tiny_study(cfg, demo_tree, demo_index)  # builds the cache the worker maps
+    prepared = dataclasses.replace(study, env=None, source=None, usable=None)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_worker_flags, args=(cfg, prepared, queue))
+    process.start()
+    deterministic, micro = queue.get(timeout=120)
+    process.join(timeout=60)
+    assert deterministic is True and micro == 4
+
+
+def _fake_tool(folder, name, script):
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def test_setup_stops_when_a_gpu_is_there_but_torch_cannot_use_it(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_tool(bin_dir, "nvidia-smi", 'case "$1" in --query-gpu*) echo 470.57.02;; *) echo "| CUDA Version: 11.4 |";; esac\n')
+    calls = tmp_path / "python_calls.txt"
+    python = _fake_tool(bin_dir, "python-spy", f'echo "$@" >> {calls}\nexec {sys.executable} "$@"\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(python)}
+    result = subprocess.run(["bash", "setup.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    if torch.cuda.is_available():
+        pytest.skip("this machine's torch can use a GPU")
+    assert result.returncode != 0
+    assert "driver 470.57.02" in result.stderr and "CUDA 11.4" in result.stderr and "nothing was installed" in result.stderr
+    assert "pip" not in calls.read_text()
+
+
+def _main(*argv, env=None):
+    return subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def test_wanted_weights_offline_stop_the_run_with_one_line(tmp_path):
+    result = _main("--dry-run", "--pretrained", "on", "--output-dir", str(tmp_path / "out"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr
+    assert "--pretrained-file" in lines[0] and "--pretrained off" in lines[0]
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_full_study_without_a_gpu_stops_at_start(tmp_path):
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("this machine has a GPU")
+    result = _main("--data-dir", str(tmp_path / "tree"), "--output-dir", str(tmp_path / "out"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "--device cpu" in lines[0] and "--dry-run" in lines[0] and " min " in lines[0]
+
+
+def test_out_of_memory_while_measuring_the_speed_does_not_stop_the_study(tmp_path, demo_tree, demo_index, monkeypatch, caplog):
+    import utils.study as study_module
+    from utils.pipeline import Study
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(study_module, "predict_duration", no_memory)
+    cfg = tiny_config(tmp_path, epochs=1, experiments=("mmnet",))
+    prepared = tiny_study(cfg, demo_tree, demo_index)
+    prepared = Study(prepared.index, prepared.folds, prepared.data_dir, prepared.demo)
+    _, failed = study_module.run_study(cfg, prepared, prepared_env(cfg))
+    assert failed == 0 and "could not measure the speed" in caplog.text
+    assert (tmp_path / "runs/mmnet/fold1/results.json").is_file()
+
+
+def prepared_env(cfg):
+    from utils.device import detect_env
+
+    return detect_env(cfg)
