@@ -40,6 +40,7 @@ class Config:
     resume: bool = True  # skip finished folds, continue unfinished ones
     # --- protocol
     folds: int = 5  # outer cross-validation folds
+    cv_repeats: int = 1  # repeat the whole cross-validation with new fold seeds; jobs are numbered repeat * folds + fold
     folds_source: str = "grouped"  # grouped | kaggle (data_dir/Folds.csv, if leak-free)
     inner_val_fraction: float = 0.2  # share of training slide groups for early stopping
     seed: int = 42  # one seed for folds, tuples, augmentation and init
@@ -159,7 +160,7 @@ class _OneLineParser(argparse.ArgumentParser):
 _CHOICES = {"folds_source": ("grouped", "kaggle"), "sample_mode": ("tuple", "pooled"),
             "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
             "device": ("auto", "cuda", "mps", "cpu")}
-_MINIMUM = {"folds": 2, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
+_MINIMUM = {"folds": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
             "warmup_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0}

@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
-from backbones import check_backbone, check_weights
 from config import Config, ConfigError, parse_args
-from preprocess.preprocess import DataError
-from preprocess.splits import FoldError
-from utils.benchmark import quick_study_minutes
-from utils.device import DeviceError, EnvInfo, detect_env, resolved_config
-from utils.env import keep_hub_cache_on_volume
-from utils.helpers import StopRequested
-from utils.inference import write_gradcam_maps
-from utils.pipeline import prepare_data, prepare_output
+from utils.files import RUN_LOG, setup_logging
 from utils.report import write_report
-from utils.study import run_study
 
 log = logging.getLogger("mmnet")
 
 
 def main(argv=None) -> int:
     try:
-        return run(parse_args(argv))
-    except (ConfigError, DeviceError) as exc:
+        cfg = parse_args(argv)
+        return rebuild_report(cfg) if cfg.report_only else run(cfg)
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -37,11 +30,60 @@ def main(argv=None) -> int:
         return 130
 
 
-def settle_device(cfg: Config) -> tuple[Config, EnvInfo | None]:
+def rebuild_report(cfg: Config) -> int:
+    """--report-only reads output/ and nothing else: no device, no torch."""
+    out = Path(cfg.output_dir)
+    if not out.is_dir():
+        print(f"error: no output folder '{out}': run `python main.py` first", file=sys.stderr)
+        return 2
+    setup_logging(out / RUN_LOG)
+    return write_report(cfg)
+
+
+def run(cfg: Config) -> int:
+    # The training stack (torch, timm, models) is imported here, not at the top: --report-only
+    # does not need it, and importing it costs ~3-6 s of start-up on a 2-core machine.
+    from preprocess.preprocess import DataError
+    from preprocess.splits import FoldError
+    from utils.device import DeviceError
+    from utils.helpers import StopRequested
+    from utils.inference import write_gradcam_maps
+    from utils.pipeline import prepare_data, prepare_output
+    from utils.study import run_study
+
+    try:
+        cfg, env = settle_device(cfg)                         # device, AMP, weights
+        prepare_output(cfg, env)                              # output folder, log, run header
+        prepared = prepare_data(cfg)                          # index, issues, analysis, folds
+        if cfg.analyze_only:
+            log.info("--analyze-only: stopping after analysis and folds")
+            return 0
+        study, failed = run_study(cfg, prepared, env)         # every experiment x fold
+        if "mmnet" in (cfg.experiments or ("mmnet",)) and cfg.gradcam_patients:
+            write_gradcam_maps(cfg, study)                    # maps of chosen test patients
+        code = write_report(cfg)                              # tables, plots, RUNPOD_OUTPUT.md
+        return 1 if failed else code
+    except DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StopRequested as exc:
+        log.warning("stopped on request after %s; state saved. Rerun the same command to resume.", exc)
+        return 0
+    except (DataError, FoldError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if logging.getLogger().handlers:  # also into run.log, once logging is set up
+            log.error("%s", exc)
+        return 2
+
+
+def settle_device(cfg: Config):
     """Device, AMP and weights decided once, before anything is written; a full study that
     would run on a CPU by accident, or from a silent random init, stops here."""
-    if cfg.report_only:
-        return cfg, None
+    from backbones import check_backbone, check_weights
+    from utils.benchmark import quick_study_minutes
+    from utils.device import detect_env, resolved_config
+    from utils.env import keep_hub_cache_on_volume
+
     env = detect_env(cfg)
     cfg = resolved_config(cfg, env)
     if cfg.analyze_only:
@@ -54,31 +96,6 @@ def settle_device(cfg: Config) -> tuple[Config, EnvInfo | None]:
     keep_hub_cache_on_volume()
     log.info("backbone weights: %s", check_weights(cfg))
     return cfg, env
-
-
-def run(cfg: Config) -> int:
-    try:
-        cfg, env = settle_device(cfg)                         # device, AMP, weights
-        prepare_output(cfg, env)                              # output folder, log, run header
-        if cfg.report_only:
-            return write_report(cfg)
-        prepared = prepare_data(cfg)                          # index, issues, analysis, folds
-        if cfg.analyze_only:
-            log.info("--analyze-only: stopping after analysis and folds")
-            return 0
-        study, failed = run_study(cfg, prepared, env)         # every experiment x fold
-        if "mmnet" in (cfg.experiments or ("mmnet",)) and cfg.gradcam_patients:
-            write_gradcam_maps(cfg, study)                    # maps of chosen test patients
-        code = write_report(cfg)                              # tables, plots, RUNPOD_OUTPUT.md
-        return 1 if failed else code
-    except StopRequested as exc:
-        log.warning("stopped on request after %s; state saved. Rerun the same command to resume.", exc)
-        return 0
-    except (DataError, FoldError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if logging.getLogger().handlers:  # also into run.log, once logging is set up
-            log.error("%s", exc)
-        return 2
 
 
 if __name__ == "__main__":

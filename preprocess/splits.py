@@ -44,23 +44,32 @@ def group_subtypes(patients: pd.DataFrame) -> pd.Series:
     return patients.groupby("group")["subtype"].agg(lambda s: s.mode().sort_values().iloc[0])
 
 
-def outer_folds(patients: pd.DataFrame, n_folds: int, seed: int) -> pd.Series:
-    """Fold index per patient from StratifiedGroupKFold over slide groups, stratified on the
-    subtype: every training part then holds every subtype that has two or more slide groups,
-    and every test fold both classes (both are checked, not hoped for)."""
-    labels = group_labels(patients)
-    _check_enough_groups(labels, n_folds, "outer folds")
-    subtypes = group_subtypes(patients).reindex(labels.index)
+def _split_groups(labels: pd.Series, subtypes: pd.Series, n_folds: int, seed: int) -> dict:
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    fold_of_group = {}
-    groups = labels.index.to_numpy()
+    fold_of_group, groups = {}, labels.index.to_numpy()
     with warnings.catch_warnings():  # rare subtypes (phyllodes: 2 slide groups) have fewer groups than folds
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         for fold, (_, test) in enumerate(splitter.split(groups, subtypes.to_numpy(), groups)):
             fold_of_group.update({g: fold for g in groups[test]})
-    folds = patients["group"].map(fold_of_group)
-    check_outer_coverage(patients.assign(fold=folds), n_folds)
-    return folds
+    return fold_of_group
+
+
+def outer_folds(patients: pd.DataFrame, n_folds: int, seed: int, attempts: int = 20) -> pd.Series:
+    """Fold index per patient from StratifiedGroupKFold over slide groups, stratified on the
+    subtype: every training part holds every subtype that has two or more slide groups, and
+    every test fold both classes. Both are checked; when a shuffle misses, the next of a fixed
+    sequence of shuffles is taken (deterministic for a seed)."""
+    labels = group_labels(patients)
+    _check_enough_groups(labels, n_folds, "outer folds")
+    subtypes = group_subtypes(patients).reindex(labels.index)
+    for attempt in range(attempts):
+        folds = patients["group"].map(_split_groups(labels, subtypes, n_folds, seed + 104729 * attempt))
+        try:
+            check_outer_coverage(patients.assign(fold=folds), n_folds)
+            return folds
+        except FoldError:
+            if attempt == attempts - 1:
+                raise
 
 
 def check_outer_coverage(patients: pd.DataFrame, n_folds: int) -> None:
@@ -89,22 +98,34 @@ def inner_validation_groups(patients: pd.DataFrame, fraction: float, seed: int) 
     return chosen
 
 
-def add_inner_roles(folds: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
-    """Columns role_f<k>: test / train / val of each patient when fold k is the test fold."""
-    folds = folds.copy()
-    for k in sorted(folds["fold"].unique()):
-        train = folds[folds["fold"] != k]
-        val_groups = inner_validation_groups(train, fraction, seed + 1000 + int(k))
-        role = np.where(folds["fold"] == k, "test",
+def repeat_column(repeat: int) -> str:
+    """The outer-fold column of one repetition of the cross-validation."""
+    return "fold" if repeat == 0 else f"fold_r{repeat}"
+
+
+def add_inner_roles(folds: pd.DataFrame, fraction: float, seed: int, repeat: int = 0) -> pd.DataFrame:
+    """Columns role_f<j>: test / train / val of each patient when outer fold k of this
+    repetition is the test fold (j = repeat * folds + k, the job's fold number)."""
+    folds, column = folds.copy(), repeat_column(repeat)
+    n_folds = folds[column].nunique()
+    for k in sorted(folds[column].unique()):
+        j = repeat * n_folds + int(k)
+        train = folds[folds[column] != k]
+        val_groups = inner_validation_groups(train, fraction, seed + 1000 + j)
+        role = np.where(folds[column] == k, "test",
                         np.where(folds["group"].isin(val_groups), "val", "train"))
-        folds[f"role_f{k}"] = role
+        folds[f"role_f{j}"] = role
     return folds
 
 
-def build_folds(index: pd.DataFrame, n_folds: int, seed: int, inner_fraction: float) -> pd.DataFrame:
-    patients = patient_table(index)
-    patients["fold"] = outer_folds(patients, n_folds, seed).astype(int)
-    folds = add_inner_roles(patients, inner_fraction, seed)
+def build_folds(index: pd.DataFrame, n_folds: int, seed: int, inner_fraction: float,
+                repeats: int = 1) -> pd.DataFrame:
+    """Outer folds (and, with repeats > 1, further repetitions with new fold seeds), each with
+    its inner validation groups."""
+    folds = patient_table(index)
+    for repeat in range(repeats):
+        folds[repeat_column(repeat)] = outer_folds(folds, n_folds, seed + 7919 * repeat).astype(int)
+        folds = add_inner_roles(folds, inner_fraction, seed, repeat)
     assert_disjoint(folds)
     return folds
 
@@ -118,8 +139,10 @@ def assert_disjoint(folds: pd.DataFrame) -> None:
         leaking = sorted(sides.index[sides > 1])
         if leaking:
             raise FoldError(f"slide group(s) {', '.join(leaking)} straddle splits in {role_col}")
-        fold = int(role_col.removeprefix("role_f"))
-        if not (folds.loc[folds["fold"] == fold, role_col] == "test").all():
+        job = int(role_col.removeprefix("role_f"))
+        n_folds = folds["fold"].nunique()
+        column, fold = repeat_column(job // n_folds), job % n_folds
+        if column not in folds or not ((folds[column] == fold) == (folds[role_col] == "test")).all():
             raise FoldError(f"{role_col}: the test role does not match the fold column")
         for role in ("train", "val", "test"):
             present = folds.loc[folds[role_col] == role, "label"].unique()

@@ -129,3 +129,21 @@ def test_report_numbers_are_traceable_to_the_predictions(only_200x_carries_signa
     per_fold = pd.read_csv(out / "tables/per_fold.csv")
     fold0 = frames[0].groupby("patient").agg(label=("label", "first"), prob=("prob", "mean"))
     assert per_fold.loc[per_fold["fold"] == 0, "auc"].item() == pytest.approx(roc_auc_score(fold0["label"], fold0["prob"]), abs=1e-4)
+
+
+def test_cv_repeats_add_new_splits_and_keep_the_first_repetition(demo_index):
+    from preprocess.splits import assert_disjoint, build_folds
+    from utils.pipeline import folds_fingerprint
+
+    once = build_folds(demo_index, 2, 42, 0.2)
+    twice = build_folds(demo_index, 2, 42, 0.2, repeats=2)
+    assert [c for c in twice.columns if c.startswith("role_f")] == ["role_f0", "role_f1", "role_f2", "role_f3"]
+    assert all(folds_fingerprint(once, j) == folds_fingerprint(twice, j) for j in (0, 1))
+    assert not twice["fold_r1"].equals(twice["fold"])  # a new split, not a copy
+    for j in range(4):  # every repetition tests each patient once
+        assert (twice[f"role_f{j}"] == "test").sum() > 0
+    assert ((twice["role_f2"] == "test") | (twice["role_f3"] == "test")).all()
+    broken = twice.copy()
+    broken.loc[broken.index[0], "role_f3"] = "train" if broken.loc[broken.index[0], "role_f3"] == "test" else "test"
+    with pytest.raises(Exception):
+        assert_disjoint(broken)

@@ -26,6 +26,7 @@ from utils.checkpoint import (FoldState, checkpoint_payload, config_json, cpu_co
                               reload_last, restore_from_disk)
 from utils.helpers import BackgroundWriter, StopRequested, derived_seed, seed_everything, stop_requested
 from utils.files import atomic_write_text
+from utils.pipeline import folds_fingerprint
 from utils.losses import StudyLoss, subtype_class_weights
 from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
 from utils.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
@@ -180,12 +181,18 @@ def _predictions(state: FoldState, run: FoldRun, role: str) -> pd.DataFrame:
     return frame
 
 
+def fold_identity(cfg, study, fold: int) -> dict:
+    """What a finished fold or a checkpoint must match to be reused: the training settings and
+    this fold's own split (adding CV repeats leaves the first repetition's folds valid)."""
+    return {"config_hash": cfg.training_hash(), "folds_hash": folds_fingerprint(study.folds, fold)}
+
+
 def _open_fold(cfg, study, experiment: str, fold: int) -> FoldRun:
     run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
     run_dir.mkdir(parents=True, exist_ok=True)
     split = fold_split(study.index, study.usable, study.folds, fold, cfg)
     steps = math.ceil(tuples_per_epoch(split["train"], cfg.tuples_per_epoch) / study.env.batch_size)
-    identity = {"config_hash": cfg.training_hash(), "folds_hash": study.folds_hash}
+    identity = fold_identity(cfg, study, fold)
     return FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
                    lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold)))
 
@@ -201,7 +208,8 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
     pd.DataFrame(state.history).to_csv(run.run_dir / "history.csv", index=False)
     threshold = DECISION_THRESHOLD
     training = np.concatenate([run.split["train"].labels, run.split["val"].labels])
-    results = {"experiment": run.name, "fold": run.fold, **run.identity, "threshold": threshold,
+    results = {"experiment": run.name, "fold": run.fold, "repeat": run.fold // run.cfg.folds, **run.identity,
+               "threshold": threshold,
                "val_threshold": val_threshold,
                "train_prevalence": float(training.mean()),  # malignant share of the training patients
                "best_epoch": state.best_epoch, "epochs_run": state.epoch,
@@ -219,7 +227,7 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
 
 def run_fold(cfg, study, experiment: str, fold: int) -> dict:
     """Train one experiment on one fold (or resume it, or return its finished results)."""
-    identity = {"config_hash": cfg.training_hash(), "folds_hash": study.folds_hash}
+    identity = fold_identity(cfg, study, fold)
     run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
     if (done := finished_results(run_dir, identity, cfg.resume)) is not None:
         log.info("%s fold %d: finished earlier, skipped (config %s)", experiment, fold, identity["config_hash"])

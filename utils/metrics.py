@@ -38,7 +38,7 @@ def patient_probabilities(predictions: pd.DataFrame) -> pd.DataFrame:
     """One row per patient (and fold, when pooled): its probability is the mean over its
     tuples, likewise each subtype probability; label, group, subtype and the fold's threshold
     are carried along. The one place where tuples become patients."""
-    keys = [k for k in ("fold", "patient") if k in predictions.columns]
+    keys = [k for k in ("repeat", "fold", "patient") if k in predictions.columns]
     mean_cols = ["prob"] + [c for c in predictions.columns if c.startswith("p_sub_")]
     first_cols = [c for c in ("label", "group", "subtype", "threshold") if c in predictions.columns]
     agg = {c: (c, "first") for c in first_cols}
@@ -103,5 +103,6 @@ def format_mean_sd(values, digits: int = 3) -> str:
 def pooled_out_of_fold(predictions: list, results: list) -> pd.DataFrame:
     """Concatenate the test predictions of every fold, each tagged with its fold number and
     its fold's decision threshold (from that fold's results)."""
-    frames = [frame.assign(fold=r["fold"], threshold=r["threshold"]) for frame, r in zip(predictions, results)]
+    frames = [frame.assign(repeat=r.get("repeat", 0), fold=r["fold"], threshold=r["threshold"])
+              for frame, r in zip(predictions, results)]
     return pd.concat(frames, ignore_index=True)

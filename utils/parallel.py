@@ -83,7 +83,7 @@ def run_jobs(cfg, prepared, names: list[str], jobs: int, log_file: str) -> int:
     failed, stopped = 0, ""
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(cfg, prepared, slots, log_file, jobs)) as pool:
-        pending = {pool.submit(_run_job, n, f): (n, f) for n in names for f in range(cfg.folds)}
+        pending = {pool.submit(_run_job, n, f): (n, f) for n in names for f in range(cfg.folds * cfg.cv_repeats)}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             lost, stop = _collect(done, pending, pool)

@@ -36,19 +36,18 @@ class Study:
     env: EnvInfo | None = None  # set by attach_images()
     source: ImageSource | None = None  # the decoded images where the model runs
     usable: np.ndarray | None = None  # (N,) rows of the index that decoded
-    folds_hash: str = ""  # changes whenever any patient's fold or inner role changes
 
 
-def folds_fingerprint(folds: pd.DataFrame) -> str:
-    cols = ["patient", "fold"] + sorted(c for c in folds.columns if c.startswith("role_f"))
-    return hashlib.sha256(folds[cols].sort_values("patient").to_csv(index=False).encode()).hexdigest()[:16]
+def folds_fingerprint(folds: pd.DataFrame, job: int | None = None) -> str:
+    """Changes whenever a patient's role changes: in job fold `job`, or in any fold (None)."""
+    roles = [f"role_f{job}"] if job is not None else sorted(c for c in folds.columns if c.startswith("role_f"))
+    return hashlib.sha256(folds[["patient", *roles]].sort_values("patient").to_csv(index=False).encode()).hexdigest()[:16]
 
 
 def attach_images(cfg: Config, study: Study, env: EnvInfo) -> Study:
     """Decoded-image cache (built once, then only mapped) placed where the model runs."""
     cache, usable = build_cache(study.index, study.data_dir, cfg.resolved_cache_dir(), cfg.image_size, env.workers)
-    return dataclasses.replace(study, env=env, source=ImageSource(cache, env.device), usable=usable,
-                               folds_hash=folds_fingerprint(study.folds))
+    return dataclasses.replace(study, env=env, source=ImageSource(cache, env.device), usable=usable)
 
 
 def prepare_output(cfg: Config, env: EnvInfo | None) -> None:
@@ -121,7 +120,7 @@ def select_patients(index: pd.DataFrame, max_patients: int, seed: int) -> pd.Dat
 
 def _fold_settings(cfg: Config) -> dict:
     """What folds.csv was built from: a change of any of these rebuilds it."""
-    return {"folds": cfg.folds, "seed": cfg.seed, "inner_val_fraction": cfg.inner_val_fraction,
+    return {"folds": cfg.folds, "cv_repeats": cfg.cv_repeats, "seed": cfg.seed, "inner_val_fraction": cfg.inner_val_fraction,
             "folds_source": cfg.folds_source, "stratified_on": "subtype", "grouped_by": "numeric slide id"}
 
 
@@ -143,9 +142,9 @@ def _folds(cfg: Config, index: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
         log.warning("folds: %s was built from other data or settings (%s); rebuilding it", path,
                     "no folds.json" if saved is None else
                     ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in settings.items() if saved.get(k) != v) or "patients")
-        folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
+        folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction, cfg.cv_repeats)
     else:
-        folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
+        folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction, cfg.cv_repeats)
     write_folds(folds, cfg.output_dir)
     atomic_write_text(settings_path, json.dumps(settings, indent=2))
     summary = folds.groupby("fold").agg(patients=("patient", "size"), malignant=("label", "sum"),

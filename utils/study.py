@@ -30,7 +30,7 @@ def run_experiment(cfg, study: Study, name: str) -> list[dict]:
     """Every fold of one experiment; a failed fold is logged and the others go on."""
     exp_cfg = experiment_config(cfg, name)
     results = []
-    for fold in range(cfg.folds):
+    for fold in range(cfg.folds * cfg.cv_repeats):
         if stop_requested():
             raise StopRequested(f"{stop_requested()} before {name} fold {fold}")
         try:
@@ -48,8 +48,9 @@ def run_sequential(cfg, study: Study, names: list[str]) -> int:
     for name in names:
         started = time.perf_counter()
         results = run_experiment(cfg, study, name)
-        failed += cfg.folds - len(results)
-        log.info("experiment %s: %d/%d folds in %.1f s", name, len(results), cfg.folds, time.perf_counter() - started)
+        jobs = cfg.folds * cfg.cv_repeats
+        failed += jobs - len(results)
+        log.info("experiment %s: %d/%d folds in %.1f s", name, len(results), jobs, time.perf_counter() - started)
     return failed
 
 
