@@ -76,7 +76,7 @@ def _epoch_or_replay(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> E
     keeps the effective batch) and asks for the epoch to be replayed from its checkpoint."""
     try:
         return train_one_epoch(state, loop, plan)
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one; is_out_of_memory() tells the rest apart
         if state.accumulation >= loop.batch_size or not is_out_of_memory(exc):
             raise
         state.accumulation *= 2
@@ -187,12 +187,11 @@ def fold_identity(cfg, study, fold: int) -> dict:
     return {"config_hash": cfg.training_hash(), "folds_hash": folds_fingerprint(study.folds, fold)}
 
 
-def _open_fold(cfg, study, experiment: str, fold: int) -> FoldRun:
+def _open_fold(cfg, study, experiment: str, fold: int, identity: dict) -> FoldRun:
     run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
     run_dir.mkdir(parents=True, exist_ok=True)
     split = fold_split(study.index, study.usable, study.folds, fold, cfg)
     steps = math.ceil(tuples_per_epoch(split["train"], cfg.tuples_per_epoch) / study.env.batch_size)
-    identity = fold_identity(cfg, study, fold)
     return FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
                    lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold)))
 
@@ -232,7 +231,7 @@ def run_fold(cfg, study, experiment: str, fold: int) -> dict:
     if (done := finished_results(run_dir, identity, cfg.resume)) is not None:
         log.info("%s fold %d: finished earlier, skipped (config %s)", experiment, fold, identity["config_hash"])
         return done
-    run = _open_fold(cfg, study, experiment, fold)
+    run = _open_fold(cfg, study, experiment, fold, identity)
     state, started = run.fresh_state(), time.perf_counter()
     run.last_saved = time.monotonic()
     if cfg.resume and restore_from_disk(state, run.run_dir, run.identity):

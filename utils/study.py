@@ -6,8 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from config import EXPERIMENTS, ConfigError, experiment_config
 from utils.benchmark import predict_duration
 from utils.checkpoint import ForeignRunError
@@ -63,7 +61,7 @@ def run_study(cfg, prepared: Study, env: EnvInfo) -> tuple[Study, int]:
     jobs = cfg.jobs or default_jobs(study.env.device)
     try:
         predicted = predict_duration(cfg, study, names)
-    except (torch.OutOfMemoryError, RuntimeError) as exc:  # the loop has its own back-off
+    except RuntimeError as exc:  # the loop has its own back-off; is_out_of_memory() tells OOM apart
         if not is_out_of_memory(exc):
             raise
         log.warning("could not measure the speed for a duration estimate (out of memory at micro-batch %d); "

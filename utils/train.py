@@ -160,7 +160,7 @@ def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
     while True:
         try:
             return _predict_batches(model, source, tuples, batch_size, amp_dtype)
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one; is_out_of_memory() tells the rest apart
             if batch_size <= 1 or not is_out_of_memory(exc):
                 raise
             batch_size //= 2
