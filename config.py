@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import json
 import re
@@ -11,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.config_file import closest, problem, read_yaml, typed_values, write_yaml
 from utils.env import PROJECT_ROOT, get_base_path  # noqa: F401  (PROJECT_ROOT: for users of config)
 MAGNIFICATIONS = (40, 100, 200, 400)
 SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")  # benign first, then malignant
@@ -31,7 +33,7 @@ class Config:
     data_dir: str = "data/breakhis"  # BreakHis root, scanned recursively
     output_dir: str = ""  # tables, plots, runs, folds.csv; empty = output/ under utils.env.get_base_path()
     cache_dir: str = ""  # decoded-image cache; empty = <output_dir>/cache
-    report_file: str = "RUNPOD_OUTPUT.md"  # the run log as Markdown
+    report_file: str = ""  # an extra copy of the Markdown report; it is always <output_dir>/RUNPOD_OUTPUT.md
     # --- what to do
     dry_run: bool = False  # tiny end-to-end run on a data subset or demo data
     analyze_only: bool = False  # index, validate, analyse, folds; then stop
@@ -42,7 +44,9 @@ class Config:
     folds: int = 5  # outer cross-validation folds
     cv_repeats: int = 1  # repeat the whole cross-validation with new fold seeds; jobs are numbered repeat * folds + fold
     folds_source: str = "grouped"  # grouped | kaggle (data_dir/Folds.csv, if leak-free)
-    inner_val_fraction: float = 0.2  # share of training slide groups for early stopping
+    inner_val_fraction: float = 0.2  # share of training slide groups held out when --model-selection inner_val
+    model_selection: str = "last"  # last: fixed budget on every training patient, final weights | inner_val: best inner-validation epoch, early stopping
+    tta: str = "on"  # on: evaluation averages the plain view, both mirror images and the 180-degree turn | off: plain view only
     seed: int = 42  # one seed for folds, tuples, augmentation and init
     # --- data
     image_size: int = 224  # short side of the resized frame; the 700x460 aspect is kept (224 -> 224x341)
@@ -50,6 +54,8 @@ class Config:
     sample_mode: str = "tuple"  # tuple (one image per magnification) | pooled (single images)
     class_balanced: bool = True  # draw training patients with equal class mass
     max_patients: int = 0  # >0: use a class-balanced subset of patients (dry run)
+    colour_jitter: float = 0.1  # brightness, contrast and saturation move by up to +-this; 0 = off
+    stain_jitter: float = 0.1  # haematoxylin/eosin amounts scale and shift by up to +-this; 0 = off
     # --- model
     model: str = "mmnet"  # registry name, see backbones.list_models()
     backbone: str = "resnet18"  # timm model name
@@ -66,19 +72,19 @@ class Config:
     subtype_head: bool = True  # 8-class auxiliary head
     # --- optimisation
     epochs: int = 12  # upper bound; early stopping may end sooner
-    patience: int = 4  # epochs without inner-validation improvement
+    patience: int = 4  # epochs without inner-validation improvement (--model-selection inner_val)
     batch_size: int = 32  # tuples per optimizer step, the same on every device
     micro_batch: int = 0  # tuples per forward pass; 0 = from device memory (accumulation keeps the step)
     amp: str = "auto"  # auto (bf16 on compute capability >= 8, fp16 + scaler below, none on CPU/MPS) | bfloat16 | float16 | none
-    lr: float = 3e-4  # AdamW peak learning rate (heads); backbone gets lr * backbone_lr_scale
-    backbone_lr_scale: float = 0.3  # backbone lr = lr * this (pretrained layers move less)
+    lr: float = 1e-3  # AdamW peak learning rate (heads); backbone gets lr * backbone_lr_scale
+    backbone_lr_scale: float = 1.0  # backbone lr = lr * this (<1: pretrained layers move less)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     loss: str = "focal"  # focal | ce (binary cross-entropy)
     focal_alpha: float = 0.5  # malignant weight; 0.5 = neutral (the sampler balances classes); <0 = none
     focal_gamma: float = 2.0  # focusing; 0 = (weighted) cross-entropy
-    subtype_loss_weight: float = 0.3  # weight of the subtype cross-entropy in the loss
+    subtype_loss_weight: float = 0.1  # weight of the subtype cross-entropy in the loss
     tuples_per_epoch: int = 0  # 0 = training images / magnifications used
     # --- environment
     device: str = "auto"  # auto | cuda | mps | cpu
@@ -89,6 +95,7 @@ class Config:
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
     bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
     keep_models: str = "all"  # experiments whose best.pt stays after their folds: all | mmnet
+    tensorboard: bool = False  # per-epoch scalars under <output_dir>/tensorboard/<experiment>/fold<k> (pip install tensorboard)
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
@@ -98,7 +105,7 @@ class Config:
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
                 "report_only", "experiments", "resume", "workers", "jobs", "gradcam_patients",
                 "bootstrap_samples", "keep_models", "micro_batch", "checkpoint_minutes", "device",
-                "deterministic"}
+                "deterministic", "tensorboard"}
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -119,6 +126,20 @@ EXPERIMENTS: dict[str, dict] = {
     "mmnet_no_msap": {"multiscale_pooling": False},
     "mmnet_ce_loss": {"focal_gamma": 0.0},  # the same loss without focusing: the only change
 }
+# How each experiment is named in figures and tables meant for readers.
+TITLES = {"mmnet": "MMNet", **{f"single_{m}x": f"Single {m}X" for m in MAGNIFICATIONS},
+          "simple_concat": "Concatenation of 4 magnifications", "pooled_single": "Single CNN, all magnifications pooled",
+          **{f"mmnet_no_{k}": f"MMNet without {v}" for k, v in (("spatial", "spatial attention"), (
+              "channel", "channel attention"), ("hierarchical", "hierarchical attention"), (
+              "fusion", "learned fusion (plain mean)"), ("msap", "multi-scale pooling"))},
+          "mmnet_ce_loss": "MMNet with cross-entropy loss"}
+
+
+def title_of(name: str) -> str:
+    """A reader's name of an experiment; names without an entry are shown as they are."""
+    return TITLES.get(name, name)
+
+
 BASELINES = ("single_40x", "single_100x", "single_200x", "single_400x", "simple_concat",
              "pooled_single")
 ABLATIONS = tuple(n for n in EXPERIMENTS if n.startswith("mmnet_"))
@@ -157,13 +178,14 @@ class _OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-_CHOICES = {"folds_source": ("grouped", "kaggle"), "sample_mode": ("tuple", "pooled"),
+_CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "inner_val"), "tta": ("on", "off"), "sample_mode": ("tuple", "pooled"),
             "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
             "device": ("auto", "cuda", "mps", "cpu")}
 _MINIMUM = {"folds": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
-            "warmup_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0}
+            "warmup_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0,
+            "colour_jitter": 0.0, "stain_jitter": 0.0}
 
 
 def _comma_list(kind):
@@ -192,30 +214,86 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, type=type(f.default), default=None, choices=_CHOICES.get(f.name),
                                 help=f"{text} (default: {f.default!r})".strip())
+    parser.add_argument("--config", help="YAML file of Config keys, e.g. the config.yaml an earlier run wrote "
+                                          "into its output folder; flags given here win")
     return parser
 
 
-def validate(cfg: Config) -> Config:
+def _problems(cfg: Config) -> list[str]:
+    """Every range, choice, experiment and magnification problem of a Config, one line each."""
+    problems = []
     for name, low in _MINIMUM.items():
         if getattr(cfg, name) < low:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+            problems.append(problem("CFG003", name, f"must be >= {low}, got {getattr(cfg, name)}"))
+    if not 0.05 <= cfg.inner_val_fraction <= 0.5:
+        problems.append(problem("CFG003", "inner_val_fraction", f"must lie in [0.05, 0.5], got {cfg.inner_val_fraction}"))
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            problems.append(problem("CFG004", name, f"'{getattr(cfg, name)}' is not one of {', '.join(choices)}"
+                                    f"{closest(getattr(cfg, name), choices)}"))
+    for name in cfg.experiments:
+        if name not in EXPERIMENTS:
+            problems.append(problem("CFG005", "experiments", f"unknown experiment '{name}'{closest(name, EXPERIMENTS)} "
+                                    f"(valid: {', '.join(EXPERIMENTS)})"))
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append(problem("CFG009", "tensorboard", "the tensorboard package is not installed: "
+                                "pip install tensorboard (or leave --tensorboard off)"))
     bad = [m for m in cfg.magnifications if m not in MAGNIFICATIONS]
     if bad or not cfg.magnifications:
-        raise ConfigError(f"--magnifications must be a subset of {MAGNIFICATIONS}, got {bad or '()'}")
+        problems.append(problem("CFG008", "magnifications", f"must be a subset of {MAGNIFICATIONS}, got {bad or '()'}"))
+    return problems
+
+
+def validate(cfg: Config) -> Config:
+    """The Config, or a ConfigError with one line per problem (codes in utils/config_file.py)."""
+    problems = _problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
     # The hierarchy runs from low to high magnification whatever order the flag lists them in.
-    cfg = dataclasses.replace(cfg, magnifications=tuple(sorted(set(cfg.magnifications))))
-    unknown = [e for e in cfg.experiments if e not in EXPERIMENTS]
-    if unknown:
-        raise ConfigError(f"unknown experiment(s) {', '.join(unknown)}; valid: {', '.join(EXPERIMENTS)}")
-    if not 0.05 <= cfg.inner_val_fraction <= 0.5:
-        raise ConfigError("--inner-val-fraction must lie in [0.05, 0.5]")
-    return cfg
+    return dataclasses.replace(cfg, magnifications=tuple(sorted(set(cfg.magnifications))))
+
+
+CONFIG_FILE = "config.yaml"  # the resolved configuration every run writes into its output folder
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+
+
+def default_output_dir(dry_run: bool) -> str:
+    """output/ under the base path; a dry run writes to output/dry_run/, so it never touches
+    the files of a full run."""
+    return str(get_base_path() / "output" / ("dry_run" if dry_run else ""))
+
+
+def read_config_file(path: str | Path, source: str | None = None) -> dict:
+    """Config values from a YAML file, typed; ConfigError with one line per problem."""
+    values, problems = read_yaml(path)
+    typed, more = typed_values(values, _DEFAULTS, source or str(path))
+    if problems or more:
+        raise ConfigError("\n".join(problems + more))
+    return typed
+
+
+def write_config_file(cfg: Config, path: str | Path) -> Path:
+    """The resolved configuration: `python main.py --config FILE` reruns it exactly."""
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("report_only", "analyze_only")}
+    return write_yaml(path, values, "resolved configuration; rerun with: python main.py --config " + str(path))
+
+
+def _stored_values(given: dict) -> dict:
+    """--report-only reads the run's own configuration, so a rebuilt report shows the numbers
+    the run computed (bootstrap draws, seed); flags given explicitly still win."""
+    out = Path(given.get("output_dir") or default_output_dir(bool(given.get("dry_run"))))
+    stored = out / CONFIG_FILE
+    return read_config_file(stored) if stored.is_file() else {}
 
 
 def parse_args(argv=None) -> Config:
-    """CLI -> Config. Explicit flags win over dry-run defaults, which win over Config defaults."""
+    """CLI -> Config. Explicit flags win over a --config file (or, for --report-only, the run's
+    stored config.yaml), which wins over dry-run defaults, which win over Config defaults."""
     given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    base = dict(DRY_RUN_OVERRIDES) if given.get("dry_run") else {}
-    base.update(given)
-    base.setdefault("output_dir", str(get_base_path() / "output"))
+    config_file = given.pop("config", None)
+    stored = read_config_file(config_file) if config_file else _stored_values(given) if given.get("report_only") else {}
+    merged = {**stored, **given}
+    base = dict(DRY_RUN_OVERRIDES) if merged.get("dry_run") else {}
+    base.update(merged)
+    base["output_dir"] = base.get("output_dir") or default_output_dir(bool(base.get("dry_run")))
     return validate(Config(**base))

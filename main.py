@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from config import Config, ConfigError, parse_args
-from utils.files import RUN_LOG, setup_logging
+from utils.files import REPORT_LOG, setup_logging
+from utils.html_report import LiveReport
 from utils.report import write_report
 
 log = logging.getLogger("mmnet")
@@ -22,8 +23,9 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         return rebuild_report(cfg) if cfg.report_only else run(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # one line per problem
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
@@ -36,7 +38,7 @@ def rebuild_report(cfg: Config) -> int:
     if not out.is_dir():
         print(f"error: no output folder '{out}': run `python main.py` first", file=sys.stderr)
         return 2
-    setup_logging(out / RUN_LOG)
+    setup_logging(out / REPORT_LOG, append=False)  # run.log stays the run's own: the report shows it
     return write_report(cfg)
 
 
@@ -58,10 +60,15 @@ def run(cfg: Config) -> int:
         if cfg.analyze_only:
             log.info("--analyze-only: stopping after analysis and folds")
             return 0
-        study, failed = run_study(cfg, prepared, env)         # every experiment x fold
+        live = LiveReport(cfg.output_dir)                     # report.html, rewritten after every fold
+        live.refresh()
+        try:
+            study, failed = run_study(cfg, prepared, env, live.refresh)  # every experiment x fold
+        finally:
+            live.wait()
         if "mmnet" in (cfg.experiments or ("mmnet",)) and cfg.gradcam_patients:
             write_gradcam_maps(cfg, study)                    # maps of chosen test patients
-        code = write_report(cfg)                              # tables, plots, RUNPOD_OUTPUT.md
+        code = write_report(cfg)                              # tables, plots, RUNPOD_OUTPUT.md, report.html
         return 1 if failed else code
     except DeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,11 +1,15 @@
-"""Predict one patient from a folder of PNGs and print JSON.
+"""Predict patients from folders of images and print JSON. For research use only: not a
+diagnostic device, and not validated for clinical decisions.
 
-    python predict.py --run-dir output --patient-dir DIR [--experiment mmnet] [--cam fig.png]
-    python predict.py --checkpoint output/runs/mmnet/fold0/best.pt --patient-dir DIR
+    python predict.py --run-dir output --patient-dir DIR [DIR ...] [--experiment mmnet] [--cam fig.png]
+    python predict.py --checkpoint output/models/mmnet/fold0.pt --patient-dir DIR
 
-The folder may hold any subset of the four magnifications. A file's magnification comes from
-its BreakHis name, else from a 40X/100X/200X/400X folder above it. With --run-dir the fold
-models vote as an ensemble (mean probability, mean threshold).
+A folder may hold any subset of the four magnifications (PNG, JPEG or TIFF). A file's
+magnification comes from its BreakHis name, else from a 40X/100X/200X/400X folder above it.
+With --run-dir the fold models form an ensemble: mean probability and threshold, with each
+model's probability and their spread. One folder prints one JSON object, several a list.
+--cam draws the ensemble's Grad-CAM (the maps of every fold model, averaged) of the first
+tuple; with several folders, one figure per folder (name-<folder>.png).
 """
 from __future__ import annotations
 
@@ -22,11 +26,11 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import numpy as np
 
 from preprocess.dataset import ImageSource, evaluation_tuples
-from preprocess.preprocess import decode_resized, frame_shape, parse_name
-from utils.inference import explain_tuple, fold_checkpoints, load_fold_model, patient_data, predict_patient
+from preprocess.preprocess import IMAGE_SUFFIXES, decode_resized, frame_shape, parse_name
+from utils.inference import ensemble_explanation, fold_checkpoints, load_fold_model, patient_data, predict_patient
 from utils.plottings import patient_figure
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+RESEARCH_ONLY = "research use only: not a diagnostic device and not validated for clinical decisions"
 MAG_FOLDER = re.compile(r"(40|100|200|400)x", re.IGNORECASE)
 
 
@@ -66,11 +70,11 @@ def load_patient(patient_dir: Path, size: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="one fold's best.pt")
-    source.add_argument("--run-dir", help="an output directory: every fold's best.pt, as an ensemble")
+    source.add_argument("--checkpoint", help="one fold's model, e.g. output/models/mmnet/fold0.pt")
+    source.add_argument("--run-dir", help="an output directory: every fold model under its models/<experiment>/, as an ensemble")
     parser.add_argument("--experiment", default="mmnet")
-    parser.add_argument("--patient-dir", required=True)
-    parser.add_argument("--cam", help="write a Grad-CAM figure of the patient's first tuple here")
+    parser.add_argument("--patient-dir", required=True, nargs="+", help="one folder of images per patient")
+    parser.add_argument("--cam", help="write the ensemble's Grad-CAM figure of the patient's first tuple here")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     args = parser.parse_args(argv)
     try:
@@ -81,9 +85,10 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    patient_dir = Path(args.patient_dir)
-    if not patient_dir.is_dir():
-        raise FileNotFoundError(f"patient folder '{patient_dir}' does not exist")
+    folders = [Path(p) for p in args.patient_dir]
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"patient folder '{folder}' does not exist")
     paths = [Path(args.checkpoint)] if args.checkpoint else fold_checkpoints(args.run_dir, args.experiment)
     if not paths or not all(p.is_file() for p in paths):
         raise FileNotFoundError(f"no checkpoint found ({args.checkpoint or args.run_dir}); train with "
@@ -91,24 +96,32 @@ def run(args) -> int:
     started = time.perf_counter()
     models = [load_fold_model(p, args.device) for p in paths]
     load_ms = 1000 * (time.perf_counter() - started)
-    started = time.perf_counter()
-    cache, by_mag, skipped = load_patient(patient_dir, models[0].cfg.image_size)
-    decode_ms = 1000 * (time.perf_counter() - started)
-    if not by_mag:
-        raise ValueError(f"no usable image in '{patient_dir}' ({len(skipped)} file(s) skipped): "
-                         f"expected PNGs of 40X/100X/200X/400X")
-    result = {"patient_dir": str(patient_dir), **predict_patient(models, cache, by_mag, args.device),
-              "images_used": {f"{m}X": len(rows) for m, rows in sorted(by_mag.items())},
-              "skipped": skipped, "load_ms": round(load_ms, 1), "decode_ms": round(decode_ms, 1)}
-    if args.cam:
-        result["cam"] = str(write_cam(models[0], cache, by_mag, Path(args.cam), args.device))
-    print(json.dumps(result, indent=2))
+    results = []
+    for folder in folders:
+        cam = None
+        if args.cam:
+            cam = Path(args.cam) if len(folders) == 1 else Path(args.cam).with_name(
+                f"{Path(args.cam).stem}-{folder.name}{Path(args.cam).suffix}")
+        results.append({**predict_folder(models, folder, cam, args.device), "load_ms": round(load_ms, 1)})
+    print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
 
 
-def write_cam(fm, cache, by_mag, path: Path, device: str) -> Path:
-    tuples, _ = evaluation_tuples(patient_data(by_mag, fm.cfg))
-    return patient_figure(explain_tuple(fm, ImageSource(cache, device), tuples[0], f"{path.stem} ({fm.path})"), path)
+def predict_folder(models, folder: Path, cam: Path | None, device: str) -> dict:
+    started = time.perf_counter()
+    cache, by_mag, skipped = load_patient(folder, models[0].cfg.image_size)
+    decode_ms = 1000 * (time.perf_counter() - started)
+    if not by_mag:
+        raise ValueError(f"no usable image in '{folder}' ({len(skipped)} file(s) skipped): "
+                         f"expected PNG, JPEG or TIFF images of 40X/100X/200X/400X")
+    result = {"patient_dir": str(folder), **predict_patient(models, cache, by_mag, device),
+              "images_used": {f"{m}X": len(rows) for m, rows in sorted(by_mag.items())},
+              "skipped": skipped, "decode_ms": round(decode_ms, 1), "note": RESEARCH_ONLY}
+    if cam is not None:
+        tuples, _ = evaluation_tuples(patient_data(by_mag, models[0].cfg))
+        title = f"{folder.name}: ensemble of {len(models)} model(s)"
+        result["cam"] = str(patient_figure(ensemble_explanation(models, ImageSource(cache, device), tuples[0], title), cam))
+    return result
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from config import ConfigError
+from utils.config_file import closest
 
 log = logging.getLogger("mmnet")
 _REGISTRY: dict[str, Callable] = {}
@@ -43,8 +44,9 @@ def build_model(cfg) -> nn.Module:
 def check_backbone(name: str) -> None:
     """Fail at start, not after the analysis, when timm has no such model."""
     if not timm.is_model(name):
-        raise ConfigError(f"unknown timm backbone '{name}'; e.g. resnet18, resnet50, efficientnet_b0, "
-                          f"convnext_tiny (python -c \"import timm; print(timm.list_models())\" lists all)")
+        raise ConfigError(f"[CFG006] backbone: unknown timm backbone '{name}'{closest(name, timm.list_models())}; "
+                          f"e.g. resnet18, efficientnet_b0, convnext_tiny "
+                          f"(python -c \"import timm; print(timm.list_models())\" lists all)")
 
 
 class WeightsError(ConfigError):

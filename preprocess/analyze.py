@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from config import MAGNIFICATIONS, SUBTYPES
@@ -70,12 +71,16 @@ def _plot_bars(index: pd.DataFrame, plots: Path) -> None:
     fig.tight_layout()
     fig.savefig(plots / "class_magnification_bars.png", dpi=120)
 
-    fig = Figure(figsize=(8, 4))
-    ax = fig.subplots()
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     order = [s for s in SUBTYPES if s in set(index["subtype"])]
-    table = index.groupby(["subtype"]).agg(images=("path", "size"), patients=("patient", "nunique"))
-    table.reindex(order).plot.bar(ax=ax, secondary_y="patients")
-    ax.set(title="Subtypes: images and patients", xlabel="subtype")
+    table = index.groupby(["subtype"]).agg(images=("path", "size"), patients=("patient", "nunique")).reindex(order)
+    colours = ["#4c9f70" if SUBTYPES.index(s) < 4 else "#c0504d" for s in order]  # benign | malignant
+    for ax, column in zip(axes, ("images", "patients")):
+        ax.bar(order, table[column], color=colours)
+        ax.set(title=f"{column.capitalize()} per subtype (green benign, red malignant)", xlabel="subtype",
+               ylabel=column)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(plots / "subtype_distribution.png", dpi=120)
 

@@ -39,6 +39,17 @@ def flip_rotate(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(coin(), images.flip(1, 2), images)
 
 
+# Test-time views of a (B, M, H, W, 3) batch: the plain frame, its mirror images and its
+# 180-degree turn, the same symmetries the training augmentation draws from.
+TTA_FLIPS = ((), (3,), (2,), (2, 3))
+
+
+def test_views(batch_uint8: torch.Tensor, tta: bool):
+    """The views of a batch averaged at evaluation: all four flips, or the plain view only."""
+    for dims in TTA_FLIPS if tta else TTA_FLIPS[:1]:
+        yield batch_uint8.flip(dims) if dims else batch_uint8
+
+
 def colour_map(x: torch.Tensor, gen: torch.Generator, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Brightness, contrast and saturation jitter of (N, P, 3) pixels as y = x @ M + o.
 
@@ -73,8 +84,10 @@ def augment(pixels: torch.Tensor, gen: torch.Generator, colour: float = COLOUR_J
     return density.neg_().exp_().clamp_(0, 1)
 
 
-def prepare_batch(batch_uint8: torch.Tensor, mean, std, gen: torch.Generator | None) -> torch.Tensor:
-    """uint8 (B, M, H, W, 3) -> normalised float (B, M, 3, H, W); augmented when gen is given.
+def prepare_batch(batch_uint8: torch.Tensor, mean, std, gen: torch.Generator | None,
+                  jitter: tuple[float, float] = (COLOUR_JITTER, STAIN_JITTER)) -> torch.Tensor:
+    """uint8 (B, M, H, W, 3) -> normalised float (B, M, 3, H, W); augmented when gen is given
+    (flips and turns, then colour and stain jitter of the given strengths).
 
     The images are laid out slot-major and channels-last once, here: x[:, m] is then a
     channels_last (B, 3, H, W) tensor with no further copy.
@@ -84,8 +97,8 @@ def prepare_batch(batch_uint8: torch.Tensor, mean, std, gen: torch.Generator | N
     if gen is not None:
         images = flip_rotate(images, gen)
     pixels = images.reshape(m * b, h * w, c).float().div_(255)
-    if gen is not None:
-        pixels = augment(pixels, gen)
+    if gen is not None and max(jitter) > 0:
+        pixels = augment(pixels, gen, *jitter)
     dev = pixels.device
     pixels = (pixels - torch.tensor(mean, device=dev)) / torch.tensor(std, device=dev)
     return pixels.view(m, b, h, w, c).permute(1, 0, 4, 2, 3)

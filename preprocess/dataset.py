@@ -55,18 +55,23 @@ def patient_images(index: pd.DataFrame, usable: np.ndarray, patients, magnificat
 
 
 def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]:
-    """Train / inner-validation / test patients of one outer fold.
+    """Train / inner-validation / test patients of one outer fold. With --model-selection last
+    no epoch is chosen, so the inner-validation patients train too and there is no 'val'.
 
     A patient with no usable image of the magnifications this model reads (a single-
     magnification baseline and a patient lacking that magnification) is left out, and said so.
     """
     role = folds.set_index("patient")[f"role_f{fold}"]
-    split = {r: patient_images(index, usable, role.index[role == r], cfg.magnifications, cfg.sample_mode)
-             for r in ("train", "val", "test")}
-    for r, data in split.items():
-        left_out = sorted(set(role.index[role == r]) - set(data.patients))
+    members = {"train": ("train",), "val": ("val",), "test": ("test",)}
+    if cfg.model_selection == "last":
+        members = {"train": ("train", "val"), "test": ("test",)}
+    split = {}
+    for name, roles in members.items():
+        wanted = role.index[role.isin(roles)]
+        split[name] = patient_images(index, usable, wanted, cfg.magnifications, cfg.sample_mode)
+        left_out = sorted(set(wanted) - set(split[name].patients))
         if left_out:
-            log.warning("fold %d %s: %d patient(s) have no usable %s image and are left out: %s", fold, r,
+            log.warning("fold %d %s: %d patient(s) have no usable %s image and are left out: %s", fold, name,
                         len(left_out), "/".join(f"{m}X" for m in cfg.magnifications), ", ".join(left_out))
     return split
 

@@ -15,11 +15,14 @@ import pandas as pd
 from PIL import Image
 
 from config import MAGNIFICATIONS
+from utils.progress import steps
 
 log = logging.getLogger(__name__)
 
 # Matches all 7,909 official names: class, subtype code, year, slide id, magnification, sequence.
-FILENAME_RE = re.compile(r"SOB_([BM])_([A-Z]+)-(\d+)-([0-9A-Za-z]+)-(40|100|200|400)-(\d+)\.png")
+# The same names saved as JPEG or TIFF (re-encoded copies of the dataset) are read as well.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+FILENAME_RE = re.compile(r"SOB_([BM])_([A-Z]+)-(\d+)-([0-9A-Za-z]+)-(40|100|200|400)-(\d+)\.(?i:png|jpe?g|tiff?)")
 EXPECTED_IMAGES, EXPECTED_PATIENTS = 7909, 82
 EXPECTED_SIZE = (700, 460)
 METADATA_SUFFIXES = {".csv", ".txt", ".md", ".json"}  # documentation beside the images
@@ -54,22 +57,23 @@ def missing_data_message(data_dir: str | Path) -> str:
 
 
 def scan_tree(data_dir: Path) -> tuple[list[Path], list[dict]]:
-    """All PNG paths under data_dir (sorted) and issues for files that are not PNGs."""
+    """All image paths under data_dir (sorted) and issues for files that are not images."""
     pngs, issues = [], []
     for path in sorted(p for p in data_dir.rglob("*") if p.is_file()):
         if path.name.startswith("."):
             continue
         suffix = path.suffix.lower()
-        if suffix == ".png":
+        if suffix in IMAGE_SUFFIXES:
             pngs.append(path)
         elif suffix not in METADATA_SUFFIXES:
-            issues.append({"path": str(path.relative_to(data_dir)), "kind": "not_png",
+            issues.append({"path": str(path.relative_to(data_dir)), "kind": "not_image",
                            "detail": f"ignored file with suffix '{suffix or 'none'}'"})
     return pngs, issues
 
 
 def check_image(path: str) -> dict:
-    """Header and CRC check of one PNG without a full decode (cheap enough for 7,909 files)."""
+    """Header check of one image without a full decode (cheap enough for 7,909 files); for a
+    PNG it checks every chunk's CRC."""
     try:
         with Image.open(path) as img:
             size, mode = img.size, img.mode
@@ -84,7 +88,7 @@ def check_images(paths: list[Path], workers: int) -> list[dict]:
     if workers <= 1 or len(names) < 64:
         return [check_image(n) for n in names]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(check_image, names, chunksize=64))
+        return list(steps(pool.map(check_image, names, chunksize=64), "index: checking images", len(names)))
 
 
 def _image_issues(rel: str, check: dict) -> list[dict]:
@@ -123,7 +127,7 @@ def index_dataset(data_dir: str | Path, workers: int = 1,
                   check_files: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Table of usable images (INDEX_COLUMNS) and table of issues (ISSUE_COLUMNS).
 
-    Raises DataError when the directory is missing or holds no PNG at all.
+    Raises DataError when the directory is missing or holds no image at all.
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -136,7 +140,7 @@ def index_dataset(data_dir: str | Path, workers: int = 1,
         fields = parse_name(path.name)
         rel = str(path.relative_to(root))
         if fields is None:
-            issues.append({"path": rel, "kind": "bad_name", "detail": "does not match SOB_<B|M>_<code>-<yy>-<slide>-<mag>-<seq>.png"})
+            issues.append({"path": rel, "kind": "bad_name", "detail": "does not match SOB_<B|M>_<code>-<yy>-<slide>-<mag>-<seq>.png (or .jpg/.tif)"})
             continue
         rows.append({"path": rel, **fields})
         parsed_paths.append(path)
@@ -159,7 +163,8 @@ def write_issues(issues: pd.DataFrame, output_dir: str | Path) -> Path:
     issues.to_csv(out, index=False)
     for kind, count in issues["kind"].value_counts().items():
         example = issues.loc[issues["kind"] == kind].iloc[0]
-        log.warning("data issue: %d x %s (e.g. %s: %s)", count, kind, example["path"], example["detail"])
+        where = f"{example['path']}: " if example["path"] else ""  # dataset-wide issues have no path
+        log.warning("data issue: %d x %s (e.g. %s%s)", count, kind, where, example["detail"])
     return out
 
 
@@ -224,9 +229,10 @@ def build_cache(index: pd.DataFrame, data_dir: str | Path, cache_dir: str | Path
     started = time.perf_counter()
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            failures = [f for chunk in pool.map(_decode_chunk, jobs) for f in chunk]
+            chunks = steps(pool.map(_decode_chunk, jobs), "cache: decoding images", len(jobs))
+            failures = [f for chunk in chunks for f in chunk]
     else:
-        failures = [f for job in jobs for f in _decode_chunk(job)]
+        failures = [f for job in steps(jobs, "cache: decoding images", len(jobs)) for f in _decode_chunk(job)]
     seconds = time.perf_counter() - started
     ok = np.ones(len(paths), dtype=bool)
     for row, error in failures:

@@ -65,9 +65,9 @@ def test_unwritable_output_directory(tmp_path, demo_tree):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--epochs", "-3"], "--epochs must be >= 1"),
-    (["--experiments", "mmnet,transformer"], "valid: mmnet, single_40x"),
-    (["--backbone", "resnet999"], "unknown timm backbone 'resnet999'"),
+    (["--epochs", "-3"], "[CFG003] epochs: must be >= 1"),
+    (["--experiments", "mmnet,transformer"], "[CFG005] experiments: unknown experiment 'transformer'"),
+    (["--backbone", "resnet999"], "[CFG006] backbone: unknown timm backbone 'resnet999'"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
 ])
 def test_invalid_cli_values(argv, expected, tmp_path):

@@ -10,8 +10,8 @@ def test_dry_run_defaults_and_explicit_flags_win():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--epochs", "-1"], "--epochs must be >= 1"),
-    (["--folds", "1"], "--folds must be >= 2"),
+    (["--epochs", "-1"], r"\[CFG003\] epochs: must be >= 1"),
+    (["--folds", "1"], r"\[CFG003\] folds: must be >= 2"),
     (["--experiments", "mmnet,nope"], "valid: mmnet"),
     (["--magnifications", "40,50"], "subset of"),
 ])

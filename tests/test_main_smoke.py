@@ -1,35 +1,100 @@
-"""One end-to-end `python main.py --dry-run` on demo data: the files it must write."""
+"""One end-to-end `python main.py --dry-run` on demo data, then what a user does with its
+output folder: rerun it from its config.yaml, rebuild the report, open report.html."""
+import re
+import shutil
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from tests.conftest import ROOT
 
 
-def test_dry_run_end_to_end_with_experiment_filter(tmp_path):
-    out, report = tmp_path / "output", tmp_path / "RUNPOD_OUTPUT.md"
-    cmd = [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet,single_40x",
-           "--backbone", "test_resnet", "--output-dir", str(out), "--report-file", str(report),
-           "--data-dir", str(tmp_path / "no_data_here")]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _main(*args, timeout=600):
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    out, extra = tmp / "output", tmp / "copy" / "RUNPOD_OUTPUT.md"
+    result = _main("--dry-run", "--experiments", "mmnet,single_40x", "--backbone", "test_resnet",
+                   "--output-dir", str(out), "--report-file", str(extra), "--data-dir", str(tmp / "no_data_here"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "SYNTHETIC demo data" in result.stdout
+    return out, extra, result.stdout
+
+
+def test_dry_run_writes_every_file(dry_run):
+    out, extra, stdout = dry_run
+    assert "SYNTHETIC demo data" in stdout
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["mmnet", "single_40x"]
     for fold in (0, 1):
         folder = out / "runs" / "mmnet" / f"fold{fold}"
-        for name in ("history.csv", "predictions.csv", "results.json", "best.pt"):
+        for name in ("history.csv", "predictions.csv", "results.json"):
             assert (folder / name).is_file(), folder / name
-        assert not (folder / "last.pt").exists()  # a finished fold keeps only its model
+        assert not (folder / "last.pt").exists() and not (folder / "best.pt").exists()
+        assert (out / "models" / "mmnet" / f"fold{fold}.pt").is_file()  # the kept fold model
+    assert not (out / "models" / "single_40x").exists()  # --keep-models mmnet in a dry run
+    history = pd.read_csv(out / "runs" / "mmnet" / "fold0" / "history.csv")
+    assert {"train_binary_loss", "train_subtype_loss"} <= set(history.columns)
     folds = pd.read_csv(out / "folds.csv", dtype={"group": str})
     assert folds["fold"].nunique() == 2 and (folds.groupby("group")["fold"].nunique() == 1).all()
     mmnet = pd.read_csv(out / "tables" / "mmnet_folds.csv")
     assert mmnet["fold"].astype(str).tolist() == ["0", "1", "mean ± sd"]
-    for table in ("class_by_magnification", "data_issues", "main_comparison"):
+    for table in ("class_by_magnification", "data_issues", "main_comparison", "main_comparison_values"):
         assert (out / "tables" / f"{table}.csv").is_file()
-    assert (out / "plots" / "sample_grid.png").is_file() and (out / "plots" / "roc_mmnet.png").is_file()
-    text = report.read_text()
+    for name in ("RUNPOD_OUTPUT.md", "report.html", "config.yaml", "progress.json"):
+        assert (out / name).is_file(), name
+    assert re.search(r"progress: job \d+ of 4 \| .* ETA \d+m\d\ds", stdout)
+    text = (out / "RUNPOD_OUTPUT.md").read_text()
     assert "SYNTHETIC DEMO DATA" in text and "predicted duration" in text and "mmnet fold 1 done" in text
+    assert "](plots/roc_mmnet.png)" in text  # figures linked relative to the report
+    assert "../output/plots/roc_mmnet.png" in extra.read_text()  # the extra copy links back to them
 
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
+
+def test_rerun_from_its_config_file_skips_every_fold(dry_run):
+    out, _, _ = dry_run
+    again = _main("--config", str(out / "config.yaml"))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("finished earlier, skipped") == 4
+    assert "epoch 1/2" not in again.stdout  # nothing trained
+
+
+def test_report_only_reproduces_the_published_numbers(dry_run):
+    out, _, _ = dry_run
+    table = (out / "tables" / "main_comparison.csv").read_bytes()
+    log_section = (out / "RUNPOD_OUTPUT.md").read_text().split("## Log")[1]
+    rebuilt = _main("--report-only", "--output-dir", str(out))
+    assert rebuilt.returncode == 0, rebuilt.stdout[-3000:] + rebuilt.stderr[-3000:]
+    assert (out / "tables" / "main_comparison.csv").read_bytes() == table
+    assert len((out / "RUNPOD_OUTPUT.md").read_text().split("## Log")[1]) == len(log_section)
+
+
+def test_config_file_typo_is_one_line_naming_the_key(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("epoch: 3\n")
+    result = _main("--config", str(config), "--output-dir", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[CFG001]" in lines[0] and "'epochs'" in lines[0]
+
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(BROWSER is None, reason="chromium not installed (.ci/run installs it)")
+def test_report_html_renders_every_figure_without_overflow(dry_run, tmp_path):
+    out, _, _ = dry_run
+    flags = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,2000"]
+    page = (out / "report.html").as_uri()
+    dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", page], capture_output=True,
+                         text=True, timeout=120).stdout
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    shown, total = map(int, re.search(r'data-figures="(\d+)/(\d+)"', body).groups())
+    assert total >= 8 and shown == total  # every embedded figure decoded
+    assert 'data-overflow="false"' in body  # nothing wider than a 1280 px window
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", page], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 10_000

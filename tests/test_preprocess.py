@@ -27,8 +27,15 @@ def test_parser_recovers_every_real_name(listing):
 
 def test_parser_rejects_bad_names():
     for name in ("SOB_B_A-14-22549AB-50-001.png", "SOB_X_A-14-1-40-001.png", "image.png",
-                 "SOB_B_A-14-22549AB-40-001.jpg"):
+                 "SOB_B_A-14-22549AB-40-001.gif"):
         assert parse_name(name) is None
+
+
+def test_parser_reads_jpeg_and_tiff_copies():
+    """Re-encoded copies of the dataset keep the official names with another suffix."""
+    png = parse_name("SOB_B_A-14-22549AB-40-001.png")
+    for suffix in ("jpg", "JPEG", "tif", "tiff"):
+        assert parse_name(f"SOB_B_A-14-22549AB-40-001.{suffix}") == png
 
 
 def test_index_of_genuine_images(genuine_dir):
@@ -68,7 +75,7 @@ def test_broken_files_are_reported_and_skipped(demo_tree, tmp_path):
                  "SOB_B_A-14-22549AB-40-903.png"):
         assert kinds[name] == "unreadable"
     assert kinds["holiday_photo.png"] == "bad_name"
-    assert kinds["notes.docx"] == "not_png"
+    assert kinds["notes.docx"] == "not_image"
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])

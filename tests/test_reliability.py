@@ -41,8 +41,8 @@ def test_stop_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, demo_tree, 
     monkeypatch.setattr(fold_module, "stop_requested", lambda: "")
     _run(cut, demo_tree, demo_index)
     pd.testing.assert_frame_equal(_predictions(whole), _predictions(cut), check_exact=True)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole/runs/mmnet/fold0/history.csv")[["epoch", "train_loss", "val_auc"]],
-                                  pd.read_csv(tmp_path / "cut/runs/mmnet/fold0/history.csv")[["epoch", "train_loss", "val_auc"]])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole/runs/mmnet/fold0/history.csv")[["epoch", "train_loss", "train_binary_loss"]],
+                                  pd.read_csv(tmp_path / "cut/runs/mmnet/fold0/history.csv")[["epoch", "train_loss", "train_binary_loss"]])
 
 
 def test_out_of_memory_halves_the_micro_batch_and_goes_on(tmp_path, demo_tree, demo_index, monkeypatch, caplog):

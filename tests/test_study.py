@@ -92,7 +92,8 @@ def _fake_run(out, experiment, folds=3, seed=0):
         folder = out / "runs" / experiment / f"fold{fold}"
         folder.mkdir(parents=True)
         frame.to_csv(folder / "predictions.csv", index=False)
-        pd.DataFrame({"epoch": [0, 1], "train_loss": [0.7, 0.5], "val_loss": [0.69, 0.6],
+        pd.DataFrame({"epoch": [0, 1], "train_loss": [0.7, 0.5], "train_binary_loss": [0.6, 0.4],
+                      "train_subtype_loss": [1.0, 0.9], "val_loss": [0.69, 0.6],
                       "val_auc": [0.7, 0.8]}).to_csv(folder / "history.csv", index=False)
         (folder / "results.json").write_text(json.dumps({
             "experiment": experiment, "fold": fold, "threshold": 0.5, "val_threshold": 0.4,

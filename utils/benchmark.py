@@ -103,7 +103,7 @@ def time_train_and_eval(state, loop: LoopSettings, train_count: int, eval_tuples
     def evaluate(tuples: np.ndarray) -> float:
         _sync(device)
         started = time.perf_counter()
-        predict(state.model, loop.source, tuples, loop.batch_size * 2, loop.amp_dtype)
+        predict(state.model, loop.source, tuples, loop.batch_size * 2, loop.amp_dtype, tta=False)
         _sync(device)
         return len(tuples) / (time.perf_counter() - started)
 
@@ -160,7 +160,19 @@ def sample_slots(cfg) -> int:
     return 1 if cfg.model == "single" else len(cfg.magnifications)
 
 
-def experiment_seconds(cfg, train_samples: int, eval_samples: int, rates: dict) -> float:
+def evaluation_samples(cfg, val_samples: int, test_samples: int) -> float:
+    """Single-view forward passes of evaluation per epoch: the inner-validation patients every
+    epoch (when an epoch is chosen), the test fold once, each times its test-time views, the
+    test fold again in the plain view, whole and with each magnification masked (tuple models
+    of several magnifications)."""
+    views = 4 if cfg.tta == "on" else 1
+    several = cfg.sample_mode == "tuple" and len(cfg.magnifications) > 1
+    plain = (len(cfg.magnifications) + (views > 1)) if several else 0
+    val = val_samples if cfg.model_selection == "inner_val" else 0
+    return val + test_samples * (views + plain) / cfg.epochs
+
+
+def experiment_seconds(cfg, train_samples: int, eval_samples: float, rates: dict) -> float:
     """Time of all folds at the full epoch budget, from MMNet's measured tuple rates.
 
     A sample of s images costs about s/4 of a 4-magnification tuple.
@@ -180,7 +192,7 @@ def measure_rates(cfg, study) -> dict:
     started = time.perf_counter()
     state = new_fold_state(mm, env, steps_per_epoch=3, seed=cfg.seed)
     rates = {"setup_s": time.perf_counter() - started}
-    val_tuples, _ = evaluation_tuples(split["val"])
+    val_tuples, _ = evaluation_tuples(split["test"])
     loop = LoopSettings(study.source, split["train"], StudyLoss(mm, None), env.batch_size, env.amp_dtype, mm.grad_clip)
     rates.update(time_train_and_eval(state, loop, env.batch_size * 2, val_tuples[:env.batch_size * 4]))
     started = time.perf_counter()  # the loop's share of a checkpoint: the CPU snapshot;
@@ -189,36 +201,41 @@ def measure_rates(cfg, study) -> dict:
     return rates
 
 
-def predict_duration(cfg, study, names: list[str]) -> float:
-    """Predicted seconds for the selected experiments at their full epoch budget."""
+def predict_duration(cfg, study, names: list[str]) -> dict[str, float]:
+    """Predicted seconds of one fold of each selected experiment at its full epoch budget."""
     rates = measure_rates(cfg, study)
-    total = 0.0
+    per_fold = {}
     for name in names:
         exp = experiment_config(cfg, name)
         split = fold_split(study.index, study.usable, study.folds, 0, exp)
         train = tuples_per_epoch(split["train"], exp.tuples_per_epoch)
-        evals = len(evaluation_tuples(split["val"])[0]) + len(evaluation_tuples(split["test"])[0]) / exp.epochs
-        total += experiment_seconds(exp, train, int(evals), rates)
+        val = len(evaluation_tuples(split["val"])[0]) if "val" in split else 0
+        evals = evaluation_samples(exp, val, len(evaluation_tuples(split["test"])[0]))
+        per_fold[name] = experiment_seconds(exp, train, evals, rates) / exp.folds
+    total = sum(per_fold.values()) * cfg.folds * cfg.cv_repeats
     log.info("predicted duration: %.1f min for %d experiment(s) x %d folds x up to %d epochs "
-             "(measured %.1f train / %.1f eval tuples/s; early stopping can only shorten it)",
-             total / 60, len(names), cfg.folds, cfg.epochs, rates["train"], rates["eval"])
-    return total
+             "(measured %.1f train / %.1f eval tuples/s)",
+             total / 60, len(names), cfg.folds * cfg.cv_repeats, cfg.epochs, rates["train"], rates["eval"])
+    return per_fold
 
 
 def predicted_full_run_s(cfg: Config, rates: dict) -> float:
     """Every default experiment x 5 folds at the full epoch budget, from the measured rates.
 
-    Per fold, ~64 % of the images train (4/5 outer, 4/5 of that inner) and ~36 % are scored.
+    Per fold 4/5 of the images are training patients (less the inner-validation share when
+    an epoch is chosen on them) and 1/5 are tested.
     """
     speeds = {"train": rates["train_tuples_per_s_end_to_end"], "eval": rates["eval_tuples_per_s"]}
-    train_images = FULL["images"] * (1 - 1 / FULL["folds"]) * (1 - cfg.inner_val_fraction)
+    outer = FULL["images"] * (1 - 1 / FULL["folds"])
+    val_images = outer * cfg.inner_val_fraction if cfg.model_selection == "inner_val" else 0.0
+    train_images, test_images = outer - val_images, FULL["images"] / FULL["folds"]
     total = 0.0
     for name in EXPERIMENTS:
         exp = dataclasses.replace(experiment_config(cfg, name), folds=FULL["folds"])
         share = len(exp.magnifications) / 4 if exp.sample_mode == "tuple" else 1.0
         per_sample = sample_slots(exp)
-        total += experiment_seconds(exp, int(train_images * share / per_sample),
-                                    int((FULL["images"] - train_images) * share / per_sample), speeds)
+        evals = evaluation_samples(exp, int(val_images * share / per_sample), int(test_images * share / per_sample))
+        total += experiment_seconds(exp, int(train_images * share / per_sample), evals, speeds)
     return total
 
 

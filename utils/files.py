@@ -15,11 +15,23 @@ import pandas as pd
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 # Files under the output directory that the report reads back.
 RUN_LOG, HEADER_FILE, DATASET_FILE = "run.log", "run_header.json", "dataset.json"
+REPORT_LOG = "report_only.log"  # the log of the last --report-only rebuild (run.log is left as the run wrote it)
+REPORT_FILE, HTML_REPORT, PROGRESS_FILE = "RUNPOD_OUTPUT.md", "report.html", "progress.json"
 GRADCAM_DIR = "gradcam"  # one .npz of Grad-CAM maps per explained patient
+MODELS_DIR = "models"  # the kept fold models: models/<experiment>/fold<k>.pt
 
 
-def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Log to stdout and, when given, append to log_file (the raw run log)."""
+def model_file(output_dir: str | Path, experiment: str, fold: int) -> Path:
+    """Where a finished fold's model is kept (its run folder holds the rest of the fold)."""
+    return Path(output_dir) / MODELS_DIR / experiment / f"fold{fold}.pt"
+
+
+def run_folder(output_dir: str | Path, experiment: str, fold: int) -> Path:
+    return Path(output_dir) / "runs" / experiment / f"fold{fold}"
+
+
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO, append: bool = True) -> None:
+    """Log to stdout and, when given, to log_file (appended: a resumed run keeps its history)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -30,7 +42,7 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
     root.addHandler(stream)
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler = logging.FileHandler(log_file, mode="a" if append else "w", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
         root.addHandler(file_handler)
     for noisy in ("matplotlib", "PIL", "timm"):
@@ -73,22 +85,37 @@ def markdown_table(df: pd.DataFrame, index: bool = False) -> str:
     return "\n".join([header, rule, *rows]) + "\n"
 
 
-def latex_table(df: pd.DataFrame) -> str:
-    escape = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")
-    cols = "l" + "r" * (len(df.columns) - 1)
-    lines = [rf"\begin{{tabular}}{{{cols}}}", r"\hline",
-             " & ".join(escape(c) for c in df.columns) + r" \\", r"\hline"]
-    lines += [" & ".join(escape(_cell(v)) for v in row) + r" \\" for row in df.itertuples(index=False)]
-    return "\n".join(lines + [r"\hline", r"\end{tabular}"]) + "\n"
+LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "≥": r"$\geq$", "≤": r"$\leq$", "→": r"$\rightarrow$"}
 
 
-def save_table(df: pd.DataFrame, tables_dir: str | Path, name: str, latex: bool = False) -> Path:
-    """Write name.csv and name.md (and name.tex) under tables_dir; returns the CSV path."""
+def latex_table(df: pd.DataFrame, caption: str, label: str, max_columns: int = 6) -> str:
+    """booktabs LaTeX through pandas' Styler: text escaped, the first column repeated in every
+    part, at most max_columns columns per table so that each part fits a page width."""
+    caption = "".join("\\" + c if c in "&%$#_{}" else c for c in caption)  # Styler leaves captions as given
+    first, rest = df.columns[:1].tolist(), df.columns[1:].tolist()
+    width = max(1, max_columns - 1)
+    chunks = [rest[i:i + width] for i in range(0, len(rest), width)] or [[]]
+    parts = []
+    for number, chunk in enumerate(chunks, 1):
+        part = df[first + chunk].astype(str)
+        suffix = f" (part {number} of {len(chunks)})" if len(chunks) > 1 else ""
+        styler = part.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+        parts.append(styler.to_latex(hrules=True, caption=caption + suffix, position="htbp",
+                                     position_float="centering", column_format="l" + "r" * len(chunk),
+                                     label=f"tab:{label}" + (f"-{number}" if len(chunks) > 1 else "")))
+    text = "\n".join(parts)
+    for symbol, command in LATEX_SYMBOLS.items():
+        text = text.replace(symbol, command)
+    return "% needs \\usepackage{booktabs}\n" + text
+
+
+def save_table(df: pd.DataFrame, tables_dir: str | Path, name: str, latex: bool = False, caption: str = "") -> Path:
+    """Write name.csv and name.md (and name.tex, booktabs) under tables_dir; returns the CSV path."""
     tables_dir = Path(tables_dir)
     tables_dir.mkdir(parents=True, exist_ok=True)
     csv = tables_dir / f"{name}.csv"
     df.to_csv(csv, index=False)
     (tables_dir / f"{name}.md").write_text(markdown_table(df))
     if latex:
-        (tables_dir / f"{name}.tex").write_text(latex_table(df))
+        (tables_dir / f"{name}.tex").write_text(latex_table(df, caption or name.replace("_", " "), name.replace("_", "-")))
     return csv

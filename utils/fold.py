@@ -2,13 +2,14 @@
 
 run_fold(cfg, study, experiment, fold) writes runs/<experiment>/fold<k>/: history.csv,
 predictions.csv (one row per test tuple), results.json (what only training knows: threshold,
-epochs, timings) and best.pt. Every metric is computed later, by the report, from the files.
+epochs, timings), and the fold's model to models/<experiment>/fold<k>.pt. Every metric is computed later, by the report, from the files.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,12 @@ from preprocess.dataset import evaluation_tuples, fold_split, sampling_weights, 
 from utils.device import empty_cache, is_out_of_memory
 from utils.checkpoint import (FoldState, checkpoint_payload, config_json, cpu_copy, finished_results,
                               reload_last, restore_from_disk)
-from utils.helpers import BackgroundWriter, StopRequested, derived_seed, seed_everything, stop_requested
-from utils.files import atomic_write_text
+from utils.helpers import (BackgroundWriter, StopRequested, derived_seed, scalar_writer, seed_everything,
+                           stop_requested)
+from utils import progress
+from utils.files import atomic_write_text, model_file
 from utils.pipeline import folds_fingerprint
-from utils.losses import StudyLoss, subtype_class_weights
+from utils.losses import StudyLoss, binary_loss, subtype_class_weights
 from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
 from utils.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
 
@@ -46,6 +49,7 @@ class FoldRun:
     identity: dict  # config and folds hashes: a checkpoint of another run is refused
     writer: BackgroundWriter
     fresh_state: Callable[[], FoldState]  # the fold's initial state, rebuilt on demand
+    scalars: object = None  # a TensorBoard SummaryWriter with --tensorboard
     last_saved: float = 0.0  # time.monotonic() of the last last.pt written
     best_unsaved: bool = False  # best weights changed since best.pt was last written
 
@@ -87,12 +91,16 @@ def _epoch_or_replay(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> E
 
 
 def _validate(state: FoldState, run: FoldRun, val_tuples, val_owners) -> dict:
+    """Inner-validation AUC and the binary training loss on those patients (the same quantity
+    as train_binary_loss), plain view; empty when no epoch is chosen (--model-selection last)."""
+    if val_tuples is None:
+        return {}
     env = run.study.env
-    out = predict(state.model, run.study.source, val_tuples, env.micro_batch * 2, env.amp_dtype)
+    out = predict(state.model, run.study.source, val_tuples, env.micro_batch * 2, env.amp_dtype, tta=False)
     labels = run.split["val"].labels[val_owners]
-    p = np.clip(out["prob"], 1e-7, 1 - 1e-7)
-    loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
-    return {"val_loss": loss, "val_auc": float(roc_auc_score(labels, out["prob"]))}
+    loss = binary_loss(run.cfg, torch.logit(torch.from_numpy(out["prob"]).double(), eps=1e-7),
+                       torch.from_numpy(labels))
+    return {"val_loss": float(loss), "val_auc": float(roc_auc_score(labels, out["prob"]))}
 
 
 def save_checkpoints(state: FoldState, run: FoldRun, generator: torch.Generator | None = None) -> None:
@@ -113,26 +121,40 @@ def _checkpoint_due(state: FoldState, run: FoldRun) -> bool:
     return finished or time.monotonic() - run.last_saved >= 60 * run.cfg.checkpoint_minutes
 
 
-def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict) -> None:
-    """Keep the best weights by inner-validation AUC (loss breaks ties), log, checkpoint when due."""
-    epoch = state.epoch
-    improved = val["val_auc"] > state.best_auc + 1e-4 or (
+def _improved(state: FoldState, run: FoldRun, val: dict) -> bool:
+    """Inner validation: a better AUC (loss breaks ties). Fixed budget: the final epoch."""
+    if not val:
+        return state.epoch + 1 == run.cfg.epochs
+    return val["val_auc"] > state.best_auc + 1e-4 or (
         abs(val["val_auc"] - state.best_auc) <= 1e-4 and val["val_loss"] < state.best_loss)
+
+
+def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict) -> None:
+    """Keep the weights to test (best inner-validation epoch, or the last), log, checkpoint."""
+    epoch = state.epoch
+    improved = _improved(state, run, val)
     if improved:
-        state.best_auc, state.best_loss, state.best_epoch, state.bad_epochs = \
-            val["val_auc"], val["val_loss"], epoch, 0
+        state.best_auc, state.best_loss = val.get("val_auc", -1.0), val.get("val_loss", float("inf"))
+        state.best_epoch, state.bad_epochs = epoch, 0
         state.best_weights, run.best_unsaved = cpu_copy(state.model.state_dict()), True
-    else:
+    elif val:
         state.bad_epochs += 1
-    row = {"epoch": epoch, "train_loss": result.loss, **val, "lr": state.scheduler.get_last_lr()[-1],
+    row = {"epoch": epoch, "train_loss": result.loss, **result.parts, **val,
+           "lr": state.scheduler.get_last_lr()[-1],
            "tuples_per_s": result.tuples / result.seconds, "seconds": result.seconds, "best": improved}
     state.history.append(row)
     state.epoch = epoch + 1
+    progress.current().epoch_done(run.name, run.fold, epoch, run.cfg.epochs)
+    if run.scalars is not None:
+        for key in ("train_loss", "train_binary_loss", "train_subtype_loss", "val_loss", "val_auc", "lr", "tuples_per_s"):
+            if key in row:
+                run.scalars.add_scalar(key, row[key], epoch + 1)
+        run.scalars.flush()
     if _checkpoint_due(state, run):
         save_checkpoints(state, run)
-    log.info("%s fold %d epoch %d/%d | loss %.4f | val auc %.4f loss %.4f | %.0f tuples/s%s",
-             run.name, run.fold, epoch + 1, run.cfg.epochs, result.loss, val["val_auc"],
-             val["val_loss"], row["tuples_per_s"], " *" if improved else "")
+    scores = f" | val auc {val['val_auc']:.4f} loss {val['val_loss']:.4f}" if val else ""
+    log.info("%s fold %d epoch %d/%d | loss %.4f%s | %.0f tuples/s%s", run.name, run.fold, epoch + 1,
+             run.cfg.epochs, result.loss, scores, row["tuples_per_s"], " *" if improved and val else "")
 
 
 def _train_epochs(state: FoldState, run: FoldRun) -> None:
@@ -140,8 +162,9 @@ def _train_epochs(state: FoldState, run: FoldRun) -> None:
     loop = LoopSettings(run.study.source, run.split["train"],
                         StudyLoss(cfg, subtype_class_weights(run.split["train"].subtypes, sampling_weights(
                             run.split["train"], cfg.class_balanced))),
-                        env.batch_size, env.amp_dtype, cfg.grad_clip, stop_requested)
-    val_tuples, val_owners = evaluation_tuples(run.split["val"])
+                        env.batch_size, env.amp_dtype, cfg.grad_clip, (cfg.colour_jitter, cfg.stain_jitter),
+                        stop_requested)
+    val_tuples, val_owners = evaluation_tuples(run.split["val"]) if "val" in run.split else (None, None)
     count = tuples_per_epoch(run.split["train"], cfg.tuples_per_epoch)
     while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
         plan = _start_epoch(state, run, count)
@@ -164,7 +187,8 @@ def _predictions(state: FoldState, run: FoldRun, role: str) -> pd.DataFrame:
     """One row per evaluation tuple of a split: identity, label, probabilities, weights."""
     data, env = run.split[role], run.study.env
     tuples, owners = evaluation_tuples(data)
-    out = predict(state.model, run.study.source, tuples, env.micro_batch * 2, env.amp_dtype)
+    tta = run.cfg.tta == "on"
+    out = predict(state.model, run.study.source, tuples, env.micro_batch * 2, env.amp_dtype, tta)
     frame = pd.DataFrame({"patient": np.array(data.patients)[owners], "group": np.array(data.groups)[owners],
                           "label": data.labels[owners], "subtype": data.subtypes[owners], "prob": out["prob"]})
     for i in range(out.get("subtype_prob", np.zeros((0, 0))).shape[1]):
@@ -173,11 +197,16 @@ def _predictions(state: FoldState, run: FoldRun, role: str) -> pd.DataFrame:
     for i, label in enumerate(labels):
         frame[f"w_{label}"] = out["mag_weights"][:, i]
     if role == "test" and len(labels) > 1:  # what each magnification contributes: mask it out
+        # Plain views, compared with the plain view of the whole tuple: a quarter of the cost of
+        # test-time views for a difference that needs no averaging over flips.
+        plain = out if not tta else predict(state.model, run.study.source, tuples, env.micro_batch * 2,
+                                            env.amp_dtype, False)
+        frame["prob_plain"] = plain["prob"]
         for i, label in enumerate(labels):
             masked = tuples.copy()
             masked[:, i] = -1
             frame[f"prob_without_{label}"] = predict(state.model, run.study.source, masked,
-                                                     env.micro_batch * 2, env.amp_dtype)["prob"]
+                                                     env.micro_batch * 2, env.amp_dtype, False)["prob"]
     return frame
 
 
@@ -193,20 +222,23 @@ def _open_fold(cfg, study, experiment: str, fold: int, identity: dict) -> FoldRu
     split = fold_split(study.index, study.usable, study.folds, fold, cfg)
     steps = math.ceil(tuples_per_epoch(split["train"], cfg.tuples_per_epoch) / study.env.batch_size)
     return FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
-                   lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold)))
+                   lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold)),
+                   scalar_writer(cfg, experiment, fold))
 
 
 def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
     """Test predictions and results.json. Decisions are at 0.5 (training is class-balanced);
     the threshold chosen on inner validation is kept for a secondary row only."""
     state.model.load_state_dict(state.best_weights)
-    val = patient_probabilities(_predictions(state, run, "val"))
-    val_threshold = choose_threshold(val["label"], val["prob"])
+    val_threshold = None  # a secondary rule, only where inner-validation patients exist
+    if "val" in run.split:
+        val = patient_probabilities(_predictions(state, run, "val"))
+        val_threshold = choose_threshold(val["label"], val["prob"])
     predictions = _predictions(state, run, "test")
     predictions.to_csv(run.run_dir / "predictions.csv", index=False)
     pd.DataFrame(state.history).to_csv(run.run_dir / "history.csv", index=False)
     threshold = DECISION_THRESHOLD
-    training = np.concatenate([run.split["train"].labels, run.split["val"].labels])
+    training = np.concatenate([run.split[r].labels for r in ("train", "val") if r in run.split])
     results = {"experiment": run.name, "fold": run.fold, "repeat": run.fold // run.cfg.folds, **run.identity,
                "threshold": threshold,
                "val_threshold": val_threshold,
@@ -230,7 +262,9 @@ def run_fold(cfg, study, experiment: str, fold: int) -> dict:
     run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
     if (done := finished_results(run_dir, identity, cfg.resume)) is not None:
         log.info("%s fold %d: finished earlier, skipped (config %s)", experiment, fold, identity["config_hash"])
+        progress.current().end_job(experiment, fold, False)
         return done
+    progress.current().start_job(experiment, fold)
     run = _open_fold(cfg, study, experiment, fold, identity)
     state, started = run.fresh_state(), time.perf_counter()
     run.last_saved = time.monotonic()
@@ -240,10 +274,23 @@ def run_fold(cfg, study, experiment: str, fold: int) -> dict:
         _train_epochs(state, run)
     finally:  # also on an interrupt: the last submitted checkpoint lands whole before we leave
         run.writer.wait()
+        if run.scalars is not None:
+            run.scalars.close()
     results = _finish(state, run, started)
-    # A finished fold is skipped on restart: only best.pt (the model) is needed from now on,
-    # and last.pt (weights + optimizer, ~0.5 GB for four resnet18s) would fill a pod's disk.
+    # A finished fold is skipped on restart: only its model is needed from now on (kept under
+    # models/), and last.pt (weights + optimizer, ~0.5 GB for four resnet18s) would fill a disk.
     (run.run_dir / "last.pt").unlink(missing_ok=True)
-    if cfg.keep_models == "mmnet" and experiment != "mmnet":
+    if cfg.keep_models == "all" or experiment == "mmnet":
+        kept = model_file(cfg.output_dir, experiment, fold)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run.run_dir / "best.pt", kept)
+    else:
         (run.run_dir / "best.pt").unlink(missing_ok=True)
+    progress.current().end_job(experiment, fold, True)
     return results
+
+
+def is_finished(cfg, study, experiment: str, fold: int) -> bool:
+    """A finished fold of this very run (same identity) that run_fold would skip."""
+    run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
+    return finished_results(run_dir, fold_identity(cfg, study, fold), cfg.resume) is not None

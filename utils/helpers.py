@@ -114,3 +114,12 @@ def stop_requested() -> str:
 
 def clear_stop() -> None:
     _STOP["signal"] = ""
+
+
+def scalar_writer(cfg, experiment: str, fold: int):
+    """TensorBoard's writer for one experiment x fold, or None without --tensorboard."""
+    if not cfg.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # optional package: imported only when asked for
+
+    return SummaryWriter(log_dir=str(Path(cfg.output_dir) / "tensorboard" / experiment / f"fold{fold}"))

@@ -17,9 +17,11 @@ from backbones.our.gradcam import attention_maps, cam_maps
 from config import SUBTYPE_NAMES, SUBTYPES, Config, slot_labels
 from preprocess.augment import prepare_batch
 from preprocess.dataset import ImageSource, PatientImages, evaluation_tuples, fold_split
-from utils.files import GRADCAM_DIR
+from utils.files import GRADCAM_DIR, MODELS_DIR, run_folder
 from utils.helpers import load_checkpoint
-from utils.metrics import patient_probabilities
+from utils.metrics import DECISION_THRESHOLD, patient_probabilities
+from utils.progress import steps
+from utils.train import predict_views
 
 log = logging.getLogger("mmnet")
 
@@ -44,14 +46,26 @@ def load_fold_model(checkpoint: str | Path, device: str = "cpu") -> FoldModel:
     cfg = Config(**values)
     model = build_model(cfg)
     model.load_state_dict(payload["model"])
-    results = checkpoint.parent / "results.json"
-    threshold = json.loads(results.read_text())["threshold"] if results.is_file() else 0.5
+    results = _results_of(checkpoint)
+    threshold = json.loads(results.read_text())["threshold"] if results.is_file() else DECISION_THRESHOLD
     return FoldModel(model.to(device).eval(), cfg, float(threshold), checkpoint)
 
 
-def fold_checkpoints(run_dir: str | Path, experiment: str = "mmnet") -> list[Path]:
-    """best.pt of every finished fold of an experiment under an output directory."""
-    return sorted(Path(run_dir, "runs", experiment).glob("fold*/best.pt"))
+def _results_of(checkpoint: Path) -> Path:
+    """results.json of a kept model (models/<experiment>/fold<k>.pt -> runs/<experiment>/fold<k>/),
+    or beside a checkpoint still in its run folder."""
+    if checkpoint.parent.parent.name == MODELS_DIR:
+        return run_folder(checkpoint.parent.parent.parent, checkpoint.parent.name, _fold_of(checkpoint)) / "results.json"
+    return checkpoint.parent / "results.json"
+
+
+def _fold_of(checkpoint: Path) -> int:
+    return int(checkpoint.stem.removeprefix("fold"))
+
+
+def fold_checkpoints(output_dir: str | Path, experiment: str = "mmnet") -> list[Path]:
+    """The kept model of every finished fold of an experiment, in fold order."""
+    return sorted(Path(output_dir, MODELS_DIR, experiment).glob("fold*.pt"), key=_fold_of)
 
 
 def patient_data(images_by_mag: dict[int, list[int]], cfg: Config) -> PatientImages:
@@ -66,7 +80,8 @@ def patient_data(images_by_mag: dict[int, list[int]], cfg: Config) -> PatientIma
 @torch.no_grad()
 def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: dict[int, list[int]],
                     device: str = "cpu") -> dict:
-    """Mean over tuples, then over fold models: probability, subtypes, magnification weights."""
+    """Mean over tuples (each the mean of its test-time views, as in evaluation), then over fold
+    models: probability, subtypes, magnification weights."""
     source = ImageSource(cache, device)
     probs, subtypes, weights, tuples_used = [], [], [], 0
     started = time.perf_counter()
@@ -76,20 +91,23 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
             continue
         tuples, _ = evaluation_tuples(data)
         images, mask = source.gather(tuples)
-        out = fm.model(prepare_batch(images, fm.model.norm_mean, fm.model.norm_std, None), mask)
-        probs.append(float(torch.sigmoid(out.logits.float()).mean()))
-        weights.append(out.mag_weights.float().mean(0).cpu().numpy())
-        if out.subtype_logits is not None:
-            subtypes.append(torch.softmax(out.subtype_logits.float(), -1).mean(0).cpu().numpy())
+        out = predict_views(fm.model, images, mask, "none", fm.cfg.tta == "on")
+        probs.append(float(out["prob"].mean()))
+        weights.append(out["mag_weights"].mean(0).cpu().numpy())
+        if "subtype_prob" in out:
+            subtypes.append(out["subtype_prob"].mean(0).cpu().numpy())
         tuples_used += len(tuples)
     if device == "cuda":
         torch.cuda.synchronize()
     if not probs:
         raise ValueError("no image of a magnification the model uses")
-    result = {"malignant_probability": float(np.mean(probs)),
-              "threshold": float(np.mean([m.threshold for m in models])),
+    result = {"malignant_probability": round(float(np.mean(probs)), 4),
+              # one value per fold model: how much the ensemble's members disagree
+              "model_probabilities": [round(p, 4) for p in probs],
+              "probability_sd": round(float(np.std(probs)), 4),
+              "threshold": round(float(np.mean([m.threshold for m in models])), 4),
               "magnification_weights": dict(zip(slot_labels(models[0].cfg), np.mean(weights, 0).astype(float).round(4).tolist())),
-              "tuples": tuples_used, "models": len(probs),
+              "tuples_per_model": tuples_used // len(probs), "models": len(probs),
               "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
     if subtypes:
         mean = np.mean(subtypes, 0)
@@ -104,22 +122,45 @@ def tuple_inputs(model: torch.nn.Module, source: ImageSource, tuple_rows: np.nda
     return prepare_batch(images, model.norm_mean, model.norm_std, None), mask, images[0].cpu().numpy()
 
 
-def explain_tuple(fm: FoldModel, source: ImageSource, tuple_rows: np.ndarray, title: str) -> dict:
-    """Images, Grad-CAM of the predicted class and spatial attention of one tuple, with the
-    caption facts (probability, threshold, magnification weights): what a figure needs."""
+def explain_tuple(fm: FoldModel, source: ImageSource, tuple_rows: np.ndarray, title: str,
+                  target: int | None = None) -> dict:
+    """Images, Grad-CAM of the predicted class (or of `target`) and spatial attention of one
+    tuple, with the caption facts (probability, threshold, magnification weights)."""
     x, mask, raw = tuple_inputs(fm.model, source, tuple_rows)
     attention, prob, weights = attention_maps(fm.model, x, mask)
-    target = int(prob >= fm.threshold)
+    target = int(prob >= fm.threshold) if target is None else target
     labels = slot_labels(fm.cfg)
-    weights_text = ", ".join(f"{label} {w:.2f}" for label, w in zip(labels, weights))
-    full = (f"{title}\nP(malignant) {prob:.2f} at threshold {fm.threshold:.2f} -> "
-            f"{'malignant' if target else 'benign'} (Grad-CAM of that class) | weights {weights_text}")
     explanation = {"images": raw, "present": mask[0].cpu().numpy() > 0,
                    "cams": cam_maps(fm.model, x, mask, "gradcam", target=target),
-                   "labels": np.array(labels), "title": np.array(full)}
+                   "labels": np.array(labels), "title": np.array(_caption(title, prob, fm.threshold, labels, weights)),
+                   "prob": np.array(prob), "weights": np.asarray(weights, dtype=float)}
     if attention is not None:
         explanation["attention"] = attention
     return explanation
+
+
+def _caption(title: str, prob: float, threshold: float, labels, weights) -> str:
+    target = "malignant" if prob >= threshold else "benign"
+    weights_text = ", ".join(f"{label} {w:.2f}" for label, w in zip(labels, weights))
+    return (f"{title}\nP(malignant) {prob:.2f} at threshold {threshold:.2f} -> {target} "
+            f"(Grad-CAM of that class) | weights {weights_text}")
+
+
+def ensemble_explanation(models: list[FoldModel], source: ImageSource, tuple_rows: np.ndarray, title: str) -> dict:
+    """The explanation of the ensemble's decision: every fold model's Grad-CAM of the class the
+    ensemble chose, averaged (as are attention, probability and weights)."""
+    x, mask, _ = tuple_inputs(models[0].model, source, tuple_rows)
+    prob = float(np.mean([attention_maps(fm.model, x, mask)[1] for fm in models]))
+    threshold = float(np.mean([fm.threshold for fm in models]))
+    parts = [explain_tuple(fm, source, tuple_rows, title, target=int(prob >= threshold)) for fm in models]
+    merged = dict(parts[0])
+    for key in ("cams", "attention", "weights"):
+        if key in merged:
+            merged[key] = np.mean([p[key] for p in parts], axis=0)
+    merged["prob"] = np.array(prob)
+    merged["title"] = np.array(_caption(f"{title} (maps averaged over the models)", prob, threshold,
+                                        [str(v) for v in merged["labels"]], merged["weights"]))
+    return merged
 
 
 def choose_cases(predictions: pd.DataFrame, threshold: float, count: int) -> list[tuple[str, str]]:
@@ -136,12 +177,20 @@ def choose_cases(predictions: pd.DataFrame, threshold: float, count: int) -> lis
 
 
 def write_gradcam_maps(cfg: Config, study, experiment: str = "mmnet") -> list[Path]:
-    """Per fold: maps of the TP / TN / FP / FN test patients (as available), one .npz each."""
-    written = []
-    for checkpoint in fold_checkpoints(cfg.output_dir, experiment):
+    """Per fold: maps of the TP / TN / FP / FN test patients (as available), one .npz each.
+    A fold whose maps are newer than its model keeps them (a rerun of a finished study)."""
+    written, maps_dir = [], Path(cfg.output_dir) / GRADCAM_DIR
+    checkpoints = fold_checkpoints(cfg.output_dir, experiment)
+    for checkpoint in steps(checkpoints, "Grad-CAM", len(checkpoints)):
+        fold = _fold_of(checkpoint)
+        kept = list(maps_dir.glob(f"{experiment}_fold{fold}_*.npz"))
+        if kept and min(p.stat().st_mtime for p in kept) >= checkpoint.stat().st_mtime:
+            written += kept
+            continue
+        for stale in kept:
+            stale.unlink()
         fm = load_fold_model(checkpoint, str(study.source.device))
-        fold = int(checkpoint.parent.name.removeprefix("fold"))
-        predictions = pd.read_csv(checkpoint.parent / "predictions.csv")
+        predictions = pd.read_csv(run_folder(cfg.output_dir, experiment, fold) / "predictions.csv")
         test = fold_split(study.index, study.usable, study.folds, fold, fm.cfg)["test"]
         tuples, owners = evaluation_tuples(test)
         for case, patient in choose_cases(predictions, fm.threshold, cfg.gradcam_patients):

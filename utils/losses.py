@@ -35,6 +35,14 @@ def subtype_class_weights(subtypes: np.ndarray, draw_probability: np.ndarray | N
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def binary_loss(cfg, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The binary part of the training loss (focal or plain BCE): also what validation reports,
+    so the two curves measure the same quantity."""
+    if cfg.loss == "focal":
+        return focal_loss(logits, labels, cfg.focal_alpha, cfg.focal_gamma)
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
 class StudyLoss:
     """Binary loss (focal or plain BCE) + subtype_loss_weight * weighted subtype cross-entropy."""
 
@@ -43,10 +51,7 @@ class StudyLoss:
         self.subtype_weights = subtype_weights
 
     def __call__(self, output, labels: torch.Tensor, subtypes: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        if self.cfg.loss == "focal":
-            binary = focal_loss(output.logits, labels, self.cfg.focal_alpha, self.cfg.focal_gamma)
-        else:
-            binary = F.binary_cross_entropy_with_logits(output.logits.float(), labels.float())
+        binary = binary_loss(self.cfg, output.logits, labels)
         total, parts = binary, {"binary": binary.detach()}
         if output.subtype_logits is not None and self.cfg.subtype_loss_weight > 0:
             weights = self.subtype_weights.to(output.logits.device) if self.subtype_weights is not None else None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
 METRICS = ("accuracy", "balanced_accuracy", "f1", "auc", "sensitivity", "specificity")
 # Training draws both classes equally often, so 0.5 is the decision rule of every result; the
@@ -70,7 +70,10 @@ def subtype_metrics(subtypes, subtype_probs) -> dict:
     present = np.unique(subtypes)
     return {"subtype_macro_f1": float(f1_score(subtypes, pred, labels=present, average="macro",
                                                zero_division=0)),
-            "subtype_balanced_accuracy": float(balanced_accuracy_score(subtypes, pred))}
+            # balanced accuracy = mean recall over the true classes; as recall_score with labels,
+            # predictions of absent classes count as errors without sklearn's warning about them
+            "subtype_balanced_accuracy": float(recall_score(subtypes, pred, labels=present, average="macro",
+                                                            zero_division=0))}
 
 
 def fold_metrics(predictions: pd.DataFrame, threshold: float) -> dict:

@@ -20,6 +20,7 @@ from utils.env import usable_cpus
 from utils.files import setup_logging
 from utils.fold import run_fold
 from utils.helpers import StopRequested, install_stop_handlers, stop_requested
+from utils import progress
 from utils.pipeline import attach_images
 
 log = logging.getLogger("mmnet")
@@ -62,6 +63,7 @@ def _collect(done, pending: dict, pool) -> tuple[int, str]:
             continue
         try:
             future.result()
+            progress.current().end_job(name, fold, True)
         except ForeignRunError as exc:
             pool.shutdown(cancel_futures=True)
             raise ConfigError(str(exc)) from None

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import Config
+from config import CONFIG_FILE, Config, write_config_file
 from preprocess.analyze import analyze
 from preprocess.dataset import ImageSource
 from preprocess.demo import write_demo_tree
@@ -67,6 +67,7 @@ def prepare_output(cfg: Config, env: EnvInfo | None) -> None:
         return
     header = run_header(cfg, env)
     atomic_write_text(out / HEADER_FILE, json.dumps(header, indent=2, default=str))
+    write_config_file(cfg, out / CONFIG_FILE)
     log.info("run %s | device %s (%s) | amp %s | batch %d (micro-batch %d) | workers %d | weights %s | commit %s",
              header["started"], env.device, env.device_name, env.amp_dtype, env.batch_size, env.micro_batch,
              env.workers, cfg.pretrained, header["commit"])

@@ -7,10 +7,14 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from config import title_of
 from utils.metrics import patient_probabilities
 
 
@@ -32,7 +36,8 @@ def _patients(run: dict) -> pd.DataFrame:
 
 
 def confusion_matrices(runs: dict, path: Path) -> Path:
-    """Pooled patient-level confusion matrix of every experiment (each fold's own threshold)."""
+    """Pooled patient-level confusion matrix of every experiment, decisions at each fold's
+    threshold (0.5: training is class-balanced)."""
     cols = min(4, len(runs))
     rows = math.ceil(len(runs) / cols)
     fig, axes = _figure(rows, cols, figsize=(3.1 * cols, 3 * rows), squeeze=False)
@@ -47,7 +52,9 @@ def confusion_matrices(runs: dict, path: Path) -> Path:
             ax.text(j, i, str(v), ha="center", va="center", color="black" if v < matrix.max() / 2 else "white")
         ax.set_xticks([0, 1], ["benign", "malignant"])
         ax.set_yticks([0, 1], ["benign", "malignant"])
-        ax.set(title=name, xlabel="predicted", ylabel="true")
+        ax.set(title=title_of(name), xlabel="predicted", ylabel="true")
+        ax.title.set_fontsize(8)
+    fig.suptitle("Patients, pooled out-of-fold predictions, malignant when P >= 0.5", fontsize=10)
     return _save(fig, path)
 
 
@@ -71,21 +78,32 @@ def roc_curves(run: dict, name: str, path: Path) -> Path:
             ax.plot(grid, mean, color="black", lw=2, label="mean")
             ax.fill_between(grid, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color="grey", alpha=0.25)
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-        ax.set(title=f"{name}: ROC per fold ({level} level)", xlabel="1 - specificity", ylabel="sensitivity")
+        ax.set(title=f"{title_of(name)}: ROC per fold ({level} level)", xlabel="1 - specificity", ylabel="sensitivity")
         ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 
 
 def training_curves(run: dict, name: str, path: Path) -> Path:
-    fig, axes = _figure(1, 2, figsize=(10, 4))
-    for result, history in zip(run["results"], run["histories"]):
-        epochs = history["epoch"] + 1
-        axes[0].plot(epochs, history["train_loss"], label=f"fold {result['fold']} train")
-        axes[0].plot(epochs, history["val_loss"], ls="--", label=f"fold {result['fold']} val")
-        axes[1].plot(epochs, history["val_auc"], marker="o", ms=3, label=f"fold {result['fold']}")
-    axes[0].set(title=f"{name}: loss", xlabel="epoch", ylabel="loss")
-    axes[1].set(title=f"{name}: inner-validation AUC (tuples)", xlabel="epoch", ylabel="AUC")
+    """Per fold (one colour each): the binary training loss beside the same loss on the inner-
+    validation patients (when held out), the subtype loss, and the inner-validation AUC."""
+    with_val = all("val_loss" in h for h in run["histories"])
+    fig, axes = _figure(1, 3 if with_val else 2, figsize=(14 if with_val else 10, 4))
+    for colour, (result, history) in enumerate(zip(run["results"], run["histories"])):
+        epochs, style = history["epoch"] + 1, {"color": f"C{colour}"}
+        # Histories written before the loss was split hold the total only: drawn as binary.
+        axes[0].plot(epochs, history.get("train_binary_loss", history["train_loss"]),
+                     label=f"fold {result['fold']} train", **style)
+        if "train_subtype_loss" in history:
+            axes[1].plot(epochs, history["train_subtype_loss"], label=f"fold {result['fold']}", **style)
+        if with_val:
+            axes[0].plot(epochs, history["val_loss"], ls="--", label=f"fold {result['fold']} val", **style)
+            axes[2].plot(epochs, history["val_auc"], marker="o", ms=3, label=f"fold {result['fold']}", **style)
+    axes[0].set(title=f"{title_of(name)}: binary loss", xlabel="epoch", ylabel="loss")
+    axes[1].set(title="subtype loss (training)", xlabel="epoch", ylabel="loss")
+    if with_val:
+        axes[2].set(title="inner-validation AUC (image tuples)", xlabel="epoch", ylabel="AUC")
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -116,7 +134,7 @@ def magnification_importance_plot(table: pd.DataFrame, name: str, path: Path) ->
         ax.bar(np.arange(len(cols)) + i * width, row[cols].astype(float), width, label=f"fold {row['fold']}")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(np.arange(len(cols)) + 0.4 - width / 2, cols)
-    ax.set(title=f"{name}: AUC lost when one magnification is masked out", ylabel="patient AUC drop",
+    ax.set(title=f"{title_of(name)}: AUC lost when one magnification is masked out", ylabel="patient AUC drop",
            xlabel="masked magnification")
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -130,44 +148,68 @@ def calibration_plot(patients: pd.DataFrame, name: str, path: Path, bins: int = 
     for column, text in (("calibrated", "prior-corrected"), ("prob", "as trained (50/50 prior)")):
         observed, predicted = calibration_curve(patients["label"], patients[column], n_bins=bins, strategy="quantile")
         ax.plot(predicted, observed, marker="o", label=text)
-    ax.set(title=f"{name}: calibration (patients, pooled out-of-fold)", xlabel="predicted malignant probability",
+    ax.set(title=f"{title_of(name)}: calibration (patients, pooled out-of-fold)", xlabel="predicted malignant probability",
            ylabel="observed malignant fraction", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 # ---------------------------------------------------------------- Grad-CAM figures
-def overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.45) -> np.ndarray:
-    """uint8 RGB image with a jet-coloured [0, 1] map blended over it."""
-    colour = matplotlib.colormaps["jet"](heat)[..., :3]
+HEAT_MAP = "inferno"  # perceptually uniform: equal steps of the map look like equal steps
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.5) -> np.ndarray:
+    """uint8 RGB image with a [0, 1] map blended over it in HEAT_MAP colours."""
+    colour = matplotlib.colormaps[HEAT_MAP](np.clip(heat, 0, 1))[..., :3]
     return np.clip((1 - strength) * image / 255.0 + strength * colour, 0, 1)
 
 
+def _flat(values: np.ndarray) -> bool:
+    return float(values.max() - values.min()) < 1e-3
+
+
+def _map_row(axes, row: int, maps, images, present, kind: str) -> None:
+    """One row of [0, 1] maps on a fixed scale (never stretched to its own range), with a note
+    under a map that is flat (all zero: the class score has no gradient there)."""
+    for col, values in enumerate(maps):
+        if not present[col]:
+            continue
+        ax = axes[row][col]
+        shown = overlay(images[col], values) if kind == "Grad-CAM" else np.clip(values, 0, 1)
+        ax.imshow(shown, cmap=HEAT_MAP, vmin=0, vmax=1)
+        note = "flat map: no signal" if _flat(values) else f"{kind} {float(values.min()):.2f}-{float(values.max()):.2f}"
+        ax.text(0.5, -0.04, note, transform=ax.transAxes, ha="center", va="top", fontsize=7)
+
+
 def patient_figure(explanation, path: Path) -> Path:
-    """Columns: input slots (labels such as '40X'); rows: image, Grad-CAM, spatial attention.
+    """Columns: input slots (labels such as '40X'); rows: image, Grad-CAM over the image,
+    spatial attention. Both maps on the same fixed 0-1 scale, with a colour bar per row.
     `explanation`: what utils.inference.explain_tuple returns (or its saved .npz)."""
     images, present, cams = explanation["images"], explanation["present"], explanation["cams"]
     attention = explanation["attention"] if "attention" in explanation else None
     labels = [str(label) for label in explanation["labels"]]
     rows = 3 if attention is not None else 2
-    fig, axes = _figure(rows, len(labels), figsize=(2.6 * len(labels), 2.6 * rows + 0.6), squeeze=False)
+    fig, axes = _figure(rows, len(labels), figsize=(2.8 * len(labels) + 0.8, 2.7 * rows + 0.7), squeeze=False)
     for col, label in enumerate(labels):
         for row in range(rows):
             axes[row][col].axis("off")
         axes[0][col].set_title(label if present[col] else f"{label} (missing)")
-        if not present[col]:
-            continue
-        axes[0][col].imshow(images[col])
-        axes[1][col].imshow(overlay(images[col], cams[col]))
-        if attention is not None:  # min-max scaled so structure shows; the raw range is printed
-            low, high = float(attention[col].min()), float(attention[col].max())
-            axes[2][col].imshow((attention[col] - low) / max(high - low, 1e-6), cmap="magma", vmin=0, vmax=1)
-            axes[2][col].set_title(f"range {low:.2f}-{high:.2f}", fontsize=7)
-    for row, row_name in enumerate(["image", "Grad-CAM", "spatial attention"][:rows]):
+        if present[col]:
+            axes[0][col].imshow(images[col])
+    _map_row(axes, 1, cams, images, present, "Grad-CAM")
+    if attention is not None:
+        _map_row(axes, 2, attention, images, present, "attention")
+    names = ["image", "Grad-CAM of the\npredicted class (0-1)", "spatial attention (0-1)"]
+    for row, row_name in enumerate(names[:rows]):
         axes[row][0].text(-0.08, 0.5, row_name, transform=axes[row][0].transAxes, rotation=90,
-                          ha="right", va="center")
+                          ha="right", va="center", fontsize=8)
+    scale = ScalarMappable(norm=Normalize(0, 1), cmap=HEAT_MAP)
+    for row in range(1, rows):
+        fig.colorbar(scale, ax=list(axes[row]), fraction=0.02, pad=0.01)
     fig.suptitle(str(explanation["title"]), fontsize=9)
-    return _save(fig, path, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)  # no tight_layout: it cannot place colour bars shared by a row
+    return path
 
 
 def gradcam_figures(maps_dir: Path, plots_dir: Path) -> list[Path]:

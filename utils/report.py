@@ -1,17 +1,24 @@
-"""Tables, plots and RUNPOD_OUTPUT.md, rebuilt from output/ alone (also by --report-only).
+"""Tables, plots, RUNPOD_OUTPUT.md and report.html, rebuilt from output/ alone (also by
+--report-only, and live during a run by `python -m utils.report OUT`).
 Reads files only: never imports torch or a model."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import logging
-from datetime import datetime
+import os
 from pathlib import Path
 
 import pandas as pd
 
-from config import ABLATIONS, BASELINES, EXPERIMENTS
+from config import ABLATIONS, BASELINES, EXPERIMENTS, parse_args
 from utils import plottings
-from utils.files import DATASET_FILE, GRADCAM_DIR, HEADER_FILE, RUN_LOG, markdown_table, save_table
+from utils.env import PROJECT_ROOT, get_base_path
+from utils.files import (GRADCAM_DIR, PROGRESS_FILE, REPORT_FILE, RUN_LOG, atomic_write_text, markdown_table,
+                         save_table, setup_logging)
+from utils.html_report import write_html_report
+from utils.report_text import header_lines, protocol_text, read_text_file, results_key
 from utils.tables import (calibrated_patients, calibration_table, comparison_table, fold_table, fusion_weights,
                           load_runs, magnification_importance, per_fold_table, statistics, subtype_tables,
                           timing_table, validation_threshold_table)
@@ -19,142 +26,190 @@ from utils.tables import (calibrated_patients, calibration_table, comparison_tab
 log = logging.getLogger("mmnet")
 
 
+def _comparison_values(stats: pd.DataFrame, experiments, level: str) -> pd.DataFrame:
+    """The numbers behind a formatted comparison table (the same rows of statistics.csv)."""
+    part = stats[stats["experiment"].isin(experiments) & (stats["level"] == level)]
+    return part.round(5)
+
+
 def write_tables(runs: dict, cfg, tables: Path) -> dict:
-    """Every results table under tables/; returns the ones the report shows."""
+    """Every results table under tables/ (CSV, Markdown, booktabs LaTeX where a paper would
+    use it); returns the ones the report shows, by title."""
     stats = statistics(runs, cfg.bootstrap_samples, cfg.seed, {"main": BASELINES, "ablation": ABLATIONS})
     stats.round(5).to_csv(tables / "statistics.csv", index=False)
-    shown = {
-        "Main comparison (patient level)": comparison_table(stats, ["mmnet", *BASELINES], "patient"),
-        "Per-sample level (a tuple of 4 images for MMNet, 1 image for single-magnification models: not compared)":
-            comparison_table(stats, ["mmnet", *BASELINES], "tuple"),
-        "Ablations (patient level)": comparison_table(stats, ["mmnet", *ABLATIONS], "patient"),
-    }
-    files = ("main_comparison", "main_comparison_tuple", "ablation")
-    for file, table in zip(files, shown.values()):
-        save_table(table, tables, file, latex=True)
+    main, ablation = ["mmnet", *BASELINES], ["mmnet", *ABLATIONS]
+    for file, members, level in (("main_comparison", main, "patient"), ("main_comparison_tuple", main, "tuple"),
+                                 ("ablation", ablation, "patient")):
+        _comparison_values(stats, members, level).to_csv(tables / f"{file}_values.csv", index=False)
+    recall, head = subtype_tables(runs)
+    entries = [  # (title, file, table, LaTeX too)
+        ("Main comparison (patient level)", "main_comparison", comparison_table(stats, main, "patient"), True),
+        ("Per-sample level (a tuple of 4 images for MMNet, 1 image for single-magnification models: not compared)",
+         "main_comparison_tuple", comparison_table(stats, main, "tuple"), True),
+        ("Ablations (patient level)", "ablation", comparison_table(stats, ablation, "patient"), True),
+        ("Per fold (patient level)", "per_fold", per_fold_table(runs), True),
+        ("Per-subtype recall of the binary decision (patients correct/total)", "subtype_recall", recall, True),
+        ("Subtype head (patient level, fold mean ± sd)", "subtype_head", head, True)]
+    if "mmnet" in runs:
+        entries += [("MMNet magnification importance: drop in patient AUC with that magnification masked out",
+                     "magnification_importance", magnification_importance(runs["mmnet"]), True),
+                    ("MMNet fusion weights (after hierarchical attention; how the fused vector is formed, not a "
+                     "contribution)", "fusion_weights", fusion_weights(runs["mmnet"]), False)]
+    secondary = validation_threshold_table(runs)
+    if len(secondary):  # only runs that held inner-validation patients out (--model-selection inner_val)
+        entries.append(("Secondary: decisions at the validation-chosen threshold (patient level, fold mean ± sd)",
+                        "validation_threshold", secondary, False))
+    entries += [("Calibration (patient level, corrected for the balanced training prior)", "calibration",
+                 calibration_table(runs), False),
+                ("Time per experiment", "timing", timing_table(runs), False)]
     for name, run in runs.items():
         save_table(fold_table(run), tables, f"{name}_folds")
-    shown["Per fold (patient level)"] = per_fold_table(runs)
-    save_table(shown["Per fold (patient level)"], tables, "per_fold", latex=True)
-    recall, head = subtype_tables(runs)
-    shown["Per-subtype recall of the binary decision (patients correct/total)"] = recall
-    shown["Subtype head (patient level, fold mean ± sd)"] = head
-    save_table(recall, tables, "subtype_recall", latex=True)
-    save_table(head, tables, "subtype_head", latex=True)
-    if "mmnet" in runs:
-        shown["MMNet magnification importance: drop in patient AUC with that magnification masked out"] = \
-            magnification_importance(runs["mmnet"])
-        save_table(magnification_importance(runs["mmnet"]), tables, "magnification_importance", latex=True)
-        shown["MMNet fusion weights (after hierarchical attention; how the fused vector is formed, not a contribution)"] = \
-            fusion_weights(runs["mmnet"])
-        save_table(fusion_weights(runs["mmnet"]), tables, "fusion_weights")
-    shown["Secondary: decisions at the validation-chosen threshold (patient level, fold mean ± sd)"] = \
-        validation_threshold_table(runs)
-    save_table(validation_threshold_table(runs), tables, "validation_threshold")
-    shown["Calibration (patient level, corrected for the balanced training prior)"] = calibration_table(runs)
-    save_table(shown["Calibration (patient level, corrected for the balanced training prior)"], tables, "calibration")
-    shown["Time per experiment"] = timing_table(runs)
-    save_table(shown["Time per experiment"], tables, "timing")
+    shown = {}
+    for title, file, table, latex in entries:
+        save_table(table, tables, file, latex=latex, caption=title)
+        shown[title] = table
     shown["_stats"] = stats
     return shown
 
 
-def write_plots(runs: dict, stats, out: Path) -> None:
-    plots = out / "plots"
-    plottings.confusion_matrices(runs, plots / "confusion_matrices.png")
-    plottings.experiment_bars(stats, plots / "experiments_bar.png")
+def write_plots(runs: dict, stats, out: Path) -> list[tuple[Path, str]]:
+    """Every results figure with a one-line caption of what it shows."""
+    plots, figures = out / "plots", []
+    figures.append((plottings.confusion_matrices(runs, plots / "confusion_matrices.png"),
+                    "Patient-level confusion matrices of every experiment: pooled out-of-fold predictions, "
+                    "decision at probability 0.5."))
+    figures.append((plottings.experiment_bars(stats, plots / "experiments_bar.png"),
+                    "Pooled patient-level balanced accuracy and AUC of every experiment, with 95 % slide-group "
+                    "bootstrap intervals."))
     if "mmnet" in runs:  # the curves of the proposed model; the others are in the tables
         run = runs["mmnet"]
-        plottings.roc_curves(run, "mmnet", plots / "roc_mmnet.png")
-        plottings.training_curves(run, "mmnet", plots / "training_curves_mmnet.png")
-        plottings.calibration_plot(calibrated_patients(run), "mmnet", plots / "calibration_mmnet.png")
-        plottings.magnification_importance_plot(magnification_importance(run), "mmnet",
-                                                plots / "magnification_importance_mmnet.png")
-    plottings.gradcam_figures(out / GRADCAM_DIR, plots / "gradcam")
+        figures += [
+            (plottings.roc_curves(run, "mmnet", plots / "roc_mmnet.png"),
+             "MMNet ROC curve of each test fold (patient level) with their mean and a ±1 sd band."),
+            (plottings.training_curves(run, "mmnet", plots / "training_curves_mmnet.png"),
+             "MMNet training per fold: binary loss (dashed: the same loss on inner-validation patients, "
+             "when held out), subtype loss, and inner-validation AUC when held out."),
+            (plottings.calibration_plot(calibrated_patients(run), "mmnet", plots / "calibration_mmnet.png"),
+             "MMNet reliability diagram (patient level, pooled), probabilities moved from the balanced "
+             "training prior to each fold's prevalence."),
+            (plottings.magnification_importance_plot(magnification_importance(run), "mmnet",
+                                                     plots / "magnification_importance_mmnet.png"),
+             "Drop in MMNet's patient AUC when one magnification is masked out of every test tuple.")]
+        figures = [(path, caption) for path, caption in figures if path is not None]  # nothing to draw
+    for path in plottings.gradcam_figures(out / GRADCAM_DIR, plots / "gradcam"):
+        figures.append((path, f"Grad-CAM of the predicted class and spatial attention, one tuple of test "
+                              f"patient case '{path.stem}' (colour bars give the scale; 0 to 1 for both)."))
+    return figures
 
 
-def _read(path: Path, default: str = "") -> str:
-    return path.read_text(encoding="utf-8") if path.is_file() else default
+def dataset_figures(out: Path) -> list[tuple[Path, str]]:
+    """The figures of the dataset analysis (written before training)."""
+    captions = {"class_magnification_bars": "Images per class and magnification.",
+                "subtype_distribution": "Patients per subtype, benign and malignant.",
+                "patient_magnification_heatmap": "Images of each patient at each magnification.",
+                "sample_grid": "One image per subtype and magnification (the data as indexed)."}
+    return [(out / "plots" / f"{stem}.png", text) for stem, text in captions.items()
+            if (out / "plots" / f"{stem}.png").is_file()]
 
 
-def _header(out: Path, runs: dict) -> list[str]:
-    header = json.loads(_read(out / HEADER_FILE, "{}"))
-    dataset = json.loads(_read(out / DATASET_FILE, "{}"))
-    pretrained = sorted({r.get("pretrained", "") for run in runs.values() for r in run["results"]})
-    lines = ["# MMNet-BreakHis run report", "",
-             f"- report written: {datetime.now().isoformat(timespec='seconds')}",
-             f"- run started: {header.get('started', 'unknown')}, commit `{header.get('commit', 'unknown')}`",
-             f"- device: {header.get('env', {}).get('device', '?')} ({header.get('env', {}).get('device_name', '?')}), "
-             f"AMP {header.get('env', {}).get('amp_dtype', '?')}, batch {header.get('env', {}).get('batch_size', '?')}",
-             f"- versions: {', '.join(f'{k} {v}' for k, v in header.get('versions', {}).items())}",
-             f"- backbone weights: {', '.join(pretrained) or 'n/a'}",
-             f"- determinism: {header.get('determinism', 'unknown')}",
-             f"- data: {dataset.get('data_dir', '?')}: {dataset.get('images', '?')} images, "
-             f"{dataset.get('patients', '?')} patients, {dataset.get('issues', '?')} data issue(s)"]
-    if dataset.get("demo"):
-        lines.append("- **SYNTHETIC DEMO DATA: these numbers say nothing about BreakHis.**")
-    lines += [f"- warning: {w}" for w in header.get("warnings", [])]
-    lines += ["", "<details><summary>Resolved configuration</summary>", "", "```json",
-              json.dumps(header.get("config", {}), indent=1), "```", "</details>", ""]
-    return lines
-
-
-RESULTS_KEY = (
-    "Cells: value of the pooled out-of-fold predictions [95 % CI]; the CI resamples slide groups "
-    "within class (2,000 draws by default), except patient-level accuracy, sensitivity and "
-    "specificity, which use the Wilson interval. `bal_acc folds`: fold mean ± sd. Δ: the pooled "
-    "difference from mmnet [paired slide-group bootstrap CI, the same draws for both models]; p: "
-    "corrected resampled t-test across folds (Nadeau and Bengio 2003; the exact sign test when every "
-    "fold shows the same difference), Holm-adjusted within each table. A p above 0.05 means the "
-    "data cannot tell the models apart; it does not mean they are equivalent: read the CI of Δ.")
-
-
-def protocol_text(cfg, runs: dict) -> str:
-    """The protocol in one paragraph a reviewer can check against the code and folds.csv."""
-    folds = max((len(run["results"]) for run in runs.values()), default=cfg.folds)
-    return (f"{folds}-fold cross-validation, StratifiedGroupKFold stratified on the 8 subtypes with the numeric "
-            f"slide id as group (slide numbers shared by several patient folders stay together; no patient "
-            f"and no slide number is ever on both sides of a split, checked when folds are built and when "
-            f"they are loaded); seed {cfg.seed}. Inside each training part, {cfg.inner_val_fraction:.0%} of "
-            f"the slide groups of each class form an inner validation set that picks the epoch; the test "
-            f"fold picks nothing. Training draws both classes equally often, so decisions are at 0.5; the "
-            f"threshold chosen on inner validation is a secondary row. A tuple is one image per "
-            f"magnification of one patient; a patient's probability is the mean over its evaluation "
-            f"tuples, which cover every image. Every experiment uses the same folds, seeds and budget, "
-            f"so comparisons are paired. Models are compared at patient level only.")
-
-
-def write_markdown(cfg, runs: dict, shown: dict) -> Path:
+def _markdown_lines(cfg, runs: dict, shown: dict, figures: list, base: Path) -> list[str]:
+    """The report as Markdown lines; figure links are relative to `base` (where the file lies)."""
     out = Path(cfg.output_dir)
-    lines = _header(out, runs)
-    lines += ["## Dataset", "", _read(out / "tables" / "class_by_magnification.md", "(no analysis)"), ""]
-    lines += ["## Protocol", "", protocol_text(cfg, runs), "", "## Results", "", RESULTS_KEY, ""]
+    lines = header_lines(out, runs)
+    lines += ["## Dataset", "", read_text_file(out / "tables" / "class_by_magnification.md", "(no analysis)"), ""]
+    lines += ["## Protocol", "", protocol_text(cfg, runs), "", "## Results", "", results_key(cfg), ""]
     for title, table in shown.items():
         if not title.startswith("_") and len(table):
             lines += [f"### {title}", "", markdown_table(table), ""]
     benchmark = out / "tables" / "benchmark.csv"
     if benchmark.is_file():  # written by `python -m utils.benchmark --output-dir` this folder
         lines += ["### Benchmark (python -m utils.benchmark)", "", markdown_table(pd.read_csv(benchmark)), ""]
-    lines += ["## Log", "", "```text", _read(out / RUN_LOG).rstrip(), "```", ""]
-    path = Path(cfg.report_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    lines += ["## Figures", ""]
+    lines += [f"![{caption}]({os.path.relpath(path, base)})  \n{caption}\n" for path, caption in figures]
+    lines += ["## Log", "", "```text", read_text_file(out / RUN_LOG).rstrip(), "```", ""]
+    return lines
 
 
-def write_report(cfg) -> int:
+def report_paths(cfg) -> list[Path]:
+    """<output_dir>/RUNPOD_OUTPUT.md always; also --report-file when given, and the repository
+    root for a full run into the default output folder (where users look for it). A dry run
+    writes to its own folder and never replaces a full run's report."""
+    out = Path(cfg.output_dir)
+    paths = [out / REPORT_FILE]
+    if cfg.report_file:
+        paths.append(Path(cfg.report_file))
+    elif not cfg.dry_run and out.resolve() == (get_base_path() / "output").resolve():
+        paths.append(PROJECT_ROOT / REPORT_FILE)
+    return list(dict.fromkeys(p.resolve() for p in paths))
+
+
+def write_markdown(cfg, runs: dict, shown: dict, figures: list) -> list[Path]:
+    written = []
+    for path in report_paths(cfg):
+        lines = _markdown_lines(cfg, runs, shown, figures, path.parent)
+        written.append(atomic_write_text(path, "\n".join(lines)))
+    return written
+
+
+def _console(table: pd.DataFrame) -> str:
+    """The comparison for a terminal: experiment, balanced accuracy and AUC with CIs, Δ AUC."""
+    keep = [c for c in table.columns if c == "experiment" or c.startswith(("bal_acc ", "auc", "Δauc", "ΔAUC"))
+            or c in ("bal_acc", "AUC", "auc")]
+    return markdown_table(table[keep] if len(keep) > 1 else table)
+
+
+def write_report(cfg, live: bool = False) -> int:
+    """Tables, plots, RUNPOD_OUTPUT.md and report.html from output/. live: report.html only,
+    cheaper intervals, while the run goes on (rewritten at every fold's end)."""
     out = Path(cfg.output_dir)
     runs = load_runs(out, EXPERIMENTS)
     if not runs:
+        if live:
+            write_html_report(cfg, runs, {}, [], live)
+            return 0
         log.error("no finished folds under %s/runs: run `python main.py` first", out)
         return 2
     tables = out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
+    if live:
+        cfg = dataclasses.replace(cfg, bootstrap_samples=min(cfg.bootstrap_samples, 200))
     shown = write_tables(runs, cfg, tables)
-    write_plots(runs, shown["_stats"], out)
-    log.info("main comparison (patient level):\n%s", markdown_table(shown["Main comparison (patient level)"]))
+    figures = write_plots(runs, shown["_stats"], out) + dataset_figures(out)
+    html_path = write_html_report(cfg, runs, shown, figures, live)
+    if live:
+        return 0
+    log.info("main comparison (patient level; all columns in the report):\n%s",
+             _console(shown["Main comparison (patient level)"]))
     if len(shown["Ablations (patient level)"]) > 1:
-        log.info("ablations (patient level):\n%s", markdown_table(shown["Ablations (patient level)"]))
-    path = write_markdown(cfg, runs, shown)
-    log.info("report written to %s (tables in %s, plots in %s)", path, tables, out / "plots")
+        log.info("ablations (patient level):\n%s", _console(shown["Ablations (patient level)"]))
+    # Logged before the Markdown is written, so the report's log section is the whole run log
+    # and a --report-only rebuild (which logs elsewhere) reproduces it exactly.
+    log.info("report: %s and %s (tables in %s, plots in %s)", ", ".join(map(str, report_paths(cfg))),
+             html_path, tables, out / "plots")
+    write_markdown(cfg, runs, shown, figures)
+    mark_finished(out)
     return 0
+
+
+def mark_finished(out: Path) -> None:
+    """progress.json says 'finished' once the final report exists (a live page stops reloading)."""
+    path = out / PROGRESS_FILE
+    info = json.loads(read_text_file(path, "{}"))
+    if info.get("state") in ("reporting", "running"):
+        info["state"] = "finished"
+        atomic_write_text(path, json.dumps(info, indent=2))
+
+
+def main(argv=None) -> int:
+    """python -m utils.report OUTPUT_DIR: the live report.html of a run in progress (started by
+    main.py after every fold, in its own process, so training never waits for it)."""
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("output_dir")
+    args = parser.parse_args(argv)
+    cfg = parse_args(["--report-only", "--output-dir", args.output_dir])
+    setup_logging(None, level=logging.WARNING)
+    return write_report(cfg, live=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

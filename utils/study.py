@@ -11,10 +11,12 @@ from utils.benchmark import predict_duration
 from utils.checkpoint import ForeignRunError
 from utils.device import EnvInfo, empty_cache, is_out_of_memory
 from utils.files import RUN_LOG
-from utils.fold import run_fold
+from utils import progress
+from utils.fold import is_finished, run_fold
 from utils.helpers import StopRequested, install_stop_handlers, stop_requested
 from utils.parallel import default_jobs, run_jobs
 from utils.pipeline import Study, attach_images
+from utils.progress import StudyProgress
 from utils.train import TrainingError
 
 log = logging.getLogger("mmnet")
@@ -52,28 +54,48 @@ def run_sequential(cfg, study: Study, names: list[str]) -> int:
     return failed
 
 
-def run_study(cfg, prepared: Study, env: EnvInfo) -> tuple[Study, int]:
-    """Train every selected experiment x fold; returns the study with its images attached
-    and the number of failed folds."""
-    install_stop_handlers()  # from here on SIGTERM/SIGINT stop after the current step, saved
-    study = attach_images(cfg, prepared, env)
-    names = selected_experiments(cfg)
-    jobs = cfg.jobs or default_jobs(study.env.device)
+def _predicted_seconds(cfg, study: Study, names: list[str]) -> dict[str, float]:
+    """Seconds per fold of each experiment, from rates measured on this device; nothing is
+    measured when every fold is finished (a rerun then only rebuilds the report)."""
     try:
-        predicted = predict_duration(cfg, study, names)
+        return predict_duration(cfg, study, names)
     except RuntimeError as exc:  # the loop has its own back-off; is_out_of_memory() tells OOM apart
         if not is_out_of_memory(exc):
             raise
         log.warning("could not measure the speed for a duration estimate (out of memory at micro-batch %d); "
                     "training goes on and backs off by itself", study.env.micro_batch)
         empty_cache(study.env.device)
-        predicted = float("nan")
+        return {}
+
+
+def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Study, int]:
+    """Train every selected experiment x fold; returns the study with its images attached
+    and the number of failed folds. on_fold_end() is called after every fold (live report)."""
+    install_stop_handlers()  # from here on SIGTERM/SIGINT stop after the current step, saved
+    study = attach_images(cfg, prepared, env)
+    names = selected_experiments(cfg)
+    jobs = cfg.jobs or default_jobs(study.env.device)
+    order = [(n, f) for n in names for f in range(cfg.folds * cfg.cv_repeats)]
+    try:
+        pending = [job for job in order if not is_finished(experiment_config(cfg, job[0]), study, *job)]
+    except ForeignRunError as exc:  # the output folder holds another run: a whole-study decision
+        raise ConfigError(str(exc)) from None
+    predicted = _predicted_seconds(cfg, study, names) if pending else {}
+    tracker = StudyProgress(cfg.output_dir, order, predicted, on_fold_end)
+    progress.set_current(tracker)
     started = time.perf_counter()
-    if jobs > 1:
-        log.info("running %d experiment x fold jobs on %d parallel workers (about %.1f min)",
-                 len(names) * cfg.folds, jobs, predicted / 60 / jobs)
-        failed = run_jobs(cfg, prepared, names, jobs, str(Path(cfg.output_dir) / RUN_LOG))
-    else:
-        failed = run_sequential(cfg, study, names)
-    log.info("study: %d experiment(s) x %d folds in %.1f s", len(names), cfg.folds, time.perf_counter() - started)
+    try:
+        if jobs > 1:
+            log.info("running %d experiment x fold jobs on %d parallel workers", len(pending), jobs)
+            failed = run_jobs(cfg, prepared, names, jobs, str(Path(cfg.output_dir) / RUN_LOG))
+        else:
+            failed = run_sequential(cfg, study, names)
+    except BaseException:
+        tracker.finish("stopped")
+        raise
+    finally:
+        progress.set_current(None)
+    tracker.finish("reporting")  # the report marks the run finished once it is written
+    log.info("study: %d experiment(s) x %d folds in %.1f s (%d trained, %d finished earlier)", len(names),
+             cfg.folds * cfg.cv_repeats, time.perf_counter() - started, len(pending), len(order) - len(pending))
     return study, failed

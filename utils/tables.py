@@ -11,6 +11,7 @@ import pandas as pd
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from config import SUBTYPES
+from utils.progress import steps
 from utils.metrics import (METRICS, fold_metrics, format_mean_sd, mean_sd, patient_probabilities,
                            pooled_out_of_fold)
 from utils.statistics import (bootstrap_ci, corrected_resampled_ttest, expected_calibration_error, holm,
@@ -103,7 +104,7 @@ def _comparison(run: dict, ref: dict, metric: str, n_boot: int, seed: int) -> di
     values, ref_values = _fold_values(run, "patient", metric), _fold_values(ref, "patient", metric)
     paired = [values[f] - ref_values[f] for f in sorted(values) if f in ref_values]
     n_test = np.mean([r["patients"]["test"] for r in run["results"]])
-    n_train = np.mean([r["patients"]["train"] + r["patients"]["val"] for r in run["results"]])
+    n_train = np.mean([r["patients"]["train"] + r["patients"].get("val", 0) for r in run["results"]])
     diff, low, high = paired_difference_ci(run["pooled"], ref["pooled"], [metric], n_boot, seed)[metric]
     return {"diff_fold_mean": float(np.nanmean(paired)) if paired else float("nan"),
             "p_value": corrected_resampled_ttest(paired, n_train, n_test)[1],
@@ -114,7 +115,7 @@ def statistics(runs: dict, n_boot: int, seed: int, families: dict, reference: st
     """Long table: experiment x level x metric -> fold mean/sd, pooled value and its CI; for
     the compared metrics at patient level also the paired comparison with the reference,
     with p-values Holm-adjusted within each family (one family per results table)."""
-    rows = [row for name, run in runs.items() for level in LEVELS
+    rows = [row for name, run in steps(runs.items(), "bootstrap intervals", len(runs)) for level in LEVELS
             for row in _level_rows(name, run, level, n_boot, seed)]
     stats = pd.DataFrame(rows)
     if reference not in runs:
@@ -192,11 +193,12 @@ def _with_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def magnification_importance(run: dict) -> pd.DataFrame:
     """Per fold, the drop in patient-level AUC when one magnification is masked out of every
-    test tuple (the model sees the other three): what that magnification contributes."""
+    test tuple (the model sees the other three): what that magnification contributes. Both
+    AUCs come from the plain view (prob_plain), not the test-time views."""
     rows = []
     for r, frame in zip(run["results"], run["predictions"]):
         masked = [c for c in frame.columns if c.startswith("prob_without_")]  # in magnification order
-        full = patient_probabilities(frame)
+        full = patient_probabilities(frame.assign(prob=frame.get("prob_plain", frame["prob"])))
         if not masked or full["label"].nunique() < 2:
             continue
         row = {"fold": r["fold"]}
@@ -225,7 +227,9 @@ def validation_threshold_table(runs: dict) -> pd.DataFrame:
     rows = []
     for name, run in runs.items():
         scores = {m: [] for m in ("balanced_accuracy", "sensitivity", "specificity")}
-        thresholds = [r.get("val_threshold", r["threshold"]) for r in run["results"]]
+        thresholds = [r.get("val_threshold") for r in run["results"]]
+        if any(t is None for t in thresholds):  # trained on every training patient: nothing held out
+            continue
         for threshold, frame in zip(thresholds, run["predictions"]):
             metrics = fold_metrics(frame, threshold)["patient"]
             for m in scores:

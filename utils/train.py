@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from backbones import build_model
-from preprocess.augment import prepare_batch
+from preprocess.augment import prepare_batch, test_views
 from preprocess.dataset import ImageSource, PatientImages
 from utils.checkpoint import FoldState
 from utils.device import empty_cache, is_out_of_memory
@@ -27,11 +27,12 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class EpochResult:
-    loss: float
+    loss: float  # mean total training loss
     tuples: int
     seconds: float
     stopped_at: int | None = None  # steps done when a stop was requested mid-epoch
-    losses: list | None = None  # per-step losses so far (kept for a mid-epoch resume)
+    losses: list | None = None  # per-step [total, binary, subtype] so far (kept for a mid-epoch resume)
+    parts: dict | None = None  # train_binary_loss, train_subtype_loss: the epoch means
 
 
 @dataclass
@@ -43,6 +44,7 @@ class LoopSettings:
     batch_size: int  # tuples per optimizer step
     amp_dtype: str  # bfloat16 | float16 | none
     grad_clip: float = 0.0  # max gradient norm; 0 = off
+    jitter: tuple = (0.1, 0.1)  # colour and stain jitter strengths of the augmentation
     should_stop: Callable | None = None  # asked after every step; truthy = save and stop
 
 
@@ -54,7 +56,7 @@ class EpochPlan:
     generator: torch.Generator  # augmentation randomness
     epoch: int
     start_step: int = 0  # >0 when resuming an epoch that was stopped mid-way
-    prior_losses: list | None = None  # the losses of the steps done before the stop
+    prior_losses: list | None = None  # [total, binary, subtype] of the steps done before the stop
 
 
 def amp_context(device: str, amp_dtype: str):
@@ -98,22 +100,24 @@ def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
 
 
 def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds: tuple) -> torch.Tensor:
-    """One optimizer update over tuples [start, end), in state.accumulation micro-batches."""
+    """One optimizer update over tuples [start, end), in state.accumulation micro-batches.
+    Returns [total, binary, subtype] loss of the step, on the device (no sync)."""
     start_row, end = bounds
     labels_all, subtypes_all = targets
     state.optimizer.zero_grad(set_to_none=True)
     micro = math.ceil(loop.batch_size / state.accumulation)
-    total = torch.zeros((), device=loop.source.device)
+    total = torch.zeros(3, device=loop.source.device)
     for start in range(start_row, end, micro):
         stop = min(end, start + micro)
         images, mask = loop.source.gather(plan.tuples[start:stop])
-        x = prepare_batch(images, state.model.norm_mean, state.model.norm_std, plan.generator)
+        x = prepare_batch(images, state.model.norm_mean, state.model.norm_std, plan.generator, loop.jitter)
         with amp_context(loop.source.device.type, loop.amp_dtype):
             output = state.model(x, mask)
-        loss, _ = loop.loss_fn(output, labels_all[start:stop], subtypes_all[start:stop])
+        loss, parts = loop.loss_fn(output, labels_all[start:stop], subtypes_all[start:stop])
         rows, batch = stop - start, end - start_row  # a micro-batch's share of the step's mean
         state.scaler.scale(loss * rows / batch).backward()
-        total += loss.detach() * rows / batch
+        zero = torch.zeros((), device=total.device)
+        total += torch.stack([loss.detach(), parts.get("binary", loss.detach()), parts.get("subtype", zero)]) * rows / batch
     if loop.grad_clip > 0:
         state.scaler.unscale_(state.optimizer)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), loop.grad_clip)
@@ -130,7 +134,7 @@ def train_one_epoch(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> Ep
     state.model.train()
     started, device = time.perf_counter(), loop.source.device
     n_steps = math.ceil(len(plan.tuples) / loop.batch_size)
-    losses = torch.zeros(n_steps, device=device)
+    losses = torch.zeros(n_steps, 3, device=device)
     if plan.prior_losses:
         losses[:len(plan.prior_losses)] = torch.tensor(plan.prior_losses, device=device)
     targets = (torch.from_numpy(loop.data.labels[plan.owners]).to(device),
@@ -143,23 +147,25 @@ def train_one_epoch(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> Ep
             stopped_at = step + 1
             break
     values = losses[:stopped_at or n_steps].cpu().numpy()  # one sync per epoch, not per step
-    bad = np.flatnonzero(~np.isfinite(values))
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
     if len(bad):
         raise TrainingError(f"non-finite loss at epoch {plan.epoch} step {int(bad[0])}: lower --lr "
                             f"or check the data; the last good checkpoint is kept")
-    return EpochResult(float(values.mean()), len(plan.tuples), time.perf_counter() - started,
-                       stopped_at, values.tolist())
+    means = values.mean(axis=0)
+    return EpochResult(float(means[0]), len(plan.tuples), time.perf_counter() - started, stopped_at,
+                       values.tolist(), {"train_binary_loss": float(means[1]), "train_subtype_loss": float(means[2])})
 
 
 def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
-            amp_dtype: str) -> dict[str, np.ndarray]:
-    """Malignant probability, subtype probabilities and magnification weights per tuple.
+            amp_dtype: str, tta: bool = True) -> dict[str, np.ndarray]:
+    """Malignant probability, subtype probabilities and magnification weights per tuple, each
+    the mean over the test-time views (tta) or of the plain view.
 
     A CUDA out-of-memory halves the evaluation batch and starts over (prediction is stateless).
     """
     while True:
         try:
-            return _predict_batches(model, source, tuples, batch_size, amp_dtype)
+            return _predict_batches(model, source, tuples, batch_size, (amp_dtype, tta))
         except RuntimeError as exc:  # torch.OutOfMemoryError is one; is_out_of_memory() tells the rest apart
             if batch_size <= 1 or not is_out_of_memory(exc):
                 raise
@@ -169,22 +175,32 @@ def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
 
 
 @torch.inference_mode()
+def predict_views(model, images: torch.Tensor, mask: torch.Tensor, amp_dtype: str, tta: bool) -> dict:
+    """Mean over test-time views of sigmoid, softmax and magnification weights of one batch of
+    uint8 tuples (B, M, H, W, 3): probabilities are averaged, not logits, so a view that is
+    very sure cannot outvote the others."""
+    sums: dict[str, torch.Tensor] = {}
+    views = 0
+    for view in test_views(images, tta):
+        with amp_context(images.device.type, amp_dtype):
+            output = model(prepare_batch(view, model.norm_mean, model.norm_std, None), mask)
+        parts = {"prob": torch.sigmoid(output.logits.float()), "mag_weights": output.mag_weights.float()}
+        if output.subtype_logits is not None:
+            parts["subtype_prob"] = torch.softmax(output.subtype_logits.float(), dim=-1)
+        for key, value in parts.items():
+            sums[key] = sums[key] + value if key in sums else value
+        views += 1
+    return {key: value / views for key, value in sums.items()}
+
+
 def _predict_batches(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
-                     amp_dtype: str) -> dict[str, np.ndarray]:
+                     evaluation: tuple[str, bool]) -> dict[str, np.ndarray]:
     model.eval()
-    probs, subtypes, weights = [], [], []
+    batches = []
     for start in range(0, len(tuples), batch_size):
         images, mask = source.gather(tuples[start:start + batch_size])
-        x = prepare_batch(images, model.norm_mean, model.norm_std, None)
-        with amp_context(source.device.type, amp_dtype):
-            output = model(x, mask)
-        probs.append(torch.sigmoid(output.logits.float()))
-        weights.append(output.mag_weights.float())
-        if output.subtype_logits is not None:
-            subtypes.append(torch.softmax(output.subtype_logits.float(), dim=-1))
-    result = {"prob": torch.cat(probs).cpu().numpy(), "mag_weights": torch.cat(weights).cpu().numpy()}
-    if subtypes:
-        result["subtype_prob"] = torch.cat(subtypes).cpu().numpy()
+        batches.append(predict_views(model, images, mask, *evaluation))
+    result = {key: torch.cat([b[key] for b in batches]).cpu().numpy() for key in batches[0]}
     if not np.isfinite(result["prob"]).all():
         raise TrainingError("the model produced non-finite probabilities; not scoring them")
     return result

@@ -1,0 +1,92 @@
+"""Run configuration as a YAML file, and the validation messages shared with the command line.
+
+Every problem is one line: `[CODE] key: what is wrong; what to do`. The codes are stable and
+listed in the README, so a script or a person can look them up:
+
+    CFG001 unknown key                CFG005 unknown experiment or group
+    CFG002 wrong type                 CFG006 unknown backbone
+    CFG003 out of range               CFG007 unreadable file or not a mapping
+    CFG004 not one of the choices     CFG008 magnification not in BreakHis
+                                      CFG009 optional package missing
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import yaml
+
+CODES = {
+    "CFG001": "unknown key", "CFG002": "wrong type", "CFG003": "out of range",
+    "CFG004": "not one of the choices", "CFG005": "unknown experiment or group",
+    "CFG006": "unknown backbone", "CFG007": "unreadable file or not a mapping",
+    "CFG008": "magnification not in BreakHis", "CFG009": "optional package missing",
+}
+
+
+def problem(code: str, key: str, text: str) -> str:
+    return f"[{code}] {key}: {text}"
+
+
+def closest(word: str, valid) -> str:
+    """'; did you mean X?' for the nearest valid word, or '' when none is near."""
+    match = difflib.get_close_matches(str(word), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
+    """The mapping in a YAML file and the problems reading it (CFG007)."""
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        return {}, [problem("CFG007", str(path), f"cannot read it ({type(exc).__name__}: {exc}); "
+                            f"pass a YAML file of Config keys, e.g. output/config.yaml")]
+    if values is None:
+        return {}, []
+    if not isinstance(values, dict):
+        return {}, [problem("CFG007", str(path), "holds a YAML list or scalar, not a mapping of keys to values")]
+    return values, []
+
+
+def _converted(value, default):
+    """The value as the field's type; raises TypeError or ValueError when it is not one."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError("expected true or false")
+        return value
+    if isinstance(default, tuple):
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        return tuple(type(default[0])(v) if default else str(v).strip() for v in items)
+    if isinstance(default, int) and (isinstance(value, bool) or float(value) != int(float(value))):
+        raise TypeError("expected a whole number")
+    if isinstance(default, (int, float)) and isinstance(value, str):
+        raise TypeError(f"expected a number, got the text '{value}'")
+    return type(default)(value)
+
+
+def typed_values(values: dict, defaults: dict, source: str) -> tuple[dict, list[str]]:
+    """Values converted to the types of the defaults; unknown keys and wrong types reported."""
+    typed, problems = {}, []
+    for key, value in values.items():
+        if key not in defaults:
+            problems.append(problem("CFG001", f"{source}: {key}", f"unknown key{closest(key, defaults)}"))
+            continue
+        try:
+            typed[key] = _converted(value, defaults[key])
+        except (TypeError, ValueError) as exc:
+            kind = type(defaults[key]).__name__
+            problems.append(problem("CFG002", f"{source}: {key}", f"{value!r} is not a {kind} ({exc})"))
+    return typed, problems
+
+
+def plain(value):
+    """YAML-friendly: tuples become lists."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def write_yaml(path: str | Path, values: dict, header: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump({k: plain(v) for k, v in values.items()}, sort_keys=False)
+    path.write_text(f"# {header}\n{text}", encoding="utf-8")
+    return path

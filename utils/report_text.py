@@ -1,0 +1,76 @@
+"""The words of the report: run header, protocol and how to read a results cell. Shared by
+RUNPOD_OUTPUT.md and report.html; reads files only."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from utils.files import DATASET_FILE, HEADER_FILE
+
+
+def read_text_file(path: Path, default: str = "") -> str:
+    return path.read_text(encoding="utf-8") if path.is_file() else default
+
+
+def header_lines(out: Path, runs: dict) -> list[str]:
+    header = json.loads(read_text_file(out / HEADER_FILE, "{}"))
+    dataset = json.loads(read_text_file(out / DATASET_FILE, "{}"))
+    pretrained = sorted({r.get("pretrained", "") for run in runs.values() for r in run["results"]})
+    lines = ["# MMNet-BreakHis run report", "",
+             f"- report written: {datetime.now().isoformat(timespec='seconds')}",
+             f"- run started: {header.get('started', 'unknown')}, commit `{header.get('commit', 'unknown')}`",
+             f"- device: {header.get('env', {}).get('device', '?')} ({header.get('env', {}).get('device_name', '?')}), "
+             f"AMP {header.get('env', {}).get('amp_dtype', '?')}, batch {header.get('env', {}).get('batch_size', '?')}",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in header.get('versions', {}).items())}",
+             f"- backbone weights: {', '.join(pretrained) or 'n/a'}",
+             f"- determinism: {header.get('determinism', 'unknown')}",
+             f"- data: {dataset.get('data_dir', '?')}: {dataset.get('images', '?')} images, "
+             f"{dataset.get('patients', '?')} patients, {dataset.get('issues', '?')} data issue(s)"]
+    if dataset.get("demo"):
+        lines.append("- **SYNTHETIC DEMO DATA: these numbers say nothing about BreakHis.**")
+    lines += [f"- warning: {w}" for w in header.get("warnings", [])]
+    lines += ["", "<details><summary>Resolved configuration</summary>", "", "```json",
+              json.dumps(header.get("config", {}), indent=1), "```", "</details>", ""]
+    return lines
+
+
+def results_key(cfg) -> str:
+    """How to read a results cell, with the run's own number of bootstrap draws."""
+    return ("Cells: value of the pooled out-of-fold predictions [95 % CI]; the CI resamples slide groups "
+            f"within class ({cfg.bootstrap_samples:,} draws), except patient-level accuracy, sensitivity and "
+            "specificity, which use the Wilson interval. `bal_acc folds`: fold mean ± sd. Δ: the pooled "
+            "difference from mmnet [paired slide-group bootstrap CI, the same draws for both models]; p: "
+            "corrected resampled t-test across folds (Nadeau and Bengio 2003; the exact sign test when every "
+            "fold shows the same difference), Holm-adjusted within each table. A p above 0.05 means the "
+            "data cannot tell the models apart; it does not mean they are equivalent: read the CI of Δ.")
+
+
+def _selection_text(cfg) -> str:
+    if cfg.model_selection == "inner_val":
+        return (f"Inside each training part, {cfg.inner_val_fraction:.0%} of the slide groups of each class "
+                f"form an inner validation set that picks the epoch (a secondary row shows decisions at "
+                f"the threshold chosen there); the test fold picks nothing.")
+    return (f"Every training patient trains for a fixed budget of {cfg.epochs} epochs and the final "
+            f"weights are tested: nothing is chosen on a handful of validation patients, and nothing "
+            f"on the test fold.")
+
+
+def _tta_text(cfg) -> str:
+    if cfg.tta == "on":
+        return ("Each evaluation tuple's probability is the mean over the plain view, both mirror "
+                "images and the 180-degree turn.")
+    return "Evaluation uses the plain view only."
+
+
+def protocol_text(cfg, runs: dict) -> str:
+    """The protocol in one paragraph a reviewer can check against the code and folds.csv."""
+    folds = max((len(run["results"]) for run in runs.values()), default=cfg.folds)
+    return (f"{folds}-fold cross-validation, StratifiedGroupKFold stratified on the 8 subtypes with the numeric "
+            f"slide id as group (slide numbers shared by several patient folders stay together; no patient "
+            f"and no slide number is ever on both sides of a split, checked when folds are built and when "
+            f"they are loaded); seed {cfg.seed}. {_selection_text(cfg)} Training draws both classes equally "
+            f"often, so decisions are at 0.5. {_tta_text(cfg)} A tuple is one image per "
+            f"magnification of one patient; a patient's probability is the mean over its evaluation "
+            f"tuples, which cover every image. Every experiment uses the same folds, seeds and budget, "
+            f"so comparisons are paired. Models are compared at patient level only.")
