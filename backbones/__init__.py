@@ -9,7 +9,10 @@ import timm
 import torch
 from torch import nn
 
+from backbones.encoder import (PAD_ATTRIBUTE, add_map_hook, feature_map, is_token_model,  # noqa: F401 (models use
+                               map_channels, padded, stride)  # feature_map and map_channels from here)
 from config import ConfigError
+from preprocess.preprocess import frame_shape
 from utils.config_file import closest
 
 log = logging.getLogger("mmnet")
@@ -42,11 +45,45 @@ def build_model(cfg) -> nn.Module:
 
 
 def check_backbone(name: str) -> None:
-    """Fail at start, not after the analysis, when timm has no such model."""
+    """Fail at start, not after the analysis, when timm has no such model. `hf-hub:org/name`
+    models are checked when their weights load (offline: one line naming --pretrained-file)."""
+    if name.startswith("hf-hub:"):
+        return
     if not timm.is_model(name):
         raise ConfigError(f"[CFG006] backbone: unknown timm backbone '{name}'{closest(name, timm.list_models())}; "
-                          f"e.g. resnet18, efficientnet_b0, convnext_tiny "
+                          f"e.g. resnet18, efficientnet_b0, convnext_tiny, vit_small_patch16_224 "
                           f"(python -c \"import timm; print(timm.list_models())\" lists all)")
+
+
+def _family(name: str) -> str:
+    """The timm module that defines a model ('' for hf-hub names, resolved only online)."""
+    if name.startswith("hf-hub:"):
+        return ""
+    return timm.models.model_entrypoint(name).__module__
+
+
+def _size_kwargs(cfg) -> list[dict]:
+    """Image-size arguments to try, most flexible first: vision transformers take any frame
+    (padded to the patch size), Swin-like models are built for the frame padded to their stride."""
+    family = _family(cfg.backbone)
+    built_for = padded(frame_shape(cfg.image_size), 32)
+    if "swin" in family:
+        return [{"img_size": built_for}, {}]
+    if family == "" or any(k in family for k in ("vision_transformer", "deit", "eva", "beit")):
+        return [{"dynamic_img_size": True, "dynamic_img_pad": True}, {"img_size": built_for}, {}]
+    return [{}]
+
+
+def _timm_model(cfg, pretrained: bool, kwargs: dict) -> nn.Module:
+    for size in _size_kwargs(cfg):
+        try:
+            model = timm.create_model(cfg.backbone, pretrained=pretrained, **kwargs, **size)
+        except TypeError:  # this architecture does not take that size argument: try the next
+            continue
+        if "img_size" in size and is_token_model(model):
+            setattr(model, PAD_ATTRIBUTE, stride(model))  # inputs padded to the size it was built for
+        return add_map_hook(model)
+    raise ConfigError(f"[CFG006] backbone: timm could not build '{cfg.backbone}' for {frame_shape(cfg.image_size)} frames")
 
 
 class WeightsError(ConfigError):
@@ -67,17 +104,29 @@ def create_backbone(cfg) -> tuple[nn.Module, str]:
     check_backbone(cfg.backbone)
     kwargs = dict(num_classes=0, global_pool="")
     if not wants_pretrained(cfg):
-        return timm.create_model(cfg.backbone, pretrained=False, **kwargs), "random init"
+        try:
+            return _timm_model(cfg, False, kwargs), "random init"
+        except OSError as exc:  # an hf-hub architecture needs its config from the hub
+            raise WeightsError(_weights_message(cfg, exc)) from None
     if cfg.pretrained_file:
         kwargs["pretrained_cfg_overlay"] = dict(file=cfg.pretrained_file)
     try:
-        model = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+        model = _timm_model(cfg, True, kwargs)
+    except ConfigError:
+        raise
     except Exception as exc:  # network, hub or file errors: all mean the weights are not there
-        first = (str(exc).splitlines() or [""])[0][:160]
-        raise WeightsError(f"pretrained weights for {cfg.backbone} could not be loaded ({type(exc).__name__}: "
-                           f"{first}); pass --pretrained-file PATH (a timm state dict) or --pretrained off "
-                           f"to train from random init") from None
+        raise WeightsError(_weights_message(cfg, exc)) from None
     return model, f"pretrained ({cfg.pretrained_file or 'timm hub'})"
+
+
+def _weights_message(cfg, exc: Exception) -> str:
+    first = (str(exc).splitlines() or [""])[0][:120]
+    if not wants_pretrained(cfg):  # only an hf-hub architecture reaches the network without weights
+        return (f"{cfg.backbone} needs its model config from the Hugging Face Hub, which is not reachable and "
+                f"not cached ({type(exc).__name__}); run once online to cache it, then pass --pretrained-file "
+                f"PATH for the weights offline")
+    return (f"pretrained weights for {cfg.backbone} could not be loaded ({type(exc).__name__}: {first}); pass "
+            f"--pretrained-file PATH (a timm state dict) or --pretrained off to train from random init")
 
 
 def check_weights(cfg) -> str:

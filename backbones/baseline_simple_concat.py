@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backbones import ModelOutput, StudyModel, magnification_backbones, register
+from backbones import ModelOutput, StudyModel, feature_map, magnification_backbones, map_channels, register
 
 
 class SimpleConcatNet(StudyModel):
     def __init__(self, backbones: nn.ModuleList, cfg, pretrained_status: str = ""):
         super().__init__(cfg, backbones[0], pretrained_status)
         self.backbones = backbones
-        width = backbones[0].num_features * len(backbones)
+        width = map_channels(backbones[0]) * len(backbones)
         self.mlp = nn.Sequential(nn.Linear(width, cfg.feature_dim), nn.LayerNorm(cfg.feature_dim), nn.GELU())
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> ModelOutput:
-        pooled = [b.forward_features(x[:, m].contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
+        pooled = [feature_map(b, x[:, m].contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
                   for m, b in enumerate(self.backbones)]
         # A missing magnification contributes zeros, not the features of a black image.
         features = torch.cat([p * mask[:, m:m + 1].to(p.dtype) for m, p in enumerate(pooled)], dim=1)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from torch import nn
+
+from backbones.encoder import MAP_HOOK
 METHODS = ("gradcam", "gradcam++")
 
 
@@ -25,8 +27,10 @@ def branch_backbone(model: nn.Module, slot: int) -> nn.Module:
 
 
 def target_layer(backbone: nn.Module) -> nn.Module:
-    """The last feature stage of a timm backbone: the finest map that still sees the class."""
-    return backbone.get_submodule(backbone.feature_info[-1]["module"])
+    """The feature map every branch pools (backbones.encoder.feature_map passes it through an
+    identity hook): NCHW for CNNs and transformers alike, so no reshape is needed."""
+    hook = getattr(backbone, MAP_HOOK, None)
+    return hook if hook is not None else backbone.get_submodule(backbone.feature_info[-1]["module"])
 
 
 class BranchView(nn.Module):

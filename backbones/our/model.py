@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backbones import ModelOutput, StudyModel, magnification_backbones, register
+from backbones import ModelOutput, StudyModel, feature_map, magnification_backbones, map_channels, register
 from backbones.our.modules import (ChannelAttention, CrossMagnificationFusion,
                                    HierarchicalMagnificationAttention, MultiScaleAttentionPool,
                                    SpatialAttention)
@@ -16,14 +16,14 @@ class MagnificationBranch(nn.Module):
 
     def __init__(self, backbone: nn.Module, dim: int, spatial: bool, channel: bool, multiscale: bool):
         super().__init__()
-        channels = backbone.num_features
+        channels = map_channels(backbone)
         self.backbone = backbone
         self.spatial = SpatialAttention(channels) if spatial else None
         self.channel = ChannelAttention(channels) if channel else None
         self.pool = MultiScaleAttentionPool(channels, dim, enabled=multiscale)
 
     def forward(self, x: torch.Tensor):
-        features = self.backbone.forward_features(x.contiguous(memory_format=torch.channels_last))
+        features = feature_map(self.backbone, x.contiguous(memory_format=torch.channels_last))
         attention = None
         if self.spatial is not None:
             features, attention = self.spatial(features)
