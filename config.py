@@ -61,6 +61,7 @@ class Config:
     backbone: str = "resnet18"  # timm model name
     pretrained: str = "auto"  # auto (on for CUDA) | on | off; resolved at start and part of the run identity
     pretrained_file: str = ""  # local weights for the backbone (offline pods)
+    freeze_backbone: bool = False  # encoder frozen: its maps of every image (and flip views) computed once and cached
     feature_dim: int = 256  # per-magnification embedding size
     dropout: float = 0.3  # before the heads
     spatial_attention: bool = True  # sigmoid map over each backbone feature map
@@ -94,7 +95,8 @@ class Config:
     checkpoint_minutes: float = 5.0  # write last.pt at most this often (and at a stop, and at a fold's end); 0 = every epoch
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
     bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
-    keep_models: str = "all"  # experiments whose best.pt stays after their folds: all | mmnet
+    keep_models: str = "all"  # experiments whose fold models stay under output/models/: all | mmnet
+    live_report: bool = True  # rewrite report.html after every fold (in a separate process)
     tensorboard: bool = False  # per-epoch scalars under <output_dir>/tensorboard/<experiment>/fold<k> (pip install tensorboard)
 
     def resolved_cache_dir(self) -> Path:
@@ -105,7 +107,7 @@ class Config:
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
                 "report_only", "experiments", "resume", "workers", "jobs", "gradcam_patients",
                 "bootstrap_samples", "keep_models", "micro_batch", "checkpoint_minutes", "device",
-                "deterministic", "tensorboard"}
+                "deterministic", "tensorboard", "live_report"}
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -126,20 +128,6 @@ EXPERIMENTS: dict[str, dict] = {
     "mmnet_no_msap": {"multiscale_pooling": False},
     "mmnet_ce_loss": {"focal_gamma": 0.0},  # the same loss without focusing: the only change
 }
-# How each experiment is named in figures and tables meant for readers.
-TITLES = {"mmnet": "MMNet", **{f"single_{m}x": f"Single {m}X" for m in MAGNIFICATIONS},
-          "simple_concat": "Concatenation of 4 magnifications", "pooled_single": "Single CNN, all magnifications pooled",
-          **{f"mmnet_no_{k}": f"MMNet without {v}" for k, v in (("spatial", "spatial attention"), (
-              "channel", "channel attention"), ("hierarchical", "hierarchical attention"), (
-              "fusion", "learned fusion (plain mean)"), ("msap", "multi-scale pooling"))},
-          "mmnet_ce_loss": "MMNet with cross-entropy loss"}
-
-
-def title_of(name: str) -> str:
-    """A reader's name of an experiment; names without an entry are shown as they are."""
-    return TITLES.get(name, name)
-
-
 BASELINES = ("single_40x", "single_100x", "single_200x", "single_400x", "simple_concat",
              "pooled_single")
 ABLATIONS = tuple(n for n in EXPERIMENTS if n.startswith("mmnet_"))

@@ -77,11 +77,16 @@ def _size_kwargs(cfg) -> list[dict]:
 def _timm_model(cfg, pretrained: bool, kwargs: dict) -> nn.Module:
     for size in _size_kwargs(cfg):
         try:
-            model = timm.create_model(cfg.backbone, pretrained=pretrained, **kwargs, **size)
+            with torch.random.fork_rng():  # a frozen random encoder is the same in the cache and every model
+                if cfg.freeze_backbone:
+                    torch.manual_seed(cfg.seed)
+                model = timm.create_model(cfg.backbone, pretrained=pretrained, **kwargs, **size)
         except TypeError:  # this architecture does not take that size argument: try the next
             continue
         if "img_size" in size and is_token_model(model):
             setattr(model, PAD_ATTRIBUTE, stride(model))  # inputs padded to the size it was built for
+        if cfg.freeze_backbone:  # trains on cached maps: the encoder stays as loaded
+            model.requires_grad_(False)
         return add_map_hook(model)
     raise ConfigError(f"[CFG006] backbone: timm could not build '{cfg.backbone}' for {frame_shape(cfg.image_size)} frames")
 

@@ -51,7 +51,12 @@ def add_map_hook(backbone: nn.Module) -> nn.Module:
 
 
 def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) features of images x (B, 3, H, W), whatever layout the encoder uses."""
+    """(B, C, h, w) features of images x (B, 3, H, W), whatever layout the encoder uses.
+    Maps that were computed earlier (--freeze-backbone: x is already (B, C, h, w) with C the
+    encoder's channels) pass straight through."""
+    hook = getattr(backbone, MAP_HOOK, None)
+    if x.shape[1] != 3 and x.shape[1] == map_channels(backbone):
+        return hook(x) if hook is not None else x
     if is_token_model(backbone):
         pad_to = getattr(backbone, PAD_ATTRIBUTE, 0)
         if pad_to:  # fixed-size models (Swin): pad to a multiple of the stride, as built
@@ -63,5 +68,4 @@ def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         features = backbone.forward_features(x)
         if features.shape[1] != backbone.num_features and features.shape[-1] == backbone.num_features:
             features = features.permute(0, 3, 1, 2)  # NHWC -> NCHW
-    hook = getattr(backbone, MAP_HOOK, None)
     return hook(features) if hook is not None else features

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from config import SUBTYPES
+from preprocess.augment import prepare_batch, test_views
 
 log = logging.getLogger("mmnet")
 
@@ -148,6 +149,17 @@ class ImageSource:
         # Missing magnifications become black images; the mask keeps them out of the fusion.
         batch = batch * mask[..., None, None, None].to(batch.dtype)
         return batch, mask.float()
+
+    def train_batch(self, tuples: np.ndarray, model, generator: torch.Generator, jitter: tuple):
+        """The model's input for training: augmented, normalised images and the mask."""
+        images, mask = self.gather(tuples)
+        return prepare_batch(images, model.norm_mean, model.norm_std, generator, jitter), mask
+
+    def views(self, tuples: np.ndarray, model, tta: bool):
+        """The model's inputs for evaluation, one per test-time view (or the plain view)."""
+        images, mask = self.gather(tuples)
+        for view in test_views(images, tta):
+            yield prepare_batch(view, model.norm_mean, model.norm_std, None), mask
 
 
 def _copy_to(cache: np.ndarray, device: torch.device, rows: int = 512) -> torch.Tensor:

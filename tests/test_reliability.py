@@ -63,7 +63,7 @@ def test_out_of_memory_halves_the_micro_batch_and_goes_on(tmp_path, demo_tree, d
 def _main(out, *extra):
     return [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet", "--backbone", "test_resnet",
             "--epochs", "3", "--tuples-per-epoch", "64", "--gradcam-patients", "0", "--output-dir", str(out),
-            "--report-file", str(out / "R.md"), "--data-dir", str(out / "none"), *extra]
+            "--report-file", str(out / "R.md"), "--data-dir", str(out / "none"), "--no-live-report", *extra]
 
 
 def _kill_after_first_epoch(cmd, sig):
@@ -113,7 +113,7 @@ def test_two_worker_processes_give_the_one_worker_results(tmp_path):
         out = tmp_path / f"jobs{jobs}"
         cmd = [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet,single_40x", "--backbone",
                "test_resnet", "--jobs", str(jobs), "--gradcam-patients", "0", "--output-dir", str(out),
-               "--report-file", str(out / "R.md"), "--data-dir", str(tmp_path / "none")]
+               "--report-file", str(out / "R.md"), "--data-dir", str(tmp_path / "none"), "--no-live-report"]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:]
         runs[jobs] = out

@@ -1,117 +1,41 @@
 """Throughput and latency of the real code paths, and the predicted time of a full run.
 
-    python -m utils.benchmark --backbone resnet18 --image-size 224 [--device cuda] [--batch 64]
+    python -m utils.benchmark --backbone resnet18 --image-size 224 [--device cuda] [--batch 64] [--freeze-backbone]
 
 Rows (output/tables/benchmark.csv): cache build images/s; train tuples/s end to end (cache ->
 gather -> device augmentation -> model -> optimizer); train tuples/s of the model alone on
 device-resident tensors; their ratio (data pipeline efficiency); eval tuples/s; inference
 ms per patient (all tuples of a 100-image patient, warm); peak memory; predicted full run.
+With --freeze-backbone also: feature-cache build images/s, frozen train and eval tuples/s,
+frozen_speedup (frozen over fine-tuning train tuples/s, same encoder, same run), the cache size
+for the 7,909 images and the predicted full study in that mode.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
-import resource
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from config import EXPERIMENTS, Config, experiment_config
-from preprocess.dataset import (ImageSource, PatientImages, evaluation_tuples, fold_split, training_tuples,
-                                tuples_per_epoch)
-from preprocess.demo import demo_filenames, write_tree
-from preprocess.preprocess import build_cache, frame_shape, index_dataset
+from preprocess.dataset import ImageSource, evaluation_tuples, fold_split, tuples_per_epoch
+from preprocess.preprocess import frame_shape
 from utils.checkpoint import checkpoint_payload
 from utils.device import configure_backends, detect_env
+from utils.features import FeatureSource, encode_images
 from utils.files import markdown_table
 from utils.helpers import snapshot
-from utils.inference import FoldModel, predict_patient
 from utils.losses import StudyLoss
-from utils.train import (EpochPlan, LoopSettings, amp_context, make_scheduler, new_fold_state, predict,
-                         train_one_epoch)
+from utils.rates import (cache_build_rate, model_alone_rate, peak_memory_gb, predictor_latency, synthetic_patients,
+                         time_train_and_eval)
+from utils.train import LoopSettings, make_scheduler, new_fold_state
 
 log = logging.getLogger("mmnet")
 FULL = {"images": 7909, "folds": 5}  # the default study's size
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def cache_build_rate(images: int, workers: int, size: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        names = demo_filenames(patients=max(2, images // 12), images_per_mag=3)[:images]
-        write_tree(Path(tmp) / "tree", names, workers=workers)
-        index, _ = index_dataset(Path(tmp) / "tree", check_files=False)
-        started = time.perf_counter()
-        build_cache(index, Path(tmp) / "tree", Path(tmp) / "cache", size, workers)
-        return len(index) / (time.perf_counter() - started)
-
-
-def synthetic_patients(n_patients: int, per_mag: int, mags: int) -> tuple[np.ndarray, PatientImages]:
-    rows = [[np.arange(per_mag) + (p * mags + m) * per_mag for m in range(mags)] for p in range(n_patients)]
-    data = PatientImages([f"p{p}" for p in range(n_patients)], np.arange(n_patients) % 2,
-                         np.arange(n_patients) % 8, [str(p) for p in range(n_patients)], rows)
-    return np.arange(n_patients * mags * per_mag), data
-
-
-def _model_alone_rate(state, cfg, env, batches: int, slots: int) -> float:
-    """The same steps (micro-batches, accumulation, optimizer) on tensors already on the device."""
-    micro, steps_per_batch = env.micro_batch, -(-env.batch_size // env.micro_batch)
-    x = torch.randn(micro, slots, 3, *frame_shape(cfg.image_size), device=env.device)
-    mask = torch.ones(micro, slots, device=env.device)
-    labels = torch.randint(0, 2, (micro,), device=env.device)
-    subtypes = torch.randint(0, 8, (micro,), device=env.device)
-    loss_fn = StudyLoss(cfg, None)
-    state.model.train()
-    _sync(env.device)
-    started = time.perf_counter()
-    for _ in range(batches):
-        state.optimizer.zero_grad(set_to_none=True)
-        for _ in range(steps_per_batch):
-            with amp_context(env.device, env.amp_dtype):
-                out = state.model(x, mask)
-            state.scaler.scale(loss_fn(out, labels, subtypes)[0] / steps_per_batch).backward()
-        state.scaler.unscale_(state.optimizer)
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-    _sync(env.device)
-    return batches * micro * steps_per_batch / (time.perf_counter() - started)
-
-
-def time_train_and_eval(state, loop: LoopSettings, train_count: int, eval_tuples: np.ndarray) -> dict:
-    """Tuples/s of training (cache -> gather -> device augmentation -> model -> optimizer) and
-    of evaluation, each timed after one warm-up batch, through the real loop functions."""
-    device = loop.source.device.type
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def train(count: int, seed: int) -> float:
-        tuples, owners = training_tuples(loop.data, count, np.random.default_rng(seed))
-        _sync(device)
-        started = time.perf_counter()
-        train_one_epoch(state, loop, EpochPlan(tuples, owners, gen, 0))
-        _sync(device)
-        return count / (time.perf_counter() - started)
-
-    def evaluate(tuples: np.ndarray) -> float:
-        _sync(device)
-        started = time.perf_counter()
-        predict(state.model, loop.source, tuples, loop.batch_size * 2, loop.amp_dtype, tta=False)
-        _sync(device)
-        return len(tuples) / (time.perf_counter() - started)
-
-    train(loop.batch_size * 2, 0)  # warm-up (two batches): allocator, cuDNN autotuning, lazy imports
-    rates = {"train": train(train_count, 1)}
-    evaluate(eval_tuples[:loop.batch_size])
-    rates["eval"] = evaluate(eval_tuples)
-    return rates
 
 
 def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
@@ -127,7 +51,7 @@ def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
     state.accumulation = -(-env.batch_size // env.micro_batch)
     rates = time_train_and_eval(state, loop, batches * env.batch_size, eval_tuples)
     end_to_end, eval_rate = rates["train"], rates["eval"]
-    alone = _model_alone_rate(state, cfg, env, batches, slots)
+    alone = model_alone_rate(state, cfg, env, batches, slots)
     single_ms, ensemble_ms = predictor_latency(state.model, cfg, cache, data, env.device)
     return {"cache_build_images_per_s": cache_build_rate(cache_images, env.workers, cfg.image_size) if cache_images else float("nan"),
             "train_tuples_per_s_end_to_end": end_to_end, "train_tuples_per_s_model_alone": alone,
@@ -137,21 +61,28 @@ def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
             "peak_memory_gb": peak_memory_gb(env.device)}
 
 
-def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) -> tuple[float, float]:
-    """predict.py's model path on one 100-image patient (25 per magnification), warm, best of N."""
-    by_mag = {m: data.rows[0][i].tolist() for i, m in enumerate(cfg.magnifications)}
-    fold_model = FoldModel(model.eval(), cfg, 0.5, Path("benchmark"))
-    timings = []
-    for models in ([fold_model], [fold_model] * 5):
-        predict_patient(models, cache, by_mag, device)  # warm-up
-        timings.append(min(predict_patient(models, cache, by_mag, device)["milliseconds"] for _ in range(repeats)))
-    return timings[0], timings[1]
-
-
-def peak_memory_gb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+def measure_frozen(cfg: Config, env, batches: int, fine_tune: dict) -> dict:
+    """--freeze-backbone: feature-cache build images/s (all four views of each), frozen
+    training and evaluation tuples/s, and the speed-up over fine-tuning the same encoder
+    (fine_tune: measure()'s rates, taken in the same run)."""
+    frozen = dataclasses.replace(cfg, freeze_backbone=True)
+    rows, data = synthetic_patients(n_patients=8, per_mag=25, mags=len(cfg.magnifications))
+    cache = np.random.default_rng(0).integers(0, 256, (len(rows), *frame_shape(cfg.image_size), 3), dtype=np.uint8)
+    images = ImageSource(cache, env.device)
+    state = new_fold_state(frozen, env, steps_per_epoch=batches, seed=0)
+    encoder = state.model.branches[0].backbone.eval()
+    started = time.perf_counter()
+    maps = encode_images(encoder, images, len(rows), batch=max(1, env.micro_batch * 4))
+    build = len(rows) / (time.perf_counter() - started)
+    loop = LoopSettings(FeatureSource(maps, images), data, StudyLoss(frozen, None), env.batch_size, env.amp_dtype,
+                        cfg.grad_clip)
+    rates = time_train_and_eval(state, loop, batches * env.batch_size * 4, evaluation_tuples(data)[0])
+    speeds = {"train_tuples_per_s_end_to_end": rates["train"], "eval_tuples_per_s": rates["eval"]}
+    return {"feature_cache_images_per_s": build, "frozen_train_tuples_per_s": rates["train"],
+            "frozen_eval_tuples_per_s": rates["eval"],
+            "frozen_speedup": rates["train"] / fine_tune["train_tuples_per_s_end_to_end"],
+            "feature_cache_gb_7909_images": maps.nbytes / len(rows) * FULL["images"] / 1e9,
+            "predicted_full_run_minutes_frozen": (predicted_full_run_s(frozen, speeds) + FULL["images"] / build) / 60}
 
 
 # ---------------------------------------------------------------- duration of a study
@@ -245,8 +176,8 @@ def quick_study_minutes(cfg: Config, env) -> float:
     mm = dataclasses.replace(experiment_config(cfg, "mmnet"), pretrained="off", pretrained_file="")
     state = new_fold_state(mm, env, steps_per_epoch=1, seed=0)
     small = dataclasses.replace(env, batch_size=4, micro_batch=4)
-    _model_alone_rate(state, mm, small, 1, len(mm.magnifications))  # warm-up
-    rate = _model_alone_rate(state, mm, small, 1, len(mm.magnifications))
+    model_alone_rate(state, mm, small, 1, len(mm.magnifications))  # warm-up
+    rate = model_alone_rate(state, mm, small, 1, len(mm.magnifications))
     speeds = {"train_tuples_per_s_end_to_end": rate, "eval_tuples_per_s": 3 * rate}
     return predicted_full_run_s(cfg, speeds) / 60
 
@@ -261,6 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=4, help="timed training batches")
     parser.add_argument("--cache-images", type=int, default=64, help="PNGs decoded for the cache rate")
     parser.add_argument("--output-dir", default="output")
+    parser.add_argument("--freeze-backbone", action="store_true", help="also measure the frozen-encoder mode")
     args = parser.parse_args(argv)
     cfg = Config(backbone=args.backbone, image_size=args.image_size, pretrained="off", device=args.device,
                  batch_size=args.batch, micro_batch=args.micro_batch)
@@ -268,6 +200,8 @@ def main(argv=None) -> int:
     configure_backends(env.device, deterministic=False)
     rates = measure(cfg, env, args.batches, args.cache_images)
     rates["predicted_full_run_minutes"] = predicted_full_run_s(cfg, rates) / 60
+    if args.freeze_backbone:
+        rates.update(measure_frozen(cfg, env, args.batches, rates))
     table = pd.DataFrame([{"metric": k, "value": round(v, 3)} for k, v in rates.items()])
     table.insert(0, "device", env.device_name)
     table.insert(1, "setting", f"{args.backbone} {args.image_size}px batch {env.batch_size} (micro {env.micro_batch}) amp {env.amp_dtype}")

@@ -107,11 +107,13 @@ class LiveReport:
     which imports no torch), so training never waits for plots. A fold that ends while the
     previous rewrite still runs is covered by the next one."""
 
-    def __init__(self, output_dir: str | Path):
-        self.output_dir = Path(output_dir)
+    def __init__(self, output_dir: str | Path, enabled: bool = True):
+        self.output_dir, self.enabled = Path(output_dir), enabled
         self.process: subprocess.Popen | None = None
 
     def refresh(self) -> None:
+        if not self.enabled:
+            return
         if self.process is not None and self.process.poll() is None:
             return  # still writing; the next fold's end starts a fresh one
         log_file = open(self.output_dir / "live_report.log", "w", encoding="utf-8")

@@ -90,8 +90,7 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
         if not any(len(r) for r in data.rows[0]):
             continue
         tuples, _ = evaluation_tuples(data)
-        images, mask = source.gather(tuples)
-        out = predict_views(fm.model, images, mask, "none", fm.cfg.tta == "on")
+        out = predict_views(fm.model, source.views(tuples, fm.model, fm.cfg.tta == "on"), "none")
         probs.append(float(out["prob"].mean()))
         weights.append(out["mag_weights"].mean(0).cpu().numpy())
         if "subtype_prob" in out:

@@ -18,6 +18,7 @@ from utils.checkpoint import ForeignRunError
 from utils.device import configure_backends, detect_env
 from utils.env import usable_cpus
 from utils.files import setup_logging
+from utils.features import attach_features
 from utils.fold import run_fold
 from utils.helpers import StopRequested, install_stop_handlers, stop_requested
 from utils import progress
@@ -44,7 +45,7 @@ def _init_worker(cfg, prepared, slots, log_file: str, jobs: int) -> None:
     torch.set_num_threads(max(1, usable_cpus() // jobs))
     env = detect_env(dataclasses.replace(cfg, device=device, workers=1))
     configure_backends(env.device, cfg.deterministic)  # a spawned process starts with torch's defaults
-    study = attach_images(cfg, prepared, env)  # the parent built the cache: this only maps it
+    study = attach_features(cfg, attach_images(cfg, prepared, env))  # the parent built both caches: mapped only
     _WORKER.update(cfg=cfg, study=study, slot=slot, pid=os.getpid())
 
 

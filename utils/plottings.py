@@ -14,8 +14,22 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from config import title_of
+from config import MAGNIFICATIONS
 from utils.metrics import patient_probabilities
+
+
+# How each experiment is named in figures and tables meant for readers.
+TITLES = {"mmnet": "MMNet", **{f"single_{m}x": f"Single {m}X" for m in MAGNIFICATIONS},
+          "simple_concat": "Concatenation of 4 magnifications", "pooled_single": "Single CNN, all magnifications pooled",
+          **{f"mmnet_no_{k}": f"MMNet without {v}" for k, v in (("spatial", "spatial attention"), (
+              "channel", "channel attention"), ("hierarchical", "hierarchical attention"), (
+              "fusion", "learned fusion (plain mean)"), ("msap", "multi-scale pooling"))},
+          "mmnet_ce_loss": "MMNet with cross-entropy loss"}
+
+
+def title_of(name: str) -> str:
+    """A reader's name of an experiment; names without an entry are shown as they are."""
+    return TITLES.get(name, name)
 
 
 def _figure(rows: int = 1, cols: int = 1, figsize=(6, 4), squeeze: bool = True):

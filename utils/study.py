@@ -12,6 +12,7 @@ from utils.checkpoint import ForeignRunError
 from utils.device import EnvInfo, empty_cache, is_out_of_memory
 from utils.files import RUN_LOG
 from utils import progress
+from utils.features import attach_features
 from utils.fold import is_finished, run_fold
 from utils.helpers import StopRequested, install_stop_handlers, stop_requested
 from utils.parallel import default_jobs, run_jobs
@@ -72,7 +73,7 @@ def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Stu
     """Train every selected experiment x fold; returns the study with its images attached
     and the number of failed folds. on_fold_end() is called after every fold (live report)."""
     install_stop_handlers()  # from here on SIGTERM/SIGINT stop after the current step, saved
-    study = attach_images(cfg, prepared, env)
+    study = attach_features(cfg, attach_images(cfg, prepared, env))  # maps instead of pixels when frozen
     names = selected_experiments(cfg)
     jobs = cfg.jobs or default_jobs(study.env.device)
     order = [(n, f) for n in names for f in range(cfg.folds * cfg.cv_repeats)]

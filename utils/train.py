@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from backbones import build_model
-from preprocess.augment import prepare_batch, test_views
 from preprocess.dataset import ImageSource, PatientImages
 from utils.checkpoint import FoldState
 from utils.device import empty_cache, is_out_of_memory
@@ -109,8 +108,7 @@ def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds
     total = torch.zeros(3, device=loop.source.device)
     for start in range(start_row, end, micro):
         stop = min(end, start + micro)
-        images, mask = loop.source.gather(plan.tuples[start:stop])
-        x = prepare_batch(images, state.model.norm_mean, state.model.norm_std, plan.generator, loop.jitter)
+        x, mask = loop.source.train_batch(plan.tuples[start:stop], state.model, plan.generator, loop.jitter)
         with amp_context(loop.source.device.type, loop.amp_dtype):
             output = state.model(x, mask)
         loss, parts = loop.loss_fn(output, labels_all[start:stop], subtypes_all[start:stop])
@@ -175,31 +173,30 @@ def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
 
 
 @torch.inference_mode()
-def predict_views(model, images: torch.Tensor, mask: torch.Tensor, amp_dtype: str, tta: bool) -> dict:
-    """Mean over test-time views of sigmoid, softmax and magnification weights of one batch of
-    uint8 tuples (B, M, H, W, 3): probabilities are averaged, not logits, so a view that is
-    very sure cannot outvote the others."""
+def predict_views(model, views, amp_dtype: str) -> dict:
+    """Mean over the (input, mask) views of one batch of sigmoid, softmax and magnification
+    weights: probabilities are averaged, not logits, so a view that is very sure cannot
+    outvote the others."""
     sums: dict[str, torch.Tensor] = {}
-    views = 0
-    for view in test_views(images, tta):
-        with amp_context(images.device.type, amp_dtype):
-            output = model(prepare_batch(view, model.norm_mean, model.norm_std, None), mask)
+    count = 0
+    for x, mask in views:
+        with amp_context(x.device.type, amp_dtype):
+            output = model(x, mask)
         parts = {"prob": torch.sigmoid(output.logits.float()), "mag_weights": output.mag_weights.float()}
         if output.subtype_logits is not None:
             parts["subtype_prob"] = torch.softmax(output.subtype_logits.float(), dim=-1)
         for key, value in parts.items():
             sums[key] = sums[key] + value if key in sums else value
-        views += 1
-    return {key: value / views for key, value in sums.items()}
+        count += 1
+    return {key: value / count for key, value in sums.items()}
 
 
-def _predict_batches(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
+def _predict_batches(model, source, tuples: np.ndarray, batch_size: int,
                      evaluation: tuple[str, bool]) -> dict[str, np.ndarray]:
     model.eval()
-    batches = []
-    for start in range(0, len(tuples), batch_size):
-        images, mask = source.gather(tuples[start:start + batch_size])
-        batches.append(predict_views(model, images, mask, *evaluation))
+    amp_dtype, tta = evaluation
+    batches = [predict_views(model, source.views(tuples[start:start + batch_size], model, tta), amp_dtype)
+               for start in range(0, len(tuples), batch_size)]
     result = {key: torch.cat([b[key] for b in batches]).cpu().numpy() for key in batches[0]}
     if not np.isfinite(result["prob"]).all():
         raise TrainingError("the model produced non-finite probabilities; not scoring them")

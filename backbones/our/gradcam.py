@@ -57,6 +57,17 @@ def cam_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, method: str 
     """
     cam_class = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}[method]
     model = model.float().eval()
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for param in frozen:  # a frozen encoder (--freeze-backbone) still has to pass gradients back
+        param.requires_grad_(True)
+    try:
+        return _cam_maps(model, x, mask, cam_class, target)
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
+
+
+def _cam_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cam_class, target: int) -> np.ndarray:
     slots, height, width = x.shape[1], x.shape[-2], x.shape[-1]
     maps = np.zeros((slots, height, width), dtype=np.float32)
     for slot in range(slots):

@@ -1,0 +1,54 @@
+"""--freeze-backbone: cached encoder maps stand in for the encoder exactly, the encoder never
+learns, and the cache is shared while its key holds and rebuilt when it changes."""
+import dataclasses
+
+import numpy as np
+import torch
+
+import utils.features as features
+from backbones import build_model
+from preprocess.dataset import evaluation_tuples, fold_split
+from tests.conftest import tiny_config, tiny_study
+from utils.train import new_fold_state, predict, train_one_epoch, EpochPlan, LoopSettings
+from utils.losses import StudyLoss
+
+
+def _frozen(tmp_path, demo_tree, demo_index, **overrides):
+    cfg = tiny_config(tmp_path, freeze_backbone=True, **overrides)
+    return cfg, features.attach_features(cfg, tiny_study(cfg, demo_tree, demo_index))
+
+
+def test_cached_maps_give_the_logits_of_the_encoder_on_the_fly(tmp_path, demo_tree, demo_index):
+    cfg, study = _frozen(tmp_path, demo_tree, demo_index)
+    assert isinstance(study.source, features.FeatureSource)
+    model = build_model(cfg).eval()
+    tuples, _ = evaluation_tuples(fold_split(study.index, study.usable, study.folds, 0, cfg)["test"])
+    cached = predict(model, study.source, tuples, 8, "none", tta=True)["prob"]
+    on_the_fly = predict(model, study.source.images, tuples, 8, "none", tta=True)["prob"]
+    assert np.allclose(cached, on_the_fly, atol=2e-3)  # fp16 maps: rounding only
+    assert cached.std() > 0  # not a constant output that would match anyway
+
+
+def test_no_gradient_reaches_the_frozen_encoder(tmp_path, demo_tree, demo_index):
+    cfg, study = _frozen(tmp_path, demo_tree, demo_index)
+    state = new_fold_state(cfg, study.env, steps_per_epoch=2, seed=0)
+    encoder = {n: p.detach().clone() for n, p in state.model.named_parameters() if "backbone" in n}
+    trained = {n: p.detach().clone() for n, p in state.model.named_parameters() if "backbone" not in n}
+    data = fold_split(study.index, study.usable, study.folds, 0, cfg)["train"]
+    tuples = np.array([[r[0][0], r[1][0], r[2][0], r[3][0]] for r in data.rows])
+    loop = LoopSettings(study.source, data, StudyLoss(cfg, None), 8, "none")
+    train_one_epoch(state, loop, EpochPlan(tuples, np.arange(len(tuples)), torch.Generator().manual_seed(0), 0))
+    after = dict(state.model.named_parameters())
+    assert all(torch.equal(after[n], p) and after[n].grad is None for n, p in encoder.items())
+    assert any(not torch.equal(after[n], p) for n, p in trained.items())  # the rest did learn
+
+
+def test_cache_is_shared_and_rebuilt_when_its_key_changes(tmp_path, demo_tree, demo_index, monkeypatch):
+    encoded, real = [], features.encode_images
+    monkeypatch.setattr(features, "encode_images", lambda *a, **k: encoded.append(1) or real(*a, **k))
+    cfg, study = _frozen(tmp_path, demo_tree, demo_index)
+    features.attach_features(dataclasses.replace(cfg, model="single", magnifications=(40,)), study)
+    assert len(encoded) == 1  # a second experiment reuses the maps
+    _frozen(tmp_path, demo_tree, demo_index, backbone="test_vit")
+    _frozen(tmp_path, demo_tree, demo_index, image_size=64)
+    assert len(encoded) == 3 and len(list((tmp_path / "cache").glob("features_*.npy"))) == 3
