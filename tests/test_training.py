@@ -65,7 +65,7 @@ def test_finished_fold_is_skipped_and_foreign_config_refused(tmp_path, demo_tree
     monkeypatch.setattr(fold_module, "train_one_epoch", lambda *a, **k: pytest.fail("retrained a finished fold"))
     assert _run(cfg, demo_tree, demo_index) == first
     with pytest.raises(ForeignRunError, match="--no-resume"):
-        _run(dataclasses.replace(cfg, lr=1e-3), demo_tree, demo_index)
+        _run(dataclasses.replace(cfg, lr=5e-4), demo_tree, demo_index)
 
 
 def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path, demo_tree, demo_index, monkeypatch):
