@@ -114,7 +114,7 @@ def test_two_worker_processes_give_the_one_worker_results(tmp_path):
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
         cmd = [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet,single_40x", "--backbone",
-               "test_resnet", "--jobs", str(jobs), "--gradcam-patients", "0", "--output-dir", str(out),
+               "test_resnet", "--jobs", str(jobs), "--gradcam-patients", "0", "--epochs", "1", "--output-dir", str(out),
                "--report-file", str(out / "R.md"), "--data-dir", str(tmp_path / "none"), "--no-live-report"]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:]

@@ -66,7 +66,7 @@ def measure_frozen(cfg: Config, env, batches: int, fine_tune: dict) -> dict:
     training and evaluation tuples/s, and the speed-up over fine-tuning the same encoder
     (fine_tune: measure()'s rates, taken in the same run)."""
     frozen = dataclasses.replace(cfg, freeze_backbone=True)
-    rows, data = synthetic_patients(n_patients=8, per_mag=25, mags=len(cfg.magnifications))
+    rows, data = synthetic_patients(n_patients=4, per_mag=25, mags=len(cfg.magnifications))
     cache = np.random.default_rng(0).integers(0, 256, (len(rows), *frame_shape(cfg.image_size), 3), dtype=np.uint8)
     images = ImageSource(cache, env.device)
     state = new_fold_state(frozen, env, steps_per_epoch=batches, seed=0)
