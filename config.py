@@ -72,7 +72,7 @@ class Config:
     shared_backbone: bool = False  # one backbone for all magnifications
     subtype_head: bool = True  # 8-class auxiliary head
     # --- optimisation
-    epochs: int = 12  # upper bound; early stopping may end sooner
+    epochs: int = 8  # the training budget (measured on real images, see the README); inner_val may stop sooner
     patience: int = 4  # epochs without inner-validation improvement (--model-selection inner_val)
     batch_size: int = 32  # tuples per optimizer step, the same on every device
     micro_batch: int = 0  # tuples per forward pass; 0 = from device memory (accumulation keeps the step)
