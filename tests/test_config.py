@@ -43,7 +43,7 @@ def test_every_option_has_help_text():
 
     comments = _field_comments()
     assert {f.name for f in dataclasses.fields(Config)} <= set(comments)
-    assert comments["epochs"].startswith("upper bound")
+    assert comments["epochs"].startswith("the training budget")
 
 
 def test_slot_labels_name_what_each_input_slot_holds():
