@@ -107,8 +107,9 @@ def test_killed_run_reruns_to_the_uninterrupted_result(tmp_path, sig, uninterrup
 def test_two_worker_processes_give_the_one_worker_results(tmp_path):
     """Jobs in parallel processes: same folds, seeds and results as one process.
 
-    Equality is to 1e-5, not bitwise: a worker gets half the CPU threads, and a different
-    number of threads sums floats in a different order. Every decision must be identical.
+    Equality is to 1e-4, not bitwise: a worker gets half the CPU threads, and a different
+    number of threads sums floats in a different order (measured: up to 2e-5 in a probability
+    after four test-time views). Every decision must be identical.
     """
     runs = {}
     for jobs in (1, 2):
@@ -123,7 +124,7 @@ def test_two_worker_processes_give_the_one_worker_results(tmp_path):
     for run in ("mmnet/fold0", "mmnet/fold1", "single_40x/fold0", "single_40x/fold1"):
         a = pd.read_csv(runs[1] / "runs" / run / "predictions.csv")
         b = pd.read_csv(runs[2] / "runs" / run / "predictions.csv")
-        pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5, rtol=0)
+        pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-4, rtol=0)
     one = pd.read_csv(runs[1] / "tables" / "per_fold.csv")
     two = pd.read_csv(runs[2] / "tables" / "per_fold.csv")
     pd.testing.assert_frame_equal(one, two)
