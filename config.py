@@ -23,6 +23,12 @@ SUBTYPE_NAMES = {
 }
 
 
+# Registered component names (backbones/fusion.py and backbones/mil.py register exactly these;
+# a test checks it). Here, not there, so that config and --help stay free of torch.
+FUSIONS = ("weighted", "mean", "concat", "gated", "attention", "cross_attention", "bilinear")
+MIL_AGGREGATORS = ("mean", "max", "attention", "gated_attention")
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem; main prints it as one line."""
 
@@ -38,7 +44,7 @@ class Config:
     dry_run: bool = False  # tiny end-to-end run on a data subset or demo data
     analyze_only: bool = False  # index, validate, analyse, folds; then stop
     report_only: bool = False  # rebuild tables/plots/report from output/ only
-    experiments: tuple = ()  # empty = every experiment in EXPERIMENTS
+    experiments: tuple = ()  # experiment and group names (default, fusion, mil, all); empty = default
     resume: bool = True  # skip finished folds, continue unfinished ones
     # --- protocol
     folds: int = 5  # outer cross-validation folds
@@ -51,7 +57,8 @@ class Config:
     # --- data
     image_size: int = 224  # short side of the resized frame; the 700x460 aspect is kept (224 -> 224x341)
     magnifications: tuple = MAGNIFICATIONS  # magnifications fed to the model
-    sample_mode: str = "tuple"  # tuple (one image per magnification) | pooled (single images)
+    sample_mode: str = "tuple"  # tuple (one image per magnification) | pooled (single images) | bag (MIL: many images of one patient)
+    bag_size: int = 16  # images per training bag of the MIL models, drawn from all magnifications; evaluation uses every image
     class_balanced: bool = True  # draw training patients with equal class mass
     max_patients: int = 0  # >0: use a class-balanced subset of patients (dry run)
     colour_jitter: float = 0.1  # brightness, contrast and saturation move by up to +-this; 0 = off
@@ -67,7 +74,7 @@ class Config:
     spatial_attention: bool = True  # sigmoid map over each backbone feature map
     channel_attention: bool = True  # gate per channel from pooled descriptors
     hierarchical_attention: bool = True  # 100X attends to 40X, 200X to both, 400X to all
-    cross_mag_fusion: bool = True  # off = plain mean over available magnifications
+    fusion: str = "weighted"  # how MMNet combines its magnification vectors: weighted | mean | concat | gated | attention | cross_attention | bilinear
     multiscale_pooling: bool = True  # off = global average pooling
     shared_backbone: bool = False  # one backbone for all magnifications
     subtype_head: bool = True  # 8-class auxiliary head
@@ -124,13 +131,29 @@ EXPERIMENTS: dict[str, dict] = {
     "mmnet_no_spatial": {"spatial_attention": False},
     "mmnet_no_channel": {"channel_attention": False},
     "mmnet_no_hierarchical": {"hierarchical_attention": False},
-    "mmnet_no_fusion": {"cross_mag_fusion": False},
+    "mmnet_no_fusion": {"fusion": "mean"},
     "mmnet_no_msap": {"multiscale_pooling": False},
     "mmnet_ce_loss": {"focal_gamma": 0.0},  # the same loss without focusing: the only change
 }
 BASELINES = ("single_40x", "single_100x", "single_200x", "single_400x", "simple_concat",
              "pooled_single")
 ABLATIONS = tuple(n for n in EXPERIMENTS if n.startswith("mmnet_"))
+DEFAULT_EXPERIMENTS = tuple(EXPERIMENTS)  # what `python main.py` runs
+# MMNet with each other fusion strategy ('mean' is also the ablation mmnet_no_fusion).
+FUSION_EXPERIMENTS = tuple(f"mmnet_fusion_{name}" for name in FUSIONS if name != "weighted")
+EXPERIMENTS.update({f"mmnet_fusion_{name}": {"fusion": name} for name in FUSIONS if name != "weighted"})
+MIL_EXPERIMENTS = tuple(f"mil_{name}" for name in MIL_AGGREGATORS)
+EXPERIMENTS.update({name: {"model": name, "sample_mode": "bag"} for name in MIL_EXPERIMENTS})
+# Groups that --experiments takes besides single names; every group holds its reference, mmnet.
+GROUPS = {"default": DEFAULT_EXPERIMENTS, "fusion": ("mmnet", *FUSION_EXPERIMENTS),
+          "mil": ("mmnet", *MIL_EXPERIMENTS), "all": tuple(EXPERIMENTS)}
+
+
+def expand_experiments(names) -> tuple:
+    """Group names replaced by their members, in order, each experiment once; empty = default."""
+    expanded = [member for name in (names or ("default",)) for member in GROUPS.get(name, (name,))]
+    return tuple(dict.fromkeys(expanded))
+
 
 # A dry run proves the whole pipeline end to end in minutes on a laptop CPU.
 DRY_RUN_OVERRIDES = {"folds": 2, "epochs": 2, "patience": 2, "image_size": 64,
@@ -166,10 +189,10 @@ class _OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-_CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "inner_val"), "tta": ("on", "off"), "sample_mode": ("tuple", "pooled"),
+_CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "inner_val"), "tta": ("on", "off"), "sample_mode": ("tuple", "pooled", "bag"), "fusion": FUSIONS,
             "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
             "device": ("auto", "cuda", "mps", "cpu")}
-_MINIMUM = {"folds": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
+_MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
             "warmup_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0,
@@ -186,6 +209,12 @@ def _field_comments() -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#(.+)$", source, re.M)}
 
 
+def _experiments_help() -> str:
+    groups = "; ".join(f"{name}: {'all of the above' if name == 'all' else ','.join(members)}"
+                       for name, members in GROUPS.items())
+    return f"comma list of experiments and groups (default: default). Groups: {groups}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(description="MMNet on BreakHis: analysis, folds, training, report.")
     comments = _field_comments()
@@ -197,8 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "magnifications":
             parser.add_argument(flag, type=_comma_list(int), default=None, help="comma list, e.g. 40,400")
         elif f.name == "experiments":
-            parser.add_argument(flag, type=_comma_list(str), default=None,
-                                help="comma list; default all: " + ",".join(EXPERIMENTS))
+            parser.add_argument(flag, type=_comma_list(str), default=None, help=_experiments_help())
         else:
             parser.add_argument(flag, type=type(f.default), default=None, choices=_CHOICES.get(f.name),
                                 help=f"{text} (default: {f.default!r})".strip())
@@ -220,9 +248,13 @@ def _problems(cfg: Config) -> list[str]:
             problems.append(problem("CFG004", name, f"'{getattr(cfg, name)}' is not one of {', '.join(choices)}"
                                     f"{closest(getattr(cfg, name), choices)}"))
     for name in cfg.experiments:
-        if name not in EXPERIMENTS:
-            problems.append(problem("CFG005", "experiments", f"unknown experiment '{name}'{closest(name, EXPERIMENTS)} "
-                                    f"(valid: {', '.join(EXPERIMENTS)})"))
+        if name not in EXPERIMENTS and name not in GROUPS:
+            problems.append(problem("CFG005", "experiments", f"unknown experiment or group '{name}'"
+                                    f"{closest(name, [*GROUPS, *EXPERIMENTS])} (groups: {', '.join(GROUPS)}; "
+                                    f"python main.py --help lists their members)"))
+    if (cfg.sample_mode == "bag") != cfg.model.startswith("mil_"):
+        problems.append(problem("CFG004", "sample_mode", f"'{cfg.sample_mode}' does not fit model '{cfg.model}': "
+                                "MIL models (mil_*) read bags (sample_mode bag), the others tuples or pooled images"))
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append(problem("CFG009", "tensorboard", "the tensorboard package is not installed: "
                                 "pip install tensorboard (or leave --tensorboard off)"))
@@ -238,7 +270,8 @@ def validate(cfg: Config) -> Config:
     if problems:
         raise ConfigError("\n".join(problems))
     # The hierarchy runs from low to high magnification whatever order the flag lists them in.
-    return dataclasses.replace(cfg, magnifications=tuple(sorted(set(cfg.magnifications))))
+    return dataclasses.replace(cfg, magnifications=tuple(sorted(set(cfg.magnifications))),
+                               experiments=expand_experiments(cfg.experiments))
 
 
 CONFIG_FILE = "config.yaml"  # the resolved configuration every run writes into its output folder

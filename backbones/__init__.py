@@ -23,8 +23,10 @@ _REGISTRY: dict[str, Callable] = {}
 class ModelOutput:
     logits: torch.Tensor  # (B,) malignant logit
     subtype_logits: Optional[torch.Tensor]  # (B, 8) or None without a subtype head
-    mag_weights: torch.Tensor  # (B, M) importance of each magnification (0 where missing)
+    mag_weights: Optional[torch.Tensor]  # (B, M) share of each magnification (0 where missing); None
+    # for a fusion whose magnifications mix inside the vector (concat, cross_attention, bilinear)
     attention_maps: Optional[torch.Tensor] = None  # (B, M, h, w) spatial attention, if any
+    instance_weights: Optional[torch.Tensor] = None  # (B, K) MIL: how much each image of the bag counted
 
 
 def register(name: str):
@@ -182,5 +184,5 @@ def magnification_backbones(cfg, count: int) -> tuple[nn.ModuleList, str]:
 
 # The registered models: importing them runs their @register decorators. They import the
 # names above from this package, so they come after them.
-from backbones import baseline_simple_concat, baseline_single  # noqa: E402,F401
+from backbones import baseline_simple_concat, baseline_single, mil  # noqa: E402,F401
 from backbones.our import model  # noqa: E402,F401

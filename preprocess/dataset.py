@@ -2,6 +2,8 @@
 
 A tuple is one image per magnification of one patient: a pairing, not a registered pyramid.
 Tuples are arrays of cache rows, shape (T, M), with -1 where a patient lacks a magnification.
+A bag (MIL models, sample_mode 'bag') is the same kind of array, (T, K): K images of one
+patient from every magnification, -1 in the slots it does not fill.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from config import SUBTYPES
+from config import MAGNIFICATIONS, SUBTYPES
 from preprocess.augment import prepare_batch, test_views
 
 log = logging.getLogger("mmnet")
@@ -35,14 +37,14 @@ def patient_images(index: pd.DataFrame, usable: np.ndarray, patients, magnificat
                    sample_mode: str = "tuple") -> PatientImages:
     """Group the usable cache rows of `patients` by magnification.
 
-    sample_mode 'pooled' treats every magnification as one pool (M = 1).
+    sample_mode 'pooled' and 'bag' treat every magnification as one pool (M = 1).
     """
     frame = index.assign(row=np.arange(len(index)))[usable]
     frame = frame[frame["patient"].isin(set(patients)) & frame["mag"].isin(magnifications)]
     ids, labels, subtypes, groups, rows = [], [], [], [], []
     for patient, part in frame.groupby("patient", sort=True):
         part = part.sort_values(["mag", "seq"])
-        if sample_mode == "pooled":
+        if sample_mode in ("pooled", "bag"):
             per_mag = [part["row"].to_numpy()]
         else:
             per_mag = [part.loc[part["mag"] == m, "row"].to_numpy() for m in magnifications]
@@ -102,6 +104,39 @@ def training_tuples(data: PatientImages, count: int, rng: np.random.Generator,
     return tuples, patients
 
 
+def training_bags(data: PatientImages, count: int, bag_size: int, rng: np.random.Generator,
+                  class_balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`count` bags of up to `bag_size` distinct images of one patient (every magnification
+    together), patients drawn as for tuples; a patient with fewer images fills fewer slots."""
+    patients = rng.choice(len(data), size=count, p=sampling_weights(data, class_balanced))
+    bags = np.full((count, bag_size), -1, dtype=np.int64)
+    for i, p in enumerate(patients):
+        rows = data.rows[p][0]
+        bags[i, :min(bag_size, len(rows))] = rng.choice(rows, size=min(bag_size, len(rows)), replace=False)
+    return bags, patients
+
+
+def evaluation_bags(data: PatientImages) -> tuple[np.ndarray, np.ndarray]:
+    """One bag per patient holding every image of it (padded with -1 to the largest patient)."""
+    width = max(len(rows[0]) for rows in data.rows)
+    bags = np.full((len(data), width), -1, dtype=np.int64)
+    for p, rows in enumerate(data.rows):
+        bags[p, :len(rows[0])] = rows[0]
+    return bags, np.arange(len(data))
+
+
+def training_samples(data: PatientImages, count: int, rng: np.random.Generator, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """An epoch's fresh random tuples, or bags for MIL models, and their patient positions."""
+    if cfg.sample_mode == "bag":
+        return training_bags(data, count, cfg.bag_size, rng, cfg.class_balanced)
+    return training_tuples(data, count, rng, cfg.class_balanced)
+
+
+def evaluation_samples(data: PatientImages, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic evaluation tuples, or one whole bag per patient for MIL models."""
+    return evaluation_bags(data) if cfg.sample_mode == "bag" else evaluation_tuples(data)
+
+
 def evaluation_tuples(data: PatientImages) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic tuples covering every image at least once.
 
@@ -117,12 +152,26 @@ def evaluation_tuples(data: PatientImages) -> tuple[np.ndarray, np.ndarray]:
     return np.array(tuples, dtype=np.int64).reshape(-1, len(data.rows[0])), np.array(owners)
 
 
-def tuples_per_epoch(data: PatientImages, requested: int) -> int:
-    """Default: as many tuples as it takes to show each training image about once."""
+def tuples_per_epoch(data: PatientImages, cfg) -> int:
+    """Default: as many tuples (or bags) as it takes to show each training image about once.
+    --tuples-per-epoch counts tuples of MMNet's four images: bags then get as many images."""
+    requested = cfg.tuples_per_epoch
+    if cfg.sample_mode == "bag":
+        images = requested * len(MAGNIFICATIONS) if requested else sum(len(rows[0]) for rows in data.rows)
+        return max(1, images // cfg.bag_size)
     if requested:
         return requested
     images = sum(len(r) for rows in data.rows for r in rows)
     return max(1, images // len(data.rows[0]))
+
+
+def samples_for(cfg, tuples: int) -> int:
+    """Samples in a step or pass of `tuples` (--batch-size, the micro-batch): that many tuples,
+    or the bags holding as many images as that many MMNet tuples, so a step of every model
+    sees about the same number of images and a pass fits the same memory."""
+    if cfg.sample_mode != "bag":
+        return tuples
+    return max(1, tuples * len(MAGNIFICATIONS) // cfg.bag_size)
 
 
 class ImageSource:
@@ -131,13 +180,16 @@ class ImageSource:
     `on_device` forces that path on or off (tests run it on the CPU).
     """
 
-    def __init__(self, cache: np.ndarray, device: str, on_device: bool | None = None):
+    def __init__(self, cache: np.ndarray, device: str, on_device: bool | None = None, mags: np.ndarray | None = None):
         self.device = torch.device(device)
         self.on_device = self.device.type != "cpu" if on_device is None else on_device
         self.images = _copy_to(cache, self.device) if self.on_device else cache  # else memmap: rows read on demand
+        # 1 + position in MAGNIFICATIONS of each cache row's magnification: the mask of a MIL bag
+        self.levels = None if mags is None else np.searchsorted(MAGNIFICATIONS, np.asarray(mags)) + 1
 
-    def gather(self, tuples: np.ndarray):
-        """uint8 (B, M, H, W, 3) on the device and float mask (B, M) of present images."""
+    def gather(self, tuples: np.ndarray, levels: bool = False):
+        """uint8 (B, M, H, W, 3) on the device and float mask (B, M): 1 where an image is
+        present, or with `levels` (models that read them, MIL) its magnification code; 0 where not."""
         if self.on_device:
             index = torch.from_numpy(tuples).to(self.device, non_blocking=True)
             mask = index >= 0
@@ -148,18 +200,30 @@ class ImageSource:
             batch = torch.from_numpy(flat).reshape(*tuples.shape, *flat.shape[1:])
         # Missing magnifications become black images; the mask keeps them out of the fusion.
         batch = batch * mask[..., None, None, None].to(batch.dtype)
-        return batch, mask.float()
+        return batch, self.slot_codes(tuples, mask) if levels else mask.float()
+
+    def slot_codes(self, tuples: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
+        """(B, K) float magnification codes of the present slots (0 where empty)."""
+        if self.levels is None:
+            raise ValueError("this model reads magnification codes: build the ImageSource with mags=")
+        codes = np.where(tuples >= 0, self.levels[np.where(tuples >= 0, tuples, 0)], 0)
+        return torch.from_numpy(codes).to(mask.device).float()
 
     def train_batch(self, tuples: np.ndarray, model, generator: torch.Generator, jitter: tuple):
         """The model's input for training: augmented, normalised images and the mask."""
-        images, mask = self.gather(tuples)
+        images, mask = self.gather(tuples, reads_levels(model))
         return prepare_batch(images, model.norm_mean, model.norm_std, generator, jitter), mask
 
     def views(self, tuples: np.ndarray, model, tta: bool):
         """The model's inputs for evaluation, one per test-time view (or the plain view)."""
-        images, mask = self.gather(tuples)
+        images, mask = self.gather(tuples, reads_levels(model))
         for view in test_views(images, tta):
             yield prepare_batch(view, model.norm_mean, model.norm_std, None), mask
+
+
+def reads_levels(model) -> bool:
+    """MIL models take each image's magnification code in the mask (backbones/mil.py)."""
+    return getattr(model, "reads_levels", False)
 
 
 def _copy_to(cache: np.ndarray, device: torch.device, rows: int = 512) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import EXPERIMENTS, Config, experiment_config
+from config import DEFAULT_EXPERIMENTS, GROUPS, Config, experiment_config
 from preprocess.dataset import ImageSource, evaluation_tuples, fold_split, tuples_per_epoch
 from preprocess.preprocess import frame_shape
 from utils.checkpoint import checkpoint_payload
@@ -82,12 +82,17 @@ def measure_frozen(cfg: Config, env, batches: int, fine_tune: dict) -> dict:
             "frozen_eval_tuples_per_s": rates["eval"],
             "frozen_speedup": rates["train"] / fine_tune["train_tuples_per_s_end_to_end"],
             "feature_cache_gb_7909_images": maps.nbytes / len(rows) * FULL["images"] / 1e9,
-            "predicted_full_run_minutes_frozen": (predicted_full_run_s(frozen, speeds) + FULL["images"] / build) / 60}
+            "predicted_full_run_minutes_frozen": (predicted_full_run_s(frozen, speeds) + FULL["images"] / build) / 60,
+            **{f"predicted_minutes_added_by_{group}_frozen": predicted_full_run_s(
+                frozen, speeds, [m for m in members if m != "mmnet"]) / 60 for group, members in GROUPS.items()}}
 
 
 # ---------------------------------------------------------------- duration of a study
 def sample_slots(cfg) -> int:
-    """Images per training sample: 1 for image-level models, M for tuple models."""
+    """Images per training sample: 1 for image-level models, M for tuple models, the bag size
+    for MIL models (whose evaluation samples are counted in bags' worth of images too)."""
+    if cfg.sample_mode == "bag":
+        return cfg.bag_size
     return 1 if cfg.model == "single" else len(cfg.magnifications)
 
 
@@ -98,7 +103,7 @@ def evaluation_samples(cfg, val_samples: int, test_samples: int) -> float:
     of several magnifications)."""
     views = 4 if cfg.tta == "on" else 1
     several = cfg.sample_mode == "tuple" and len(cfg.magnifications) > 1
-    plain = (len(cfg.magnifications) + (views > 1)) if several else 0
+    plain = len(cfg.magnifications) if several else 0  # the plain view itself is the first test-time view
     val = val_samples if cfg.model_selection == "inner_val" else 0
     return val + test_samples * (views + plain) / cfg.epochs
 
@@ -132,6 +137,14 @@ def measure_rates(cfg, study) -> dict:
     return rates
 
 
+def _evaluated(data, cfg) -> float:
+    """Evaluation samples of a split in training-sample units: tuples, or images / bag size
+    for MIL models (a test bag is a whole patient)."""
+    if cfg.sample_mode == "bag":
+        return sum(len(rows[0]) for rows in data.rows) / cfg.bag_size
+    return len(evaluation_tuples(data)[0])
+
+
 def predict_duration(cfg, study, names: list[str]) -> dict[str, float]:
     """Predicted seconds of one fold of each selected experiment at its full epoch budget."""
     rates = measure_rates(cfg, study)
@@ -139,9 +152,9 @@ def predict_duration(cfg, study, names: list[str]) -> dict[str, float]:
     for name in names:
         exp = experiment_config(cfg, name)
         split = fold_split(study.index, study.usable, study.folds, 0, exp)
-        train = tuples_per_epoch(split["train"], exp.tuples_per_epoch)
-        val = len(evaluation_tuples(split["val"])[0]) if "val" in split else 0
-        evals = evaluation_samples(exp, val, len(evaluation_tuples(split["test"])[0]))
+        train = tuples_per_epoch(split["train"], exp)
+        val = _evaluated(split["val"], exp) if "val" in split else 0
+        evals = evaluation_samples(exp, val, _evaluated(split["test"], exp))
         per_fold[name] = experiment_seconds(exp, train, evals, rates) / exp.folds
     total = sum(per_fold.values()) * cfg.folds * cfg.cv_repeats
     log.info("predicted duration: %.1f min for %d experiment(s) x %d folds x up to %d epochs "
@@ -150,8 +163,8 @@ def predict_duration(cfg, study, names: list[str]) -> dict[str, float]:
     return per_fold
 
 
-def predicted_full_run_s(cfg: Config, rates: dict) -> float:
-    """Every default experiment x 5 folds at the full epoch budget, from the measured rates.
+def predicted_full_run_s(cfg: Config, rates: dict, names=()) -> float:
+    """Every default experiment (or those named) x 5 folds at the full epoch budget, from the measured rates.
 
     Per fold 4/5 of the images are training patients (less the inner-validation share when
     an epoch is chosen on them) and 1/5 are tested.
@@ -161,7 +174,7 @@ def predicted_full_run_s(cfg: Config, rates: dict) -> float:
     val_images = outer * cfg.inner_val_fraction if cfg.model_selection == "inner_val" else 0.0
     train_images, test_images = outer - val_images, FULL["images"] / FULL["folds"]
     total = 0.0
-    for name in EXPERIMENTS:
+    for name in names or DEFAULT_EXPERIMENTS:
         exp = dataclasses.replace(experiment_config(cfg, name), folds=FULL["folds"])
         share = len(exp.magnifications) / 4 if exp.sample_mode == "tuple" else 1.0
         per_sample = sample_slots(exp)
@@ -200,6 +213,9 @@ def main(argv=None) -> int:
     configure_backends(env.device, deterministic=False)
     rates = measure(cfg, env, args.batches, args.cache_images)
     rates["predicted_full_run_minutes"] = predicted_full_run_s(cfg, rates) / 60
+    for group, members in GROUPS.items():  # what a group adds to a study that already has MMNet
+        rates[f"predicted_minutes_added_by_{group}"] = predicted_full_run_s(
+            cfg, rates, [m for m in members if m != "mmnet"]) / 60
     if args.freeze_backbone:
         rates.update(measure_frozen(cfg, env, args.batches, rates))
     table = pd.DataFrame([{"metric": k, "value": round(v, 3)} for k, v in rates.items()])
@@ -209,7 +225,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "benchmark.csv", index=False)
     print(markdown_table(table))
-    print(f"predicted full default run ({len(EXPERIMENTS)} experiments x 5 folds x {cfg.epochs} epochs, "
+    print(f"predicted full default run ({len(DEFAULT_EXPERIMENTS)} experiments x 5 folds x {cfg.epochs} epochs, "
           f"no early stop): {rates['predicted_full_run_minutes']:.1f} min on {env.device_name}")
     return 0
 

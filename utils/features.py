@@ -25,7 +25,7 @@ import torch
 from backbones import create_backbone, data_config
 from backbones.encoder import feature_map
 from preprocess.augment import TTA_FLIPS, prepare_batch
-from preprocess.dataset import ImageSource
+from preprocess.dataset import ImageSource, reads_levels
 from preprocess.preprocess import cache_key
 from utils.progress import steps
 
@@ -40,11 +40,12 @@ class FeatureSource:
         self.maps, self.images, self.device = maps, images, images.device
         self.on_device = isinstance(maps, torch.Tensor) and maps.device.type == self.device.type
 
-    def gather(self, tuples: np.ndarray):
-        return self.images.gather(tuples)
+    def gather(self, tuples: np.ndarray, levels: bool = False):
+        return self.images.gather(tuples, levels)
 
-    def _maps(self, tuples: np.ndarray, view: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, M, C, h, w) float maps of one view per image (zeros where a slot is empty)."""
+    def _maps(self, tuples: np.ndarray, view: torch.Tensor | int, levels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, M, C, h, w) float maps of one view per image (zeros where a slot is empty) and
+        the mask (magnification codes with `levels`, as ImageSource.gather)."""
         rows = torch.from_numpy(np.where(tuples >= 0, tuples, 0)).to(self.device)
         mask = torch.from_numpy(tuples >= 0).to(self.device)
         if self.on_device:
@@ -53,15 +54,15 @@ class FeatureSource:
             views = view.numpy() if isinstance(view, torch.Tensor) else view
             picked = torch.from_numpy(np.asarray(self.maps[rows.cpu().numpy(), views])).to(self.device)
         maps = picked.float() * mask[..., None, None, None]
-        return maps.contiguous(), mask.float()
+        return maps.contiguous(), self.images.slot_codes(tuples, mask) if levels else mask.float()
 
     def train_batch(self, tuples: np.ndarray, model, generator: torch.Generator, jitter: tuple):
         view = torch.randint(len(TTA_FLIPS), tuples.shape, generator=generator, device=generator.device)
-        return self._maps(tuples, view.cpu())
+        return self._maps(tuples, view.cpu(), reads_levels(model))
 
     def views(self, tuples: np.ndarray, model, tta: bool):
         for view in range(len(TTA_FLIPS) if tta else 1):
-            yield self._maps(tuples, view)
+            yield self._maps(tuples, view, reads_levels(model))
 
 
 def feature_key(cfg, cache_name: str) -> str:

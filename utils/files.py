@@ -19,6 +19,7 @@ REPORT_LOG = "report_only.log"  # the log of the last --report-only rebuild (run
 REPORT_FILE, HTML_REPORT, PROGRESS_FILE = "RUNPOD_OUTPUT.md", "report.html", "progress.json"
 GRADCAM_DIR = "gradcam"  # one .npz of Grad-CAM maps per explained patient
 MODELS_DIR = "models"  # the kept fold models: models/<experiment>/fold<k>.pt
+ATTENTION_FILE = "attention.csv"  # MIL models: each test image's attention, beside predictions.csv
 
 
 def model_file(output_dir: str | Path, experiment: str, fold: int) -> Path:

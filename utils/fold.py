@@ -20,15 +20,16 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-from config import slot_labels
-from preprocess.dataset import evaluation_tuples, fold_split, sampling_weights, training_tuples, tuples_per_epoch
+from preprocess.dataset import (evaluation_samples, fold_split, samples_for, sampling_weights, training_samples,
+                                tuples_per_epoch)
 from utils.device import empty_cache, is_out_of_memory
 from utils.checkpoint import (FoldState, checkpoint_payload, config_json, cpu_copy, finished_results,
                               reload_last, restore_from_disk)
 from utils.helpers import (BackgroundWriter, StopRequested, derived_seed, scalar_writer, seed_everything,
                            stop_requested)
 from utils import progress
-from utils.files import atomic_write_text, model_file
+from utils.evaluate import evaluation_batch, prediction_frame
+from utils.files import ATTENTION_FILE, atomic_write_text, model_file
 from utils.pipeline import folds_fingerprint
 from utils.losses import StudyLoss, binary_loss, subtype_class_weights
 from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
@@ -61,7 +62,7 @@ def _start_epoch(state: FoldState, run: FoldRun, count: int) -> EpochPlan:
     seed_everything(derived_seed(cfg.seed, fold, state.epoch))  # resumable: seeds depend on epoch only
     rng = np.random.default_rng(derived_seed(cfg.seed, fold, state.epoch, 1))
     gen = torch.Generator(device=run.study.env.device).manual_seed(derived_seed(cfg.seed, fold, state.epoch, 2))
-    tuples, owners = training_tuples(run.split["train"], count, rng, cfg.class_balanced)
+    tuples, owners = training_samples(run.split["train"], count, rng, cfg)
     if state.saved_rng:
         torch.set_rng_state(state.saved_rng["torch"])
         if "cuda" in state.saved_rng and run.study.env.device == "cuda":  # onto whichever GPU resumes
@@ -96,7 +97,7 @@ def _validate(state: FoldState, run: FoldRun, val_tuples, val_owners) -> dict:
     if val_tuples is None:
         return {}
     env = run.study.env
-    out = predict(state.model, run.study.source, val_tuples, env.micro_batch * 2, env.amp_dtype, tta=False)
+    out = predict(state.model, run.study.source, val_tuples, evaluation_batch(run.cfg, env), env.amp_dtype, tta=False)
     labels = run.split["val"].labels[val_owners]
     loss = binary_loss(run.cfg, torch.logit(torch.from_numpy(out["prob"]).double(), eps=1e-7),
                        torch.from_numpy(labels))
@@ -162,10 +163,10 @@ def _train_epochs(state: FoldState, run: FoldRun) -> None:
     loop = LoopSettings(run.study.source, run.split["train"],
                         StudyLoss(cfg, subtype_class_weights(run.split["train"].subtypes, sampling_weights(
                             run.split["train"], cfg.class_balanced))),
-                        env.batch_size, env.amp_dtype, cfg.grad_clip, (cfg.colour_jitter, cfg.stain_jitter),
+                        samples_for(cfg, env.batch_size), env.amp_dtype, cfg.grad_clip, (cfg.colour_jitter, cfg.stain_jitter),
                         stop_requested)
-    val_tuples, val_owners = evaluation_tuples(run.split["val"]) if "val" in run.split else (None, None)
-    count = tuples_per_epoch(run.split["train"], cfg.tuples_per_epoch)
+    val_tuples, val_owners = evaluation_samples(run.split["val"], cfg) if "val" in run.split else (None, None)
+    count = tuples_per_epoch(run.split["train"], cfg)
     while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
         plan = _start_epoch(state, run, count)
         try:
@@ -184,29 +185,11 @@ def _train_epochs(state: FoldState, run: FoldRun) -> None:
 
 
 def _predictions(state: FoldState, run: FoldRun, role: str) -> pd.DataFrame:
-    """One row per evaluation tuple of a split: identity, label, probabilities, weights."""
-    data, env = run.split[role], run.study.env
-    tuples, owners = evaluation_tuples(data)
-    tta = run.cfg.tta == "on"
-    out = predict(state.model, run.study.source, tuples, env.micro_batch * 2, env.amp_dtype, tta)
-    frame = pd.DataFrame({"patient": np.array(data.patients)[owners], "group": np.array(data.groups)[owners],
-                          "label": data.labels[owners], "subtype": data.subtypes[owners], "prob": out["prob"]})
-    for i in range(out.get("subtype_prob", np.zeros((0, 0))).shape[1]):
-        frame[f"p_sub_{i}"] = out["subtype_prob"][:, i]
-    labels = [label.lower() for label in slot_labels(run.cfg)]
-    for i, label in enumerate(labels):
-        frame[f"w_{label}"] = out["mag_weights"][:, i]
-    if role == "test" and len(labels) > 1:  # what each magnification contributes: mask it out
-        # Plain views, compared with the plain view of the whole tuple: a quarter of the cost of
-        # test-time views for a difference that needs no averaging over flips.
-        plain = out if not tta else predict(state.model, run.study.source, tuples, env.micro_batch * 2,
-                                            env.amp_dtype, False)
-        frame["prob_plain"] = plain["prob"]
-        for i, label in enumerate(labels):
-            masked = tuples.copy()
-            masked[:, i] = -1
-            frame[f"prob_without_{label}"] = predict(state.model, run.study.source, masked,
-                                                     env.micro_batch * 2, env.amp_dtype, False)["prob"]
+    """The split's prediction frame; the test fold's also magnification importance, and for
+    MIL models attention.csv (each test image's attention)."""
+    frame, attention = prediction_frame(state.model, run.study, run.cfg, run.split[role], role == "test")
+    if attention is not None and role == "test":
+        attention.to_csv(run.run_dir / ATTENTION_FILE, index=False)
     return frame
 
 
@@ -220,7 +203,7 @@ def _open_fold(cfg, study, experiment: str, fold: int, identity: dict) -> FoldRu
     run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
     run_dir.mkdir(parents=True, exist_ok=True)
     split = fold_split(study.index, study.usable, study.folds, fold, cfg)
-    steps = math.ceil(tuples_per_epoch(split["train"], cfg.tuples_per_epoch) / study.env.batch_size)
+    steps = math.ceil(tuples_per_epoch(split["train"], cfg) / samples_for(cfg, study.env.batch_size))
     return FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
                    lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold)),
                    scalar_writer(cfg, experiment, fold))

@@ -47,7 +47,8 @@ def folds_fingerprint(folds: pd.DataFrame, job: int | None = None) -> str:
 def attach_images(cfg: Config, study: Study, env: EnvInfo) -> Study:
     """Decoded-image cache (built once, then only mapped) placed where the model runs."""
     cache, usable = build_cache(study.index, study.data_dir, cfg.resolved_cache_dir(), cfg.image_size, env.workers)
-    return dataclasses.replace(study, env=env, source=ImageSource(cache, env.device), usable=usable)
+    return dataclasses.replace(study, env=env, source=ImageSource(cache, env.device, mags=study.index["mag"].to_numpy()),
+                               usable=usable)
 
 
 def prepare_output(cfg: Config, env: EnvInfo | None) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from config import ABLATIONS, BASELINES, EXPERIMENTS, parse_args
+from config import ABLATIONS, BASELINES, EXPERIMENTS, FUSION_EXPERIMENTS, MIL_EXPERIMENTS, parse_args
 from utils import plottings
 from utils.env import PROJECT_ROOT, get_base_path
 from utils.files import (GRADCAM_DIR, PROGRESS_FILE, REPORT_FILE, RUN_LOG, atomic_write_text, markdown_table,
@@ -20,8 +20,8 @@ from utils.files import (GRADCAM_DIR, PROGRESS_FILE, REPORT_FILE, RUN_LOG, atomi
 from utils.html_report import write_html_report
 from utils.report_text import header_lines, protocol_text, read_text_file, results_key
 from utils.tables import (calibrated_patients, calibration_table, comparison_table, fold_table, fusion_weights,
-                          load_runs, magnification_importance, per_fold_table, statistics, subtype_tables,
-                          timing_table, validation_threshold_table)
+                          load_runs, magnification_importance, magnification_weights, per_fold_table, statistics,
+                          subtype_tables, timing_table, validation_threshold_table)
 
 log = logging.getLogger("mmnet")
 
@@ -32,14 +32,32 @@ def _comparison_values(stats: pd.DataFrame, experiments, level: str) -> pd.DataF
     return part.round(5)
 
 
+# Families of the paired comparison with MMNet, one results table each (Holm within a family).
+FAMILIES = {"main": BASELINES, "ablation": ABLATIONS, "fusion": FUSION_EXPERIMENTS, "mil": MIL_EXPERIMENTS}
+GROUP_TITLES = {"fusion": "Fusion strategies (patient level; MMNet's own is 'weighted')",
+                "mil": "MIL aggregators over all of a patient's images (patient level; a bag is a patient, "
+                       "so there is no per-sample level)"}
+
+
+def _group_entries(stats: pd.DataFrame, runs: dict) -> list[tuple]:
+    """A comparison table per experiment group that has finished folds besides MMNet."""
+    entries = []
+    for family, title in GROUP_TITLES.items():
+        members = ["mmnet", *FAMILIES[family]]
+        if any(name in runs for name in FAMILIES[family]):
+            entries.append((title, f"{family}_comparison", comparison_table(stats, members, "patient"), True))
+    return entries
+
+
 def write_tables(runs: dict, cfg, tables: Path) -> dict:
     """Every results table under tables/ (CSV, Markdown, booktabs LaTeX where a paper would
     use it); returns the ones the report shows, by title."""
-    stats = statistics(runs, cfg.bootstrap_samples, cfg.seed, {"main": BASELINES, "ablation": ABLATIONS})
+    stats = statistics(runs, cfg.bootstrap_samples, cfg.seed, FAMILIES)
     stats.round(5).to_csv(tables / "statistics.csv", index=False)
     main, ablation = ["mmnet", *BASELINES], ["mmnet", *ABLATIONS]
     for file, members, level in (("main_comparison", main, "patient"), ("main_comparison_tuple", main, "tuple"),
-                                 ("ablation", ablation, "patient")):
+                                 ("ablation", ablation, "patient"), ("fusion_comparison", ["mmnet", *FUSION_EXPERIMENTS], "patient"),
+                                 ("mil_comparison", ["mmnet", *MIL_EXPERIMENTS], "patient")):
         _comparison_values(stats, members, level).to_csv(tables / f"{file}_values.csv", index=False)
     recall, head = subtype_tables(runs)
     entries = [  # (title, file, table, LaTeX too)
@@ -47,6 +65,7 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
         ("Per-sample level (a tuple of 4 images for MMNet, 1 image for single-magnification models: not compared)",
          "main_comparison_tuple", comparison_table(stats, main, "tuple"), True),
         ("Ablations (patient level)", "ablation", comparison_table(stats, ablation, "patient"), True),
+        *_group_entries(stats, runs),
         ("Per fold (patient level)", "per_fold", per_fold_table(runs), True),
         ("Per-subtype recall of the binary decision (patients correct/total)", "subtype_recall", recall, True),
         ("Subtype head (patient level, fold mean ± sd)", "subtype_head", head, True)]
@@ -55,6 +74,11 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
                      "magnification_importance", magnification_importance(runs["mmnet"]), True),
                     ("MMNet fusion weights (after hierarchical attention; how the fused vector is formed, not a "
                      "contribution)", "fusion_weights", fusion_weights(runs["mmnet"]), False)]
+    weights = magnification_weights(runs)
+    if len(weights) > 1 or (len(weights) and "mmnet" not in runs):
+        entries.append(("Magnification weights of every model that forms a weighted sum (test samples, fold mean; "
+                        "MIL: the share of attention on each magnification's images)", "magnification_weights",
+                        weights, False))
     secondary = validation_threshold_table(runs)
     if len(secondary):  # only runs that held inner-validation patients out (--model-selection inner_val)
         entries.append(("Secondary: decisions at the validation-chosen threshold (patient level, fold mean ± sd)",
@@ -180,8 +204,9 @@ def write_report(cfg, live: bool = False) -> int:
         return 0
     log.info("main comparison (patient level; all columns in the report):\n%s",
              _console(shown["Main comparison (patient level)"]))
-    if len(shown["Ablations (patient level)"]) > 1:
-        log.info("ablations (patient level):\n%s", _console(shown["Ablations (patient level)"]))
+    for title in ["Ablations (patient level)", *GROUP_TITLES.values()]:
+        if title in shown and len(shown[title]) > 1:
+            log.info("%s:\n%s", title.split(" (")[0].lower(), _console(shown[title]))
     # Logged before the Markdown is written, so the report's log section is the whole run log
     # and a --report-only rebuild (which logs elsewhere) reproduces it exactly.
     log.info("report: %s and %s (tables in %s, plots in %s)", ", ".join(map(str, report_paths(cfg))),

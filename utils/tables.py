@@ -221,6 +221,18 @@ def fusion_weights(run: dict) -> pd.DataFrame:
     return _with_summary(pd.DataFrame(rows))
 
 
+def magnification_weights(runs: dict) -> pd.DataFrame:
+    """Per experiment whose model gives magnification weights (w_ columns, more than one):
+    the mean weight of each magnification over every fold's test samples."""
+    rows = []
+    for name, run in runs.items():
+        frames = [frame[[c for c in frame.columns if c.startswith("w_")]] for frame in run["predictions"]]
+        if frames and frames[0].shape[1] > 1:
+            means = pd.concat([f.mean() for f in frames], axis=1).mean(axis=1)
+            rows.append({"experiment": name, **{k.removeprefix("w_").upper(): round(v, 4) for k, v in means.items()}})
+    return pd.DataFrame(rows)
+
+
 def validation_threshold_table(runs: dict) -> pd.DataFrame:
     """Secondary: patient-level decisions at the threshold each fold chose on its inner
     validation patients (the primary rule is 0.5), fold mean ± sd."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from backbones import build_model
-from preprocess.dataset import ImageSource, PatientImages
+from preprocess.dataset import ImageSource, PatientImages, samples_for
 from utils.checkpoint import FoldState
 from utils.device import empty_cache, is_out_of_memory
 from utils.helpers import seed_everything
@@ -95,7 +95,7 @@ def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
                                int(cfg.warmup_epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(env.device, enabled=env.amp_dtype == "float16")
     return FoldState(model, optimizer, scheduler, scaler, history=[],
-                     accumulation=math.ceil(env.batch_size / env.micro_batch))
+                     accumulation=math.ceil(samples_for(cfg, env.batch_size) / samples_for(cfg, env.micro_batch)))
 
 
 def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds: tuple) -> torch.Tensor:
@@ -174,21 +174,25 @@ def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
 
 @torch.inference_mode()
 def predict_views(model, views, amp_dtype: str) -> dict:
-    """Mean over the (input, mask) views of one batch of sigmoid, softmax and magnification
-    weights: probabilities are averaged, not logits, so a view that is very sure cannot
-    outvote the others."""
+    """Mean over the (input, mask) views of one batch of sigmoid, softmax, magnification and
+    image weights (those the model gives): probabilities are averaged, not logits, so a view
+    that is very sure cannot outvote the others. 'prob_plain' is the first (plain) view's."""
     sums: dict[str, torch.Tensor] = {}
-    count = 0
+    count, plain = 0, None
     for x, mask in views:
         with amp_context(x.device.type, amp_dtype):
             output = model(x, mask)
-        parts = {"prob": torch.sigmoid(output.logits.float()), "mag_weights": output.mag_weights.float()}
+        parts = {"prob": torch.sigmoid(output.logits.float())}
+        for key, value in (("mag_weights", output.mag_weights), ("instance_weights", output.instance_weights)):
+            if value is not None:
+                parts[key] = value.float()
         if output.subtype_logits is not None:
             parts["subtype_prob"] = torch.softmax(output.subtype_logits.float(), dim=-1)
+        plain = parts["prob"] if plain is None else plain
         for key, value in parts.items():
             sums[key] = sums[key] + value if key in sums else value
         count += 1
-    return {key: value / count for key, value in sums.items()}
+    return {**{key: value / count for key, value in sums.items()}, "prob_plain": plain}
 
 
 def _predict_batches(model, source, tuples: np.ndarray, batch_size: int,

@@ -1,13 +1,13 @@
 """MMNet: a timm backbone per magnification, attention inside each branch, attention across
-magnifications, learned fusion, binary and subtype heads. Every component is a flag."""
+magnifications, fusion by name, binary and subtype heads. Every component is a flag."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from backbones import ModelOutput, StudyModel, feature_map, magnification_backbones, map_channels, register
-from backbones.our.modules import (ChannelAttention, CrossMagnificationFusion,
-                                   HierarchicalMagnificationAttention, MultiScaleAttentionPool,
+from backbones.fusion import create_fusion
+from backbones.our.modules import (ChannelAttention, HierarchicalMagnificationAttention, MultiScaleAttentionPool,
                                    SpatialAttention)
 
 
@@ -40,7 +40,7 @@ class MMNet(StudyModel):
                                 cfg.multiscale_pooling) for b in backbones])
         self.hierarchy = (HierarchicalMagnificationAttention(cfg.feature_dim, len(backbones))
                           if cfg.hierarchical_attention else None)
-        self.fusion = CrossMagnificationFusion(cfg.feature_dim, len(backbones), cfg.cross_mag_fusion)
+        self.fusion = create_fusion(cfg.fusion, cfg.feature_dim, len(backbones))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> ModelOutput:
         """x: (B, M, 3, H, W) normalised images; mask: (B, M), 1 where the image exists."""

@@ -1,5 +1,5 @@
 """MMNet building blocks: spatial and channel attention, multi-scale attention pooling,
-hierarchical magnification attention, cross-magnification fusion."""
+hierarchical magnification attention (fusion strategies: backbones/fusion.py)."""
 from __future__ import annotations
 
 import torch
@@ -117,25 +117,3 @@ class HierarchicalMagnificationAttention(nn.Module):
             context = self._attend(z[:, level], below, mask[:, :level])
             refined.append(self.norm(z[:, level] + self.out(context)))
         return torch.stack(refined, dim=1)
-
-
-class CrossMagnificationFusion(nn.Module):
-    """Per-sample softmax importance over magnifications (learned bias per magnification plus
-    a content score), masked where a magnification is missing. Off: plain mean of the present."""
-
-    def __init__(self, dim: int, count: int, enabled: bool = True):
-        super().__init__()
-        self.enabled = enabled
-        if enabled:  # no parameters at all when off: nothing that never receives a gradient
-            hidden = max(1, dim // 4)
-            self.score = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1, bias=False))
-            self.bias = nn.Parameter(torch.zeros(count))  # learned prior per magnification
-
-    def forward(self, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.enabled:
-            logits = self.score(z).squeeze(-1).float() + self.bias
-            weights = torch.softmax(logits.masked_fill(mask <= 0, float("-inf")), dim=-1)
-        else:
-            weights = mask / mask.sum(dim=-1, keepdim=True).clamp(min=1)
-        weights = torch.nan_to_num(weights, nan=0.0)  # a sample with no image at all: all zero
-        return (weights.to(z.dtype)[..., None] * z).sum(dim=1), weights
