@@ -102,7 +102,7 @@ class Config:
     checkpoint_minutes: float = 5.0  # write last.pt at most this often (and at a stop, and at a fold's end); 0 = every epoch
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
     bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
-    keep_models: str = "all"  # experiments whose fold models stay under output/models/: all | mmnet
+    keep_models: str = "all"  # experiments whose fold models stay under output/models/: all | mmnet (MMNet and the MIL models, whose Grad-CAM the report draws)
     live_report: bool = True  # rewrite report.html after every fold (in a separate process)
     tensorboard: bool = False  # per-epoch scalars under <output_dir>/tensorboard/<experiment>/fold<k> (pip install tensorboard)
 

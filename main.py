@@ -66,8 +66,8 @@ def run(cfg: Config) -> int:
             study, failed = run_study(cfg, prepared, env, live.refresh)  # every experiment x fold
         finally:
             live.wait()
-        if "mmnet" in (cfg.experiments or ("mmnet",)) and cfg.gradcam_patients:
-            write_gradcam_maps(cfg, study)                    # maps of chosen test patients
+        for name in explained_experiments(cfg):
+            write_gradcam_maps(cfg, study, name)              # maps of chosen test patients
         code = write_report(cfg)                              # tables, plots, RUNPOD_OUTPUT.md, report.html
         return 1 if failed else code
     except DeviceError as exc:
@@ -81,6 +81,13 @@ def run(cfg: Config) -> int:
         if logging.getLogger().handlers:  # also into run.log, once logging is set up
             log.error("%s", exc)
         return 2
+
+
+def explained_experiments(cfg: Config) -> list[str]:
+    """Grad-CAM figures: MMNet's, and each MIL model's (its patients' most-attended images)."""
+    if not cfg.gradcam_patients:
+        return []
+    return [name for name in cfg.experiments if name == "mmnet" or name.startswith("mil_")]
 
 
 def settle_device(cfg: Config):

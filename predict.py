@@ -25,9 +25,10 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 
 import numpy as np
 
-from preprocess.dataset import ImageSource, evaluation_tuples
+from preprocess.dataset import ImageSource, evaluation_samples
 from preprocess.preprocess import IMAGE_SUFFIXES, decode_resized, frame_shape, parse_name
-from utils.inference import ensemble_explanation, fold_checkpoints, load_fold_model, patient_data, predict_patient
+from utils.inference import (MIL_SHOWN, ensemble_explanation, fold_checkpoints, load_fold_model,
+                             magnification_of_rows, patient_data, predict_patient)
 from utils.plottings import patient_figure
 
 RESEARCH_ONLY = "research use only: not a diagnostic device and not validated for clinical decisions"
@@ -118,9 +119,13 @@ def predict_folder(models, folder: Path, cam: Path | None, device: str) -> dict:
               "images_used": {f"{m}X": len(rows) for m, rows in sorted(by_mag.items())},
               "skipped": skipped, "decode_ms": round(decode_ms, 1), "note": RESEARCH_ONLY}
     if cam is not None:
-        tuples, _ = evaluation_tuples(patient_data(by_mag, models[0].cfg))
+        tuples, _ = evaluation_samples(patient_data(by_mag, models[0].cfg), models[0].cfg)
         title = f"{folder.name}: ensemble of {len(models)} model(s)"
-        result["cam"] = str(patient_figure(ensemble_explanation(models, ImageSource(cache, device), tuples[0], title), cam))
+        source = ImageSource(cache, device, mags=magnification_of_rows(by_mag, len(cache)))
+        if models[0].cfg.sample_mode == "bag":  # MIL: the decision on the bag of the first images, drawn
+            tuples, title = tuples[:, :MIL_SHOWN], f"{title}, bag of its first {MIL_SHOWN} images"
+        explanation = ensemble_explanation(models, source, tuples[0], title)
+        result["cam"] = str(patient_figure(explanation, cam))
     return result
 
 

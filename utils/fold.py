@@ -263,7 +263,7 @@ def run_fold(cfg, study, experiment: str, fold: int) -> dict:
     # A finished fold is skipped on restart: only its model is needed from now on (kept under
     # models/), and last.pt (weights + optimizer, ~0.5 GB for four resnet18s) would fill a disk.
     (run.run_dir / "last.pt").unlink(missing_ok=True)
-    if cfg.keep_models == "all" or experiment == "mmnet":
+    if cfg.keep_models == "all" or experiment == "mmnet" or cfg.sample_mode == "bag":
         kept = model_file(cfg.output_dir, experiment, fold)
         kept.parent.mkdir(parents=True, exist_ok=True)
         os.replace(run.run_dir / "best.pt", kept)

@@ -14,10 +14,10 @@ import torch
 
 from backbones import build_model
 from backbones.our.gradcam import attention_maps, cam_maps
-from config import SUBTYPE_NAMES, SUBTYPES, Config, slot_labels
+from config import MAGNIFICATIONS, SUBTYPE_NAMES, SUBTYPES, Config, slot_labels
 from preprocess.augment import prepare_batch
-from preprocess.dataset import ImageSource, PatientImages, evaluation_tuples, fold_split
-from utils.files import GRADCAM_DIR, MODELS_DIR, run_folder
+from preprocess.dataset import ImageSource, PatientImages, evaluation_samples, evaluation_tuples, fold_split, reads_levels
+from utils.files import ATTENTION_FILE, GRADCAM_DIR, MODELS_DIR, run_folder
 from utils.helpers import load_checkpoint
 from utils.metrics import DECISION_THRESHOLD, patient_probabilities
 from utils.progress import steps
@@ -70,11 +70,19 @@ def fold_checkpoints(output_dir: str | Path, experiment: str = "mmnet") -> list[
 
 def patient_data(images_by_mag: dict[int, list[int]], cfg: Config) -> PatientImages:
     """One patient's cache rows as PatientImages in the model's magnification layout."""
-    if cfg.sample_mode == "pooled":
+    if cfg.sample_mode in ("pooled", "bag"):
         rows = [np.array(sorted(r for m in cfg.magnifications for r in images_by_mag.get(m, [])))]
     else:
         rows = [np.array(images_by_mag.get(m, []), dtype=np.int64) for m in cfg.magnifications]
     return PatientImages(["patient"], np.zeros(1, np.int64), np.zeros(1, np.int64), ["0"], [rows])
+
+
+def magnification_of_rows(images_by_mag: dict[int, list[int]], rows: int) -> np.ndarray:
+    """The magnification of each cache row (what MIL models read for their embedding)."""
+    mags = np.full(rows, 40)
+    for mag, members in images_by_mag.items():
+        mags[list(members)] = mag
+    return mags
 
 
 @torch.no_grad()
@@ -82,17 +90,18 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
                     device: str = "cpu") -> dict:
     """Mean over tuples (each the mean of its test-time views, as in evaluation), then over fold
     models: probability, subtypes, magnification weights."""
-    source = ImageSource(cache, device)
+    source = ImageSource(cache, device, mags=magnification_of_rows(images_by_mag, len(cache)))
     probs, subtypes, weights, tuples_used = [], [], [], 0
     started = time.perf_counter()
     for fm in models:
         data = patient_data(images_by_mag, fm.cfg)
         if not any(len(r) for r in data.rows[0]):
             continue
-        tuples, _ = evaluation_tuples(data)
+        tuples, _ = evaluation_samples(data, fm.cfg)
         out = predict_views(fm.model, source.views(tuples, fm.model, fm.cfg.tta == "on"), "none")
         probs.append(float(out["prob"].mean()))
-        weights.append(out["mag_weights"].mean(0).cpu().numpy())
+        if "mag_weights" in out:
+            weights.append(out["mag_weights"].mean(0).cpu().numpy())
         if "subtype_prob" in out:
             subtypes.append(out["subtype_prob"].mean(0).cpu().numpy())
         tuples_used += len(tuples)
@@ -105,7 +114,8 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
               "model_probabilities": [round(p, 4) for p in probs],
               "probability_sd": round(float(np.std(probs)), 4),
               "threshold": round(float(np.mean([m.threshold for m in models])), 4),
-              "magnification_weights": dict(zip(slot_labels(models[0].cfg), np.mean(weights, 0).astype(float).round(4).tolist())),
+              "magnification_weights": dict(zip(slot_labels(models[0].cfg), np.mean(weights, 0).astype(float).round(4).tolist()))
+              if weights else None,
               "tuples_per_model": tuples_used // len(probs), "models": len(probs),
               "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
     if subtypes:
@@ -116,31 +126,38 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
 
 
 def tuple_inputs(model: torch.nn.Module, source: ImageSource, tuple_rows: np.ndarray):
-    """Normalised (1, M, 3, H, W) input, mask and the raw uint8 images of one tuple."""
-    images, mask = source.gather(tuple_rows[None])
+    """Normalised (1, M, 3, H, W) input, mask and the raw uint8 images of one tuple (or bag)."""
+    images, mask = source.gather(tuple_rows[None], reads_levels(model))
     return prepare_batch(images, model.norm_mean, model.norm_std, None), mask, images[0].cpu().numpy()
 
 
 def explain_tuple(fm: FoldModel, source: ImageSource, tuple_rows: np.ndarray, title: str,
-                  target: int | None = None) -> dict:
+                  target: int | None = None, labels: list[str] | None = None) -> dict:
     """Images, Grad-CAM of the predicted class (or of `target`) and spatial attention of one
-    tuple, with the caption facts (probability, threshold, magnification weights)."""
+    tuple (or bag: `labels` name its images), with the caption facts (probability, threshold,
+    magnification weights)."""
     x, mask, raw = tuple_inputs(fm.model, source, tuple_rows)
     attention, prob, weights = attention_maps(fm.model, x, mask)
     target = int(prob >= fm.threshold) if target is None else target
-    labels = slot_labels(fm.cfg)
+    labels = labels or (image_labels(source, tuple_rows) if reads_levels(fm.model) else slot_labels(fm.cfg))
     explanation = {"images": raw, "present": mask[0].cpu().numpy() > 0,
                    "cams": cam_maps(fm.model, x, mask, "gradcam", target=target),
-                   "labels": np.array(labels), "title": np.array(_caption(title, prob, fm.threshold, labels, weights)),
+                   "labels": np.array(labels), "title": np.array(_caption(title, prob, fm.threshold, slot_labels(fm.cfg), weights)),
                    "prob": np.array(prob), "weights": np.asarray(weights, dtype=float)}
     if attention is not None:
         explanation["attention"] = attention
     return explanation
 
 
+def image_labels(source: ImageSource, rows: np.ndarray) -> list[str]:
+    """'40X'.. per image of a MIL bag (from the magnification codes the source holds)."""
+    return [f"{MAGNIFICATIONS[code - 1]}X" for code in source.levels[rows]]
+
+
 def _caption(title: str, prob: float, threshold: float, labels, weights) -> str:
     target = "malignant" if prob >= threshold else "benign"
-    weights_text = ", ".join(f"{label} {w:.2f}" for label, w in zip(labels, weights))
+    weights_text = ", ".join(f"{label} {w:.2f}" for label, w in zip(labels, weights)) if len(weights) else \
+        "none (this fusion mixes the magnifications inside its vector)"
     return (f"{title}\nP(malignant) {prob:.2f} at threshold {threshold:.2f} -> {target} "
             f"(Grad-CAM of that class) | weights {weights_text}")
 
@@ -158,7 +175,7 @@ def ensemble_explanation(models: list[FoldModel], source: ImageSource, tuple_row
             merged[key] = np.mean([p[key] for p in parts], axis=0)
     merged["prob"] = np.array(prob)
     merged["title"] = np.array(_caption(f"{title} (maps averaged over the models)", prob, threshold,
-                                        [str(v) for v in merged["labels"]], merged["weights"]))
+                                        slot_labels(models[0].cfg), merged["weights"]))
     return merged
 
 
@@ -175,12 +192,30 @@ def choose_cases(predictions: pd.DataFrame, threshold: float, count: int) -> lis
     return cases[:count]
 
 
+MIL_SHOWN, MIL_CONTEXT = 4, 64  # images drawn per MIL patient; most-attended images the maps are taken in
+
+
+def _mil_explanation(fm: FoldModel, source, run_dir: Path, patient: str, title: str) -> dict:
+    """A MIL patient: Grad-CAM of the patient's decision on its most-attended images (the bag
+    of its MIL_CONTEXT most attended images, so memory stays bounded), the top MIL_SHOWN drawn."""
+    attention = pd.read_csv(run_dir / ATTENTION_FILE)
+    top = attention[attention["patient"] == patient].sort_values("rank").head(MIL_CONTEXT)
+    labels = [f"{m}X, attention {a:.2f}" for m, a in zip(top["mag"], top["attention"])]
+    explanation = explain_tuple(fm, source, top["row"].to_numpy(), f"{title}, its {min(len(top), MIL_SHOWN)} most "
+                                f"attended of {len(attention[attention['patient'] == patient])} images", labels=labels)
+    keep = slice(0, MIL_SHOWN)
+    for key in ("images", "present", "cams", "labels"):
+        explanation[key] = explanation[key][keep]
+    return explanation
+
+
 def write_gradcam_maps(cfg: Config, study, experiment: str = "mmnet") -> list[Path]:
-    """Per fold: maps of the TP / TN / FP / FN test patients (as available), one .npz each.
-    A fold whose maps are newer than its model keeps them (a rerun of a finished study)."""
+    """Per fold: maps of the TP / TN / FP / FN test patients (as available), one .npz each;
+    for MIL models the patient's most-attended images. A fold whose maps are newer than its
+    model keeps them (a rerun of a finished study)."""
     written, maps_dir = [], Path(cfg.output_dir) / GRADCAM_DIR
     checkpoints = fold_checkpoints(cfg.output_dir, experiment)
-    for checkpoint in steps(checkpoints, "Grad-CAM", len(checkpoints)):
+    for checkpoint in steps(checkpoints, f"Grad-CAM {experiment}", len(checkpoints)):
         fold = _fold_of(checkpoint)
         kept = list(maps_dir.glob(f"{experiment}_fold{fold}_*.npz"))
         if kept and min(p.stat().st_mtime for p in kept) >= checkpoint.stat().st_mtime:
@@ -189,15 +224,20 @@ def write_gradcam_maps(cfg: Config, study, experiment: str = "mmnet") -> list[Pa
         for stale in kept:
             stale.unlink()
         fm = load_fold_model(checkpoint, str(study.source.device))
-        predictions = pd.read_csv(run_folder(cfg.output_dir, experiment, fold) / "predictions.csv")
+        run_dir = run_folder(cfg.output_dir, experiment, fold)
+        predictions = pd.read_csv(run_dir / "predictions.csv")
         test = fold_split(study.index, study.usable, study.folds, fold, fm.cfg)["test"]
         tuples, owners = evaluation_tuples(test)
         for case, patient in choose_cases(predictions, fm.threshold, cfg.gradcam_patients):
-            first = tuples[owners == test.patients.index(patient)][0]
             label = "malignant" if test.labels[test.patients.index(patient)] else "benign"
-            path = Path(cfg.output_dir) / GRADCAM_DIR / f"{experiment}_fold{fold}_{case}_{patient}.npz"
+            title = f"{patient} ({label}, {case}, fold {fold})"
+            if fm.cfg.sample_mode == "bag":
+                explanation = _mil_explanation(fm, study.source, run_dir, patient, title)
+            else:
+                explanation = explain_tuple(fm, study.source, tuples[owners == test.patients.index(patient)][0], title)
+            path = maps_dir / f"{experiment}_fold{fold}_{case}_{patient}.npz"
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(path, **explain_tuple(fm, study.source, first, f"{patient} ({label}, {case}, fold {fold})"))
+            np.savez_compressed(path, **explanation)
             written.append(path)
-    log.info("Grad-CAM: maps of %d patient(s) in %s", len(written), Path(cfg.output_dir) / GRADCAM_DIR)
+    log.info("Grad-CAM: maps of %d patient(s) in %s", len(written), maps_dir)
     return written

@@ -121,6 +121,10 @@ def write_plots(runs: dict, stats, out: Path) -> list[tuple[Path, str]]:
              "Drop in MMNet's patient AUC when one magnification is masked out of every test tuple.")]
         figures = [(path, caption) for path, caption in figures if path is not None]  # nothing to draw
     for path in plottings.gradcam_figures(out / GRADCAM_DIR, plots / "gradcam"):
+        if path.stem.startswith("mil_"):
+            figures.append((path, f"MIL: the most-attended images of test patient case '{path.stem}' with the "
+                                  f"Grad-CAM of the patient's decision on each (colour bar: 0 to 1)."))
+            continue
         figures.append((path, f"Grad-CAM of the predicted class and spatial attention, one tuple of test "
                               f"patient case '{path.stem}' (colour bars give the scale; 0 to 1 for both)."))
     return figures

@@ -49,6 +49,21 @@ class BranchView(nn.Module):
         return out.logits[:, None]  # (N, 1): the malignant logit
 
 
+class BagView(nn.Module):
+    """One-tensor forward for a MIL bag: its images are the batch (so the target layer's maps
+    are theirs, one per image) and every output row is the bag's logit: each image's Grad-CAM
+    then explains the patient's decision, not a prediction of its own."""
+
+    def __init__(self, model: nn.Module, codes: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("codes", codes.detach())  # (1, k) magnification codes of the images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images[None], self.codes)
+        return out.logits.expand(images.shape[0])[:, None]
+
+
 def cam_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, method: str = "gradcam",
              target: int = 1) -> np.ndarray:
     """(M, H, W) maps in [0, 1] at input size, one per present magnification (zeros if absent).
@@ -70,6 +85,13 @@ def cam_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, method: str 
 def _cam_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cam_class, target: int) -> np.ndarray:
     slots, height, width = x.shape[1], x.shape[-2], x.shape[-1]
     maps = np.zeros((slots, height, width), dtype=np.float32)
+    if getattr(model, "reads_levels", False):  # a MIL bag: every image in one pass
+        present = mask[0] > 0
+        with cam_class(model=BagView(model, mask[:, present].float()), target_layers=[target_layer(model.backbone)]) as cam:
+            grayscale = cam(input_tensor=x[0, present].float().clone(),
+                            targets=[BinaryClassifierOutputTarget(target)] * int(present.sum()))
+        maps[present.cpu().numpy()] = np.clip(grayscale, 0.0, 1.0)
+        return maps
     for slot in range(slots):
         if mask[0, slot] <= 0:
             continue
@@ -85,7 +107,7 @@ def attention_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> tup
     """Spatial-attention maps upsampled to input size (or None), probability, fusion weights."""
     out = model.float().eval()(x.float(), mask.float())
     prob = float(torch.sigmoid(out.logits[0]))
-    weights = out.mag_weights[0].cpu().numpy()
+    weights = out.mag_weights[0].cpu().numpy() if out.mag_weights is not None else np.zeros(0)  # none: see fusion.py
     if out.attention_maps is None:
         return None, prob, weights
     maps = F.interpolate(out.attention_maps.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
