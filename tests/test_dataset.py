@@ -101,3 +101,27 @@ def test_flips_keep_the_frame_and_channels_last_reaches_the_model():
     assert views == expected  # identity, mirror, 180-degree turn, and both: never a 90-degree turn
     batch = prepare_batch(torch.zeros(2, 4, 6, 9, 3, dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3, torch.Generator())
     assert batch.shape == (2, 4, 3, 6, 9) and batch[:, 2].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bags_hold_distinct_images_of_one_patient_and_evaluation_covers_all(demo_index):
+    from config import Config, experiment_config
+    from preprocess.dataset import (evaluation_bags, patient_images, samples_for, training_bags,
+                                    tuples_per_epoch)
+
+    cfg = experiment_config(Config(bag_size=5), "mil_mean")
+    data = patient_images(demo_index, np.ones(len(demo_index), bool), demo_index["patient"].unique(),
+                          cfg.magnifications, cfg.sample_mode)
+    bags, owners = training_bags(data, 40, 5, np.random.default_rng(0))
+    for bag, owner in zip(bags, owners):
+        rows = bag[bag >= 0]
+        assert len(rows) == min(5, len(data.rows[owner][0])) and len(set(rows)) == len(rows)
+        assert set(demo_index["patient"].to_numpy()[rows]) == {data.patients[owner]}
+    whole, owners = evaluation_bags(data)
+    assert sorted(whole[whole >= 0].tolist()) == list(range(len(demo_index)))  # every image, once
+    assert (owners == np.arange(len(data))).all()
+    assert tuples_per_epoch(data, cfg) == len(demo_index) // 5
+    assert samples_for(cfg, 32) == 32 * 4 // 5 and samples_for(Config(), 32) == 32
+    codes = ImageSource(np.zeros((len(demo_index), 4, 4, 3), np.uint8), "cpu", mags=demo_index["mag"].to_numpy()
+                        ).gather(whole[:2], levels=True)[1]
+    expected = np.where(whole[:2] >= 0, np.searchsorted([40, 100, 200, 400], demo_index["mag"].to_numpy()[whole[:2]]) + 1, 0)
+    assert codes.numpy().tolist() == expected.tolist()

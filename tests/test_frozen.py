@@ -7,7 +7,10 @@ import torch
 
 import utils.features as features
 from backbones import build_model
-from preprocess.dataset import evaluation_tuples, fold_split
+import pytest
+
+from config import experiment_config
+from preprocess.dataset import evaluation_samples, fold_split
 from tests.conftest import tiny_config, tiny_study
 from utils.train import new_fold_state, predict, train_one_epoch, EpochPlan, LoopSettings
 from utils.losses import StudyLoss
@@ -18,11 +21,14 @@ def _frozen(tmp_path, demo_tree, demo_index, **overrides):
     return cfg, features.attach_features(cfg, tiny_study(cfg, demo_tree, demo_index))
 
 
-def test_cached_maps_give_the_logits_of_the_encoder_on_the_fly(tmp_path, demo_tree, demo_index):
-    cfg, study = _frozen(tmp_path, demo_tree, demo_index)
+@pytest.mark.parametrize("experiment", ["mmnet", "mil_attention"])
+def test_cached_maps_give_the_logits_of_the_encoder_on_the_fly(experiment, tmp_path, demo_tree, demo_index):
+    """Tuples, and MIL bags (whose magnification codes come from the cached source as well)."""
+    base, study = _frozen(tmp_path, demo_tree, demo_index)
     assert isinstance(study.source, features.FeatureSource)
+    cfg = experiment_config(base, experiment)
     model = build_model(cfg).eval()
-    tuples, _ = evaluation_tuples(fold_split(study.index, study.usable, study.folds, 0, cfg)["test"])
+    tuples, _ = evaluation_samples(fold_split(study.index, study.usable, study.folds, 0, cfg)["test"], cfg)
     cached = predict(model, study.source, tuples, 8, "none", tta=True)["prob"]
     on_the_fly = predict(model, study.source.images, tuples, 8, "none", tta=True)["prob"]
     assert np.allclose(cached, on_the_fly, atol=2e-3)  # fp16 maps: rounding only

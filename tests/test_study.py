@@ -17,7 +17,7 @@ from utils.statistics import bootstrap_ci, corrected_resampled_ttest
 def test_each_experiment_trains_one_step_on_demo_data(experiment, tmp_path, demo_tree, demo_index):
     import torch
 
-    from preprocess.dataset import fold_split, training_tuples
+    from preprocess.dataset import fold_split, training_samples
     from utils.losses import StudyLoss
     from utils.train import EpochPlan, LoopSettings, new_fold_state, train_one_epoch
 
@@ -27,8 +27,8 @@ def test_each_experiment_trains_one_step_on_demo_data(experiment, tmp_path, demo
     split = fold_split(study.index, study.usable, study.folds, 0, cfg)
     state = new_fold_state(cfg, study.env, steps_per_epoch=1, seed=0)
     before = [p.detach().clone() for p in state.model.parameters()]
-    tuples, owners = training_tuples(split["train"], 8, np.random.default_rng(0))
-    slots = 1 if cfg.model == "single" else 4
+    tuples, owners = training_samples(split["train"], 8, np.random.default_rng(0), cfg)
+    slots = 1 if cfg.model == "single" else cfg.bag_size if cfg.sample_mode == "bag" else 4
     assert tuples.shape == (8, slots)
     loop = LoopSettings(study.source, split["train"], StudyLoss(cfg, None), 8, "none", 1.0)
     result = train_one_epoch(state, loop, EpochPlan(tuples, owners, torch.Generator().manual_seed(0), 0))
