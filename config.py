@@ -103,7 +103,7 @@ class Config:
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
     bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
     keep_models: str = "all"  # experiments whose fold models stay under output/models/: all | mmnet (MMNet and the MIL models, whose Grad-CAM the report draws)
-    live_report: bool = True  # rewrite report.html after every fold (in a separate process)
+    live_report: bool = True  # rewrite report.html after a fold, at most once a minute (in a separate process)
     tensorboard: bool = False  # per-epoch scalars under <output_dir>/tensorboard/<experiment>/fold<k> (pip install tensorboard)
 
     def resolved_cache_dir(self) -> Path:

@@ -60,7 +60,7 @@ def run(cfg: Config) -> int:
         if cfg.analyze_only:
             log.info("--analyze-only: stopping after analysis and folds")
             return 0
-        live = LiveReport(cfg.output_dir, cfg.live_report)    # report.html, rewritten after every fold
+        live = LiveReport(cfg.output_dir, cfg.live_report)    # report.html, rewritten after folds (at most once a minute)
         live.refresh()
         try:
             study, failed = run_study(cfg, prepared, env, live.refresh)  # every experiment x fold

@@ -66,7 +66,7 @@ def test_unwritable_output_directory(tmp_path, demo_tree):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--epochs", "-3"], "[CFG003] epochs: must be >= 1"),
-    (["--experiments", "mmnet,transformer"], "[CFG005] experiments: unknown experiment 'transformer'"),
+    (["--experiments", "mmnet,transformer"], "[CFG005] experiments: unknown experiment or group 'transformer'"),
     (["--backbone", "resnet999"], "[CFG006] backbone: unknown timm backbone 'resnet999'"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
 ])

@@ -12,7 +12,7 @@ def test_dry_run_defaults_and_explicit_flags_win():
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "-1"], r"\[CFG003\] epochs: must be >= 1"),
     (["--folds", "1"], r"\[CFG003\] folds: must be >= 2"),
-    (["--experiments", "mmnet,nope"], "valid: mmnet"),
+    (["--experiments", "mmnet,nope"], r"unknown experiment or group .nope. \(groups: default, fusion, mil, all"),
     (["--magnifications", "40,50"], "subset of"),
 ])
 def test_invalid_values_give_one_line_errors(argv, message):

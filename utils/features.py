@@ -24,7 +24,7 @@ import torch
 
 from backbones import create_backbone, data_config
 from backbones.encoder import feature_map
-from preprocess.augment import TTA_FLIPS, prepare_batch
+from preprocess.augment import TTA_FLIPS, prepare_batch, test_views
 from preprocess.dataset import ImageSource, reads_levels
 from preprocess.preprocess import cache_key
 from utils.progress import steps
@@ -79,8 +79,7 @@ def encode_images(encoder, images: ImageSource, rows: int, batch: int) -> np.nda
     for start in steps(range(0, rows, batch), "feature cache: encoding images", -(-rows // batch)):
         chunk = np.arange(start, min(rows, start + batch))[:, None]
         pixels, _ = images.gather(chunk)  # (b, 1, H, W, 3)
-        for v, dims in enumerate(TTA_FLIPS):
-            view = pixels.flip(dims) if dims else pixels
+        for v, view in enumerate(test_views(pixels, tta=True)):  # the views evaluation averages, in order
             maps = feature_map(encoder, prepare_batch(view, mean, std, None)[:, 0]).half().cpu().numpy()
             if out is None:
                 out = np.zeros((rows, len(TTA_FLIPS), *maps.shape[1:]), dtype=np.float16)

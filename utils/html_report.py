@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -103,19 +104,24 @@ def write_html_report(cfg, runs: dict, shown: dict, figures: list, live: bool) -
 
 
 class LiveReport:
-    """Rewrites report.html after every fold in a separate process (`python -m utils.report`,
-    which imports no torch), so training never waits for plots. A fold that ends while the
-    previous rewrite still runs is covered by the next one."""
+    """Rewrites report.html after a fold in a separate process (`python -m utils.report`,
+    which imports no torch), so training never waits for plots; at most once a minute, so on
+    a small CPU the rewrites do not take the cores the training needs. A fold that ends while
+    the previous rewrite still runs, or within the minute, is covered by a later one."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True):
-        self.output_dir, self.enabled = Path(output_dir), enabled
+    def __init__(self, output_dir: str | Path, enabled: bool = True, every_s: float = 60.0):
+        self.output_dir, self.enabled, self.every_s = Path(output_dir), enabled, every_s
         self.process: subprocess.Popen | None = None
+        self.started = -float("inf")  # time.monotonic() of the last rewrite started
 
     def refresh(self) -> None:
         if not self.enabled:
             return
         if self.process is not None and self.process.poll() is None:
             return  # still writing; the next fold's end starts a fresh one
+        if time.monotonic() - self.started < self.every_s:
+            return
+        self.started = time.monotonic()
         log_file = open(self.output_dir / "live_report.log", "w", encoding="utf-8")
         with log_file:  # the child keeps its own handle
             self.process = subprocess.Popen([sys.executable, "-m", "utils.report", str(self.output_dir)],

@@ -188,7 +188,7 @@ def _console(table: pd.DataFrame) -> str:
 
 def write_report(cfg, live: bool = False) -> int:
     """Tables, plots, RUNPOD_OUTPUT.md and report.html from output/. live: report.html only,
-    cheaper intervals, while the run goes on (rewritten at every fold's end)."""
+    cheaper intervals, while the run goes on (rewritten after folds, at most once a minute)."""
     out = Path(cfg.output_dir)
     runs = load_runs(out, EXPERIMENTS)
     if not runs:
@@ -231,7 +231,7 @@ def mark_finished(out: Path) -> None:
 
 def main(argv=None) -> int:
     """python -m utils.report OUTPUT_DIR: the live report.html of a run in progress (started by
-    main.py after every fold, in its own process, so training never waits for it)."""
+    main.py after folds (at most once a minute), in its own process, so training never waits for it)."""
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("output_dir")
     args = parser.parse_args(argv)
