@@ -14,6 +14,9 @@ from pathlib import Path
 
 from utils.config_file import closest, problem, read_yaml, typed_values, write_yaml
 from utils.env import PROJECT_ROOT, get_base_path  # noqa: F401  (PROJECT_ROOT: for users of config)
+from utils.experiments import (ABLATIONS, BASELINES, DEFAULT_EXPERIMENTS, EXPERIMENTS,  # noqa: F401 (users and
+                               FUSION_EXPERIMENTS, FUSIONS, GROUPS, MIL_AGGREGATORS,  # the report import them
+                               MIL_EXPERIMENTS, expand_experiments)  # from config)
 MAGNIFICATIONS = (40, 100, 200, 400)
 SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")  # benign first, then malignant
 SUBTYPE_NAMES = {
@@ -21,12 +24,6 @@ SUBTYPE_NAMES = {
     "DC": "ductal_carcinoma", "LC": "lobular_carcinoma", "MC": "mucinous_carcinoma",
     "PC": "papillary_carcinoma",
 }
-
-
-# Registered component names (backbones/fusion.py and backbones/mil.py register exactly these;
-# a test checks it). Here, not there, so that config and --help stay free of torch.
-FUSIONS = ("weighted", "mean", "concat", "gated", "attention", "cross_attention", "bilinear")
-MIL_AGGREGATORS = ("mean", "max", "attention", "gated_attention")
 
 
 class ConfigError(ValueError):
@@ -119,42 +116,6 @@ class Config:
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# name -> overrides of Config. Baselines and ablations are configuration, not code.
-EXPERIMENTS: dict[str, dict] = {
-    "mmnet": {},
-    "single_40x": {"model": "single", "magnifications": (40,)},
-    "single_100x": {"model": "single", "magnifications": (100,)},
-    "single_200x": {"model": "single", "magnifications": (200,)},
-    "single_400x": {"model": "single", "magnifications": (400,)},
-    "simple_concat": {"model": "simple_concat"},
-    "pooled_single": {"model": "single", "sample_mode": "pooled"},
-    "mmnet_no_spatial": {"spatial_attention": False},
-    "mmnet_no_channel": {"channel_attention": False},
-    "mmnet_no_hierarchical": {"hierarchical_attention": False},
-    "mmnet_no_fusion": {"fusion": "mean"},
-    "mmnet_no_msap": {"multiscale_pooling": False},
-    "mmnet_ce_loss": {"focal_gamma": 0.0},  # the same loss without focusing: the only change
-}
-BASELINES = ("single_40x", "single_100x", "single_200x", "single_400x", "simple_concat",
-             "pooled_single")
-ABLATIONS = tuple(n for n in EXPERIMENTS if n.startswith("mmnet_"))
-DEFAULT_EXPERIMENTS = tuple(EXPERIMENTS)  # what `python main.py` runs
-# MMNet with each other fusion strategy ('mean' is also the ablation mmnet_no_fusion).
-FUSION_EXPERIMENTS = tuple(f"mmnet_fusion_{name}" for name in FUSIONS if name != "weighted")
-EXPERIMENTS.update({f"mmnet_fusion_{name}": {"fusion": name} for name in FUSIONS if name != "weighted"})
-MIL_EXPERIMENTS = tuple(f"mil_{name}" for name in MIL_AGGREGATORS)
-EXPERIMENTS.update({name: {"model": name, "sample_mode": "bag"} for name in MIL_EXPERIMENTS})
-# Groups that --experiments takes besides single names; every group holds its reference, mmnet.
-GROUPS = {"default": DEFAULT_EXPERIMENTS, "fusion": ("mmnet", *FUSION_EXPERIMENTS),
-          "mil": ("mmnet", *MIL_EXPERIMENTS), "all": tuple(EXPERIMENTS)}
-
-
-def expand_experiments(names) -> tuple:
-    """Group names replaced by their members, in order, each experiment once; empty = default."""
-    expanded = [member for name in (names or ("default",)) for member in GROUPS.get(name, (name,))]
-    return tuple(dict.fromkeys(expanded))
-
-
 # A dry run proves the whole pipeline end to end in minutes on a laptop CPU.
 DRY_RUN_OVERRIDES = {"folds": 2, "epochs": 2, "patience": 2, "image_size": 64,
                      "feature_dim": 64, "batch_size": 8, "tuples_per_epoch": 32,
@@ -210,7 +171,7 @@ def _field_comments() -> dict[str, str]:
 
 
 def _experiments_help() -> str:
-    groups = "; ".join(f"{name}: {'all of the above' if name == 'all' else ','.join(members)}"
+    groups = "; ".join(f"{name}: {'all of the above' if name == 'all' else ', '.join(members)}"
                        for name, members in GROUPS.items())
     return f"comma list of experiments and groups (default: default). Groups: {groups}"
 

@@ -64,7 +64,7 @@ def test_out_of_memory_halves_the_micro_batch_and_goes_on(tmp_path, demo_tree, d
 
 def _main(out, *extra):
     return [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet", "--backbone", "test_resnet",
-            "--epochs", "3", "--tuples-per-epoch", "64", "--gradcam-patients", "0", "--output-dir", str(out),
+            "--epochs", "2", "--tuples-per-epoch", "32", "--image-size", "32", "--gradcam-patients", "0", "--output-dir", str(out),
             "--report-file", str(out / "R.md"), "--data-dir", str(out / "none"), "--no-live-report", *extra]
 
 
@@ -73,7 +73,7 @@ def _kill_after_first_epoch(cmd, sig):
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "fold 0 epoch 1/3" in line:
+        if "fold 0 epoch 1/2" in line:
             proc.send_signal(sig)
     proc.wait(timeout=300)
     return proc.returncode, "".join(lines)
@@ -115,7 +115,8 @@ def test_two_worker_processes_give_the_one_worker_results(tmp_path):
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
         cmd = [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet,single_40x", "--backbone",
-               "test_resnet", "--jobs", str(jobs), "--gradcam-patients", "0", "--epochs", "1", "--output-dir", str(out),
+               "test_resnet", "--jobs", str(jobs), "--gradcam-patients", "0", "--epochs", "1", "--image-size", "32",
+               "--tuples-per-epoch", "16", "--output-dir", str(out),
                "--report-file", str(out / "R.md"), "--data-dir", str(tmp_path / "none"), "--no-live-report"]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:]
