@@ -112,6 +112,10 @@ class Config:
                 "report_only", "experiments", "resume", "workers", "jobs", "gradcam_patients",
                 "bootstrap_samples", "keep_models", "micro_batch", "checkpoint_minutes", "device",
                 "deterministic", "tensorboard", "live_report"}
+        if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
+            skip.add("bag_size")
+        if self.model != "mmnet":  # only MMNet has a fusion: the other models stay finished when it changes
+            skip.add("fusion")
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

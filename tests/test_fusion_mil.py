@@ -143,3 +143,13 @@ def test_groups_expand_and_unknown_names_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="MIL models"):
         parse_args(["--model", "mil_mean"])
     assert np.all([name in GROUPS["all"] for name in GROUPS["fusion"] + GROUPS["mil"]])
+
+
+def test_a_finished_fold_stays_finished_when_only_another_models_setting_changes():
+    """The bag size is part of a MIL model's identity only, the fusion of MMNet's only: a
+    `--experiments mil --bag-size 8` after a default study does not retrain MMNet or the baselines."""
+    base, other = Config(), Config(bag_size=8, fusion="gated")
+    same = lambda name: experiment_config(base, name).training_hash() == experiment_config(other, name).training_hash()
+    assert same("single_200x") and same("simple_concat")
+    assert not same("mil_attention") and not same("mmnet")
+    assert experiment_config(Config(bag_size=8), "mmnet").training_hash() == experiment_config(base, "mmnet").training_hash()
