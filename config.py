@@ -60,6 +60,7 @@ class Config:
     max_patients: int = 0  # >0: use a class-balanced subset of patients (dry run)
     colour_jitter: float = 0.1  # brightness, contrast and saturation move by up to +-this; 0 = off
     stain_jitter: float = 0.1  # haematoxylin/eosin amounts scale and shift by up to +-this; 0 = off
+    quarter_turns: bool = False  # training also turns frames by 90 degrees (all 8 symmetries of the square)
     # --- model
     model: str = "mmnet"  # registry name, see backbones.list_models()
     backbone: str = "resnet18"  # timm model name

@@ -171,6 +171,7 @@ class StudyModel(nn.Module):
         self.magnifications = tuple(cfg.magnifications)
         self.pretrained_status = pretrained_status
         self.norm_mean, self.norm_std = data_config(backbone)
+        self.fixed_frame = bool(getattr(backbone, PAD_ATTRIBUTE, 0))  # built for one frame size (Swin-like)
         self.heads = Heads(cfg.feature_dim, cfg.dropout, cfg.subtype_head)
 
 

@@ -209,10 +209,19 @@ class ImageSource:
         codes = np.where(tuples >= 0, self.levels[np.where(tuples >= 0, tuples, 0)], 0)
         return torch.from_numpy(codes).to(mask.device).float()
 
-    def train_batch(self, tuples: np.ndarray, model, generator: torch.Generator, jitter: tuple):
-        """The model's input for training: augmented, normalised images and the mask."""
+    def train_batch(self, tuples: np.ndarray, model, generator: torch.Generator, jitter: tuple,
+                    quarter_turns: bool = False):
+        """The model's input for training: augmented, normalised images and the mask.
+
+        quarter_turns: the whole batch is transposed with probability 1/2 (drawn from torch's
+        seeded CPU generator: no device sync); with the per-image flips and 180-degree turns that
+        gives every image one of all 8 symmetries of the square, uniformly. Encoders built for
+        one frame size (Swin-like) never get the transposed frame."""
         images, mask = self.gather(tuples, reads_levels(model))
-        return prepare_batch(images, model.norm_mean, model.norm_std, generator, jitter), mask
+        x = prepare_batch(images, model.norm_mean, model.norm_std, generator, jitter)
+        if quarter_turns and not getattr(model, "fixed_frame", False) and bool(torch.rand(()) < 0.5):
+            x = x.transpose(-1, -2)
+        return x, mask
 
     def views(self, tuples: np.ndarray, model, tta: bool):
         """The model's inputs for evaluation, one per test-time view (or the plain view)."""

@@ -125,3 +125,21 @@ def test_bags_hold_distinct_images_of_one_patient_and_evaluation_covers_all(demo
                         ).gather(whole[:2], levels=True)[1]
     expected = np.where(whole[:2] >= 0, np.searchsorted([40, 100, 200, 400], demo_index["mag"].to_numpy()[whole[:2]]) + 1, 0)
     assert codes.numpy().tolist() == expected.tolist()
+
+
+def test_quarter_turns_transpose_about_half_the_batches_and_never_a_fixed_frame():
+    from types import SimpleNamespace
+
+    source = ImageSource(np.random.default_rng(0).integers(0, 256, (6, 8, 12, 3), dtype=np.uint8), "cpu")
+    model = SimpleNamespace(norm_mean=(0.5,) * 3, norm_std=(0.25,) * 3)
+    tuples = np.array([[0, 1], [2, 3]])
+    torch.manual_seed(0)
+    shapes = [source.train_batch(tuples, model, torch.Generator().manual_seed(i), (0.1, 0.1), True)[0].shape[-2:]
+              for i in range(40)]
+    turned = sum(s == (12, 8) for s in shapes)
+    assert 8 <= turned <= 32 and turned + sum(s == (8, 12) for s in shapes) == 40
+    plain = source.train_batch(tuples, model, torch.Generator().manual_seed(0), (0.1, 0.1), False)[0]
+    assert plain.shape[-2:] == (8, 12)
+    model.fixed_frame = True  # an encoder built for one frame size (Swin-like)
+    assert all(source.train_batch(tuples, model, torch.Generator(), (0.1, 0.1), True)[0].shape[-2:] == (8, 12)
+               for _ in range(10))

@@ -56,7 +56,8 @@ class FeatureSource:
         maps = picked.float() * mask[..., None, None, None]
         return maps.contiguous(), self.images.slot_codes(tuples, mask) if levels else mask.float()
 
-    def train_batch(self, tuples: np.ndarray, model, generator: torch.Generator, jitter: tuple):
+    def train_batch(self, tuples: np.ndarray, model, generator: torch.Generator, jitter: tuple,
+                    quarter_turns: bool = False):  # maps are cached for the four flip views only
         view = torch.randint(len(TTA_FLIPS), tuples.shape, generator=generator, device=generator.device)
         return self._maps(tuples, view.cpu(), reads_levels(model))
 

@@ -164,7 +164,7 @@ def _train_epochs(state: FoldState, run: FoldRun) -> None:
                         StudyLoss(cfg, subtype_class_weights(run.split["train"].subtypes, sampling_weights(
                             run.split["train"], cfg.class_balanced))),
                         samples_for(cfg, env.batch_size), env.amp_dtype, cfg.grad_clip, (cfg.colour_jitter, cfg.stain_jitter),
-                        stop_requested)
+                        stop_requested, cfg.quarter_turns)
     val_tuples, val_owners = evaluation_samples(run.split["val"], cfg) if "val" in run.split else (None, None)
     count = tuples_per_epoch(run.split["train"], cfg)
     while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:

@@ -45,6 +45,7 @@ class LoopSettings:
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     jitter: tuple = (0.1, 0.1)  # colour and stain jitter strengths of the augmentation
     should_stop: Callable | None = None  # asked after every step; truthy = save and stop
+    quarter_turns: bool = False  # also 90-degree turns (a transposed batch) in training
 
 
 @dataclass
@@ -108,7 +109,8 @@ def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds
     total = torch.zeros(3, device=loop.source.device)
     for start in range(start_row, end, micro):
         stop = min(end, start + micro)
-        x, mask = loop.source.train_batch(plan.tuples[start:stop], state.model, plan.generator, loop.jitter)
+        x, mask = loop.source.train_batch(plan.tuples[start:stop], state.model, plan.generator, loop.jitter,
+                                          loop.quarter_turns)
         with amp_context(loop.source.device.type, loop.amp_dtype):
             output = state.model(x, mask)
         loss, parts = loop.loss_fn(output, labels_all[start:stop], subtypes_all[start:stop])
