@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import timm
 import torch
@@ -11,12 +11,14 @@ from torch import nn
 
 from backbones.encoder import (PAD_ATTRIBUTE, add_map_hook, feature_map, is_token_model,  # noqa: F401 (models use
                                map_channels, padded, stride)  # feature_map and map_channels from here)
+from backbones.registry import Registry
 from config import ConfigError
 from preprocess.preprocess import frame_shape
 from utils.config_file import closest
 
 log = logging.getLogger("mmnet")
-_REGISTRY: dict[str, Callable] = {}
+MODEL_REGISTRY = Registry("model", "model")
+register, list_models = MODEL_REGISTRY.register, MODEL_REGISTRY.names
 
 
 @dataclass
@@ -29,21 +31,8 @@ class ModelOutput:
     instance_weights: Optional[torch.Tensor] = None  # (B, K) MIL: how much each image of the bag counted
 
 
-def register(name: str):
-    def decorator(builder: Callable) -> Callable:
-        _REGISTRY[name] = builder
-        return builder
-    return decorator
-
-
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def build_model(cfg) -> nn.Module:
-    if cfg.model not in _REGISTRY:
-        raise ConfigError(f"unknown model '{cfg.model}'; valid: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[cfg.model](cfg)
+    return MODEL_REGISTRY.create(cfg.model, cfg)
 
 
 def check_backbone(name: str) -> None:

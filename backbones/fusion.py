@@ -8,31 +8,17 @@ strategy honours the mask: a missing magnification's vector never reaches the ou
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
-from config import FUSIONS, ConfigError
+from backbones.registry import Registry
 
-_FUSIONS: dict[str, Callable] = {}
-
-
-def register_fusion(name: str):
-    def decorator(cls):
-        _FUSIONS[name] = cls
-        return cls
-    return decorator
-
-
-def list_fusions() -> list[str]:
-    return sorted(_FUSIONS)
+FUSION_REGISTRY = Registry("fusion strategy", "fusion")
+register_fusion, list_fusions = FUSION_REGISTRY.register, FUSION_REGISTRY.names
 
 
 def create_fusion(name: str, dim: int, count: int) -> nn.Module:
-    if name not in _FUSIONS:
-        raise ConfigError(f"[CFG004] fusion: unknown strategy '{name}'; valid: {', '.join(FUSIONS)}")
-    return _FUSIONS[name](dim, count)
+    return FUSION_REGISTRY.create(name, dim, count)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

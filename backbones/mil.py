@@ -10,34 +10,21 @@ weights summing to 1 over the present images. Registered models: mil_<aggregator
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
 from backbones import ModelOutput, StudyModel, create_backbone, feature_map, map_channels, register
 from backbones.fusion import masked_softmax
-from config import MAGNIFICATIONS, MIL_AGGREGATORS, ConfigError
+from backbones.registry import Registry
+from config import MAGNIFICATIONS, MIL_AGGREGATORS
 
-_AGGREGATORS: dict[str, Callable] = {}
+AGGREGATOR_REGISTRY = Registry("MIL aggregator", "model")
+register_aggregator, list_aggregators = AGGREGATOR_REGISTRY.register, AGGREGATOR_REGISTRY.names
 EVAL_CHUNK = 64  # images per encoder pass when no gradient is needed (a whole patient at test time)
 
 
-def register_aggregator(name: str):
-    def decorator(cls):
-        _AGGREGATORS[name] = cls
-        return cls
-    return decorator
-
-
-def list_aggregators() -> list[str]:
-    return sorted(_AGGREGATORS)
-
-
 def create_aggregator(name: str, dim: int) -> nn.Module:
-    if name not in _AGGREGATORS:
-        raise ConfigError(f"[CFG004] model: unknown MIL aggregator '{name}'; valid: {', '.join(MIL_AGGREGATORS)}")
-    return _AGGREGATORS[name](dim)
+    return AGGREGATOR_REGISTRY.create(name, dim)
 
 
 @register_aggregator("mean")
