@@ -239,5 +239,5 @@ def write_gradcam_maps(cfg: Config, study, experiment: str = "mmnet") -> list[Pa
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(path, **explanation)
             written.append(path)
-    log.info("Grad-CAM: maps of %d patient(s) in %s", len(written), maps_dir)
+    log.info("Grad-CAM %s: maps of %d patient(s) in %s", experiment, len(written), maps_dir)
     return written
