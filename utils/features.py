@@ -46,20 +46,21 @@ class FeatureSource:
     def _maps(self, tuples: np.ndarray, view: torch.Tensor | int, levels: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M, C, h, w) float maps of one view per image (zeros where a slot is empty) and
         the mask (magnification codes with `levels`, as ImageSource.gather)."""
-        rows = torch.from_numpy(np.where(tuples >= 0, tuples, 0)).to(self.device)
+        rows = np.where(tuples >= 0, tuples, 0)
         mask = torch.from_numpy(tuples >= 0).to(self.device)
         if self.on_device:
-            picked = self.maps[rows, view.to(self.device) if isinstance(view, torch.Tensor) else view]
+            picked = self.maps[torch.from_numpy(rows).to(self.device),
+                               view.to(self.device) if isinstance(view, torch.Tensor) else view]
         else:  # host array or memmap: read the rows, then copy
-            views = view.numpy() if isinstance(view, torch.Tensor) else view
-            picked = torch.from_numpy(np.asarray(self.maps[rows.cpu().numpy(), views])).to(self.device)
+            views = view.cpu().numpy() if isinstance(view, torch.Tensor) else view
+            picked = torch.from_numpy(np.asarray(self.maps[rows, views])).to(self.device)
         maps = picked.float() * mask[..., None, None, None]
         return maps.contiguous(), self.images.slot_codes(tuples, mask) if levels else mask.float()
 
     def train_batch(self, tuples: np.ndarray, model, generator: torch.Generator, jitter: tuple,
                     quarter_turns: bool = False):  # maps are cached for the four flip views only
         view = torch.randint(len(TTA_FLIPS), tuples.shape, generator=generator, device=generator.device)
-        return self._maps(tuples, view.cpu(), reads_levels(model))
+        return self._maps(tuples, view, reads_levels(model))  # stays on the device when the maps are there
 
     def views(self, tuples: np.ndarray, model, tta: bool):
         for view in range(len(TTA_FLIPS) if tta else 1):
