@@ -58,3 +58,25 @@ def test_cache_is_shared_and_rebuilt_when_its_key_changes(tmp_path, demo_tree, d
     _frozen(tmp_path, demo_tree, demo_index, backbone="test_vit")
     _frozen(tmp_path, demo_tree, demo_index, image_size=64)
     assert len(encoded) == 3 and len(list((tmp_path / "cache").glob("features_*.npy"))) == 3
+
+
+def test_device_resident_maps_give_the_batches_of_host_maps():
+    """The GPU path (maps as a tensor where the model runs; here the CPU) draws the same views
+    and returns the same maps and masks as host or memory-mapped maps."""
+    from preprocess.dataset import ImageSource
+
+    rng = np.random.default_rng(0)
+    maps = rng.standard_normal((6, 4, 3, 2, 2)).astype(np.float16)
+    images = ImageSource(np.zeros((6, 4, 4, 3), np.uint8), "cpu", mags=np.array([40, 100, 200, 400, 40, 100]))
+    host, resident = features.FeatureSource(maps, images), features.FeatureSource(torch.from_numpy(maps), images)
+    assert resident.on_device and not host.on_device
+    tuples = np.array([[0, 1, -1, 3], [4, 5, 2, -1]])
+    model = type("M", (), {"reads_levels": True})()
+    a = host.train_batch(tuples, model, torch.Generator().manual_seed(1), (0.0, 0.0))
+    b = resident.train_batch(tuples, model, torch.Generator().manual_seed(1), (0.0, 0.0))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert a[1].tolist() == [[1, 2, 0, 4], [1, 2, 3, 0]]  # magnification codes, 0 where empty
+    assert (a[0][0, 2] == 0).all()
+    views = [torch.equal(x[0], y[0]) for x, y in zip(host.views(tuples, model, True), resident.views(tuples, model, True))]
+    assert views == [True] * 4
