@@ -9,7 +9,9 @@ magnification comes from its BreakHis name, else from a 40X/100X/200X/400X folde
 With --run-dir the fold models form an ensemble: mean probability and threshold, with each
 model's probability and their spread. One folder prints one JSON object, several a list.
 --cam draws the ensemble's Grad-CAM (the maps of every fold model, averaged) of the first
-tuple; with several folders, one figure per folder (name-<folder>.png).
+tuple (for MIL models, of the bag of the first 4 images); with several folders, one figure per
+folder (name-<folder>.png). MIL fold models (--experiment mil_attention, ...) read all of a
+folder's images as one bag.
 """
 from __future__ import annotations
 
