@@ -153,3 +153,19 @@ def test_a_finished_fold_stays_finished_when_only_another_models_setting_changes
     assert same("single_200x") and same("simple_concat")
     assert not same("mil_attention") and not same("mmnet")
     assert experiment_config(Config(bag_size=8), "mmnet").training_hash() == experiment_config(base, "mmnet").training_hash()
+
+
+def test_fusion_weight_tables_leave_out_a_fusion_without_weights():
+    import pandas as pd
+
+    from utils.tables import fusion_weights, magnification_weights
+
+    frame = pd.DataFrame({"patient": ["a", "b"], "prob": [0.2, 0.7]})
+    weighted = frame.assign(w_40x=[0.3, 0.5], w_400x=[0.7, 0.5])
+    runs = {"mmnet": {"results": [{"fold": 0}], "predictions": [frame]},
+            "mmnet_fusion_gated": {"results": [{"fold": 0}], "predictions": [weighted]}}
+    assert fusion_weights(runs["mmnet"]).empty  # e.g. `--fusion concat`: no table of zeros or NaN
+    table = magnification_weights(runs)
+    assert table["experiment"].tolist() == ["mmnet_fusion_gated"]
+    assert table[["40X", "400X"]].iloc[0].tolist() == [0.4, 0.6]
+    assert fusion_weights(runs["mmnet_fusion_gated"])["40X"].iloc[0] == 0.4

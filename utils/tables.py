@@ -217,8 +217,9 @@ def fusion_weights(run: dict) -> pd.DataFrame:
     rows = []
     for r, frame in zip(run["results"], run["predictions"]):
         weights = frame[[c for c in frame.columns if c.startswith("w_")]].mean()
-        rows.append({"fold": r["fold"], **{k.removeprefix("w_").upper(): round(v, 4) for k, v in weights.items()}})
-    return _with_summary(pd.DataFrame(rows))
+        if len(weights):  # none for a fusion that mixes magnifications inside its vector (--fusion concat)
+            rows.append({"fold": r["fold"], **{k.removeprefix("w_").upper(): round(v, 4) for k, v in weights.items()}})
+    return _with_summary(pd.DataFrame(rows)) if rows else pd.DataFrame()
 
 
 def magnification_weights(runs: dict) -> pd.DataFrame:
