@@ -51,6 +51,7 @@ def test_weights_are_left_out_where_the_fusion_has_none(groups_run):
 
 def test_report_compares_each_group_with_mmnet(groups_run):
     text = (groups_run / "RUNPOD_OUTPUT.md").read_text()
+    assert "MIL models (mil_*) read bags instead: training bags of 8 distinct images" in text  # the protocol
     for title in ("### Fusion strategies", "### MIL aggregators"):
         section = text.split(title, 1)[1].split("###", 1)[0]
         assert "| mmnet |" in section and "reference" in section

@@ -72,5 +72,14 @@ def protocol_text(cfg, runs: dict) -> str:
             f"they are loaded); seed {cfg.seed}. {_selection_text(cfg)} Training draws both classes equally "
             f"often, so decisions are at 0.5. {_tta_text(cfg)} A tuple is one image per "
             f"magnification of one patient; a patient's probability is the mean over its evaluation "
-            f"tuples, which cover every image. Every experiment uses the same folds, seeds and budget, "
-            f"so comparisons are paired. Models are compared at patient level only.")
+            f"tuples, which cover every image.{_bag_text(cfg, runs)} Every experiment uses the same folds, seeds "
+            f"and budget, so comparisons are paired. Models are compared at patient level only.")
+
+
+def _bag_text(cfg, runs: dict) -> str:
+    """The MIL sampling, when MIL models are in the report."""
+    if not any(name.startswith("mil_") for name in runs):
+        return ""
+    return (f" MIL models (mil_*) read bags instead: training bags of {cfg.bag_size} distinct images of one "
+            f"patient from every magnification, with as many images per step as MMNet's tuples; at test "
+            f"time one bag of all of a patient's images, so their only level is the patient.")
