@@ -169,3 +169,27 @@ def test_fusion_weight_tables_leave_out_a_fusion_without_weights():
     assert table["experiment"].tolist() == ["mmnet_fusion_gated"]
     assert table[["40X", "400X"]].iloc[0].tolist() == [0.4, 0.6]
     assert fusion_weights(runs["mmnet_fusion_gated"])["40X"].iloc[0] == 0.4
+
+
+@pytest.mark.parametrize("experiment", ["mmnet_fusion_concat", "mmnet_fusion_gated", "mmnet_fusion_cross_attention",
+                                        "mmnet_fusion_bilinear", "mil_max", "mil_gated_attention"])
+def test_bf16_autocast_trains_every_kind_of_fusion_and_bag(experiment):
+    """The CUDA bf16 path on the CPU: autocast forward, loss and backward stay finite, and the
+    magnification weights (where there are any) still sum to 1."""
+    from utils.losses import StudyLoss
+
+    cfg = experiment_config(Config(backbone="test_resnet", pretrained="off", image_size=32, feature_dim=16), experiment)
+    model = build_model(cfg)
+    torch.manual_seed(0)
+    slots = 6 if cfg.sample_mode == "bag" else 4
+    x = torch.randn(3, slots, 3, 32, 48)
+    mask = torch.tensor([[1.0, 2, 3, 4, 0, 2][:slots]] * 3) if cfg.sample_mode == "bag" else torch.ones(3, 4)
+    mask[0, 1] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, mask)
+        loss, _ = StudyLoss(cfg, None)(out, torch.tensor([0, 1, 1]), torch.tensor([0, 4, 7]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(out.logits.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if out.mag_weights is not None:
+        torch.testing.assert_close(out.mag_weights.float().sum(dim=1), torch.ones(3), atol=1e-2, rtol=0)
