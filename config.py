@@ -251,8 +251,12 @@ def default_output_dir(dry_run: bool) -> str:
 
 
 def read_config_file(path: str | Path, source: str | None = None) -> dict:
-    """Config values from a YAML file, typed; ConfigError with one line per problem."""
+    """Config values from a YAML file, typed; ConfigError with one line per problem. The
+    config.yaml of an earlier version reads too: its cross_mag_fusion flag names a fusion."""
     values, problems = read_yaml(path)
+    if "cross_mag_fusion" in values and "fusion" not in values:
+        values = dict(values)
+        values["fusion"] = "weighted" if values.pop("cross_mag_fusion") else "mean"
     typed, more = typed_values(values, _DEFAULTS, source or str(path))
     if problems or more:
         raise ConfigError("\n".join(problems + more))

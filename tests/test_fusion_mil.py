@@ -142,6 +142,8 @@ def test_groups_expand_and_unknown_names_are_one_line(tmp_path):
     assert dataclasses.replace(cfg, fusion="gated").fusion == "gated"
     with pytest.raises(ConfigError, match="MIL models"):
         parse_args(["--model", "mil_mean"])
+    path.write_text("cross_mag_fusion: false\n")  # the config.yaml of the version before fusion by name
+    assert parse_args(["--config", str(path)]).fusion == "mean"
     assert np.all([name in GROUPS["all"] for name in GROUPS["fusion"] + GROUPS["mil"]])
 
 
