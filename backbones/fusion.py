@@ -27,6 +27,12 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(weights, nan=0.0)
 
 
+def uniform_weights(mask: torch.Tensor) -> torch.Tensor:
+    """Equal shares of the present slots (mask > 0), summing to 1; all zero where none is."""
+    weights = (mask > 0).float()
+    return weights / weights.sum(dim=-1, keepdim=True).clamp(min=1)
+
+
 def weighted_sum(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights.to(z.dtype)[..., None] * z).sum(dim=1)
 
@@ -61,8 +67,7 @@ class MeanFusion(nn.Module):
         super().__init__()
 
     def forward(self, z, mask):
-        weights = (mask > 0).float()
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1)
+        weights = uniform_weights(mask)
         return weighted_sum(present(z, mask), weights), weights
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from backbones import ModelOutput, StudyModel, create_backbone, feature_map, map_channels, register
-from backbones.fusion import masked_softmax
+from backbones.fusion import masked_softmax, uniform_weights, weighted_sum
 from backbones.registry import Registry
 from config import MAGNIFICATIONS, MIL_AGGREGATORS
 
@@ -33,8 +33,8 @@ class MeanAggregator(nn.Module):
         super().__init__()
 
     def forward(self, h, present):
-        weights = present / present.sum(dim=-1, keepdim=True).clamp(min=1)
-        return (weights[..., None].to(h.dtype) * h).sum(dim=1), weights
+        weights = uniform_weights(present)
+        return weighted_sum(h, weights), weights
 
 
 @register_aggregator("max")
@@ -68,7 +68,7 @@ class AttentionAggregator(nn.Module):
 
     def forward(self, h, present):
         weights = masked_softmax(self.scores(h), present)
-        return (weights[..., None].to(h.dtype) * h).sum(dim=1), weights
+        return weighted_sum(h, weights), weights
 
 
 @register_aggregator("gated_attention")
