@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from config import Config, ConfigError, parse_args
+from config import MIL_EXPERIMENTS, Config, ConfigError, parse_args
 from utils.files import REPORT_LOG, setup_logging
 from utils.html_report import LiveReport
 from utils.report import write_report
@@ -87,7 +87,7 @@ def explained_experiments(cfg: Config) -> list[str]:
     """Grad-CAM figures: MMNet's, and each MIL model's (its patients' most-attended images)."""
     if not cfg.gradcam_patients:
         return []
-    return [name for name in cfg.experiments if name == "mmnet" or name.startswith("mil_")]
+    return [name for name in cfg.experiments if name == "mmnet" or name in MIL_EXPERIMENTS]
 
 
 def settle_device(cfg: Config):

@@ -6,6 +6,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from config import MIL_EXPERIMENTS
 from utils.files import DATASET_FILE, HEADER_FILE
 
 
@@ -78,7 +79,7 @@ def protocol_text(cfg, runs: dict) -> str:
 
 def _bag_text(cfg, runs: dict) -> str:
     """The MIL sampling, when MIL models are in the report."""
-    if not any(name.startswith("mil_") for name in runs):
+    if not any(name in MIL_EXPERIMENTS for name in runs):
         return ""
     return (f" MIL models (mil_*) read bags instead: training bags of {cfg.bag_size} distinct images of one "
             f"patient from every magnification, with as many images per step as MMNet's tuples; at test "

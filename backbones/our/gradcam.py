@@ -14,6 +14,7 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from torch import nn
 
 from backbones.encoder import MAP_HOOK
+from preprocess.dataset import reads_levels
 METHODS = ("gradcam", "gradcam++")
 
 
@@ -85,7 +86,7 @@ def cam_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, method: str 
 def _cam_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cam_class, target: int) -> np.ndarray:
     slots, height, width = x.shape[1], x.shape[-2], x.shape[-1]
     maps = np.zeros((slots, height, width), dtype=np.float32)
-    if getattr(model, "reads_levels", False):  # a MIL bag: every image in one pass
+    if reads_levels(model):  # a MIL bag: every image in one pass
         present = mask[0] > 0
         with cam_class(model=BagView(model, mask[:, present].float()), target_layers=[target_layer(model.backbone)]) as cam:
             grayscale = cam(input_tensor=x[0, present].float().clone(),
