@@ -39,14 +39,20 @@ GROUP_TITLES = {"fusion": "Fusion strategies (patient level; MMNet's own is 'wei
                        "so there is no per-sample level)"}
 
 
+# (file, family, level) of every comparison table with MMNet, whose numbers go to <file>_values.csv
+COMPARISON_FILES = (("main_comparison", "main", "patient"), ("main_comparison_tuple", "main", "tuple"),
+                    ("ablation", "ablation", "patient"), ("fusion_comparison", "fusion", "patient"),
+                    ("mil_comparison", "mil", "patient"))
+
+
+def _with_reference(family: str) -> list[str]:
+    return ["mmnet", *FAMILIES[family]]
+
+
 def _group_entries(stats: pd.DataFrame, runs: dict) -> list[tuple]:
     """A comparison table per experiment group that has finished folds besides MMNet."""
-    entries = []
-    for family, title in GROUP_TITLES.items():
-        members = ["mmnet", *FAMILIES[family]]
-        if any(name in runs for name in FAMILIES[family]):
-            entries.append((title, f"{family}_comparison", comparison_table(stats, members, "patient"), True))
-    return entries
+    return [(title, f"{family}_comparison", comparison_table(stats, _with_reference(family), "patient"), True)
+            for family, title in GROUP_TITLES.items() if any(name in runs for name in FAMILIES[family])]
 
 
 def write_tables(runs: dict, cfg, tables: Path) -> dict:
@@ -54,11 +60,9 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
     use it); returns the ones the report shows, by title."""
     stats = statistics(runs, cfg.bootstrap_samples, cfg.seed, FAMILIES)
     stats.round(5).to_csv(tables / "statistics.csv", index=False)
-    main, ablation = ["mmnet", *BASELINES], ["mmnet", *ABLATIONS]
-    for file, members, level in (("main_comparison", main, "patient"), ("main_comparison_tuple", main, "tuple"),
-                                 ("ablation", ablation, "patient"), ("fusion_comparison", ["mmnet", *FUSION_EXPERIMENTS], "patient"),
-                                 ("mil_comparison", ["mmnet", *MIL_EXPERIMENTS], "patient")):
-        _comparison_values(stats, members, level).to_csv(tables / f"{file}_values.csv", index=False)
+    main, ablation = _with_reference("main"), _with_reference("ablation")
+    for file, family, level in COMPARISON_FILES:
+        _comparison_values(stats, _with_reference(family), level).to_csv(tables / f"{file}_values.csv", index=False)
     recall, head = subtype_tables(runs)
     entries = [  # (title, file, table, LaTeX too)
         ("Main comparison (patient level)", "main_comparison", comparison_table(stats, main, "patient"), True),
