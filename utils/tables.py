@@ -214,12 +214,16 @@ def fusion_weights(run: dict) -> pd.DataFrame:
     """Mean fusion weight per magnification on each fold's test tuples. Taken after the
     hierarchical attention has mixed the levels: a weight says how the fused vector is
     formed, not what a magnification's images contribute (see magnification_importance)."""
-    rows = []
-    for r, frame in zip(run["results"], run["predictions"]):
-        weights = frame[[c for c in frame.columns if c.startswith("w_")]].mean()
-        if len(weights):  # none for a fusion that mixes magnifications inside its vector (--fusion concat)
-            rows.append({"fold": r["fold"], **{k.removeprefix("w_").upper(): round(v, 4) for k, v in weights.items()}})
+    rows = [{"fold": r["fold"], **means.round(4).to_dict()}
+            for r, means in zip(run["results"], _fold_weight_means(run))
+            if len(means)]  # none for a fusion that mixes magnifications inside its vector (--fusion concat)
     return _with_summary(pd.DataFrame(rows)) if rows else pd.DataFrame()
+
+
+def _fold_weight_means(run: dict) -> list[pd.Series]:
+    """Per fold, the mean of each w_ column over the test samples, indexed '40X'..."""
+    return [frame[[c for c in frame.columns if c.startswith("w_")]].mean().rename(lambda c: c.removeprefix("w_").upper())
+            for frame in run["predictions"]]
 
 
 def magnification_weights(runs: dict) -> pd.DataFrame:
@@ -227,10 +231,9 @@ def magnification_weights(runs: dict) -> pd.DataFrame:
     the mean weight of each magnification over every fold's test samples."""
     rows = []
     for name, run in runs.items():
-        frames = [frame[[c for c in frame.columns if c.startswith("w_")]] for frame in run["predictions"]]
-        if frames and frames[0].shape[1] > 1:
-            means = pd.concat([f.mean() for f in frames], axis=1).mean(axis=1)
-            rows.append({"experiment": name, **{k.removeprefix("w_").upper(): round(v, 4) for k, v in means.items()}})
+        folds = _fold_weight_means(run)
+        if folds and len(folds[0]) > 1:
+            rows.append({"experiment": name, **pd.concat(folds, axis=1).mean(axis=1).round(4).to_dict()})
     return pd.DataFrame(rows)
 
 
