@@ -83,8 +83,7 @@ def measure_frozen(cfg: Config, env, batches: int, fine_tune: dict) -> dict:
             "frozen_speedup": rates["train"] / fine_tune["train_tuples_per_s_end_to_end"],
             "feature_cache_gb_7909_images": maps.nbytes / len(rows) * FULL["images"] / 1e9,
             "predicted_full_run_minutes_frozen": (predicted_full_run_s(frozen, speeds) + FULL["images"] / build) / 60,
-            **{f"predicted_minutes_added_by_{group}_frozen": predicted_full_run_s(
-                frozen, speeds, [m for m in members if m != "mmnet"]) / 60 for group, members in GROUPS.items()}}
+            **minutes_added_by_groups(frozen, speeds, "_frozen")}
 
 
 # ---------------------------------------------------------------- duration of a study
@@ -183,6 +182,12 @@ def predicted_full_run_s(cfg: Config, rates: dict, names=()) -> float:
     return total
 
 
+def minutes_added_by_groups(cfg: Config, rates: dict, suffix: str = "") -> dict[str, float]:
+    """Predicted minutes each experiment group adds to a study that already has MMNet."""
+    return {f"predicted_minutes_added_by_{group}{suffix}": predicted_full_run_s(
+        cfg, rates, [m for m in members if m != "mmnet"]) / 60 for group, members in GROUPS.items()}
+
+
 def quick_study_minutes(cfg: Config, env) -> float:
     """A few-second estimate of the default study on this device, for the start-up check:
     one timed MMNet training step on a random micro-batch of 4, eval taken as 3x faster."""
@@ -213,9 +218,7 @@ def main(argv=None) -> int:
     configure_backends(env.device, deterministic=False)
     rates = measure(cfg, env, args.batches, args.cache_images)
     rates["predicted_full_run_minutes"] = predicted_full_run_s(cfg, rates) / 60
-    for group, members in GROUPS.items():  # what a group adds to a study that already has MMNet
-        rates[f"predicted_minutes_added_by_{group}"] = predicted_full_run_s(
-            cfg, rates, [m for m in members if m != "mmnet"]) / 60
+    rates.update(minutes_added_by_groups(cfg, rates))
     if args.freeze_backbone:
         rates.update(measure_frozen(cfg, env, args.batches, rates))
     table = pd.DataFrame([{"metric": k, "value": round(v, 3)} for k, v in rates.items()])
