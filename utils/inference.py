@@ -199,10 +199,11 @@ def _mil_explanation(fm: FoldModel, source, run_dir: Path, patient: str, title: 
     """A MIL patient: Grad-CAM of the patient's decision on its most-attended images (the bag
     of its MIL_CONTEXT most attended images, so memory stays bounded), the top MIL_SHOWN drawn."""
     attention = pd.read_csv(run_dir / ATTENTION_FILE)
-    top = attention[attention["patient"] == patient].sort_values("rank").head(MIL_CONTEXT)
+    images = attention[attention["patient"] == patient]
+    top = images.sort_values("rank").head(MIL_CONTEXT)
     labels = [f"{m}X, attention {a:.2f}" for m, a in zip(top["mag"], top["attention"])]
     explanation = explain_tuple(fm, source, top["row"].to_numpy(), f"{title}, its {min(len(top), MIL_SHOWN)} most "
-                                f"attended of {len(attention[attention['patient'] == patient])} images", labels=labels)
+                                f"attended of {len(images)} images", labels=labels)
     keep = slice(0, MIL_SHOWN)
     for key in ("images", "present", "cams", "labels"):
         explanation[key] = explanation[key][keep]
