@@ -195,10 +195,10 @@ def choose_cases(predictions: pd.DataFrame, threshold: float, count: int) -> lis
 MIL_SHOWN, MIL_CONTEXT = 4, 64  # images drawn per MIL patient; most-attended images the maps are taken in
 
 
-def _mil_explanation(fm: FoldModel, source, run_dir: Path, patient: str, title: str) -> dict:
+def _mil_explanation(fm: FoldModel, source, attention: pd.DataFrame, patient: str, title: str) -> dict:
     """A MIL patient: Grad-CAM of the patient's decision on its most-attended images (the bag
-    of its MIL_CONTEXT most attended images, so memory stays bounded), the top MIL_SHOWN drawn."""
-    attention = pd.read_csv(run_dir / ATTENTION_FILE)
+    of its MIL_CONTEXT most attended images, so memory stays bounded), the top MIL_SHOWN drawn.
+    `attention`: the fold's attention.csv."""
     images = attention[attention["patient"] == patient]
     top = images.sort_values("rank").head(MIL_CONTEXT)
     labels = [f"{m}X, attention {a:.2f}" for m, a in zip(top["mag"], top["attention"])]
@@ -229,11 +229,12 @@ def write_gradcam_maps(cfg: Config, study, experiment: str = "mmnet") -> list[Pa
         predictions = pd.read_csv(run_dir / "predictions.csv")
         test = fold_split(study.index, study.usable, study.folds, fold, fm.cfg)["test"]
         tuples, owners = evaluation_tuples(test)
+        attention = pd.read_csv(run_dir / ATTENTION_FILE) if fm.cfg.sample_mode == "bag" else None
         for case, patient in choose_cases(predictions, fm.threshold, cfg.gradcam_patients):
             label = "malignant" if test.labels[test.patients.index(patient)] else "benign"
             title = f"{patient} ({label}, {case}, fold {fold})"
             if fm.cfg.sample_mode == "bag":
-                explanation = _mil_explanation(fm, study.source, run_dir, patient, title)
+                explanation = _mil_explanation(fm, study.source, attention, patient, title)
             else:
                 explanation = explain_tuple(fm, study.source, tuples[owners == test.patients.index(patient)][0], title)
             path = maps_dir / f"{experiment}_fold{fold}_{case}_{patient}.npz"
