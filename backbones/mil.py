@@ -16,6 +16,7 @@ from torch import nn
 from backbones import ModelOutput, StudyModel, create_backbone, feature_map, map_channels, register
 from backbones.fusion import masked_softmax, uniform_weights, weighted_sum
 from backbones.registry import Registry
+from preprocess.dataset import magnification_codes
 from config import MAGNIFICATIONS, MIL_AGGREGATORS
 
 AGGREGATOR_REGISTRY = Registry("MIL aggregator", "model")
@@ -97,7 +98,7 @@ class MILNet(StudyModel):
         self.level_embedding = nn.Embedding(len(MAGNIFICATIONS), cfg.feature_dim)
         nn.init.trunc_normal_(self.level_embedding.weight, std=0.02)
         self.aggregator = create_aggregator(aggregator, cfg.feature_dim)
-        self.levels = [1 + MAGNIFICATIONS.index(m) for m in cfg.magnifications]  # mask codes, in slot order
+        self.levels = magnification_codes(cfg.magnifications).tolist()  # mask codes, in slot order
 
     def instance_vectors(self, images: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) images or (n, C, h, w) maps -> (n, D); in chunks when nothing needs a

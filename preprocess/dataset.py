@@ -184,8 +184,7 @@ class ImageSource:
         self.device = torch.device(device)
         self.on_device = self.device.type != "cpu" if on_device is None else on_device
         self.images = _copy_to(cache, self.device) if self.on_device else cache  # else memmap: rows read on demand
-        # 1 + position in MAGNIFICATIONS of each cache row's magnification: the mask of a MIL bag
-        self.levels = None if mags is None else np.searchsorted(MAGNIFICATIONS, np.asarray(mags)) + 1
+        self.levels = None if mags is None else magnification_codes(mags)  # per cache row: the mask of a MIL bag
 
     def gather(self, tuples: np.ndarray, levels: bool = False):
         """uint8 (B, M, H, W, 3) on the device and float mask (B, M): 1 where an image is
@@ -228,6 +227,12 @@ class ImageSource:
         images, mask = self.gather(tuples, reads_levels(model))
         for view in test_views(images, tta):
             yield prepare_batch(view, model.norm_mean, model.norm_std, None), mask
+
+
+def magnification_codes(mags) -> np.ndarray:
+    """What a MIL bag's mask holds for an image: 1 + the position of its magnification in
+    MAGNIFICATIONS (0 is an empty slot)."""
+    return np.searchsorted(MAGNIFICATIONS, np.asarray(mags)) + 1
 
 
 def reads_levels(model) -> bool:
