@@ -61,3 +61,19 @@ def test_report_compares_each_group_with_mmnet(groups_run):
     assert "mil_" not in per_sample  # a MIL bag is a patient: no per-sample level
     stats = pd.read_csv(groups_run / "tables" / "statistics.csv")
     assert set(stats.loc[stats["family"] == "mil", "experiment"]) == set(MIL_EXPERIMENTS)
+
+
+def test_an_experiment_in_two_families_gets_a_holm_p_in_each(groups_run):
+    """mmnet_no_fusion is the ablation and the fusion group's 'mean': one training, and its
+    comparison with MMNet is adjusted within each table's own family."""
+    stats = pd.read_csv(groups_run / "tables" / "statistics.csv")
+    rows = stats[(stats["experiment"] == "mmnet_no_fusion") & stats["family"].notna()]
+    assert sorted(rows["family"].unique()) == ["ablation", "fusion"]
+    assert rows.groupby("family").size().tolist() == [2, 2]  # balanced accuracy and AUC in each
+    # Holm multiplies by the family's size: 2 tests in the ablation table here, 12 in the fusion one
+    ablation, fusion = (rows[rows["family"] == f].set_index("metric") for f in ("ablation", "fusion"))
+    assert (fusion["p_holm"] >= ablation["p_holm"] - 1e-12).all()
+    assert (ablation["p_value"] == fusion["p_value"]).all()
+    for name in ("ablation_values", "fusion_comparison_values"):
+        values = pd.read_csv(groups_run / "tables" / f"{name}.csv")
+        assert values.groupby(["experiment", "metric"]).size().max() == 1, name

@@ -123,7 +123,8 @@ def test_report_only_rebuilds_everything_from_output(tmp_path):
     stats = pd.read_csv(out / "tables" / "statistics.csv")
     compared = stats[(stats["experiment"] != "mmnet") & stats["metric"].isin(["auc", "balanced_accuracy"])
                      & (stats["level"] == "patient")]
-    assert len(compared) == 2 * (len(EXPERIMENTS) - 1)
+    assert len(compared) == 2 * (len(EXPERIMENTS) - 1) + 2  # mmnet_no_fusion: in the ablation and the fusion table
+    assert sorted(compared.loc[compared["experiment"] == "mmnet_no_fusion", "family"]) == ["ablation"] * 2 + ["fusion"] * 2
     assert compared["p_value"].between(0, 1).all() and (compared["p_holm"] >= compared["p_value"] - 1e-12).all()
     assert (compared["diff_ci_low"] <= compared["diff_pooled"]).all() and (compared["diff_pooled"] <= compared["diff_ci_high"]).all()
     assert stats.loc[stats["level"] == "tuple", "p_value"].isna().all()  # samples of different size: no test

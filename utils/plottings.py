@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from config import MAGNIFICATIONS
+from config import FUSIONS, MAGNIFICATIONS, MIL_AGGREGATORS
 from utils.metrics import patient_probabilities
 
 
@@ -24,7 +24,9 @@ TITLES = {"mmnet": "MMNet", **{f"single_{m}x": f"Single {m}X" for m in MAGNIFICA
           **{f"mmnet_no_{k}": f"MMNet without {v}" for k, v in (("spatial", "spatial attention"), (
               "channel", "channel attention"), ("hierarchical", "hierarchical attention"), (
               "fusion", "learned fusion (plain mean)"), ("msap", "multi-scale pooling"))},
-          "mmnet_ce_loss": "MMNet with cross-entropy loss"}
+          "mmnet_ce_loss": "MMNet with cross-entropy loss",
+          **{f"mmnet_fusion_{k}": f"MMNet, {k.replace('_', ' ')} fusion" for k in FUSIONS},
+          **{f"mil_{k}": f"MIL, {k.replace('_', ' ')} pooling" for k in MIL_AGGREGATORS}}
 
 
 def title_of(name: str) -> str:

@@ -19,17 +19,16 @@ from utils.files import (GRADCAM_DIR, PROGRESS_FILE, REPORT_FILE, RUN_LOG, atomi
                          save_table, setup_logging)
 from utils.html_report import write_html_report
 from utils.report_text import header_lines, protocol_text, read_text_file, results_key
-from utils.tables import (calibrated_patients, calibration_table, comparison_table, fold_table, fusion_weights,
-                          load_runs, magnification_importance, magnification_weights, per_fold_table, statistics,
-                          subtype_tables, timing_table, validation_threshold_table)
+from utils.tables import (calibrated_patients, calibration_table, comparison_table, family_rows, fold_table,
+                          fusion_weights, load_runs, magnification_importance, magnification_weights, per_fold_table,
+                          statistics, subtype_tables, timing_table, validation_threshold_table)
 
 log = logging.getLogger("mmnet")
 
 
-def _comparison_values(stats: pd.DataFrame, experiments, level: str) -> pd.DataFrame:
+def _comparison_values(stats: pd.DataFrame, family: str, level: str) -> pd.DataFrame:
     """The numbers behind a formatted comparison table (the same rows of statistics.csv)."""
-    part = stats[stats["experiment"].isin(experiments) & (stats["level"] == level)]
-    return part.round(5)
+    return family_rows(stats, _with_reference(family), level, family).round(5)
 
 
 # Families of the paired comparison with MMNet, one results table each (Holm within a family).
@@ -51,7 +50,7 @@ def _with_reference(family: str) -> list[str]:
 
 def _group_entries(stats: pd.DataFrame, runs: dict) -> list[tuple]:
     """A comparison table per experiment group that has finished folds besides MMNet."""
-    return [(title, f"{family}_comparison", comparison_table(stats, _with_reference(family), "patient"), True)
+    return [(title, f"{family}_comparison", comparison_table(stats, _with_reference(family), "patient", family), True)
             for family, title in GROUP_TITLES.items() if any(name in runs for name in FAMILIES[family])]
 
 
@@ -62,13 +61,13 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
     stats.round(5).to_csv(tables / "statistics.csv", index=False)
     main, ablation = _with_reference("main"), _with_reference("ablation")
     for file, family, level in COMPARISON_FILES:
-        _comparison_values(stats, _with_reference(family), level).to_csv(tables / f"{file}_values.csv", index=False)
+        _comparison_values(stats, family, level).to_csv(tables / f"{file}_values.csv", index=False)
     recall, head = subtype_tables(runs)
     entries = [  # (title, file, table, LaTeX too)
-        ("Main comparison (patient level)", "main_comparison", comparison_table(stats, main, "patient"), True),
+        ("Main comparison (patient level)", "main_comparison", comparison_table(stats, main, "patient", "main"), True),
         ("Per-sample level (a tuple of 4 images for MMNet, 1 image for single-magnification models: not compared)",
          "main_comparison_tuple", comparison_table(stats, main, "tuple"), True),
-        ("Ablations (patient level)", "ablation", comparison_table(stats, ablation, "patient"), True),
+        ("Ablations (patient level)", "ablation", comparison_table(stats, ablation, "patient", "ablation"), True),
         *_group_entries(stats, runs),
         ("Per fold (patient level)", "per_fold", per_fold_table(runs), True),
         ("Per-subtype recall of the binary decision (patients correct/total)", "subtype_recall", recall, True),

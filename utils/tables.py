@@ -120,30 +120,41 @@ def statistics(runs: dict, n_boot: int, seed: int, families: dict, reference: st
     stats = pd.DataFrame(rows)
     if reference not in runs:
         return stats
+    stats["family"] = None
     for family, members in families.items():
         keys = [(name, metric) for name in members if name in runs and name != reference for metric in COMPARED]
         tests = {key: _comparison(runs[key[0]], runs[reference], key[1], n_boot, seed) for key in keys}
         adjusted = holm([t["p_value"] for t in tests.values()])
         for (key, test), p_holm in zip(tests.items(), adjusted):
             where = (stats["experiment"] == key[0]) & (stats["level"] == "patient") & (stats["metric"] == key[1])
+            if stats.loc[where, "family"].notna().any():  # in a second family: its own row, its own Holm p
+                stats = pd.concat([stats, stats.loc[where & stats["family"].notna()].head(1)], ignore_index=True)
+                where = stats.index == stats.index[-1]
             for column, value in {**test, "p_holm": p_holm, "family": family}.items():
                 stats.loc[where, column] = value
     return stats
+
+
+def family_rows(stats: pd.DataFrame, experiments, level: str, family: str | None = None) -> pd.DataFrame:
+    """The rows of `experiments` at `level` as one comparison table reads them: an experiment in
+    two families (mmnet_no_fusion: ablation and fusion) has a compared row per family."""
+    part = stats[stats["experiment"].isin(experiments) & (stats["level"] == level)]
+    return part[part["family"].isna() | (part["family"] == family)] if "family" in part else part
 
 
 def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def comparison_table(stats: pd.DataFrame, experiments, level: str = "patient",
+def comparison_table(stats: pd.DataFrame, experiments, level: str = "patient", family: str | None = None,
                      reference: str = "mmnet") -> pd.DataFrame:
     """Experiments x metrics as 'pooled [95 % CI]' (all out-of-fold predictions together), the
     fold mean ± sd of balanced accuracy, and at patient level the paired comparison with the
     reference (pooled difference [paired CI], Holm-adjusted p). The per-sample table has no
     comparison: an MMNet sample is 4 images, a single-magnification sample 1."""
-    rows = []
+    rows, stats = [], family_rows(stats, experiments, level, family)
     for name in [e for e in experiments if e in set(stats["experiment"])]:
-        part = stats[(stats["experiment"] == name) & (stats["level"] == level)].set_index("metric")
+        part = stats[stats["experiment"] == name].set_index("metric")
         row = {"experiment": name}
         for m in SHOWN:
             r = part.loc[m]
