@@ -91,6 +91,20 @@ def test_progress_eta_follows_measured_speed(tmp_path, monkeypatch):
     assert info["eta_s"] == pytest.approx(2 * (15.0 + 30.0), abs=0.2)
 
 
+def test_progress_eta_of_parallel_workers_uses_their_own_job_times(tmp_path, monkeypatch):
+    from utils import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    jobs = [("a", f) for f in range(5)]
+    tracker = progress.StudyProgress(tmp_path, jobs, {"a": 10.0}, workers=2)
+    assert tracker.eta_seconds() == pytest.approx(25.0)  # 5 jobs of 10 s on 2 workers
+    tracker.end_job("a", 0, False)  # finished earlier, never sent to a worker
+    clock[0] += 500.0  # the parent's clock means nothing for a worker's job
+    tracker.end_job("a", 1, True, seconds=30.0)  # the worker took 3x the prediction
+    assert tracker.eta_seconds() == pytest.approx(3 * 30.0 / 2)
+
+
 def test_latex_tables_compile_ready(tmp_path):
     from utils.files import save_table
 

@@ -63,8 +63,8 @@ def _collect(done, pending: dict, pool) -> tuple[int, str]:
         if future.cancelled():
             continue
         try:
-            future.result()
-            progress.current().end_job(name, fold, True)
+            results = future.result()
+            progress.current().end_job(name, fold, True, results.get("wall_seconds_this_run"))
         except ForeignRunError as exc:
             pool.shutdown(cancel_futures=True)
             raise ConfigError(str(exc)) from None
@@ -76,9 +76,10 @@ def _collect(done, pending: dict, pool) -> tuple[int, str]:
     return failed, stopped
 
 
-def run_jobs(cfg, prepared, names: list[str], jobs: int, log_file: str) -> int:
-    """Run every (experiment, fold); returns the number of failed jobs. A failed job is
-    reported and the others go on; a stop request waits for the running jobs to save."""
+def run_jobs(cfg, prepared, todo: list[tuple[str, int]], jobs: int, log_file: str) -> int:
+    """Run the (experiment, fold) jobs `todo` (those not finished earlier); returns the number
+    of failed jobs. A failed job is reported and the others go on; a stop request waits for the
+    running jobs to save."""
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     slots = ctx.Queue()
     for slot in range(jobs):
@@ -86,7 +87,7 @@ def run_jobs(cfg, prepared, names: list[str], jobs: int, log_file: str) -> int:
     failed, stopped = 0, ""
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(cfg, prepared, slots, log_file, jobs)) as pool:
-        pending = {pool.submit(_run_job, n, f): (n, f) for n in names for f in range(cfg.folds * cfg.cv_repeats)}
+        pending = {pool.submit(_run_job, n, f): (n, f) for n, f in todo}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             lost, stop = _collect(done, pending, pool)

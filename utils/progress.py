@@ -48,9 +48,10 @@ class StudyProgress:
     """Jobs (experiment, fold) in the order they run, with predicted seconds for each."""
 
     def __init__(self, out_dir: str | Path, jobs: list[tuple[str, int]], predicted: dict[str, float],
-                 on_fold_end=None):
+                 on_fold_end=None, workers: int = 1):
         self.path = Path(out_dir) / PROGRESS_FILE
         self.jobs, self.predicted = jobs, predicted  # predicted: seconds per fold of each experiment
+        self.workers = workers  # jobs that run at once (parallel workers share the remaining work)
         self.on_fold_end = on_fold_end  # e.g. rewrite the live report
         self.started = time.perf_counter()
         self.done: set = set()
@@ -70,7 +71,7 @@ class StudyProgress:
                    if (name, fold) not in self.done and (name, fold) != self.current)
         if self.current:
             left += (1 - self.fraction) * self.predicted.get(self.current[0], float("nan"))
-        return left * self._scale()
+        return left * self._scale() / self.workers
 
     def start_job(self, name: str, fold: int) -> None:
         self.current, self.job_started, self.fraction = (name, fold), time.perf_counter(), 0.0
@@ -80,9 +81,10 @@ class StudyProgress:
         self.fraction = (epoch + 1) / epochs
         self.write("running", f"epoch {epoch + 1}/{epochs}")
 
-    def end_job(self, name: str, fold: int, trained: bool) -> None:
+    def end_job(self, name: str, fold: int, trained: bool, seconds: float | None = None) -> None:
+        """A job ended; `seconds` is its own training time where it ran elsewhere (a worker)."""
         if trained:
-            self.measured += time.perf_counter() - self.job_started
+            self.measured += seconds if seconds is not None else time.perf_counter() - self.job_started
             self.expected += self.predicted.get(name, 0.0)
         self.done.add((name, fold))
         self.current, self.fraction = None, 0.0

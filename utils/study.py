@@ -82,13 +82,15 @@ def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Stu
     except ForeignRunError as exc:  # the output folder holds another run: a whole-study decision
         raise ConfigError(str(exc)) from None
     predicted = _predicted_seconds(cfg, study, names) if pending else {}
-    tracker = StudyProgress(cfg.output_dir, order, predicted, on_fold_end)
+    tracker = StudyProgress(cfg.output_dir, order, predicted, on_fold_end, workers=max(1, min(jobs, len(pending))))
     progress.set_current(tracker)
     started = time.perf_counter()
     try:
         if jobs > 1:
             log.info("running %d experiment x fold jobs on %d parallel workers", len(pending), jobs)
-            failed = run_jobs(cfg, prepared, names, jobs, str(Path(cfg.output_dir) / RUN_LOG))
+            for job in [job for job in order if job not in pending]:  # finished earlier: never sent to a worker
+                tracker.end_job(*job, False)
+            failed = run_jobs(cfg, prepared, pending, jobs, str(Path(cfg.output_dir) / RUN_LOG))
         else:
             failed = run_sequential(cfg, study, names)
     except BaseException:
