@@ -86,6 +86,7 @@ class Config:
     backbone_lr_scale: float = 1.0  # backbone lr = lr * this (<1: pretrained layers move less)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay
+    ema_epochs: float = 0.0  # >0: keep (and validate) an exponential moving average of the weights over about this many epochs; 0 = the weights themselves
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     loss: str = "focal"  # focal | ce (binary cross-entropy)
     focal_alpha: float = 0.5  # malignant weight; 0.5 = neutral (the sampler balances classes); <0 = none
@@ -161,7 +162,7 @@ _CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "
 _MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
-            "warmup_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0,
+            "warmup_epochs": 0.0, "ema_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0,
             "colour_jitter": 0.0, "stain_jitter": 0.0}
 
 

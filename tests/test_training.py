@@ -139,3 +139,35 @@ def test_resume_reads_checkpoints_on_the_cpu(tmp_path, demo_tree, demo_index, mo
     monkeypatch.setattr(checkpoint, "load_checkpoint", recording)
     _run(cfg, demo_tree, demo_index)
     assert locations and set(locations) == {"cpu"}
+
+
+def test_moving_average_follows_its_formula():
+    """--ema-epochs 2 over 2 steps an epoch: decay 1 - 1/4; the first update copies the weights."""
+    model = torch.nn.Linear(3, 1)
+    average = train.moving_average(model, ema_epochs=2.0, steps_per_epoch=2)
+    assert train.moving_average(model, 0.0, 2) is None
+    expected = None
+    for step in range(4):
+        with torch.no_grad():
+            model.weight.add_(torch.full_like(model.weight, step + 1.0))
+        average.update_parameters(model)
+        current = model.weight.detach().clone()
+        expected = current if expected is None else 0.75 * expected + 0.25 * current
+    assert torch.allclose(average.module.weight, expected, atol=1e-6)
+    assert not torch.allclose(average.module.weight, model.weight)  # the average lags: the test can fail
+
+
+def test_moving_average_is_kept_and_resumes_exactly(tmp_path, demo_tree, demo_index, monkeypatch):
+    whole = tiny_config(tmp_path / "whole", epochs=3, ema_epochs=1.0)
+    _run(whole, demo_tree, demo_index)
+    cut = tiny_config(tmp_path / "cut", epochs=3, ema_epochs=1.0)
+    real_epoch = _interrupt_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cut, demo_tree, demo_index)
+    assert "average" in load_checkpoint(tmp_path / "cut/runs/mmnet/fold0/last.pt")
+    monkeypatch.setattr(fold_module, "train_one_epoch", real_epoch)
+    _run(cut, demo_tree, demo_index)
+    pd.testing.assert_frame_equal(_predictions(whole), _predictions(cut), check_exact=True)
+    plain = tiny_config(tmp_path / "plain", epochs=3)
+    _run(plain, demo_tree, demo_index)
+    assert not _predictions(plain)["prob"].equals(_predictions(whole)["prob"])  # the average is what was tested

@@ -32,6 +32,12 @@ class FoldState:
     partial_losses: list = None
     saved_rng: dict = None  # RNG states at a mid-epoch stop, re-applied on resume
     accumulation: int = 1  # micro-batches per step (from device memory); doubled after an out-of-memory
+    average: torch.nn.Module = None  # --ema-epochs: the moving average of the weights (an AveragedModel)
+
+
+def tested_model(state: FoldState) -> torch.nn.Module:
+    """The network whose weights are validated and kept: the moving average where there is one."""
+    return state.average.module if state.average is not None else state.model
 
 
 def config_json(cfg) -> str:
@@ -57,7 +63,8 @@ def checkpoint_payload(state: FoldState, identity: dict, generator: torch.Genera
             "rng": rng, "epoch": state.epoch, "best_auc": state.best_auc,
             "best_loss": state.best_loss, "best_epoch": state.best_epoch,
             "bad_epochs": state.bad_epochs, "history": state.history, "step": state.step,
-            "partial_losses": state.partial_losses, "accumulation": state.accumulation, **identity}
+            "partial_losses": state.partial_losses, "accumulation": state.accumulation,
+            **({"average": state.average.state_dict()} if state.average is not None else {}), **identity}
 
 
 def restore(state: FoldState, payload: dict, best: dict | None) -> None:
@@ -65,6 +72,8 @@ def restore(state: FoldState, payload: dict, best: dict | None) -> None:
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     state.scaler.load_state_dict(payload["scaler"])
+    if state.average is not None:
+        state.average.load_state_dict(payload["average"])
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(("MT19937", rng["numpy_key"].numpy().astype(np.uint32), *rng["numpy_rest"]))
@@ -74,7 +83,7 @@ def restore(state: FoldState, payload: dict, best: dict | None) -> None:
                 "partial_losses"):
         setattr(state, key, payload[key])
     state.saved_rng = payload["rng"] if state.step else None
-    state.best_weights = best["model"] if best else cpu_copy(state.model.state_dict())
+    state.best_weights = best["model"] if best else cpu_copy(tested_model(state).state_dict())
 
 
 def restore_from_disk(state: FoldState, run_dir, identity: dict | None = None) -> bool:

@@ -24,7 +24,7 @@ from preprocess.dataset import (evaluation_samples, fold_split, samples_for, sam
                                 tuples_per_epoch)
 from utils.device import empty_cache, is_out_of_memory
 from utils.checkpoint import (FoldState, checkpoint_payload, config_json, cpu_copy, finished_results,
-                              reload_last, restore_from_disk)
+                              reload_last, restore_from_disk, tested_model)
 from utils.helpers import (BackgroundWriter, StopRequested, derived_seed, scalar_writer, seed_everything,
                            stop_requested)
 from utils import progress
@@ -97,7 +97,8 @@ def _validate(state: FoldState, run: FoldRun, val_tuples, val_owners) -> dict:
     if val_tuples is None:
         return {}
     env = run.study.env
-    out = predict(state.model, run.study.source, val_tuples, evaluation_batch(run.cfg, env), env.amp_dtype, tta=False)
+    out = predict(tested_model(state), run.study.source, val_tuples, evaluation_batch(run.cfg, env), env.amp_dtype,
+                  tta=False)
     labels = run.split["val"].labels[val_owners]
     loss = binary_loss(run.cfg, torch.logit(torch.from_numpy(out["prob"]).double(), eps=1e-7),
                        torch.from_numpy(labels))
@@ -137,7 +138,7 @@ def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict
     if improved:
         state.best_auc, state.best_loss = val.get("val_auc", -1.0), val.get("val_loss", float("inf"))
         state.best_epoch, state.bad_epochs = epoch, 0
-        state.best_weights, run.best_unsaved = cpu_copy(state.model.state_dict()), True
+        state.best_weights, run.best_unsaved = cpu_copy(tested_model(state).state_dict()), True
     elif val:
         state.bad_epochs += 1
     row = {"epoch": epoch, "train_loss": result.loss, **result.parts, **val,

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from backbones import build_model
 from preprocess.dataset import ImageSource, PatientImages, samples_for
@@ -87,6 +88,16 @@ def make_scheduler(optimizer, total_steps: int, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def moving_average(model: torch.nn.Module, ema_epochs: float, steps_per_epoch: int):
+    """torch's AveragedModel as an exponential moving average updated after every step, whose
+    horizon (1 / (1 - decay) steps) is ema_epochs epochs; BatchNorm statistics are averaged
+    with the weights. None when ema_epochs is 0."""
+    if ema_epochs <= 0:
+        return None
+    decay = 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
     """A fold's model, optimizer, schedule and scaler, from the config and the seed alone."""
     seed_everything(seed)  # same init for every experiment of this fold
@@ -96,7 +107,8 @@ def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
                                int(cfg.warmup_epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(env.device, enabled=env.amp_dtype == "float16")
     return FoldState(model, optimizer, scheduler, scaler, history=[],
-                     accumulation=math.ceil(samples_for(cfg, env.batch_size) / samples_for(cfg, env.micro_batch)))
+                     accumulation=math.ceil(samples_for(cfg, env.batch_size) / samples_for(cfg, env.micro_batch)),
+                     average=moving_average(model, cfg.ema_epochs, steps_per_epoch))
 
 
 def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds: tuple) -> torch.Tensor:
@@ -124,6 +136,8 @@ def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
+    if state.average is not None:
+        state.average.update_parameters(state.model)
     return total
 
 
