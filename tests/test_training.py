@@ -155,19 +155,21 @@ def test_moving_average_follows_its_formula():
         expected = current if expected is None else 0.75 * expected + 0.25 * current
     assert torch.allclose(average.module.weight, expected, atol=1e-6)
     assert not torch.allclose(average.module.weight, model.weight)  # the average lags: the test can fail
+    from utils.checkpoint import FoldState, tested_model
+    assert tested_model(FoldState(model, None, None, None, average=average)) is average.module
+    assert tested_model(FoldState(model, None, None, None)) is model
 
 
 def test_moving_average_is_kept_and_resumes_exactly(tmp_path, demo_tree, demo_index, monkeypatch):
-    whole = tiny_config(tmp_path / "whole", epochs=3, ema_epochs=1.0)
+    whole = tiny_config(tmp_path / "whole", epochs=2, ema_epochs=1.0)
     _run(whole, demo_tree, demo_index)
-    cut = tiny_config(tmp_path / "cut", epochs=3, ema_epochs=1.0)
-    real_epoch = _interrupt_in_epoch(monkeypatch, 2)
+    cut = tiny_config(tmp_path / "cut", epochs=2, ema_epochs=1.0)
+    real_epoch = _interrupt_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         _run(cut, demo_tree, demo_index)
-    assert "average" in load_checkpoint(tmp_path / "cut/runs/mmnet/fold0/last.pt")
+    saved = load_checkpoint(tmp_path / "cut/runs/mmnet/fold0/last.pt")
+    name = next(k for k, v in saved["model"].items() if v.is_floating_point() and "weight" in k)
+    assert not torch.equal(saved["average"][f"module.{name}"], saved["model"][name])  # tracked on its own
     monkeypatch.setattr(fold_module, "train_one_epoch", real_epoch)
     _run(cut, demo_tree, demo_index)
     pd.testing.assert_frame_equal(_predictions(whole), _predictions(cut), check_exact=True)
-    plain = tiny_config(tmp_path / "plain", epochs=3)
-    _run(plain, demo_tree, demo_index)
-    assert not _predictions(plain)["prob"].equals(_predictions(whole)["prob"])  # the average is what was tested
