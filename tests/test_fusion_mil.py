@@ -121,6 +121,29 @@ def test_mil_output_does_not_depend_on_the_order_of_the_images():
     torch.testing.assert_close(a.mag_weights.sum(dim=1), torch.ones(2))
 
 
+def test_mil_evaluation_drops_the_padding_of_a_bag_and_keeps_its_slots():
+    from preprocess.dataset import ImageSource
+    from utils.train import predict
+
+    cfg = experiment_config(Config(backbone="test_resnet", pretrained="off", image_size=32, feature_dim=16), "mil_attention")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    cache = np.random.default_rng(0).integers(0, 256, (9, 32, 49, 3), dtype=np.uint8)
+    source = ImageSource(cache, "cpu", mags=np.array([40, 100, 200, 400, 40, 100, 200, 400, 40]))
+    bags = np.full((2, 30), -1)
+    bags[0, :3], bags[1, :5] = [0, 4, 8], [1, 2, 3, 5, 6]  # padded to 30 slots, as evaluation_bags pads
+    seen = []
+    real_views = source.views
+    source.views = lambda samples, *args: (seen.append(samples.shape[1]), real_views(samples, *args))[1]
+    padded = predict(model, source, bags, 1, "none", tta=True)
+    assert seen == [3, 5]  # each bag went in without its empty slots
+    alone = predict(model, source, bags[1:, :5], 1, "none", tta=True)
+    assert np.allclose(padded["prob"][1], alone["prob"][0], atol=1e-6)
+    weights = padded["instance_weights"]
+    assert weights.shape == (2, 30) and (weights[0, 3:] == 0).all() and np.isclose(weights[0].sum(), 1, atol=1e-5)
+    assert np.allclose(weights[1, :5], alone["instance_weights"][0], atol=1e-6)
+
+
 def test_groups_expand_and_unknown_names_are_one_line(tmp_path):
     from config import GROUPS, parse_args, read_config_file
 

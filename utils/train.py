@@ -13,7 +13,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from backbones import build_model
-from preprocess.dataset import ImageSource, PatientImages, samples_for
+from preprocess.dataset import ImageSource, PatientImages, reads_levels, samples_for
 from utils.checkpoint import FoldState
 from utils.device import empty_cache, is_out_of_memory
 from utils.helpers import seed_everything
@@ -211,11 +211,29 @@ def predict_views(model, views, amp_dtype: str) -> dict:
     return {**{key: value / count for key, value in sums.items()}, "prob_plain": plain}
 
 
+def _filled(samples: np.ndarray, model) -> np.ndarray:
+    """A batch of bags without the empty slots every bag of it has: bags are filled from the
+    left and padded to the widest patient of the split, and a patient of 20 images should not
+    carry 400 black frames through augmentation. Tuples keep their slots (one per magnification)."""
+    if not reads_levels(model) or not (samples >= 0).any():
+        return samples
+    return samples[:, :int(np.flatnonzero((samples >= 0).any(axis=0))[-1]) + 1]
+
+
+def _predict_batch(model, source, samples: np.ndarray, evaluation: tuple[str, bool]) -> dict:
+    """One batch's predict_views(); per-image weights padded back to the batch's slots."""
+    amp_dtype, tta = evaluation
+    out = predict_views(model, source.views(_filled(samples, model), model, tta), amp_dtype)
+    if "instance_weights" in out and out["instance_weights"].shape[1] < samples.shape[1]:
+        out["instance_weights"] = torch.nn.functional.pad(
+            out["instance_weights"], (0, samples.shape[1] - out["instance_weights"].shape[1]))
+    return out
+
+
 def _predict_batches(model, source, tuples: np.ndarray, batch_size: int,
                      evaluation: tuple[str, bool]) -> dict[str, np.ndarray]:
     model.eval()
-    amp_dtype, tta = evaluation
-    batches = [predict_views(model, source.views(tuples[start:start + batch_size], model, tta), amp_dtype)
+    batches = [_predict_batch(model, source, tuples[start:start + batch_size], evaluation)
                for start in range(0, len(tuples), batch_size)]
     result = {key: torch.cat([b[key] for b in batches]).cpu().numpy() for key in batches[0]}
     if not np.isfinite(result["prob"]).all():
