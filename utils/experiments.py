@@ -28,12 +28,15 @@ BASELINES = ("single_40x", "single_100x", "single_200x", "single_400x", "simple_
              "pooled_single")
 ABLATIONS = tuple(n for n in EXPERIMENTS if n.startswith("mmnet_"))
 DEFAULT_EXPERIMENTS = tuple(EXPERIMENTS)  # what `python main.py` runs
-# MMNet with each other fusion strategy. 'mean' is the ablation mmnet_no_fusion itself, so the
-# fusion group reuses its folds instead of training the same configuration under a second name.
-FUSION_EXPERIMENTS = tuple("mmnet_no_fusion" if name == "mean" else f"mmnet_fusion_{name}"
-                           for name in FUSIONS if name != "weighted")
-EXPERIMENTS.update({name: {"fusion": name.removeprefix("mmnet_fusion_")}
-                    for name in FUSION_EXPERIMENTS if name.startswith("mmnet_fusion_")})
+# MMNet with each other fusion strategy. A strategy that an ablation already is (mean: the
+# ablation mmnet_no_fusion) is that ablation, so the fusion group reuses its folds instead of
+# training the same configuration under a second name.
+_FUSION_ABLATIONS = {overrides["fusion"]: name for name, overrides in EXPERIMENTS.items()
+                     if set(overrides) == {"fusion"}}
+FUSION_EXPERIMENTS = tuple(_FUSION_ABLATIONS.get(fusion, f"mmnet_fusion_{fusion}") for fusion in FUSIONS
+                           if fusion != "weighted")
+EXPERIMENTS.update({f"mmnet_fusion_{fusion}": {"fusion": fusion} for fusion in FUSIONS
+                    if fusion != "weighted" and fusion not in _FUSION_ABLATIONS})
 MIL_EXPERIMENTS = tuple(f"mil_{name}" for name in MIL_AGGREGATORS)
 EXPERIMENTS.update({name: {"model": name, "sample_mode": "bag"} for name in MIL_EXPERIMENTS})
 # Groups that --experiments takes besides single names; every group holds its reference, mmnet.

@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from config import FUSIONS, MAGNIFICATIONS, MIL_AGGREGATORS
+from config import EXPERIMENTS, MAGNIFICATIONS, MIL_EXPERIMENTS
 from utils.metrics import patient_probabilities
 
 
@@ -25,8 +25,9 @@ TITLES = {"mmnet": "MMNet", **{f"single_{m}x": f"Single {m}X" for m in MAGNIFICA
               "channel", "channel attention"), ("hierarchical", "hierarchical attention"), (
               "fusion", "learned fusion (plain mean)"), ("msap", "multi-scale pooling"))},
           "mmnet_ce_loss": "MMNet with cross-entropy loss",
-          **{f"mmnet_fusion_{k}": f"MMNet, {k.replace('_', ' ')} fusion" for k in FUSIONS},
-          **{f"mil_{k}": f"MIL, {k.replace('_', ' ')} pooling" for k in MIL_AGGREGATORS}}
+          **{name: f"MMNet, {overrides['fusion'].replace('_', ' ')} fusion" for name, overrides in EXPERIMENTS.items()
+             if name.startswith("mmnet_fusion_")},
+          **{name: f"MIL, {name.removeprefix('mil_').replace('_', ' ')} pooling" for name in MIL_EXPERIMENTS}}
 
 
 def title_of(name: str) -> str:
