@@ -5,14 +5,13 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.util
-import inspect
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.config_file import closest, problem, read_yaml, typed_values, write_yaml
+from utils.config_file import (OneLineParser, add_option, closest, field_comments, problem, read_yaml,
+                               typed_values, write_yaml)
 from utils.env import PROJECT_ROOT, get_base_path  # noqa: F401  (PROJECT_ROOT: for users of config)
 from utils.experiments import (ABLATIONS, BASELINES, DEFAULT_EXPERIMENTS, EXPERIMENTS,  # noqa: F401 (users and
                                FUSION_EXPERIMENTS, FUSIONS, GROUPS, MIL_AGGREGATORS,  # the report import them
@@ -150,12 +149,6 @@ def get_training_config(argv=None) -> dict:
     return dataclasses.asdict(detect_env(cfg))
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print the whole usage block
-        sys.stderr.write(f"error: {message} (see python main.py --help)\n")
-        raise SystemExit(2)
-
-
 _CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "inner_val"), "tta": ("on", "off"), "sample_mode": ("tuple", "pooled", "bag"), "fusion": FUSIONS,
             "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
             "device": ("auto", "cuda", "mps", "cpu")}
@@ -166,14 +159,23 @@ _MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience":
             "colour_jitter": 0.0, "stain_jitter": 0.0}
 
 
-def _comma_list(kind):
-    return lambda text: tuple(kind(t.strip()) for t in text.split(",") if t.strip())
-
-
-def _field_comments() -> dict[str, str]:
-    """The comment beside each Config field: one source for the code and for --help."""
-    source = inspect.getsource(Config)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#(.+)$", source, re.M)}
+# --help in the order a user decides: where the data are, what the study runs, which model,
+# how it trains, on what device, and what is written. Every Config field sits in one group.
+OPTION_GROUPS = {
+    "data": ("data_dir", "cache_dir", "magnifications", "image_size", "max_patients", "folds_source"),
+    "study": ("experiments", "dry_run", "analyze_only", "report_only", "resume", "folds", "cv_repeats",
+              "inner_val_fraction", "model_selection", "tta", "seed"),
+    "model": ("model", "backbone", "pretrained", "pretrained_file", "freeze_backbone", "shared_backbone",
+              "feature_dim", "dropout", "spatial_attention", "channel_attention", "hierarchical_attention",
+              "fusion", "multiscale_pooling", "subtype_head", "sample_mode", "bag_size"),
+    "training": ("epochs", "patience", "batch_size", "tuples_per_epoch", "class_balanced", "lr",
+                 "backbone_lr_scale", "weight_decay", "warmup_epochs", "ema_epochs", "grad_clip", "loss",
+                 "focal_alpha", "focal_gamma", "subtype_loss_weight", "colour_jitter", "stain_jitter",
+                 "quarter_turns"),
+    "device": ("device", "amp", "micro_batch", "deterministic", "workers", "jobs", "checkpoint_minutes"),
+    "output and report": ("output_dir", "report_file", "keep_models", "gradcam_patients", "bootstrap_samples",
+                          "live_report", "tensorboard"),
+}
 
 
 def _experiments_help() -> str:
@@ -183,22 +185,19 @@ def _experiments_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(description="MMNet on BreakHis: analysis, folds, training, report.")
-    comments = _field_comments()
-    for f in dataclasses.fields(Config):
-        flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{text} (default: {f.default})".strip())
-        elif f.name == "magnifications":
-            parser.add_argument(flag, type=_comma_list(int), default=None, help="comma list, e.g. 40,400")
-        elif f.name == "experiments":
-            parser.add_argument(flag, type=_comma_list(str), default=None, help=_experiments_help())
-        else:
-            parser.add_argument(flag, type=type(f.default), default=None, choices=_CHOICES.get(f.name),
-                                help=f"{text} (default: {f.default!r})".strip())
-    parser.add_argument("--config", help="YAML file of Config keys, e.g. the config.yaml an earlier run wrote "
-                                          "into its output folder; flags given here win")
+    parser = OneLineParser(description="MMNet on BreakHis: analysis, folds, training, report.")
+    comments, fields = field_comments(Config), {f.name: f for f in dataclasses.fields(Config)}
+    grouped = [name for names in OPTION_GROUPS.values() for name in names]
+    if sorted(grouped) != sorted(fields):  # a new field must be placed in --help, once
+        raise RuntimeError(f"OPTION_GROUPS and Config differ: {sorted(set(grouped) ^ set(fields))}")
+    for title, names in OPTION_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            text = _experiments_help() if name == "experiments" else comments.get(name, "")
+            add_option(group, fields[name], text, _CHOICES.get(name))
+        if title == "study":
+            group.add_argument("--config", help="YAML file of Config keys, e.g. the config.yaml an earlier run "
+                                                "wrote into its output folder; flags given here win")
     return parser
 
 

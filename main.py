@@ -13,8 +13,8 @@ from pathlib import Path
 
 from config import MIL_EXPERIMENTS, Config, ConfigError, parse_args
 from utils.files import REPORT_LOG, setup_logging
-from utils.html_report import LiveReport
-from utils.report import write_report
+from utils.report.html_report import LiveReport
+from utils.report.build import write_report
 
 log = logging.getLogger("mmnet")
 
@@ -48,10 +48,10 @@ def run(cfg: Config) -> int:
     from preprocess.preprocess import DataError
     from preprocess.splits import FoldError
     from utils.device import DeviceError
-    from utils.helpers import StopRequested
-    from utils.inference import write_gradcam_maps
-    from utils.pipeline import prepare_data, prepare_output
-    from utils.study import run_study
+    from utils.engine.stop import StopRequested
+    from utils.engine.inference import write_gradcam_maps
+    from utils.study.pipeline import prepare_data, prepare_output
+    from utils.study.runner import run_study
 
     try:
         cfg, env = settle_device(cfg)                         # device, AMP, weights
@@ -94,7 +94,7 @@ def settle_device(cfg: Config):
     """Device, AMP and weights decided once, before anything is written; a full study that
     would run on a CPU by accident, or from a silent random init, stops here."""
     from backbones import check_backbone, check_weights
-    from utils.benchmark import quick_study_minutes
+    from utils.study.benchmark import quick_study_minutes
     from utils.device import detect_env, resolved_config
     from utils.env import keep_hub_cache_on_volume
 

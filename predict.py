@@ -29,9 +29,9 @@ import numpy as np
 
 from preprocess.dataset import ImageSource, evaluation_samples
 from preprocess.preprocess import IMAGE_SUFFIXES, decode_resized, frame_shape, parse_name
-from utils.inference import (MIL_SHOWN, ensemble_explanation, fold_checkpoints, load_fold_model,
+from utils.engine.inference import (MIL_SHOWN, ensemble_explanation, fold_checkpoints, load_fold_model,
                              magnification_of_rows, patient_data, predict_patient)
-from utils.plottings import patient_figure
+from utils.report.plottings import patient_figure
 
 RESEARCH_ONLY = "research use only: not a diagnostic device and not validated for clinical decisions"
 MAG_FOLDER = re.compile(r"(40|100|200|400)x", re.IGNORECASE)

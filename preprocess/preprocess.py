@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image
 
 from config import MAGNIFICATIONS
-from utils.progress import steps
+from utils.files import steps
 
 log = logging.getLogger(__name__)
 

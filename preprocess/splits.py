@@ -1,6 +1,7 @@
 """Patient-grouped, stratified folds: no numeric slide group is ever on both sides of a split."""
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -194,3 +195,9 @@ def kaggle_folds(csv_path: str | Path, index: pd.DataFrame, inner_fraction: floa
     folds = add_inner_roles(patients, inner_fraction, seed)
     assert_disjoint(folds)
     return folds
+
+
+def folds_fingerprint(folds: pd.DataFrame, job: int | None = None) -> str:
+    """Changes whenever a patient's role changes: in job fold `job`, or in any fold (None)."""
+    roles = [f"role_f{job}"] if job is not None else sorted(c for c in folds.columns if c.startswith("role_f"))
+    return hashlib.sha256(folds[["patient", *roles]].sort_values("patient").to_csv(index=False).encode()).hexdigest()[:16]

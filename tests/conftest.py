@@ -64,7 +64,7 @@ def tiny_study(cfg, demo_tree, demo_index):
     """Everything run_fold needs (a Study with its images attached), built as the study builds it."""
     from preprocess.splits import build_folds
     from utils.device import detect_env
-    from utils.pipeline import Study, attach_images
+    from preprocess.prepared import Study, attach_images
 
     folds = build_folds(demo_index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
     prepared = Study(index=demo_index, folds=folds, data_dir=demo_tree, demo=True)

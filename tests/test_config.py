@@ -39,11 +39,26 @@ def test_experiments_are_overrides_of_one_config():
 def test_every_option_has_help_text():
     import dataclasses
 
-    from config import Config, _field_comments
+    from config import Config
+    from utils.config_file import field_comments
 
-    comments = _field_comments()
+    comments = field_comments(Config)
     assert {f.name for f in dataclasses.fields(Config)} <= set(comments)
     assert comments["epochs"].startswith("the training budget")
+
+
+def test_help_shows_the_stages_as_option_groups_in_the_order_a_user_decides():
+    import dataclasses
+
+    from config import OPTION_GROUPS, Config, build_parser
+
+    titles = [g.title for g in build_parser()._action_groups if g.title not in ("options", "optional arguments",
+                                                                                 "positional arguments")]
+    assert titles == ["data", "study", "model", "training", "device", "output and report"]
+    grouped = [name for names in OPTION_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(Config))  # each field once
+    data = next(g for g in build_parser()._action_groups if g.title == "data")
+    assert "--data-dir" in [a.option_strings[0] for a in data._group_actions]
 
 
 def test_slot_labels_name_what_each_input_slot_holds():

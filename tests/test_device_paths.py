@@ -17,13 +17,13 @@ import preprocess.dataset as dataset_module
 import torch
 import torch.nn.functional as F
 
-import utils.fold as fold_module
+import utils.engine.fold as fold_module
 from backbones import build_model
 from backbones.our.modules import grid_average
 from config import Config
 from preprocess.dataset import ImageSource
 from tests.conftest import ROOT, tiny_config, tiny_study
-from utils.helpers import BackgroundWriter
+from utils.engine.saving import BackgroundWriter
 
 
 def _run(cfg, demo_tree, demo_index, fold=0):
@@ -155,7 +155,7 @@ def test_last_checkpoint_on_a_timer_and_at_the_end(minutes, expected, tmp_path, 
 
 
 def _worker_flags(cfg, prepared, queue):
-    import utils.parallel as parallel
+    import utils.study.parallel as parallel
 
     slots = multiprocessing.get_context("spawn").Queue()
     slots.put(0)
@@ -221,8 +221,8 @@ def test_a_full_study_without_a_gpu_stops_at_start(tmp_path):
 
 
 def test_out_of_memory_while_measuring_the_speed_does_not_stop_the_study(tmp_path, demo_tree, demo_index, monkeypatch, caplog):
-    import utils.study as study_module
-    from utils.pipeline import Study
+    import utils.study.runner as study_module
+    from preprocess.prepared import Study
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -5,15 +5,15 @@ import dataclasses
 import numpy as np
 import torch
 
-import utils.features as features
+import utils.engine.features as features
 from backbones import build_model
 import pytest
 
 from config import experiment_config
 from preprocess.dataset import evaluation_samples, fold_split
 from tests.conftest import tiny_config, tiny_study
-from utils.train import new_fold_state, predict, train_one_epoch, EpochPlan, LoopSettings
-from utils.losses import StudyLoss
+from utils.engine.train import new_fold_state, predict, train_one_epoch, EpochPlan, LoopSettings
+from utils.engine.losses import StudyLoss
 
 
 def _frozen(tmp_path, demo_tree, demo_index, **overrides):

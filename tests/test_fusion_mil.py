@@ -123,7 +123,7 @@ def test_mil_output_does_not_depend_on_the_order_of_the_images():
 
 def test_mil_evaluation_drops_the_padding_of_a_bag_and_keeps_its_slots():
     from preprocess.dataset import ImageSource
-    from utils.train import predict
+    from utils.engine.train import predict
 
     cfg = experiment_config(Config(backbone="test_resnet", pretrained="off", image_size=32, feature_dim=16), "mil_attention")
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def test_a_finished_fold_stays_finished_when_only_another_models_setting_changes
 def test_fusion_weight_tables_leave_out_a_fusion_without_weights():
     import pandas as pd
 
-    from utils.tables import fusion_weights, magnification_weights
+    from utils.report.tables import fusion_weights, magnification_weights
 
     frame = pd.DataFrame({"patient": ["a", "b"], "prob": [0.2, 0.7]})
     weighted = frame.assign(w_40x=[0.3, 0.5], w_400x=[0.7, 0.5])
@@ -201,7 +201,7 @@ def test_fusion_weight_tables_leave_out_a_fusion_without_weights():
 def test_bf16_autocast_trains_every_kind_of_fusion_and_bag(experiment):
     """The CUDA bf16 path on the CPU: autocast forward, loss and backward stay finite, and the
     magnification weights (where there are any) still sum to 1."""
-    from utils.losses import StudyLoss
+    from utils.engine.losses import StudyLoss
 
     cfg = experiment_config(Config(backbone="test_resnet", pretrained="off", image_size=32, feature_dim=16), experiment)
     model = build_model(cfg)

@@ -9,9 +9,9 @@ import pytest
 import predict
 from preprocess.dataset import evaluation_tuples
 from tests.conftest import DEMO_H, DEMO_W, tiny_config, tiny_study
-from utils.inference import load_fold_model, tuple_inputs
+from utils.engine.inference import load_fold_model, tuple_inputs
 from preprocess.dataset import fold_split
-from utils.fold import run_fold
+from utils.engine.fold import run_fold
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_gradcam_mass_lies_in_the_signal_region(left_signal_run, method, margin)
 
 def test_choose_cases_picks_confident_errors_and_hits():
     import pandas as pd
-    from utils.inference import choose_cases
+    from utils.engine.inference import choose_cases
 
     preds = pd.DataFrame({"patient": list("abcdef"), "label": [1, 1, 0, 0, 0, 1],
                           "prob": [0.9, 0.7, 0.1, 0.3, 0.8, 0.2]})

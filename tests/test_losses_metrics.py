@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from utils.losses import focal_loss, subtype_class_weights
+from utils.engine.losses import focal_loss, subtype_class_weights
 from utils.metrics import binary_metrics, choose_threshold, fold_metrics, patient_probabilities
 
 

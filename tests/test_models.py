@@ -7,7 +7,7 @@ import torch
 
 from backbones import build_model, list_models
 from config import EXPERIMENTS, Config, experiment_config
-from utils.losses import StudyLoss
+from utils.engine.losses import StudyLoss
 
 # 64 px gives test_resnet 2x2 feature maps: the smallest on which spatial pooling means anything.
 TINY = Config(backbone="test_resnet", pretrained="off", image_size=64, feature_dim=16)

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from config import Config, parse_args
 from tests.conftest import DEMO_H, DEMO_W, ROOT, tiny_config, tiny_study
-from utils.statistics import holm, paired_difference_ci, prior_corrected, wilson
+from utils.report.statistics import holm, paired_difference_ci, prior_corrected, wilson
 
 
 def test_real_listing_folds_keep_every_subtype_in_training_and_both_classes_in_test(listing):
@@ -30,7 +30,7 @@ def test_real_listing_folds_keep_every_subtype_in_training_and_both_classes_in_t
 
 
 def test_folds_are_rebuilt_when_their_settings_change(demo_tree, demo_index, tmp_path):
-    from utils.pipeline import _folds
+    from utils.study.pipeline import _folds
 
     cfg = tiny_config(tmp_path)
     first = _folds(cfg, demo_index, demo_tree)
@@ -97,7 +97,7 @@ def only_200x_carries_signal(tmp_path_factory):
     # One informative magnification of four: it takes this budget to learn it (see test_interpret).
     cfg = tiny_config(root / "out", epochs=12, tuples_per_epoch=64, patience=20, lr=1e-3)
     study = tiny_study(cfg, tree, index)
-    from utils.fold import run_fold
+    from utils.engine.fold import run_fold
 
     for fold in range(2):
         run_fold(cfg, study, "mmnet", fold)
@@ -105,7 +105,7 @@ def only_200x_carries_signal(tmp_path_factory):
 
 
 def test_masking_the_only_informative_magnification_costs_the_most_auc(only_200x_carries_signal):
-    from utils.tables import load_runs, magnification_importance
+    from utils.report.tables import load_runs, magnification_importance
 
     table = magnification_importance(load_runs(only_200x_carries_signal, ["mmnet"])["mmnet"])
     folds = table[table["fold"] != "mean ± sd"].set_index("fold").astype(float)
@@ -133,7 +133,7 @@ def test_report_numbers_are_traceable_to_the_predictions(only_200x_carries_signa
 
 def test_cv_repeats_add_new_splits_and_keep_the_first_repetition(demo_index):
     from preprocess.splits import assert_disjoint, build_folds
-    from utils.pipeline import folds_fingerprint
+    from preprocess.splits import folds_fingerprint
 
     once = build_folds(demo_index, 2, 42, 0.2)
     twice = build_folds(demo_index, 2, 42, 0.2, repeats=2)

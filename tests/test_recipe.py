@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-import utils.fold as fold_module
+import utils.engine.fold as fold_module
 from backbones import build_model
 from preprocess.augment import prepare_batch
 from preprocess.dataset import ImageSource, fold_split
 from tests.conftest import tiny_config, tiny_study
-from utils.train import predict
+from utils.engine.train import predict
 
 
 def test_test_time_views_are_the_mean_over_flips_and_the_turn(tmp_path):

@@ -9,11 +9,12 @@ import pytest
 import preprocess.dataset as dataset_module
 import torch
 
-import utils.helpers as helpers
-import utils.fold as fold_module
-import utils.train as train
+import utils.engine.saving as saving
+import utils.engine.fold as fold_module
+import utils.engine.train as train
 from tests.conftest import ROOT, tiny_config, tiny_study
-from utils.helpers import StopRequested, load_checkpoint
+from utils.engine.saving import load_checkpoint
+from utils.engine.stop import StopRequested
 
 
 def _run(cfg, demo_tree, demo_index, fold=0):
@@ -144,15 +145,16 @@ def test_device_settings_for_cpu_and_forced_device():
 
 
 def test_failed_fold_is_reported_and_the_rest_continue(monkeypatch, caplog, tmp_path):
-    import utils.study as study_module
+    import utils.study.runner as study_module
+    from utils.engine.fold import NO_PROGRESS
 
-    def first_fold_fails(cfg, study, name, fold):
+    def first_fold_fails(cfg, study, name, fold, progress):
         if fold == 0:
             raise train.TrainingError("non-finite loss at epoch 0 step 0")
         return {"fold": fold}
 
     monkeypatch.setattr(study_module, "run_fold", first_fold_fails)
-    results = study_module.run_experiment(tiny_config(tmp_path), None, "mmnet")
+    results = study_module.run_experiment(tiny_config(tmp_path), None, "mmnet", NO_PROGRESS)
     assert results == [{"fold": 1}]
     assert "mmnet fold 0 FAILED: non-finite loss at epoch 0 step 0" in caplog.text
 
@@ -189,6 +191,6 @@ def test_failed_checkpoint_write_is_one_clear_error(tmp_path, demo_tree, demo_in
     def disk_full(state, path):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 152250368")
 
-    monkeypatch.setattr(helpers, "save_checkpoint", disk_full)
+    monkeypatch.setattr(saving, "save_checkpoint", disk_full)
     with pytest.raises(OSError, match=r"could not write .*last\.pt .*free disk space .*rerun the same command"):
         _run(tiny_config(tmp_path, epochs=1), demo_tree, demo_index)

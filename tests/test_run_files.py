@@ -60,7 +60,7 @@ def test_dry_run_never_writes_into_the_full_runs_folder():
 
 def test_report_paths_root_copy_only_for_a_full_default_run(tmp_path):
     from utils.env import PROJECT_ROOT
-    from utils.report import report_paths
+    from utils.report.build import report_paths
 
     assert (PROJECT_ROOT / "RUNPOD_OUTPUT.md").resolve() in report_paths(parse_args([]))
     dry = report_paths(parse_args(["--dry-run"]))
@@ -70,7 +70,7 @@ def test_report_paths_root_copy_only_for_a_full_default_run(tmp_path):
 
 
 def test_progress_eta_follows_measured_speed(tmp_path, monkeypatch):
-    from utils import progress
+    from utils.study import progress
 
     clock = [100.0]
     monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
@@ -92,7 +92,7 @@ def test_progress_eta_follows_measured_speed(tmp_path, monkeypatch):
 
 
 def test_progress_eta_of_parallel_workers_uses_their_own_job_times(tmp_path, monkeypatch):
-    from utils import progress
+    from utils.study import progress
 
     clock = [100.0]
     monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
@@ -134,6 +134,8 @@ def test_subtype_balanced_accuracy_without_warnings():
 
 
 def test_config_fields_all_have_help_text():
-    comments = config._field_comments()
+    from utils.config_file import field_comments
+
+    comments = field_comments(config.Config)
     missing = [f.name for f in dataclasses.fields(config.Config) if f.name not in comments]
     assert not missing

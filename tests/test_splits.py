@@ -101,7 +101,7 @@ def test_kaggle_folds_accepted_only_without_leak(real_index, real_folds, tmp_pat
 
 
 def test_dry_run_subset_takes_whole_slide_groups_of_both_classes(real_index):
-    from utils.pipeline import select_patients
+    from utils.study.pipeline import select_patients
 
     subset = select_patients(real_index, 16, seed=42)
     chosen = real_index[real_index["group"].isin(set(subset["group"]))]

@@ -10,7 +10,7 @@ STRUCTURE = ROOT.parent / "shared" / "tools" / "structure.py"
 
 
 def test_report_stage_never_imports_torch():
-    code = ("import sys; import utils.report, utils.tables, utils.plottings, utils.metrics, config; "
+    code = ("import sys; import utils.report.build, utils.report.tables, utils.report.plottings, utils.metrics, config; "
             "print(sorted(m for m in ('torch', 'timm', 'backbones') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ from scipy import stats as scipy_stats
 
 from config import ABLATIONS, BASELINES, EXPERIMENTS, experiment_config
 from tests.conftest import ROOT, tiny_config, tiny_study
-from utils.statistics import bootstrap_ci, corrected_resampled_ttest
+from utils.report.statistics import bootstrap_ci, corrected_resampled_ttest
 
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
@@ -18,8 +18,8 @@ def test_each_experiment_trains_one_step_on_demo_data(experiment, tmp_path, demo
     import torch
 
     from preprocess.dataset import fold_split, training_samples
-    from utils.losses import StudyLoss
-    from utils.train import EpochPlan, LoopSettings, new_fold_state, train_one_epoch
+    from utils.engine.losses import StudyLoss
+    from utils.engine.train import EpochPlan, LoopSettings, new_fold_state, train_one_epoch
 
     base = tiny_config(tmp_path)
     cfg = experiment_config(base, experiment)

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-import utils.fold as fold_module
-import utils.train as train
+import utils.engine.fold as fold_module
+import utils.engine.train as train
 from tests.conftest import tiny_config, tiny_study
-from utils.checkpoint import ForeignRunError
-from utils.helpers import load_checkpoint
+from utils.engine.checkpoint import ForeignRunError
+from utils.engine.saving import load_checkpoint
 from utils.metrics import fold_metrics
 
 
@@ -88,7 +88,7 @@ def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path, demo_tree,
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, demo_tree, demo_index, monkeypatch):
-    from utils import losses
+    from utils.engine import losses
 
     calls = []
 
@@ -128,7 +128,7 @@ def test_resume_reads_checkpoints_on_the_cpu(tmp_path, demo_tree, demo_index, mo
     with pytest.raises(KeyboardInterrupt):
         _run(cfg, demo_tree, demo_index)
     monkeypatch.setattr(fold_module, "train_one_epoch", real_epoch)
-    import utils.checkpoint as checkpoint
+    import utils.engine.checkpoint as checkpoint
 
     locations, original = [], checkpoint.load_checkpoint
 
@@ -155,7 +155,7 @@ def test_moving_average_follows_its_formula():
         expected = current if expected is None else 0.75 * expected + 0.25 * current
     assert torch.allclose(average.module.weight, expected, atol=1e-6)
     assert not torch.allclose(average.module.weight, model.weight)  # the average lags: the test can fail
-    from utils.checkpoint import FoldState, tested_model
+    from utils.engine.checkpoint import FoldState, tested_model
     assert tested_model(FoldState(model, None, None, None, average=average)) is average.module
     assert tested_model(FoldState(model, None, None, None)) is model
 

@@ -1,4 +1,4 @@
-"""Run configuration as a YAML file, and the validation messages shared with the command line.
+"""Run configuration as a YAML file and as flags, and the validation messages both share.
 
 Every problem is one line: `[CODE] key: what is wrong; what to do`. The codes are stable and
 listed in the README, so a script or a person can look them up:
@@ -11,7 +11,12 @@ listed in the README, so a script or a person can look them up:
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import difflib
+import inspect
+import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -90,3 +95,35 @@ def write_yaml(path: str | Path, values: dict, header: str) -> Path:
     text = yaml.safe_dump({k: plain(v) for k, v in values.items()}, sort_keys=False)
     path.write_text(f"# {header}\n{text}", encoding="utf-8")
     return path
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage block
+        sys.stderr.write(f"error: {message} (see python main.py --help)\n")
+        raise SystemExit(2)
+
+
+def _comma_list(kind):
+    return lambda text: tuple(kind(t.strip()) for t in text.split(",") if t.strip())
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The comment beside each field of a dataclass: one source for the code and for --help."""
+    source = inspect.getsource(cls)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#(.+)$", source, re.M)}
+
+
+def add_option(group, f: dataclasses.Field, text: str, choices=None) -> None:
+    """One dataclass field as a flag: --X/--no-X for booleans, comma lists for tuples."""
+    flag = "--" + f.name.replace("_", "-")
+    if isinstance(f.default, bool):
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{text} (default: {f.default})".strip())
+    elif isinstance(f.default, tuple):
+        kind = type(f.default[0]) if f.default else str
+        listed = ",".join(map(str, f.default))
+        group.add_argument(flag, type=_comma_list(kind), default=None,
+                           help=text if not listed else f"{text}: a comma list (default: {listed})")
+    else:
+        group.add_argument(flag, type=type(f.default), default=None, choices=choices,
+                           help=f"{text} (default: {f.default!r})".strip())

@@ -1,9 +1,11 @@
-"""The device a run trains on and its settings: detect_env(), backend switches, GPU facts."""
+"""The device a run trains on and its settings: detect_env(), backend switches, GPU facts, and
+the seeds of every random generator (they sit beside the determinism switches)."""
 from __future__ import annotations
 
 import dataclasses
 import os
 import platform
+import random
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -136,3 +138,19 @@ def configure_backends(device: str, deterministic: bool) -> str:
     return ("NOT bitwise deterministic on GPU: cuDNN autotuning may pick other convolution algorithms "
             "per run, and the backward of index gathers and fused AdamW use atomic adds; expect "
             "differences in the last digits between runs (use --deterministic to trade speed for it)")
+
+
+# ---------------------------------------------------------------- seeds
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and every GPU) from one seed."""
+    random.seed(seed)
+    numpy.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A stable 63-bit seed from several integers (seed, fold, epoch...)."""
+    return int(numpy.random.SeedSequence([int(p) for p in parts]).generate_state(2, numpy.uint32)
+               .astype(numpy.uint64).dot([1, 2**32]) % (2**63 - 1))

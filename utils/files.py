@@ -1,4 +1,5 @@
-"""Plain files without torch: logging, atomic writes, CSV/Markdown tables, output file names.
+"""Plain files and lines without torch: output file names, atomic writes, logging, progress bars,
+CSV/Markdown tables.
 
 Every stage uses these, the report included, so nothing here may import torch.
 """
@@ -8,10 +9,13 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
+log = logging.getLogger("mmnet")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 # Files under the output directory that the report reads back.
 RUN_LOG, HEADER_FILE, DATASET_FILE = "run.log", "run_header.json", "dataset.json"
@@ -120,3 +124,26 @@ def save_table(df: pd.DataFrame, tables_dir: str | Path, name: str, latex: bool 
     if latex:
         (tables_dir / f"{name}.tex").write_text(latex_table(df, caption or name.replace("_", " "), name.replace("_", "-")))
     return csv
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def steps(iterable, description: str, total: int | None = None):
+    """tqdm over a long step on a terminal; elsewhere the iterable with a start and an end line."""
+    if on_terminal():
+        yield from tqdm(iterable, desc=description, total=total, leave=False, dynamic_ncols=True)
+        return
+    started = time.perf_counter()
+    log.info("%s: started (%s items)", description, total if total is not None else "?")
+    yield from iterable
+    log.info("%s: done in %.1f s", description, time.perf_counter() - started)
+
+
+def duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no estimate
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -18,10 +18,10 @@ from config import MAGNIFICATIONS, SUBTYPE_NAMES, SUBTYPES, Config, slot_labels
 from preprocess.augment import prepare_batch
 from preprocess.dataset import ImageSource, PatientImages, evaluation_samples, evaluation_tuples, fold_split, reads_levels
 from utils.files import ATTENTION_FILE, GRADCAM_DIR, MODELS_DIR, run_folder
-from utils.helpers import load_checkpoint
+from utils.engine.saving import load_checkpoint
 from utils.metrics import DECISION_THRESHOLD, patient_probabilities
-from utils.progress import steps
-from utils.train import predict_views
+from utils.files import steps
+from utils.engine.train import predict_views
 
 log = logging.getLogger("mmnet")
 

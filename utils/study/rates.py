@@ -12,9 +12,9 @@ import torch
 from preprocess.dataset import PatientImages, training_tuples
 from preprocess.demo import demo_filenames, write_tree
 from preprocess.preprocess import build_cache, frame_shape, index_dataset
-from utils.inference import FoldModel, predict_patient
-from utils.losses import StudyLoss
-from utils.train import EpochPlan, LoopSettings, amp_context, predict, train_one_epoch
+from utils.engine.inference import FoldModel, predict_patient
+from utils.engine.losses import StudyLoss
+from utils.engine.train import EpochPlan, LoopSettings, amp_context, predict, train_one_epoch
 
 
 def sync(device: str) -> None:

@@ -23,26 +23,38 @@ from sklearn.metrics import roc_auc_score
 from preprocess.dataset import (evaluation_samples, fold_split, samples_for, sampling_weights, training_samples,
                                 tuples_per_epoch)
 from utils.device import empty_cache, is_out_of_memory
-from utils.checkpoint import (FoldState, checkpoint_payload, config_json, cpu_copy, finished_results,
+from utils.engine.checkpoint import (FoldState, checkpoint_payload, config_json, cpu_copy, finished_results,
                               reload_last, restore_from_disk, tested_model)
-from utils.helpers import (BackgroundWriter, StopRequested, derived_seed, scalar_writer, seed_everything,
-                           stop_requested)
-from utils import progress
-from utils.evaluate import evaluation_batch, prediction_frame
+from utils.device import derived_seed, seed_everything
+from utils.engine.saving import BackgroundWriter, scalar_writer
+from utils.engine.stop import StopRequested, stop_requested
+from utils.engine.evaluate import evaluation_batch, prediction_frame
 from utils.files import ATTENTION_FILE, atomic_write_text, model_file
-from utils.pipeline import folds_fingerprint
-from utils.losses import StudyLoss, binary_loss, subtype_class_weights
+from preprocess.splits import folds_fingerprint
+from utils.engine.losses import StudyLoss, binary_loss, subtype_class_weights
 from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
-from utils.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
+from utils.engine.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
 
 log = logging.getLogger("mmnet")
+
+
+class NoProgress:
+    """Where a fold reports when no study watches it (tests, the benchmark, worker processes);
+    a study passes its StudyProgress, which has the same three methods."""
+
+    def start_job(self, *args) -> None: ...
+    def epoch_done(self, *args) -> None: ...
+    def end_job(self, *args) -> None: ...
+
+
+NO_PROGRESS = NoProgress()
 
 
 @dataclass
 class FoldRun:
     """One experiment x fold being trained: where it writes and what it trains on."""
     cfg: object  # the experiment's Config
-    study: object  # utils.pipeline.Study with images attached
+    study: object  # utils.study.pipeline.Study with images attached
     name: str  # experiment name
     fold: int
     split: dict  # role -> PatientImages
@@ -50,6 +62,7 @@ class FoldRun:
     identity: dict  # config and folds hashes: a checkpoint of another run is refused
     writer: BackgroundWriter
     fresh_state: Callable[[], FoldState]  # the fold's initial state, rebuilt on demand
+    progress: object = NO_PROGRESS  # told of each epoch (a study's StudyProgress)
     scalars: object = None  # a TensorBoard SummaryWriter with --tensorboard
     last_saved: float = 0.0  # time.monotonic() of the last last.pt written
     best_unsaved: bool = False  # best weights changed since best.pt was last written
@@ -146,7 +159,7 @@ def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict
            "tuples_per_s": result.tuples / result.seconds, "seconds": result.seconds, "best": improved}
     state.history.append(row)
     state.epoch = epoch + 1
-    progress.current().epoch_done(run.name, run.fold, epoch, run.cfg.epochs)
+    run.progress.epoch_done(run.name, run.fold, epoch, run.cfg.epochs)
     if run.scalars is not None:
         for key in ("train_loss", "train_binary_loss", "train_subtype_loss", "val_loss", "val_auc", "lr", "tuples_per_s"):
             if key in row:
@@ -200,14 +213,14 @@ def fold_identity(cfg, study, fold: int) -> dict:
     return {"config_hash": cfg.training_hash(), "folds_hash": folds_fingerprint(study.folds, fold)}
 
 
-def _open_fold(cfg, study, experiment: str, fold: int, identity: dict) -> FoldRun:
+def _open_fold(cfg, study, experiment: str, fold: int, identity: dict, progress) -> FoldRun:
     run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
     run_dir.mkdir(parents=True, exist_ok=True)
     split = fold_split(study.index, study.usable, study.folds, fold, cfg)
     steps = math.ceil(tuples_per_epoch(split["train"], cfg) / samples_for(cfg, study.env.batch_size))
     return FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
                    lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold)),
-                   scalar_writer(cfg, experiment, fold))
+                   progress, scalar_writer(cfg, experiment, fold))
 
 
 def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
@@ -240,16 +253,17 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
     return results
 
 
-def run_fold(cfg, study, experiment: str, fold: int) -> dict:
-    """Train one experiment on one fold (or resume it, or return its finished results)."""
+def run_fold(cfg, study, experiment: str, fold: int, progress=NO_PROGRESS) -> dict:
+    """Train one experiment on one fold (or resume it, or return its finished results);
+    `progress` hears of the fold's start, each epoch and its end."""
     identity = fold_identity(cfg, study, fold)
     run_dir = Path(cfg.output_dir) / "runs" / experiment / f"fold{fold}"
     if (done := finished_results(run_dir, identity, cfg.resume)) is not None:
         log.info("%s fold %d: finished earlier, skipped (config %s)", experiment, fold, identity["config_hash"])
-        progress.current().end_job(experiment, fold, False)
+        progress.end_job(experiment, fold, False)
         return done
-    progress.current().start_job(experiment, fold)
-    run = _open_fold(cfg, study, experiment, fold, identity)
+    progress.start_job(experiment, fold)
+    run = _open_fold(cfg, study, experiment, fold, identity, progress)
     state, started = run.fresh_state(), time.perf_counter()
     run.last_saved = time.monotonic()
     if cfg.resume and restore_from_disk(state, run.run_dir, run.identity):
@@ -270,7 +284,7 @@ def run_fold(cfg, study, experiment: str, fold: int) -> dict:
         os.replace(run.run_dir / "best.pt", kept)
     else:
         (run.run_dir / "best.pt").unlink(missing_ok=True)
-    progress.current().end_job(experiment, fold, True)
+    progress.end_job(experiment, fold, True)
     return results
 
 

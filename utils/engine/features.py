@@ -27,7 +27,7 @@ from backbones.encoder import feature_map
 from preprocess.augment import TTA_FLIPS, prepare_batch, test_views
 from preprocess.dataset import ImageSource, reads_levels
 from preprocess.preprocess import cache_key
-from utils.progress import steps
+from utils.files import steps
 
 log = logging.getLogger("mmnet")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils.helpers import load_checkpoint
+from utils.engine.saving import load_checkpoint
 
 
 class ForeignRunError(RuntimeError):

@@ -1,7 +1,7 @@
 """Where a long run stands: job k of N, elapsed, ETA for the whole study, progress.json.
 
-The study sets one StudyProgress as the current tracker; the training loop reports every epoch
-and fold to whatever tracker is current (a no-op one in tests and workers). The ETA starts from
+The study hands one StudyProgress to every fold it trains; the fold reports each epoch and its
+start and end to it (engine.fold.NO_PROGRESS where no study watches: tests, workers). The ETA starts from
 the benchmark's predicted seconds per job and is rescaled by how fast the jobs actually ran.
 Bars (tqdm) only on a terminal; plain log lines otherwise (pod logs, CI, files).
 """
@@ -9,39 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.files import PROGRESS_FILE, atomic_write_text
+from utils.files import PROGRESS_FILE, atomic_write_text, duration, on_terminal
 
 log = logging.getLogger("mmnet")
-
-
-def on_terminal() -> bool:
-    return sys.stderr.isatty()
-
-
-def steps(iterable, description: str, total: int | None = None):
-    """tqdm over a long step on a terminal; elsewhere the iterable with a start and an end line."""
-    if on_terminal():
-        yield from tqdm(iterable, desc=description, total=total, leave=False, dynamic_ncols=True)
-        return
-    started = time.perf_counter()
-    log.info("%s: started (%s items)", description, total if total is not None else "?")
-    yield from iterable
-    log.info("%s: done in %.1f s", description, time.perf_counter() - started)
-
-
-def duration(seconds: float) -> str:
-    if seconds != seconds:  # NaN: no estimate
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class StudyProgress:
@@ -116,22 +92,3 @@ class StudyProgress:
             where = f"{info['experiment']} fold {info['fold']} " if info["experiment"] else ""
             log.info("progress: job %d of %d | %s%s | elapsed %s | ETA %s (study)", info["job"], info["jobs"],
                      where, detail, duration(info["elapsed_s"]), duration(info["eta_s"] if info["eta_s"] is not None else float("nan")))
-
-
-class _NoProgress:
-    """What the loop reports to when no study runs (tests, the benchmark, worker processes)."""
-
-    def start_job(self, *args) -> None: ...
-    def epoch_done(self, *args) -> None: ...
-    def end_job(self, *args) -> None: ...
-
-
-_CURRENT = [_NoProgress()]
-
-
-def current():
-    return _CURRENT[0]
-
-
-def set_current(tracker) -> None:
-    _CURRENT[0] = tracker if tracker is not None else _NoProgress()

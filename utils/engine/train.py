@@ -14,9 +14,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from backbones import build_model
 from preprocess.dataset import ImageSource, PatientImages, reads_levels, samples_for
-from utils.checkpoint import FoldState
+from utils.engine.checkpoint import FoldState
 from utils.device import empty_cache, is_out_of_memory
-from utils.helpers import seed_everything
+from utils.device import seed_everything
 
 log = logging.getLogger("mmnet")
 

@@ -1,12 +1,10 @@
-"""The steps before training: output folder, run header, data index, analysis, folds, and the
-image cache placed on the device. Their product is one Study object that the engine reads."""
+"""The steps before training: output folder, run header, data index, analysis, folds. Their
+product is one preprocess.prepared.Study that the engine reads once images are attached."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -15,40 +13,15 @@ import pandas as pd
 
 from config import CONFIG_FILE, Config, write_config_file
 from preprocess.analyze import analyze
-from preprocess.dataset import ImageSource
+from preprocess.prepared import Study
 from preprocess.demo import write_demo_tree
-from preprocess.preprocess import DataError, build_cache, index_dataset, missing_data_message, write_issues
+from preprocess.preprocess import DataError, index_dataset, missing_data_message, write_issues
 from preprocess.splits import FoldError, build_folds, kaggle_folds, load_folds, write_folds
 from utils.device import EnvInfo, configure_backends, gpu_facts, versions
 from utils.env import decode_workers, free_disk_gb, git_commit, runpod_hint, shm_gb
 from utils.files import DATASET_FILE, HEADER_FILE, RUN_LOG, atomic_write_text, setup_logging
 
 log = logging.getLogger("mmnet")
-
-
-@dataclass
-class Study:
-    """What a study has prepared, handed as one object to every fold it trains."""
-    index: pd.DataFrame  # one row per usable image (INDEX_COLUMNS)
-    folds: pd.DataFrame  # one row per patient: group, label, fold, role_f<k>
-    data_dir: Path
-    demo: bool  # True when the data are synthetic
-    env: EnvInfo | None = None  # set by attach_images()
-    source: ImageSource | None = None  # the decoded images where the model runs
-    usable: np.ndarray | None = None  # (N,) rows of the index that decoded
-
-
-def folds_fingerprint(folds: pd.DataFrame, job: int | None = None) -> str:
-    """Changes whenever a patient's role changes: in job fold `job`, or in any fold (None)."""
-    roles = [f"role_f{job}"] if job is not None else sorted(c for c in folds.columns if c.startswith("role_f"))
-    return hashlib.sha256(folds[["patient", *roles]].sort_values("patient").to_csv(index=False).encode()).hexdigest()[:16]
-
-
-def attach_images(cfg: Config, study: Study, env: EnvInfo) -> Study:
-    """Decoded-image cache (built once, then only mapped) placed where the model runs."""
-    cache, usable = build_cache(study.index, study.data_dir, cfg.resolved_cache_dir(), cfg.image_size, env.workers)
-    return dataclasses.replace(study, env=env, source=ImageSource(cache, env.device, mags=study.index["mag"].to_numpy()),
-                               usable=usable)
 
 
 def prepare_output(cfg: Config, env: EnvInfo | None) -> None:

@@ -14,15 +14,14 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 import torch
 
 from config import ConfigError, experiment_config
-from utils.checkpoint import ForeignRunError
+from utils.engine.checkpoint import ForeignRunError
 from utils.device import configure_backends, detect_env
 from utils.env import usable_cpus
 from utils.files import setup_logging
-from utils.features import attach_features
-from utils.fold import run_fold
-from utils.helpers import StopRequested, install_stop_handlers, stop_requested
-from utils import progress
-from utils.pipeline import attach_images
+from utils.engine.features import attach_features
+from utils.engine.fold import run_fold
+from utils.engine.stop import StopRequested, install_stop_handlers, stop_requested
+from preprocess.prepared import attach_images
 
 log = logging.getLogger("mmnet")
 _WORKER: dict = {}
@@ -55,7 +54,7 @@ def _run_job(name: str, fold: int) -> dict:
     return run_fold(experiment_config(w["cfg"], name), w["study"], name, fold)
 
 
-def _collect(done, pending: dict, pool) -> tuple[int, str]:
+def _collect(done, pending: dict, pool, tracker) -> tuple[int, str]:
     """Failed jobs and a stop message among the finished futures; a foreign run ends all."""
     failed, stopped = 0, ""
     for future in done:
@@ -64,7 +63,7 @@ def _collect(done, pending: dict, pool) -> tuple[int, str]:
             continue
         try:
             results = future.result()
-            progress.current().end_job(name, fold, True, results.get("wall_seconds_this_run"))
+            tracker.end_job(name, fold, True, results.get("wall_seconds_this_run"))
         except ForeignRunError as exc:
             pool.shutdown(cancel_futures=True)
             raise ConfigError(str(exc)) from None
@@ -76,9 +75,9 @@ def _collect(done, pending: dict, pool) -> tuple[int, str]:
     return failed, stopped
 
 
-def run_jobs(cfg, prepared, todo: list[tuple[str, int]], jobs: int, log_file: str) -> int:
+def run_jobs(cfg, prepared, todo: list[tuple[str, int]], jobs: int, log_file: str, tracker) -> int:
     """Run the (experiment, fold) jobs `todo` (those not finished earlier); returns the number
-    of failed jobs. A failed job is reported and the others go on; a stop request waits for the
+    of failed jobs; `tracker` (the parent's StudyProgress) hears of each finished job. A failed job is reported and the others go on; a stop request waits for the
     running jobs to save."""
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     slots = ctx.Queue()
@@ -90,7 +89,7 @@ def run_jobs(cfg, prepared, todo: list[tuple[str, int]], jobs: int, log_file: st
         pending = {pool.submit(_run_job, n, f): (n, f) for n, f in todo}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            lost, stop = _collect(done, pending, pool)
+            lost, stop = _collect(done, pending, pool, tracker)
             failed, stopped = failed + lost, stop or stopped
             if (stopped or stop_requested()) and pending:
                 for future in pending:

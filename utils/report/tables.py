@@ -11,10 +11,10 @@ import pandas as pd
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from config import SUBTYPES
-from utils.progress import steps
+from utils.files import steps
 from utils.metrics import (METRICS, fold_metrics, format_mean_sd, mean_sd, patient_probabilities,
                            pooled_out_of_fold)
-from utils.statistics import (bootstrap_ci, corrected_resampled_ttest, expected_calibration_error, holm,
+from utils.report.statistics import (bootstrap_ci, corrected_resampled_ttest, expected_calibration_error, holm,
                               paired_difference_ci, prior_corrected, wilson)
 
 

@@ -7,18 +7,17 @@ import time
 from pathlib import Path
 
 from config import EXPERIMENTS, ConfigError, experiment_config
-from utils.benchmark import predict_duration
-from utils.checkpoint import ForeignRunError
+from utils.study.benchmark import predict_duration
+from utils.engine.checkpoint import ForeignRunError
 from utils.device import EnvInfo, empty_cache, is_out_of_memory
 from utils.files import RUN_LOG
-from utils import progress
-from utils.features import attach_features
-from utils.fold import is_finished, run_fold
-from utils.helpers import StopRequested, install_stop_handlers, stop_requested
-from utils.parallel import default_jobs, run_jobs
-from utils.pipeline import Study, attach_images
-from utils.progress import StudyProgress
-from utils.train import TrainingError
+from utils.engine.features import attach_features
+from utils.engine.fold import is_finished, run_fold
+from utils.engine.stop import StopRequested, install_stop_handlers, stop_requested
+from utils.study.parallel import default_jobs, run_jobs
+from preprocess.prepared import Study, attach_images
+from utils.study.progress import StudyProgress
+from utils.engine.train import TrainingError
 
 log = logging.getLogger("mmnet")
 
@@ -27,7 +26,7 @@ def selected_experiments(cfg) -> list[str]:
     return list(cfg.experiments) or list(EXPERIMENTS)
 
 
-def run_experiment(cfg, study: Study, name: str) -> list[dict]:
+def run_experiment(cfg, study: Study, name: str, tracker: StudyProgress) -> list[dict]:
     """Every fold of one experiment; a failed fold is logged and the others go on."""
     exp_cfg = experiment_config(cfg, name)
     results = []
@@ -35,7 +34,7 @@ def run_experiment(cfg, study: Study, name: str) -> list[dict]:
         if stop_requested():
             raise StopRequested(f"{stop_requested()} before {name} fold {fold}")
         try:
-            results.append(run_fold(exp_cfg, study, name, fold))
+            results.append(run_fold(exp_cfg, study, name, fold, tracker))
         except ForeignRunError as exc:  # a whole-study decision, not one fold's failure
             raise ConfigError(str(exc)) from None
         except TrainingError as exc:  # one bad fold must not cost the rest of the study
@@ -43,12 +42,12 @@ def run_experiment(cfg, study: Study, name: str) -> list[dict]:
     return results
 
 
-def run_sequential(cfg, study: Study, names: list[str]) -> int:
+def run_sequential(cfg, study: Study, names: list[str], tracker: StudyProgress) -> int:
     """Experiments one after the other in this process; returns the number of failed folds."""
     failed = 0
     for name in names:
         started = time.perf_counter()
-        results = run_experiment(cfg, study, name)
+        results = run_experiment(cfg, study, name, tracker)
         jobs = cfg.folds * cfg.cv_repeats
         failed += jobs - len(results)
         log.info("experiment %s: %d/%d folds in %.1f s", name, len(results), jobs, time.perf_counter() - started)
@@ -83,21 +82,18 @@ def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Stu
         raise ConfigError(str(exc)) from None
     predicted = _predicted_seconds(cfg, study, names) if pending else {}
     tracker = StudyProgress(cfg.output_dir, order, predicted, on_fold_end, workers=max(1, min(jobs, len(pending))))
-    progress.set_current(tracker)
     started = time.perf_counter()
     try:
         if jobs > 1:
             log.info("running %d experiment x fold jobs on %d parallel workers", len(pending), jobs)
             for job in [job for job in order if job not in pending]:  # finished earlier: never sent to a worker
                 tracker.end_job(*job, False)
-            failed = run_jobs(cfg, prepared, pending, jobs, str(Path(cfg.output_dir) / RUN_LOG))
+            failed = run_jobs(cfg, prepared, pending, jobs, str(Path(cfg.output_dir) / RUN_LOG), tracker)
         else:
-            failed = run_sequential(cfg, study, names)
+            failed = run_sequential(cfg, study, names, tracker)
     except BaseException:
         tracker.finish("stopped")
         raise
-    finally:
-        progress.set_current(None)
     tracker.finish("reporting")  # the report marks the run finished once it is written
     log.info("study: %d experiment(s) x %d folds in %.1f s (%d trained, %d finished earlier)", len(names),
              cfg.folds * cfg.cv_repeats, time.perf_counter() - started, len(pending), len(order) - len(pending))

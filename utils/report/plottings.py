@@ -201,7 +201,7 @@ def _map_row(axes, row: int, maps, images, present, kind: str) -> None:
 def patient_figure(explanation, path: Path) -> Path:
     """Columns: input slots (labels such as '40X'); rows: image, Grad-CAM over the image,
     spatial attention. Both maps on the same fixed 0-1 scale, with a colour bar per row.
-    `explanation`: what utils.inference.explain_tuple returns (or its saved .npz)."""
+    `explanation`: what utils.engine.inference.explain_tuple returns (or its saved .npz)."""
     images, present, cams = explanation["images"], explanation["present"], explanation["cams"]
     attention = explanation["attention"] if "attention" in explanation else None
     labels = [str(label) for label in explanation["labels"]]

@@ -9,7 +9,7 @@ import pandas as pd
 
 from config import slot_labels
 from preprocess.dataset import PatientImages, evaluation_samples
-from utils.train import predict
+from utils.engine.train import predict
 
 
 def evaluation_batch(cfg, env) -> int:

@@ -18,8 +18,8 @@ import pandas as pd
 
 from utils.env import PROJECT_ROOT
 from utils.files import HTML_REPORT, PROGRESS_FILE, atomic_write_text
-from utils.progress import duration
-from utils.report_text import header_lines, protocol_text, read_text_file, results_key
+from utils.files import duration
+from utils.report.report_text import header_lines, protocol_text, read_text_file, results_key
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 1rem 1.5rem; max-width: 1200px;
