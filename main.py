@@ -50,10 +50,11 @@ def run(cfg: Config) -> int:
     from utils.device import DeviceError
     from utils.engine.stop import StopRequested
     from utils.engine.inference import write_gradcam_maps
-    from utils.study.pipeline import prepare_data, prepare_output
+    from utils.study.pipeline import check_inputs, prepare_data, prepare_output
     from utils.study.runner import run_study
 
     try:
+        check_inputs(cfg)                                     # the data folder holds images
         cfg, env = settle_device(cfg)                         # device, AMP, weights
         prepare_output(cfg, env)                              # output folder, log, run header
         prepared = prepare_data(cfg)                          # index, issues, analysis, folds

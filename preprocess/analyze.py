@@ -100,10 +100,11 @@ def _plot_heatmap(index: pd.DataFrame, plots: Path) -> None:
 
 def _plot_sample_grid(index: pd.DataFrame, data_dir: Path, plots: Path) -> None:
     subtypes = [s for s in SUBTYPES if s in set(index["subtype"])]
-    fig = Figure(figsize=(8, 1.6 * len(subtypes) + 0.5))
-    axes = fig.subplots(len(subtypes), 4, squeeze=False)
+    mags = [m for m in MAGNIFICATIONS if m in set(index["mag"])]  # a 200X-only tree: one column
+    fig = Figure(figsize=(2 * len(mags), 1.6 * len(subtypes) + 0.5))
+    axes = fig.subplots(len(subtypes), len(mags), squeeze=False)
     for r, subtype in enumerate(subtypes):
-        for c, mag in enumerate(MAGNIFICATIONS):
+        for c, mag in enumerate(mags):
             ax = axes[r][c]
             ax.axis("off")
             rows = index[(index["subtype"] == subtype) & (index["mag"] == mag)]

@@ -56,6 +56,13 @@ def missing_data_message(data_dir: str | Path) -> str:
             f"(or pass --data-dir DIR), or run `python main.py --dry-run` to use demo data")
 
 
+def holds_images(data_dir: str | Path) -> bool:
+    """Whether data_dir holds at least one image (the scan stops at the first): a cheap check
+    of what the user typed, made before anything slow."""
+    data_dir = Path(data_dir)
+    return data_dir.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in data_dir.rglob("*"))
+
+
 def scan_tree(data_dir: Path) -> tuple[list[Path], list[dict]]:
     """All image paths under data_dir (sorted) and issues for files that are not images."""
     pngs, issues = [], []

@@ -211,10 +211,11 @@ def test_wanted_weights_offline_stop_the_run_with_one_line(tmp_path):
     assert not (tmp_path / "out" / "runs").exists()
 
 
-def test_a_full_study_without_a_gpu_stops_at_start(tmp_path):
+def test_a_full_study_without_a_gpu_stops_at_start(tmp_path, demo_tree):
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         pytest.skip("this machine has a GPU")
-    result = _main("--data-dir", str(tmp_path / "tree"), "--output-dir", str(tmp_path / "out"))
+    # A data folder that holds images: a missing one is named first (tests/test_first_run.py).
+    result = _main("--data-dir", str(demo_tree), "--output-dir", str(tmp_path / "out"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "--device cpu" in lines[0] and "--dry-run" in lines[0] and " min " in lines[0]

@@ -65,6 +65,7 @@ class FoldRun:
     progress: object = NO_PROGRESS  # told of each epoch (a study's StudyProgress)
     scalars: object = None  # a TensorBoard SummaryWriter with --tensorboard
     last_saved: float = 0.0  # time.monotonic() of the last last.pt written
+    resumed_at: int = 0  # the epoch this run started at (0 unless resumed)
     best_unsaved: bool = False  # best weights changed since best.pt was last written
 
 
@@ -241,6 +242,7 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
                "val_threshold": val_threshold,
                "train_prevalence": float(training.mean()),  # malignant share of the training patients
                "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+               "resumed_at_epoch": run.resumed_at,  # a resumed fold trained only the epochs after it
                "train_seconds": sum(h["seconds"] for h in state.history),
                "wall_seconds_this_run": time.perf_counter() - started,
                "pretrained": getattr(state.model, "pretrained_status", ""),
@@ -262,12 +264,13 @@ def run_fold(cfg, study, experiment: str, fold: int, progress=NO_PROGRESS) -> di
         log.info("%s fold %d: finished earlier, skipped (config %s)", experiment, fold, identity["config_hash"])
         progress.end_job(experiment, fold, False)
         return done
-    progress.start_job(experiment, fold)
     run = _open_fold(cfg, study, experiment, fold, identity, progress)
     state, started = run.fresh_state(), time.perf_counter()
     run.last_saved = time.monotonic()
     if cfg.resume and restore_from_disk(state, run.run_dir, run.identity):
         log.info("%s fold %d: resuming at epoch %d step %d", experiment, fold, state.epoch + 1, state.step)
+    run.resumed_at = state.epoch  # the ETA counts only the epochs trained in this run
+    progress.start_job(experiment, fold, run.resumed_at / cfg.epochs)
     try:
         _train_epochs(state, run)
     finally:  # also on an interrupt: the last submitted checkpoint lands whole before we leave

@@ -99,8 +99,16 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
     return shown
 
 
-def write_plots(runs: dict, stats, out: Path) -> list[tuple[Path, str]]:
-    """Every results figure with a one-line caption of what it shows."""
+def reference_experiment(cfg, runs: dict) -> str:
+    """The experiment whose curves are drawn: MMNet, or the first one the run asked for."""
+    if "mmnet" in runs:
+        return "mmnet"
+    return next((name for name in cfg.experiments if name in runs), next(iter(runs)))
+
+
+def write_plots(runs: dict, stats, out: Path, reference: str) -> list[tuple[Path, str]]:
+    """Every results figure with a one-line caption of what it shows; the curves are the
+    reference experiment's (the others are in the tables)."""
     plots, figures = out / "plots", []
     figures.append((plottings.confusion_matrices(runs, plots / "confusion_matrices.png"),
                     "Patient-level confusion matrices of every experiment: pooled out-of-fold predictions, "
@@ -108,21 +116,20 @@ def write_plots(runs: dict, stats, out: Path) -> list[tuple[Path, str]]:
     figures.append((plottings.experiment_bars(stats, plots / "experiments_bar.png"),
                     "Pooled patient-level balanced accuracy and AUC of every experiment, with 95 % slide-group "
                     "bootstrap intervals."))
-    if "mmnet" in runs:  # the curves of the proposed model; the others are in the tables
-        run = runs["mmnet"]
-        figures += [
-            (plottings.roc_curves(run, "mmnet", plots / "roc_mmnet.png"),
-             "MMNet ROC curve of each test fold (patient level) with their mean and a ±1 sd band."),
-            (plottings.training_curves(run, "mmnet", plots / "training_curves_mmnet.png"),
-             "MMNet training per fold: binary loss (dashed: the same loss on inner-validation patients, "
-             "when held out), subtype loss, and inner-validation AUC when held out."),
-            (plottings.calibration_plot(calibrated_patients(run), "mmnet", plots / "calibration_mmnet.png"),
-             "MMNet reliability diagram (patient level, pooled), probabilities moved from the balanced "
-             "training prior to each fold's prevalence."),
-            (plottings.magnification_importance_plot(magnification_importance(run), "mmnet",
-                                                     plots / "magnification_importance_mmnet.png"),
-             "Drop in MMNet's patient AUC when one magnification is masked out of every test tuple.")]
-        figures = [(path, caption) for path, caption in figures if path is not None]  # nothing to draw
+    run, name, title = runs[reference], reference, plottings.title_of(reference)
+    figures += [
+        (plottings.roc_curves(run, name, plots / f"roc_{name}.png"),
+         f"{title} ROC curve of each test fold (patient level) with their mean and a ±1 sd band."),
+        (plottings.training_curves(run, name, plots / f"training_curves_{name}.png"),
+         f"{title} training per fold: binary loss (dashed: the same loss on inner-validation patients, "
+         "when held out), subtype loss, and inner-validation AUC when held out."),
+        (plottings.calibration_plot(calibrated_patients(run), name, plots / f"calibration_{name}.png"),
+         f"{title} reliability diagram (patient level, pooled), probabilities moved from the balanced "
+         "training prior to each fold's prevalence."),
+        (plottings.magnification_importance_plot(magnification_importance(run), name,
+                                                 plots / f"magnification_importance_{name}.png"),
+         f"Drop in {title}'s patient AUC when one magnification is masked out of every test tuple.")]
+    figures = [(path, caption) for path, caption in figures if path is not None]  # nothing to draw
     for path in plottings.gradcam_figures(out / GRADCAM_DIR, plots / "gradcam"):
         if path.stem.startswith("mil_"):
             figures.append((path, f"MIL: the most-attended images of test patient case '{path.stem}' with the "
@@ -155,7 +162,9 @@ def _markdown_lines(cfg, runs: dict, shown: dict, figures: list, base: Path) -> 
     benchmark = out / "tables" / "benchmark.csv"
     if benchmark.is_file():  # written by `python -m utils.benchmark --output-dir` this folder
         lines += ["### Benchmark (python -m utils.benchmark)", "", markdown_table(pd.read_csv(benchmark)), ""]
-    lines += ["## Figures", ""]
+    reference = reference_experiment(cfg, runs)
+    lines += ["## Figures", "", f"ROC, calibration and training curves are drawn for {plottings.title_of(reference)} "
+              f"(`{reference}`), the reference experiment of this run.", ""]
     lines += [f"![{caption}]({os.path.relpath(path, base)})  \n{caption}\n" for path, caption in figures]
     lines += ["## Log", "", "```text", read_text_file(out / RUN_LOG).rstrip(), "```", ""]
     return lines
@@ -205,7 +214,8 @@ def write_report(cfg, live: bool = False) -> int:
     if live:
         cfg = dataclasses.replace(cfg, bootstrap_samples=min(cfg.bootstrap_samples, 200))
     shown = write_tables(runs, cfg, tables)
-    figures = write_plots(runs, shown["_stats"], out) + dataset_figures(out)
+    reference = reference_experiment(cfg, runs)
+    figures = write_plots(runs, shown["_stats"], out, reference) + dataset_figures(out)
     html_path = write_html_report(cfg, runs, shown, figures, live)
     if live:
         return 0

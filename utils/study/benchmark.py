@@ -38,24 +38,39 @@ log = logging.getLogger("mmnet")
 FULL = {"images": 7909, "folds": 5}  # the default study's size
 
 
-def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
-    slots = len(cfg.magnifications)
-    per_mag = 25  # a 100-image patient: 25 images at each of 4 magnifications
-    rows, data = synthetic_patients(n_patients=8, per_mag=per_mag, mags=slots)
+def synthetic_study(cfg: Config, env, batches: int):
+    """MMNet's fold state and loop settings over 8 synthetic 100-image patients (25 images at
+    each magnification) cached on the device: (state, loop, cache)."""
+    rows, data = synthetic_patients(n_patients=8, per_mag=25, mags=len(cfg.magnifications))
     cache = np.random.default_rng(0).integers(0, 256, (len(rows), *frame_shape(cfg.image_size), 3), dtype=np.uint8)
-    source = ImageSource(cache, env.device)
     state = new_fold_state(cfg, env, steps_per_epoch=batches, seed=0)
     state.scheduler = make_scheduler(state.optimizer, 10 * batches, 0)
-    eval_tuples, _ = evaluation_tuples(data)
-    loop = LoopSettings(source, data, StudyLoss(cfg, None), env.batch_size, env.amp_dtype, cfg.grad_clip)
     state.accumulation = -(-env.batch_size // env.micro_batch)
-    rates = time_train_and_eval(state, loop, batches * env.batch_size, eval_tuples)
-    end_to_end, eval_rate = rates["train"], rates["eval"]
-    alone = model_alone_rate(state, cfg, env, batches, slots)
-    single_ms, ensemble_ms = predictor_latency(state.model, cfg, cache, data, env.device)
+    loop = LoopSettings(ImageSource(cache, env.device), data, StudyLoss(cfg, None), env.batch_size, env.amp_dtype,
+                        cfg.grad_clip)
+    return state, loop, cache
+
+
+def loop_rates(state, loop: LoopSettings, batches: int) -> dict:
+    """Train and eval tuples/s through the real loop: the rates every duration estimate uses."""
+    rates = time_train_and_eval(state, loop, batches * loop.batch_size, evaluation_tuples(loop.data)[0])
+    return {"train_tuples_per_s_end_to_end": rates["train"], "eval_tuples_per_s": rates["eval"]}
+
+
+def study_minutes(cfg: Config, rates: dict) -> float:
+    """Minutes of the default study from loop_rates(): the one estimate behind the start-up
+    check and the benchmark's predicted_full_run_minutes."""
+    return predicted_full_run_s(cfg, rates) / 60
+
+
+def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
+    state, loop, cache = synthetic_study(cfg, env, batches)
+    rates = loop_rates(state, loop, batches)
+    alone = model_alone_rate(state, cfg, env, batches, len(cfg.magnifications))
+    single_ms, ensemble_ms = predictor_latency(state.model, cfg, cache, loop.data, env.device)
     return {"cache_build_images_per_s": cache_build_rate(cache_images, env.workers, cfg.image_size) if cache_images else float("nan"),
-            "train_tuples_per_s_end_to_end": end_to_end, "train_tuples_per_s_model_alone": alone,
-            "pipeline_efficiency": end_to_end / alone, "eval_tuples_per_s": eval_rate,
+            **rates, "train_tuples_per_s_model_alone": alone,
+            "pipeline_efficiency": rates["train_tuples_per_s_end_to_end"] / alone,
             "predictor_ms_per_patient_1_model": single_ms,
             "predictor_ms_per_patient_5_fold_ensemble": ensemble_ms,
             "peak_memory_gb": peak_memory_gb(env.device)}
@@ -189,15 +204,11 @@ def minutes_added_by_groups(cfg: Config, rates: dict, suffix: str = "") -> dict[
 
 
 def quick_study_minutes(cfg: Config, env) -> float:
-    """A few-second estimate of the default study on this device, for the start-up check:
-    one timed MMNet training step on a random micro-batch of 4, eval taken as 3x faster."""
+    """The start-up check's estimate of the default study on this device: the benchmark's own
+    measurement (loop_rates, study_minutes), with steps of one micro-batch to keep it short."""
     mm = dataclasses.replace(experiment_config(cfg, "mmnet"), pretrained="off", pretrained_file="")
-    state = new_fold_state(mm, env, steps_per_epoch=1, seed=0)
-    small = dataclasses.replace(env, batch_size=4, micro_batch=4)
-    model_alone_rate(state, mm, small, 1, len(mm.magnifications))  # warm-up
-    rate = model_alone_rate(state, mm, small, 1, len(mm.magnifications))
-    speeds = {"train_tuples_per_s_end_to_end": rate, "eval_tuples_per_s": 3 * rate}
-    return predicted_full_run_s(cfg, speeds) / 60
+    state, loop, _ = synthetic_study(mm, dataclasses.replace(env, batch_size=env.micro_batch), 1)
+    return study_minutes(cfg, loop_rates(state, loop, 1))
 
 
 def main(argv=None) -> int:
@@ -217,7 +228,7 @@ def main(argv=None) -> int:
     env = detect_env(cfg)
     configure_backends(env.device, deterministic=False)
     rates = measure(cfg, env, args.batches, args.cache_images)
-    rates["predicted_full_run_minutes"] = predicted_full_run_s(cfg, rates) / 60
+    rates["predicted_full_run_minutes"] = study_minutes(cfg, rates)
     rates.update(minutes_added_by_groups(cfg, rates))
     if args.freeze_backbone:
         rates.update(measure_frozen(cfg, env, args.batches, rates))

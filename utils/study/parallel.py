@@ -54,7 +54,7 @@ def _run_job(name: str, fold: int) -> dict:
     return run_fold(experiment_config(w["cfg"], name), w["study"], name, fold)
 
 
-def _collect(done, pending: dict, pool, tracker) -> tuple[int, str]:
+def _collect(done, pending: dict, pool, tracker, epochs: int) -> tuple[int, str]:
     """Failed jobs and a stop message among the finished futures; a foreign run ends all."""
     failed, stopped = 0, ""
     for future in done:
@@ -63,7 +63,8 @@ def _collect(done, pending: dict, pool, tracker) -> tuple[int, str]:
             continue
         try:
             results = future.result()
-            tracker.end_job(name, fold, True, results.get("wall_seconds_this_run"))
+            share = 1.0 - results.get("resumed_at_epoch", 0) / epochs  # the part trained in this run
+            tracker.end_job(name, fold, True, results.get("wall_seconds_this_run"), share)
         except ForeignRunError as exc:
             pool.shutdown(cancel_futures=True)
             raise ConfigError(str(exc)) from None
@@ -89,7 +90,7 @@ def run_jobs(cfg, prepared, todo: list[tuple[str, int]], jobs: int, log_file: st
         pending = {pool.submit(_run_job, n, f): (n, f) for n, f in todo}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            lost, stop = _collect(done, pending, pool, tracker)
+            lost, stop = _collect(done, pending, pool, tracker, cfg.epochs)
             failed, stopped = failed + lost, stop or stopped
             if (stopped or stop_requested()) and pending:
                 for future in pending:

@@ -15,7 +15,7 @@ from config import CONFIG_FILE, Config, write_config_file
 from preprocess.analyze import analyze
 from preprocess.prepared import Study
 from preprocess.demo import write_demo_tree
-from preprocess.preprocess import DataError, index_dataset, missing_data_message, write_issues
+from preprocess.preprocess import DataError, holds_images, index_dataset, missing_data_message, write_issues
 from preprocess.splits import FoldError, build_folds, kaggle_folds, load_folds, write_folds
 from utils.device import EnvInfo, configure_backends, gpu_facts, versions
 from utils.env import decode_workers, free_disk_gb, git_commit, runpod_hint, shm_gb
@@ -66,8 +66,7 @@ def run_header(cfg: Config, env: EnvInfo) -> dict:
 
 def _resolve_data_dir(cfg: Config) -> tuple[Path, bool]:
     data_dir = Path(cfg.data_dir)
-    has_images = data_dir.is_dir() and any(data_dir.rglob("*.png"))
-    if has_images or not cfg.dry_run:
+    if holds_images(data_dir) or not cfg.dry_run:
         return data_dir, False
     demo_dir = Path(cfg.output_dir) / "demo_data"
     if not any(demo_dir.rglob("*.png")):
@@ -75,6 +74,13 @@ def _resolve_data_dir(cfg: Config) -> tuple[Path, bool]:
     log.warning("no dataset in '%s': the dry run uses SYNTHETIC demo data from %s",
                 cfg.data_dir, demo_dir)
     return demo_dir, True
+
+
+def check_inputs(cfg: Config) -> None:
+    """What the user typed, checked before anything slow (the device and its speed estimate):
+    a full run needs images where --data-dir points (a dry run falls back to demo data)."""
+    if not cfg.dry_run and not holds_images(cfg.data_dir):
+        raise DataError(missing_data_message(cfg.data_dir))
 
 
 def select_patients(index: pd.DataFrame, max_patients: int, seed: int) -> pd.DataFrame:

@@ -33,12 +33,15 @@ class StudyProgress:
         self.done: set = set()
         self.measured, self.expected = 0.0, 0.0  # seconds of jobs that trained, and their prediction
         self.current, self.job_started, self.fraction = None, self.started, 0.0
+        self.resumed_at = 0.0  # share of the current job done before this run (a resumed fold)
         self.bar = tqdm(total=len(jobs), desc="study", dynamic_ncols=True) if on_terminal() else None
 
     def _scale(self) -> float:
-        """Measured over predicted time of the work done so far (1 until something trained)."""
+        """Measured over predicted time of the work trained in this run (1 until something
+        trained): a skipped fold, or the part of a resumed one done earlier, counts in neither."""
         running = time.perf_counter() - self.job_started if self.current else 0.0
-        expected = self.expected + self.fraction * self.predicted.get(self.current[0], 0.0) if self.current else self.expected
+        trained_now = max(0.0, self.fraction - self.resumed_at)
+        expected = self.expected + trained_now * self.predicted.get(self.current[0], 0.0) if self.current else self.expected
         measured = self.measured + running
         return min(4.0, max(0.25, measured / expected)) if expected > 1.0 and measured > 1.0 else 1.0
 
@@ -49,21 +52,27 @@ class StudyProgress:
             left += (1 - self.fraction) * self.predicted.get(self.current[0], float("nan"))
         return left * self._scale() / self.workers
 
-    def start_job(self, name: str, fold: int) -> None:
-        self.current, self.job_started, self.fraction = (name, fold), time.perf_counter(), 0.0
+    def start_job(self, name: str, fold: int, done_share: float = 0.0) -> None:
+        """`done_share`: the part of the job finished before this run (a fold resumed at epoch e
+        of E has e/E done)."""
+        self.current, self.job_started = (name, fold), time.perf_counter()
+        self.fraction = self.resumed_at = done_share
         self.write("running")
 
     def epoch_done(self, name: str, fold: int, epoch: int, epochs: int) -> None:
         self.fraction = (epoch + 1) / epochs
         self.write("running", f"epoch {epoch + 1}/{epochs}")
 
-    def end_job(self, name: str, fold: int, trained: bool, seconds: float | None = None) -> None:
-        """A job ended; `seconds` is its own training time where it ran elsewhere (a worker)."""
+    def end_job(self, name: str, fold: int, trained: bool, seconds: float | None = None,
+                share: float | None = None) -> None:
+        """A job ended; `seconds` is its own training time and `share` the part of the job it
+        trained, where it ran elsewhere (a worker); here they are known from start_job."""
         if trained:
+            share = (1.0 - self.resumed_at) if share is None else share
             self.measured += seconds if seconds is not None else time.perf_counter() - self.job_started
-            self.expected += self.predicted.get(name, 0.0)
+            self.expected += share * self.predicted.get(name, 0.0)
         self.done.add((name, fold))
-        self.current, self.fraction = None, 0.0
+        self.current, self.fraction, self.resumed_at = None, 0.0, 0.0
         if self.bar is not None:
             self.bar.update(1)
         self.write("running", "fold done" if trained else "fold skipped: done earlier")
