@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +59,7 @@ class Config:
     colour_jitter: float = 0.1  # brightness, contrast and saturation move by up to +-this; 0 = off
     stain_jitter: float = 0.1  # haematoxylin/eosin amounts scale and shift by up to +-this; 0 = off
     quarter_turns: bool = False  # training also turns frames by 90 degrees (all 8 symmetries of the square)
+    magnification_dropout: float = 0.0  # training masks each magnification of a tuple with this probability (never all), as a missing one is masked at test
     # --- model
     model: str = "mmnet"  # registry name, see backbones.list_models()
     backbone: str = "resnet18"  # timm model name
@@ -156,7 +156,7 @@ _MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience":
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
             "warmup_epochs": 0.0, "ema_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0,
-            "colour_jitter": 0.0, "stain_jitter": 0.0}
+            "colour_jitter": 0.0, "stain_jitter": 0.0, "magnification_dropout": 0.0}
 
 
 # --help in the order a user decides: where the data are, what the study runs, which model,
@@ -171,7 +171,7 @@ OPTION_GROUPS = {
     "training": ("epochs", "patience", "batch_size", "tuples_per_epoch", "class_balanced", "lr",
                  "backbone_lr_scale", "weight_decay", "warmup_epochs", "ema_epochs", "grad_clip", "loss",
                  "focal_alpha", "focal_gamma", "subtype_loss_weight", "colour_jitter", "stain_jitter",
-                 "quarter_turns"),
+                 "quarter_turns", "magnification_dropout"),
     "device": ("device", "amp", "micro_batch", "deterministic", "workers", "jobs", "checkpoint_minutes"),
     "output and report": ("output_dir", "report_file", "keep_models", "gradcam_patients", "bootstrap_samples",
                           "live_report", "tensorboard"),
@@ -207,6 +207,8 @@ def _problems(cfg: Config) -> list[str]:
     for name, low in _MINIMUM.items():
         if getattr(cfg, name) < low:
             problems.append(problem("CFG003", name, f"must be >= {low}, got {getattr(cfg, name)}"))
+    if cfg.magnification_dropout >= 1:
+        problems.append(problem("CFG003", "magnification_dropout", f"must be below 1, got {cfg.magnification_dropout}"))
     if not 0.05 <= cfg.inner_val_fraction <= 0.5:
         problems.append(problem("CFG003", "inner_val_fraction", f"must lie in [0.05, 0.5], got {cfg.inner_val_fraction}"))
     for name, choices in _CHOICES.items():

@@ -94,7 +94,7 @@ def explained_experiments(cfg: Config) -> list[str]:
 def settle_device(cfg: Config):
     """Device, AMP and weights decided once, before anything is written; a full study that
     would run on a CPU by accident, or from a silent random init, stops here."""
-    from backbones import check_backbone, check_weights
+    from backbones import check_weights
     from utils.study.benchmark import quick_study_minutes
     from utils.device import detect_env, resolved_config
     from utils.env import keep_hub_cache_on_volume
@@ -103,7 +103,6 @@ def settle_device(cfg: Config):
     cfg = resolved_config(cfg, env)
     if cfg.analyze_only:
         return cfg, env
-    check_backbone(cfg.backbone)
     if env.device == "cpu" and cfg.device == "auto" and not cfg.dry_run:
         raise ConfigError(f"no CUDA GPU or Apple MPS found: the full study would take about "
                           f"{quick_study_minutes(cfg, env):.0f} min on this CPU; pass --device cpu to run it "

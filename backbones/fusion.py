@@ -141,19 +141,28 @@ class CrossAttentionFusion(nn.Module):
 
 @register_fusion("bilinear")
 class BilinearFusion(nn.Module):
-    """Low-rank bilinear pooling: two projections of each present vector, their elementwise
-    product averaged over the present ones (second-order interactions of features), signed
-    square root and normalisation, then projected back to `dim`."""
+    """Low-rank multimodal (factorised) pooling across magnifications (Liu et al., ACL 2018):
+    each magnification m has its own factor W_m; [z_m, 1] W_m is multiplied elementwise over
+    the present magnifications, so the pooled vector holds products of features of different
+    magnifications (every subset of them, through the appended 1). A missing magnification is
+    the neutral factor 1. Signed square root and normalisation, then projected back to `dim`."""
 
     def __init__(self, dim: int, count: int, rank: int = 0):
         super().__init__()
         rank = rank or dim
-        self.left, self.right = nn.Linear(dim, rank), nn.Linear(dim, rank)
+        self.factors = nn.Parameter(torch.randn(count, dim + 1, rank) * dim ** -0.5 * 0.1)
+        with torch.no_grad():
+            self.factors[:, -1] = 1.0  # the constant path: each factor starts near 1, so products stay O(1)
         self.project = nn.Sequential(nn.LayerNorm(rank), nn.Linear(rank, dim), nn.GELU())
 
+    def interactions(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, rank): the product over present magnifications of their projected factors."""
+        augmented = torch.cat([z, torch.ones_like(z[..., :1])], dim=-1)
+        factors = torch.einsum("bmd,mdr->bmr", augmented, self.factors.to(z.dtype))
+        factors = torch.where(mask[..., None] > 0, factors, torch.ones_like(factors))
+        return factors.prod(dim=1)
+
     def forward(self, z, mask):
-        z = present(z, mask)
-        count = (mask > 0).sum(dim=-1, keepdim=True).clamp(min=1).to(z.dtype)
-        product = present(self.left(z) * self.right(z), mask).sum(dim=1) / count
+        product = self.interactions(z, mask)
         signed_root = torch.sign(product) * torch.sqrt(product.abs() + 1e-6)
         return self.project(signed_root), None

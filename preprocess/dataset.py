@@ -129,7 +129,24 @@ def training_samples(data: PatientImages, count: int, rng: np.random.Generator, 
     """An epoch's fresh random tuples, or bags for MIL models, and their patient positions."""
     if cfg.sample_mode == "bag":
         return training_bags(data, count, cfg.bag_size, rng, cfg.class_balanced)
-    return training_tuples(data, count, rng, cfg.class_balanced)
+    tuples, owners = training_tuples(data, count, rng, cfg.class_balanced)
+    return drop_magnifications(tuples, cfg.magnification_dropout, rng), owners
+
+
+def drop_magnifications(tuples: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
+    """Each slot of a tuple masked with probability p, exactly as a missing magnification is
+    at test (index -1: a black image and mask 0), never every present one of a tuple (such
+    tuples are drawn again). The model then meets in training the incomplete inputs that
+    magnification importance and predict.py ask it about."""
+    if p <= 0 or tuples.shape[1] < 2:
+        return tuples  # no draw at all: p = 0 leaves the epoch's random stream as it was
+    out, redo = tuples.copy(), np.ones(len(tuples), dtype=bool)
+    while redo.any():
+        rows = np.flatnonzero(redo)
+        dropped = np.where(rng.random((len(rows), tuples.shape[1])) < p, -1, tuples[rows])
+        out[rows] = dropped
+        redo[rows] = ~(dropped >= 0).any(axis=1) & (tuples[rows] >= 0).any(axis=1)
+    return out
 
 
 def evaluation_samples(data: PatientImages, cfg) -> tuple[np.ndarray, np.ndarray]:

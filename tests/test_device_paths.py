@@ -241,3 +241,17 @@ def prepared_env(cfg):
     from utils.device import detect_env
 
     return detect_env(cfg)
+
+
+def test_an_old_torch_without_the_new_names_is_served(monkeypatch):
+    """torch before 2.4 has no torch.OutOfMemoryError and before 2.3 no torch.amp.GradScaler:
+    the back-off and the scaler use torch.cuda's classes there."""
+    from utils import device
+
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
+    monkeypatch.delattr(torch.amp, "GradScaler", raising=False)
+    assert device.out_of_memory_error() is torch.cuda.OutOfMemoryError
+    assert device.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not device.is_out_of_memory(ValueError("out of memory"))
+    scaler = device.grad_scaler("cpu", enabled=True)
+    assert isinstance(scaler, torch.cuda.amp.GradScaler) and not scaler.is_enabled()

@@ -183,7 +183,7 @@ def test_a_finished_fold_stays_finished_when_only_another_models_setting_changes
 def test_fusion_weight_tables_leave_out_a_fusion_without_weights():
     import pandas as pd
 
-    from utils.report.tables import fusion_weights, magnification_weights
+    from utils.report.weights import fusion_weights, magnification_weights
 
     frame = pd.DataFrame({"patient": ["a", "b"], "prob": [0.2, 0.7]})
     weighted = frame.assign(w_40x=[0.3, 0.5], w_400x=[0.7, 0.5])
@@ -218,3 +218,25 @@ def test_bf16_autocast_trains_every_kind_of_fusion_and_bag(experiment):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     if out.mag_weights is not None:
         torch.testing.assert_close(out.mag_weights.float().sum(dim=1), torch.ones(3), atol=1e-2, rtol=0)
+
+
+def test_bilinear_fusion_multiplies_across_magnifications_and_knows_its_slots():
+    """The pooled vector holds products of different magnifications' features (a non-zero mixed
+    difference: a sum of per-magnification terms has none), and moving content from one slot to
+    another changes the output."""
+    from backbones.fusion import create_fusion
+
+    torch.manual_seed(0)
+    fusion = create_fusion("bilinear", 16, 4)
+    z, mask = torch.randn(2, 4, 16), torch.ones(2, 4)
+    e0, e1 = torch.zeros_like(z), torch.zeros_like(z)
+    e0[:, 0], e1[:, 1] = torch.randn(2, 16), torch.randn(2, 16)
+    f = lambda x: fusion.interactions(x, mask)  # noqa: E731
+    mixed = f(z + e0 + e1) - f(z + e0) - f(z + e1) + f(z)
+    assert mixed.abs().max() > 1e-4
+    swapped = z[:, [1, 0, 2, 3]]
+    assert not torch.allclose(fusion(z, mask)[0], fusion(swapped, mask)[0])
+    partial = torch.tensor([[1.0, 0, 1, 1], [1, 1, 1, 1]])
+    other = z.clone()
+    other[0, 1] += 3.0  # a missing magnification never reaches the output
+    torch.testing.assert_close(fusion(z, partial)[0][0], fusion(other, partial)[0][0])

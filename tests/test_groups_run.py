@@ -77,3 +77,23 @@ def test_an_experiment_in_two_families_gets_a_holm_p_in_each(groups_run):
     for name in ("ablation_values", "fusion_comparison_values"):
         values = pd.read_csv(groups_run / "tables" / f"{name}.csv")
         assert values.groupby(["experiment", "metric"]).size().max() == 1, name
+
+
+def test_an_experiment_in_two_families_is_one_bar_of_the_experiments_plot(groups_run):
+    from utils.report.plottings import bar_rows
+
+    stats = pd.read_csv(groups_run / "tables" / "statistics.csv")
+    rows = bar_rows(stats, "patient", "auc")
+    assert rows["experiment"].is_unique and "mmnet_no_fusion" in set(rows["experiment"])
+
+
+def test_a_group_section_needs_one_of_its_own_members():
+    """A default run (its ablations include mmnet_no_fusion, the fusion group's 'mean') shows
+    no fusion section; one own fusion member brings it."""
+    from utils.report.build import _group_entries, own_members
+
+    assert "mmnet_no_fusion" not in own_members("fusion") and "mmnet_fusion_gated" in own_members("fusion")
+    stats = pd.DataFrame(columns=["experiment", "level", "metric", "family"])
+    assert _group_entries(stats, {"mmnet": {}, "mmnet_no_fusion": {}}) == []
+    titles = [entry[0] for entry in _group_entries(stats, {"mmnet": {}, "mmnet_fusion_gated": {}})]
+    assert len(titles) == 1 and titles[0].startswith("Fusion strategies")

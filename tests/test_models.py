@@ -162,3 +162,17 @@ def test_progressive_attention_ignores_a_missing_lower_level():
     a, b = module(z, mask), module(other, mask)
     torch.testing.assert_close(a[:, 1:], b[:, 1:])
     assert torch.isfinite(a).all()
+
+
+def test_every_hierarchy_level_has_a_real_choice_so_query_and_key_weights_learn():
+    """With 40X and 100X only, 100X chooses between 40X and itself: the attention's query and
+    key projections receive gradient (with 40X as the only key its weight was always 1)."""
+    from backbones.our.modules import HierarchicalMagnificationAttention
+
+    torch.manual_seed(0)
+    module = HierarchicalMagnificationAttention(16, 2)
+    refined = module(torch.randn(3, 2, 16), torch.ones(3, 2))
+    (refined[:, 1] * torch.randn(16)).sum().backward()
+    key_rows = module.key_value.weight.grad[:16]  # the key half of the key/value projection
+    assert module.query.weight.grad.abs().max() > 0
+    assert key_rows.abs().max() > 0

@@ -105,7 +105,8 @@ def only_200x_carries_signal(tmp_path_factory):
 
 
 def test_masking_the_only_informative_magnification_costs_the_most_auc(only_200x_carries_signal):
-    from utils.report.tables import load_runs, magnification_importance
+    from utils.report.tables import load_runs
+    from utils.report.weights import magnification_importance
 
     table = magnification_importance(load_runs(only_200x_carries_signal, ["mmnet"])["mmnet"])
     folds = table[table["fold"] != "mean ± sd"].set_index("fold").astype(float)

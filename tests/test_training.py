@@ -92,7 +92,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, demo_tree, demo_ind
 
     calls = []
 
-    def nan_loss(self, output, labels, subtypes):
+    def nan_loss(self, output, labels, subtypes, step=None):
         calls.append(len(labels))
         return output.logits.sum() * float("nan"), {}
 

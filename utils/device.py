@@ -82,10 +82,23 @@ def resolved_config(cfg, env: EnvInfo):
     return dataclasses.replace(cfg, pretrained=pretrained, amp=env.amp_dtype)
 
 
+def out_of_memory_error() -> type:
+    """torch.OutOfMemoryError where it exists (torch >= 2.4); torch.cuda's class before that."""
+    return getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+def grad_scaler(device: str, enabled: bool):
+    """torch.amp.GradScaler(device) (torch >= 2.3); before that torch.cuda.amp.GradScaler, the
+    only one there is (fp16 with loss scaling is a CUDA path: elsewhere it is disabled)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device == "cuda")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, and the RuntimeErrors that mean the same: MPS out of memory,
     cuDNN/cuBLAS workspace allocation failures."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, out_of_memory_error()):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(

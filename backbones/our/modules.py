@@ -79,11 +79,13 @@ class HierarchicalMagnificationAttention(nn.Module):
     """Progressive fusion from low to high magnification, one level at a time.
 
     Every level gets a learned magnification embedding. The lowest level passes through
-    (plus its embedding, normalised); level m attends to the already refined levels below it:
-    100X to 40X, 200X to the refined 40X and 100X, 400X to all three. So the refined 40X never
-    sees the higher levels and the refined 100X never sees 200X or 400X. A missing level is
-    masked out as a key (it contributes nothing); a level with nothing present below it keeps
-    its own vector.
+    (plus its embedding, normalised); level m attends to the already refined levels below it
+    and to its own vector: 100X chooses between 40X and itself, 200X among the refined 40X,
+    100X and itself, 400X among all. Its own vector among the keys gives every level a real
+    choice (with 40X as the only key, 100X's softmax weight would always be 1 and its query
+    and key weights would learn nothing), and a level with nothing present below it attends
+    to itself alone. So the refined 40X never sees the higher levels and the refined 100X
+    never sees 200X or 400X. A missing level below is masked out as a key.
     """
 
     def __init__(self, dim: int, count: int, heads: int = 4):
@@ -113,7 +115,8 @@ class HierarchicalMagnificationAttention(nn.Module):
         z = z + self.embedding.to(z.dtype)
         refined = [self.norm(z[:, 0])]
         for level in range(1, z.shape[1]):
-            below = torch.stack(refined, dim=1)
-            context = self._attend(z[:, level], below, mask[:, :level])
+            keys = torch.stack([*refined, z[:, level]], dim=1)  # the refined levels below, and itself
+            present = torch.cat([mask[:, :level], torch.ones_like(mask[:, :1])], dim=1)
+            context = self._attend(z[:, level], keys, present)
             refined.append(self.norm(z[:, level] + self.out(context)))
         return torch.stack(refined, dim=1)

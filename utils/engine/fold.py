@@ -11,9 +11,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -23,11 +21,13 @@ from sklearn.metrics import roc_auc_score
 from preprocess.dataset import (evaluation_samples, fold_split, samples_for, sampling_weights, training_samples,
                                 tuples_per_epoch)
 from utils.device import empty_cache, is_out_of_memory
-from utils.engine.checkpoint import (FoldState, checkpoint_payload, config_json, cpu_copy, finished_results,
+from utils.engine.checkpoint import (FoldState, cpu_copy, finished_results,
                               reload_last, restore_from_disk, tested_model)
 from utils.device import derived_seed, seed_everything
+from utils.engine.fold_run import NO_PROGRESS, FoldRun, best_write, checkpoint_due, save_checkpoints
 from utils.engine.saving import BackgroundWriter, scalar_writer
 from utils.engine.stop import StopRequested, stop_requested
+from utils.engine.batchnorm import settle_batchnorm
 from utils.engine.evaluate import evaluation_batch, prediction_frame
 from utils.files import ATTENTION_FILE, atomic_write_text, model_file
 from preprocess.splits import folds_fingerprint
@@ -36,37 +36,6 @@ from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, pa
 from utils.engine.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
 
 log = logging.getLogger("mmnet")
-
-
-class NoProgress:
-    """Where a fold reports when no study watches it (tests, the benchmark, worker processes);
-    a study passes its StudyProgress, which has the same three methods."""
-
-    def start_job(self, *args) -> None: ...
-    def epoch_done(self, *args) -> None: ...
-    def end_job(self, *args) -> None: ...
-
-
-NO_PROGRESS = NoProgress()
-
-
-@dataclass
-class FoldRun:
-    """One experiment x fold being trained: where it writes and what it trains on."""
-    cfg: object  # the experiment's Config
-    study: object  # utils.study.pipeline.Study with images attached
-    name: str  # experiment name
-    fold: int
-    split: dict  # role -> PatientImages
-    run_dir: Path
-    identity: dict  # config and folds hashes: a checkpoint of another run is refused
-    writer: BackgroundWriter
-    fresh_state: Callable[[], FoldState]  # the fold's initial state, rebuilt on demand
-    progress: object = NO_PROGRESS  # told of each epoch (a study's StudyProgress)
-    scalars: object = None  # a TensorBoard SummaryWriter with --tensorboard
-    last_saved: float = 0.0  # time.monotonic() of the last last.pt written
-    resumed_at: int = 0  # the epoch this run started at (0 unless resumed)
-    best_unsaved: bool = False  # best weights changed since best.pt was last written
 
 
 def _start_epoch(state: FoldState, run: FoldRun, count: int) -> EpochPlan:
@@ -119,22 +88,15 @@ def _validate(state: FoldState, run: FoldRun, val_tuples, val_owners) -> dict:
     return {"val_loss": float(loss), "val_auc": float(roc_auc_score(labels, out["prob"]))}
 
 
-def save_checkpoints(state: FoldState, run: FoldRun, generator: torch.Generator | None = None) -> None:
-    """last.pt (everything to resume) and, when the best weights changed, best.pt, written in
-    the background. On a timer, at a stop request and at the end of a fold's training: a
-    four-backbone last.pt is ~0.5 GB, too much to write every epoch to a network volume."""
-    writes = [(checkpoint_payload(state, run.identity, generator), run.run_dir / "last.pt")]
-    if run.best_unsaved:
-        writes.append(({"model": state.best_weights, "epoch": state.best_epoch, "config_json": config_json(run.cfg),
-                        **run.identity}, run.run_dir / "best.pt"))
-        run.best_unsaved = False
-    run.writer.submit(writes)
-    run.last_saved = time.monotonic()
-
-
-def _checkpoint_due(state: FoldState, run: FoldRun) -> bool:
-    finished = state.epoch >= run.cfg.epochs or state.bad_epochs >= run.cfg.patience
-    return finished or time.monotonic() - run.last_saved >= 60 * run.cfg.checkpoint_minutes
+def _settle(state: FoldState, run: FoldRun) -> bool:
+    """The tested weights get the BatchNorm statistics of the fold's training patients before
+    anything is predicted; best.pt (the kept model) is rewritten to hold them."""
+    settled = settle_batchnorm(state.model, source=run.study.source, data=run.split["train"], cfg=run.cfg,
+                               batch=evaluation_batch(run.cfg, run.study.env), amp_dtype=run.study.env.amp_dtype)
+    if settled:
+        state.best_weights = cpu_copy(state.model.state_dict())
+        run.writer.submit([best_write(state, run)])
+    return settled
 
 
 def _improved(state: FoldState, run: FoldRun, val: dict) -> bool:
@@ -166,7 +128,7 @@ def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict
             if key in row:
                 run.scalars.add_scalar(key, row[key], epoch + 1)
         run.scalars.flush()
-    if _checkpoint_due(state, run):
+    if checkpoint_due(state, run):
         save_checkpoints(state, run)
     scores = f" | val auc {val['val_auc']:.4f} loss {val['val_loss']:.4f}" if val else ""
     log.info("%s fold %d epoch %d/%d | loss %.4f%s | %.0f tuples/s%s", run.name, run.fold, epoch + 1,
@@ -228,6 +190,7 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
     """Test predictions and results.json. Decisions are at 0.5 (training is class-balanced);
     the threshold chosen on inner validation is kept for a secondary row only."""
     state.model.load_state_dict(state.best_weights)
+    settled = _settle(state, run)
     val_threshold = None  # a secondary rule, only where inner-validation patients exist
     if "val" in run.split:
         val = patient_probabilities(_predictions(state, run, "val"))
@@ -247,6 +210,7 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
                "wall_seconds_this_run": time.perf_counter() - started,
                "pretrained": getattr(state.model, "pretrained_status", ""),
                "accumulation": state.accumulation,  # >1 after a CUDA out-of-memory
+               "batchnorm_settled": settled,  # running statistics re-estimated on the training patients
                "patients": {r: len(run.split[r]) for r in run.split}}
     atomic_write_text(run.run_dir / "results.json", json.dumps(results, indent=2))
     m = fold_metrics(predictions, threshold)["patient"]
@@ -278,6 +242,7 @@ def run_fold(cfg, study, experiment: str, fold: int, progress=NO_PROGRESS) -> di
         if run.scalars is not None:
             run.scalars.close()
     results = _finish(state, run, started)
+    run.writer.wait()  # best.pt with the settled statistics lands before it is kept
     # A finished fold is skipped on restart: only its model is needed from now on (kept under
     # models/), and last.pt (weights + optimizer, ~0.5 GB for four resnet18s) would fill a disk.
     (run.run_dir / "last.pt").unlink(missing_ok=True)

@@ -44,18 +44,38 @@ def binary_loss(cfg, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 class StudyLoss:
-    """Binary loss (focal or plain BCE) + subtype_loss_weight * weighted subtype cross-entropy."""
+    """Binary loss (focal or plain BCE) + subtype_loss_weight * weighted subtype cross-entropy,
+    each normalised over the whole optimizer step, so that accumulating micro-batches gives
+    the loss and gradient of the full batch (a weighted mean's denominator is the step's
+    total weight, not each micro-batch's)."""
 
     def __init__(self, cfg, subtype_weights: torch.Tensor | None):
         self.cfg = cfg
         self.subtype_weights = subtype_weights
+        self._on_device = {}  # the weights once per device: no host copy in a step
 
-    def __call__(self, output, labels: torch.Tensor, subtypes: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        binary = binary_loss(self.cfg, output.logits, labels)
+    def _weights(self, device: torch.device) -> torch.Tensor | None:
+        if self.subtype_weights is None:
+            return None
+        if device not in self._on_device:
+            self._on_device[device] = self.subtype_weights.to(device)
+        return self._on_device[device]
+
+    def step_totals(self, labels: torch.Tensor, subtypes: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The denominators of one optimizer step: its sample count and subtype weight total."""
+        weights = self._weights(subtypes.device)
+        total = weights[subtypes].sum() if weights is not None else torch.tensor(float(len(subtypes)))
+        return len(labels), total.to(subtypes.device)
+
+    def __call__(self, output, labels: torch.Tensor, subtypes: torch.Tensor, step=None) -> tuple[torch.Tensor, dict]:
+        """A micro-batch's share of its step's loss; `step` = step_totals() of the whole step
+        (None: the micro-batch is the step)."""
+        rows, weight_total = step if step is not None else self.step_totals(labels, subtypes)
+        binary = binary_loss(self.cfg, output.logits, labels) * (len(labels) / rows)
         total, parts = binary, {"binary": binary.detach()}
         if output.subtype_logits is not None and self.cfg.subtype_loss_weight > 0:
-            weights = self.subtype_weights.to(output.logits.device) if self.subtype_weights is not None else None
-            subtype = F.cross_entropy(output.subtype_logits.float(), subtypes, weight=weights)
+            subtype = F.cross_entropy(output.subtype_logits.float(), subtypes, weight=self._weights(subtypes.device),
+                                      reduction="sum") / weight_total
             total = total + self.cfg.subtype_loss_weight * subtype
             parts["subtype"] = subtype.detach()
         return total, parts

@@ -15,8 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from backbones import build_model
 from preprocess.dataset import ImageSource, PatientImages, reads_levels, samples_for
 from utils.engine.checkpoint import FoldState
-from utils.device import empty_cache, is_out_of_memory
-from utils.device import seed_everything
+from utils.device import empty_cache, grad_scaler, is_out_of_memory, seed_everything
 
 log = logging.getLogger("mmnet")
 
@@ -40,7 +39,7 @@ class LoopSettings:
     """What stays the same for every epoch of a fold."""
     source: ImageSource  # the decoded images, where the model runs
     data: PatientImages  # the training patients
-    loss_fn: Callable  # (output, labels, subtypes) -> (loss, parts)
+    loss_fn: Callable  # StudyLoss: (output, labels, subtypes, step) -> (a micro-batch's share of the step's loss, parts)
     batch_size: int  # tuples per optimizer step
     amp_dtype: str  # bfloat16 | float16 | none
     grad_clip: float = 0.0  # max gradient norm; 0 = off
@@ -105,7 +104,7 @@ def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs,
                                int(cfg.warmup_epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(env.device, enabled=env.amp_dtype == "float16")
+    scaler = grad_scaler(env.device, enabled=env.amp_dtype == "float16")
     return FoldState(model, optimizer, scheduler, scaler, history=[],
                      accumulation=math.ceil(samples_for(cfg, env.batch_size) / samples_for(cfg, env.micro_batch)),
                      average=moving_average(model, cfg.ema_epochs, steps_per_epoch))
@@ -119,17 +118,17 @@ def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds
     state.optimizer.zero_grad(set_to_none=True)
     micro = math.ceil(loop.batch_size / state.accumulation)
     total = torch.zeros(3, device=loop.source.device)
+    step = loop.loss_fn.step_totals(labels_all[start_row:end], subtypes_all[start_row:end])
     for start in range(start_row, end, micro):
         stop = min(end, start + micro)
         x, mask = loop.source.train_batch(plan.tuples[start:stop], state.model, plan.generator, loop.jitter,
                                           loop.quarter_turns)
         with amp_context(loop.source.device.type, loop.amp_dtype):
             output = state.model(x, mask)
-        loss, parts = loop.loss_fn(output, labels_all[start:stop], subtypes_all[start:stop])
-        rows, batch = stop - start, end - start_row  # a micro-batch's share of the step's mean
-        state.scaler.scale(loss * rows / batch).backward()
+        loss, parts = loop.loss_fn(output, labels_all[start:stop], subtypes_all[start:stop], step)  # its share
+        state.scaler.scale(loss).backward()
         zero = torch.zeros((), device=total.device)
-        total += torch.stack([loss.detach(), parts.get("binary", loss.detach()), parts.get("subtype", zero)]) * rows / batch
+        total += torch.stack([loss.detach(), parts.get("binary", loss.detach()), parts.get("subtype", zero)])
     if loop.grad_clip > 0:
         state.scaler.unscale_(state.optimizer)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), loop.grad_clip)

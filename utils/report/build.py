@@ -19,8 +19,9 @@ from utils.files import (GRADCAM_DIR, PROGRESS_FILE, REPORT_FILE, RUN_LOG, atomi
                          save_table, setup_logging)
 from utils.report.html_report import write_html_report
 from utils.report.report_text import header_lines, protocol_text, read_text_file, results_key
+from utils.report.weights import fusion_weights, magnification_importance, magnification_weights
 from utils.report.tables import (calibrated_patients, calibration_table, comparison_table, family_rows, fold_table,
-                          fusion_weights, load_runs, magnification_importance, magnification_weights, per_fold_table,
+                          load_runs, per_fold_table,
                           statistics, subtype_tables, timing_table, validation_threshold_table)
 
 log = logging.getLogger("mmnet")
@@ -48,10 +49,18 @@ def _with_reference(family: str) -> list[str]:
     return ["mmnet", *FAMILIES[family]]
 
 
+def own_members(family: str) -> list[str]:
+    """A family's experiments that belong to no other family (the fusion group reuses the
+    ablation mmnet_no_fusion for its mean strategy: that one is the ablations' own)."""
+    others = {name for other, names in FAMILIES.items() if other != family for name in names}
+    return [name for name in FAMILIES[family] if name not in others]
+
+
 def _group_entries(stats: pd.DataFrame, runs: dict) -> list[tuple]:
-    """A comparison table per experiment group that has finished folds besides MMNet."""
+    """A comparison table per experiment group one of whose own members has finished folds
+    (a default run, whose ablations include mmnet_no_fusion, has no fusion section)."""
     return [(title, f"{family}_comparison", comparison_table(stats, _with_reference(family), "patient", family), True)
-            for family, title in GROUP_TITLES.items() if any(name in runs for name in FAMILIES[family])]
+            for family, title in GROUP_TITLES.items() if any(name in runs for name in own_members(family))]
 
 
 def write_tables(runs: dict, cfg, tables: Path) -> dict:

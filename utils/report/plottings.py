@@ -125,11 +125,17 @@ def training_curves(run: dict, name: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def bar_rows(stats: pd.DataFrame, level: str, metric: str) -> pd.DataFrame:
+    """One row per experiment (one in two families has a statistics row in each)."""
+    part = stats[(stats["level"] == level) & (stats["metric"] == metric)]
+    return part.drop_duplicates("experiment")
+
+
 def experiment_bars(stats: pd.DataFrame, path: Path, level: str = "patient") -> Path:
     """Pooled balanced accuracy and AUC of every experiment with 95 % bootstrap CIs."""
     fig, axes = _figure(1, 2, figsize=(12, 4.5))
     for ax, metric in zip(axes, ("balanced_accuracy", "auc")):
-        part = stats[(stats["level"] == level) & (stats["metric"] == metric)]
+        part = bar_rows(stats, level, metric)
         x = np.arange(len(part))
         err = np.vstack([part["pooled"] - part["ci_low"], part["ci_high"] - part["pooled"]])
         colours = ["#c0504d" if e == "mmnet" else "#4f81bd" for e in part["experiment"]]

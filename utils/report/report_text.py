@@ -41,9 +41,12 @@ def results_key(cfg) -> str:
     return ("Cells: value of the pooled out-of-fold predictions [95 % CI]; the CI resamples slide groups "
             f"within class ({cfg.bootstrap_samples:,} draws), except patient-level accuracy, sensitivity and "
             "specificity, which use the Wilson interval. `bal_acc folds`: fold mean ± sd. Δ: the pooled "
-            "difference from mmnet [paired slide-group bootstrap CI, the same draws for both models]; p: "
-            "corrected resampled t-test across folds (Nadeau and Bengio 2003; the exact sign test when every "
-            "fold shows the same difference), Holm-adjusted within each table. A p above 0.05 means the "
+            "difference from mmnet [paired slide-group bootstrap CI, the same draws for both models]; Δ folds: "
+            "the mean of the per-fold differences [corrected t interval], which, unlike the pooled Δ, does not "
+            "charge differences in calibration between folds; p: corrected resampled t-test across folds "
+            "(Nadeau and Bengio 2003; the exact sign test over the outer folds when every fold shows the same "
+            "difference), Holm-adjusted within each table. With repeated cross-validation a patient counts "
+            "once in Wilson intervals and subtype counts. A p above 0.05 means the "
             "data cannot tell the models apart; it does not mean they are equivalent: read the CI of Δ.")
 
 
@@ -73,8 +76,18 @@ def protocol_text(cfg, runs: dict) -> str:
             f"they are loaded); seed {cfg.seed}. {_selection_text(cfg)} Training draws both classes equally "
             f"often, so decisions are at 0.5. {_tta_text(cfg)} A tuple is one image per "
             f"magnification of one patient; a patient's probability is the mean over its evaluation "
-            f"tuples, which cover every image.{_bag_text(cfg, runs)} Every experiment uses the same folds, seeds "
+            f"tuples, which cover every image. Before a fold's model predicts anything, its BatchNorm "
+            f"statistics are re-estimated on the fold's training patients (plain views, no gradient, an exact "
+            f"average), so the network tested is the network that trained; the kept model holds them."
+            f"{_dropout_text(cfg)}{_bag_text(cfg, runs)} Every experiment uses the same folds, seeds "
             f"and budget, so comparisons are paired. Models are compared at patient level only.")
+
+
+def _dropout_text(cfg) -> str:
+    if cfg.magnification_dropout <= 0:
+        return ""
+    return (f" Training masks each magnification of a tuple with probability {cfg.magnification_dropout:g} "
+            f"(never all), exactly as a missing magnification is masked at test.")
 
 
 def _bag_text(cfg, runs: dict) -> str:

@@ -109,24 +109,50 @@ def paired_difference_ci(pooled_a: pd.DataFrame, pooled_b: pd.DataFrame, metrics
             for m in metrics}
 
 
-def corrected_resampled_ttest(differences, n_train: float, n_test: float) -> tuple[float, float]:
-    """Nadeau & Bengio (2003) corrected resampled t-test on per-fold differences.
+TIE_TOLERANCE = 1e-9  # differences this close, relative to their size, are equal (rounding)
 
-    The variance is inflated by (1/k + n_test/n_train) because cross-validation folds share
-    training data. Returns (t, two-sided p) with k - 1 degrees of freedom. When every fold
-    shows the same non-zero difference the t statistic is infinite; the exact two-sided sign
-    test (p = 2 * 0.5^k) is returned instead, the strongest claim k folds can support.
+
+def _all_equal(d: np.ndarray) -> bool:
+    """True when the differences differ only by rounding: their spread is below TIE_TOLERANCE
+    of their magnitude (0.05 + 1e-17 i are five equal differences, not a t of 1e15)."""
+    return bool(d.std(ddof=1) <= TIE_TOLERANCE * max(np.abs(d).max(), 1e-12))
+
+
+def corrected_resampled_ttest(differences, n_train: float, n_test: float, folds: int | None = None
+                              ) -> tuple[float, float]:
+    """Nadeau & Bengio (2003) corrected resampled t-test on per-job differences (k folds, or
+    k x r jobs of a repeated cross-validation, Bouckaert & Frank 2004).
+
+    The variance is inflated by (1/n + n_test/n_train) because the jobs share training data.
+    Returns (t, two-sided p) with n - 1 degrees of freedom. When every job shows the same
+    non-zero difference the t statistic is infinite; the exact two-sided sign test over the
+    `folds` distinct outer folds (p = 2 * 0.5^k) is returned instead: repeats of a fold are
+    not independent evidence, so k x r jobs do not count as k x r coin flips.
     """
     d = np.asarray(differences, dtype=float)
     d = d[np.isfinite(d)]
-    k = len(d)
-    if k < 2:
+    n = len(d)
+    if n < 2:
         return float("nan"), float("nan")
-    variance = d.var(ddof=1)
-    if variance == 0:
-        return (0.0, 1.0) if d.mean() == 0 else (float(np.sign(d.mean()) * np.inf), min(1.0, 2 * 0.5 ** k))
-    t = d.mean() / np.sqrt((1 / k + n_test / n_train) * variance)
-    return float(t), float(2 * stats.t.sf(abs(t), df=k - 1))
+    if _all_equal(d):
+        if np.abs(d).max() <= TIE_TOLERANCE:
+            return 0.0, 1.0
+        return float(np.sign(d.mean()) * np.inf), min(1.0, 2 * 0.5 ** min(n, folds or n))
+    t = d.mean() / np.sqrt((1 / n + n_test / n_train) * d.var(ddof=1))
+    return float(t), float(2 * stats.t.sf(abs(t), df=n - 1))
+
+
+def corrected_t_interval(differences, n_train: float, n_test: float) -> tuple[float, float, float]:
+    """(mean, 95 % low, high) of per-job differences with the corrected variance above: the
+    fold-mean counterpart of the pooled difference (it does not charge calibration differences
+    between folds, which a pooled AUC does)."""
+    d = np.asarray(differences, dtype=float)
+    d = d[np.isfinite(d)]
+    n = len(d)
+    if n < 2:
+        return (float(d.mean()) if n else float("nan")), float("nan"), float("nan")
+    half = stats.t.ppf(0.975, df=n - 1) * np.sqrt((1 / n + n_test / n_train) * d.var(ddof=1))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
 def holm(p_values) -> np.ndarray:

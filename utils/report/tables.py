@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import brier_score_loss, roc_auc_score
+from sklearn.metrics import brier_score_loss
 
 from config import SUBTYPES
 from utils.files import steps
 from utils.metrics import (METRICS, fold_metrics, format_mean_sd, mean_sd, patient_probabilities,
                            pooled_out_of_fold)
-from utils.report.statistics import (bootstrap_ci, corrected_resampled_ttest, expected_calibration_error, holm,
-                              paired_difference_ci, prior_corrected, wilson)
+from utils.report.statistics import (bootstrap_ci, corrected_resampled_ttest, corrected_t_interval,
+                                     expected_calibration_error, holm, paired_difference_ci, prior_corrected, wilson)
 
 
 # ---------------------------------------------------------------- results of the runs
@@ -74,9 +74,18 @@ PROPORTIONS = ("accuracy", "sensitivity", "specificity")  # patient level: Wilso
 COMPARED = ("balanced_accuracy", "auc")  # metrics on which models are compared with MMNet
 
 
-def _patient_counts(pooled: pd.DataFrame, metric: str) -> tuple[int, int]:
-    """(successes, trials) of a proportion at patient level, decisions at each fold's threshold."""
+def patients_once(pooled: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient: with --cv-repeats r a patient is tested r times (once per repeat),
+    and counting it r times would make n r-fold too large; its probability and threshold are
+    averaged over the repeats first."""
     units = patient_probabilities(pooled)
+    agg = {c: "first" for c in ("label", "group", "subtype") if c in units}
+    return units.groupby("patient", sort=True).agg({**agg, "prob": "mean", "threshold": "mean"}).reset_index()
+
+
+def _patient_counts(pooled: pd.DataFrame, metric: str) -> tuple[int, int]:
+    """(successes, trials) of a proportion at patient level, each patient counted once."""
+    units = patients_once(pooled)
     right = (units["prob"] >= units["threshold"]).astype(int) == units["label"]
     part = {"accuracy": units.index == units.index, "sensitivity": units["label"] == 1,
             "specificity": units["label"] == 0}[metric]
@@ -106,8 +115,10 @@ def _comparison(run: dict, ref: dict, metric: str, n_boot: int, seed: int) -> di
     n_test = np.mean([r["patients"]["test"] for r in run["results"]])
     n_train = np.mean([r["patients"]["train"] + r["patients"].get("val", 0) for r in run["results"]])
     diff, low, high = paired_difference_ci(run["pooled"], ref["pooled"], [metric], n_boot, seed)[metric]
-    return {"diff_fold_mean": float(np.nanmean(paired)) if paired else float("nan"),
-            "p_value": corrected_resampled_ttest(paired, n_train, n_test)[1],
+    folds = len({r["fold"] for r in run["results"] if r.get("repeat", 0) == 0})  # distinct outer folds
+    fold_mean, fold_low, fold_high = corrected_t_interval(paired, n_train, n_test)
+    return {"diff_fold_mean": fold_mean, "diff_fold_ci_low": fold_low, "diff_fold_ci_high": fold_high,
+            "p_value": corrected_resampled_ttest(paired, n_train, n_test, folds)[1],
             "diff_pooled": diff, "diff_ci_low": low, "diff_ci_high": high}
 
 
@@ -167,6 +178,9 @@ def comparison_table(stats: pd.DataFrame, experiments, level: str = "patient", f
                 row[f"Δ{SHORT[m]} [CI], p Holm"] = ("reference" if name == reference else
                                                     f"{_fmt(r.get('diff_pooled'))} [{_fmt(r.get('diff_ci_low'))}, "
                                                     f"{_fmt(r.get('diff_ci_high'))}], p={_fmt(r.get('p_holm'))}")
+                row[f"Δ{SHORT[m]} folds [t CI]"] = ("reference" if name == reference else
+                                                   f"{_fmt(r.get('diff_fold_mean'))} [{_fmt(r.get('diff_fold_ci_low'))}, "
+                                                   f"{_fmt(r.get('diff_fold_ci_high'))}]")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -182,7 +196,7 @@ def subtype_tables(runs: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Binary recall per subtype (pooled patients, 'correct/total') and the subtype head's scores."""
     recall_rows, head_rows = [], []
     for name, run in runs.items():
-        patients = patient_probabilities(run["pooled"])
+        patients = patients_once(run["pooled"])
         patients["correct"] = (patients["prob"] >= patients["threshold"]).astype(int) == patients["label"]
         row = {"experiment": name}
         for code, part in patients.groupby("subtype"):
@@ -195,57 +209,6 @@ def subtype_tables(runs: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
                               "subtype_balanced_accuracy": format_mean_sd(
                                   [m["subtype_balanced_accuracy"] for m in folds])})
     return pd.DataFrame(recall_rows), pd.DataFrame(head_rows)
-
-
-def _with_summary(table: pd.DataFrame) -> pd.DataFrame:
-    summary = {c: format_mean_sd(table[c]) for c in table.columns if c != "fold"}
-    return pd.concat([table, pd.DataFrame([{"fold": "mean ± sd", **summary}])], ignore_index=True)
-
-
-def magnification_importance(run: dict) -> pd.DataFrame:
-    """Per fold, the drop in patient-level AUC when one magnification is masked out of every
-    test tuple (the model sees the other three): what that magnification contributes. Both
-    AUCs come from the plain view (prob_plain), not the test-time views."""
-    rows = []
-    for r, frame in zip(run["results"], run["predictions"]):
-        masked = [c for c in frame.columns if c.startswith("prob_without_")]  # in magnification order
-        full = patient_probabilities(frame.assign(prob=frame.get("prob_plain", frame["prob"])))
-        if not masked or full["label"].nunique() < 2:
-            continue
-        row = {"fold": r["fold"]}
-        for column in masked:
-            without = patient_probabilities(frame.assign(prob=frame[column]))
-            row[column.removeprefix("prob_without_").upper()] = round(
-                roc_auc_score(full["label"], full["prob"]) - roc_auc_score(without["label"], without["prob"]), 4)
-        rows.append(row)
-    return _with_summary(pd.DataFrame(rows)) if rows else pd.DataFrame()
-
-
-def fusion_weights(run: dict) -> pd.DataFrame:
-    """Mean fusion weight per magnification on each fold's test tuples. Taken after the
-    hierarchical attention has mixed the levels: a weight says how the fused vector is
-    formed, not what a magnification's images contribute (see magnification_importance)."""
-    rows = [{"fold": r["fold"], **means.round(4).to_dict()}
-            for r, means in zip(run["results"], _fold_weight_means(run))
-            if len(means)]  # none for a fusion that mixes magnifications inside its vector (--fusion concat)
-    return _with_summary(pd.DataFrame(rows)) if rows else pd.DataFrame()
-
-
-def _fold_weight_means(run: dict) -> list[pd.Series]:
-    """Per fold, the mean of each w_ column over the test samples, indexed '40X'..."""
-    return [frame[[c for c in frame.columns if c.startswith("w_")]].mean().rename(lambda c: c.removeprefix("w_").upper())
-            for frame in run["predictions"]]
-
-
-def magnification_weights(runs: dict) -> pd.DataFrame:
-    """Per experiment whose model gives magnification weights (w_ columns, more than one):
-    the mean weight of each magnification over every fold's test samples."""
-    rows = []
-    for name, run in runs.items():
-        folds = _fold_weight_means(run)
-        if folds and len(folds[0]) > 1:
-            rows.append({"experiment": name, **pd.concat(folds, axis=1).mean(axis=1).round(4).to_dict()})
-    return pd.DataFrame(rows)
 
 
 def validation_threshold_table(runs: dict) -> pd.DataFrame:

@@ -8,10 +8,10 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from config import CONFIG_FILE, Config, write_config_file
+from backbones import check_backbone
 from preprocess.analyze import analyze
 from preprocess.prepared import Study
 from preprocess.demo import write_demo_tree
@@ -78,7 +78,9 @@ def _resolve_data_dir(cfg: Config) -> tuple[Path, bool]:
 
 def check_inputs(cfg: Config) -> None:
     """What the user typed, checked before anything slow (the device and its speed estimate):
-    a full run needs images where --data-dir points (a dry run falls back to demo data)."""
+    the backbone's name, and images where --data-dir points (a dry run falls back to demo data)."""
+    if not cfg.analyze_only:
+        check_backbone(cfg.backbone)
     if not cfg.dry_run and not holds_images(cfg.data_dir):
         raise DataError(missing_data_message(cfg.data_dir))
 

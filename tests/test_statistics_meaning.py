@@ -1,0 +1,45 @@
+"""Statistics that mean what they say: hand-computed oracles."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from utils.report.statistics import corrected_resampled_ttest, corrected_t_interval
+
+
+def test_differences_equal_up_to_rounding_are_ties_not_an_infinite_t():
+    d = [0.05 + 1e-17 * i for i in range(5)]
+    t, p = corrected_resampled_ttest(d, 80, 20)
+    assert t == np.inf and p == pytest.approx(2 * 0.5 ** 5)  # the sign test, not p = 2.6e-60
+    assert corrected_resampled_ttest([1e-18, -1e-18, 0.0], 80, 20) == (0.0, 1.0)
+
+
+def test_the_sign_test_fallback_counts_folds_not_repeated_jobs():
+    """5 folds x 3 repeats with one difference: 5 independent folds, p = 2 * 0.5^5."""
+    _, p = corrected_resampled_ttest([0.1] * 15, 80, 20, folds=5)
+    assert p == pytest.approx(0.0625)
+
+
+def test_corrected_t_interval_by_hand():
+    """d = .1 .. .5: mean .3, var .025, factor 1/5 + 20/80 = .45, se = sqrt(.01125) = .106066,
+    t(0.975, 4) = 2.776445: half-width .294491."""
+    mean, low, high = corrected_t_interval([0.1, 0.2, 0.3, 0.4, 0.5], 80, 20)
+    assert mean == pytest.approx(0.3)
+    assert low == pytest.approx(0.3 - 0.294491, abs=1e-5) and high == pytest.approx(0.3 + 0.294491, abs=1e-5)
+    t, p = corrected_resampled_ttest([0.1, 0.2, 0.3, 0.4, 0.5], 80, 20)
+    assert t == pytest.approx(0.3 / 0.106066, rel=1e-4) and p == pytest.approx(0.0474, abs=5e-4)  # t(4) table
+
+
+def test_with_repeats_each_patient_counts_once_in_wilson_counts():
+    """Two repeats test every patient twice: 4 patients, not 8, and the probability averaged."""
+    from utils.report.tables import _patient_counts, patients_once
+
+    rows = []
+    for repeat in (0, 1):
+        for patient, label, prob in (("a", 1, 0.9), ("b", 1, 0.4 + 0.3 * repeat), ("c", 0, 0.1), ("d", 0, 0.2)):
+            rows.append({"repeat": repeat, "fold": repeat * 2, "patient": patient, "group": patient,
+                         "label": label, "subtype": 4 * label, "prob": prob, "threshold": 0.5})
+    pooled = pd.DataFrame(rows)
+    once = patients_once(pooled)
+    assert len(once) == 4 and once.set_index("patient").loc["b", "prob"] == pytest.approx(0.55)
+    assert _patient_counts(pooled, "accuracy") == (4, 4)
+    assert _patient_counts(pooled, "sensitivity") == (2, 2)
