@@ -12,6 +12,18 @@ fail() { echo "setup.sh: $*" >&2; exit 1; }
 [ -n "$PY" ] || fail "no python found on PATH; install Python 3.9+ first"
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 9))' || fail "Python 3.9+ needed, found $("$PY" -V 2>&1)"
 
+# The torch a pod image ships is served from 2.1 on, and refused below it before pip runs.
+TORCH_FLOOR=2.1
+torch_version=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+version_below() { "$PY" -c "import sys; v = tuple(int(x) for x in '$1'.split('.')[:2]); sys.exit(0 if v < $2 else 1)"; }
+if [ -n "$torch_version" ] && version_below "$torch_version" "(2, 1)"; then
+    fail "torch $torch_version found, below the supported floor torch $TORCH_FLOOR: use a pod image with torch $TORCH_FLOOR or newer (RunPod's PyTorch 2.1+ templates), or install torch>=$TORCH_FLOOR with its matching torchvision, then rerun; nothing was installed"
+fi
+pins=()  # torch before 2.3 was compiled against NumPy 1: keep NumPy 1 and the builds made for it
+if [ -n "$torch_version" ] && version_below "$torch_version" "(2, 3)"; then
+    pins=(-c constraints-numpy1.txt)
+fi
+
 gpu_present() { command -v nvidia-smi >/dev/null 2>&1 || compgen -G "/dev/nvidia[0-9]*" >/dev/null; }
 torch_state=$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "no-cuda")' 2>/dev/null || echo "none")
 
@@ -25,8 +37,8 @@ fi
 if [ "$torch_state" != "none" ]; then
     "$PY" -c 'import torchvision' 2>/dev/null \
         || fail "torch found without torchvision: install the torchvision build that matches torch $("$PY" -c 'import torch; print(torch.__version__)'), then rerun"
-    echo "setup.sh: torch found ($torch_state), installing requirements.runpod (torch untouched)"
-    "$PY" -m pip install -q -r requirements.runpod || fail "pip install -r requirements.runpod failed (see above)"
+    echo "setup.sh: torch $torch_version found ($torch_state), installing requirements.runpod (torch untouched${pins:+, NumPy 1 pins})"
+    "$PY" -m pip install -q -r requirements.runpod "${pins[@]}" || fail "pip install -r requirements.runpod failed (see above)"
 else
     echo "setup.sh: no torch and no GPU, installing requirements.txt (pinned CPU-capable torch)"
     "$PY" -m pip install -q -r requirements.txt || fail "pip install -r requirements.txt failed (see above)"
@@ -34,6 +46,16 @@ fi
 
 "$PY" - <<'PYEOF' || fail "installed packages do not import (see above)"
 import importlib.metadata as md, os, shutil, torch, torchvision, timm, pytorch_grad_cam, cv2, sklearn, pandas
+import numpy as np
+from utils.device import grad_scaler
+# What the run needs of this torch, probed: NumPy interop (a torch built for NumPy 1 fails here
+# under NumPy 2), the loss scaler, one forward and backward step on the device.
+torch.from_numpy(np.zeros(2))
+probe = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+grad_scaler(probe, enabled=probe == "cuda")
+weights = torch.ones(3, device=probe, requires_grad=True)
+(weights * torch.arange(3.0, device=probe)).sum().backward()
+assert weights.grad is not None, "no gradient on " + probe
 opencv = [d for d in ("opencv-python", "opencv-contrib-python") if any(
     x.metadata["Name"] == d for x in md.distributions())]
 if opencv:

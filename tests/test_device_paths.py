@@ -255,3 +255,38 @@ def test_an_old_torch_without_the_new_names_is_served(monkeypatch):
     assert not device.is_out_of_memory(ValueError("out of memory"))
     scaler = device.grad_scaler("cpu", enabled=True)
     assert isinstance(scaler, torch.cuda.amp.GradScaler) and not scaler.is_enabled()
+
+
+def _stub_torch(tmp_path, version: str) -> dict:
+    """A PYTHON that sees a stub torch reporting `version`, and records pip instead of running it."""
+    stub = tmp_path / "stub"
+    for name in ("torch", "torchvision"):
+        (stub / name).mkdir(parents=True)
+        (stub / name / "__init__.py").write_text(
+            f"__version__ = '{version}+cu121'\nclass cuda:\n    @staticmethod\n    def is_available():\n        return False\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "pip_calls.txt"
+    python = _fake_tool(bin_dir, "python-stub", f'case "$*" in *"-m pip"*) echo "$@" >> {calls}; exit 0;; esac\n'
+                                                f'PYTHONPATH={stub} exec {sys.executable} "$@"\n')
+    return {"env": {**os.environ, "PYTHON": str(python), "PATH": f"{bin_dir}:{os.environ['PATH']}"}, "calls": calls}
+
+
+def test_setup_refuses_a_torch_below_the_floor_in_one_line_before_pip(tmp_path):
+    stub = _stub_torch(tmp_path, "2.0.1")
+    result = subprocess.run(["bash", "setup.sh"], cwd=ROOT, env=stub["env"], capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert "torch 2.0.1 found" in lines[0] and "floor torch 2.1" in lines[0] and "nothing was installed" in lines[0]
+    assert not stub["calls"].exists()  # pip never ran
+
+
+def test_setup_installs_a_torch_2_2_image_with_the_numpy1_pins(tmp_path):
+    stub = _stub_torch(tmp_path, "2.2.0")
+    result = subprocess.run(["bash", "setup.sh"], cwd=ROOT, env=stub["env"], capture_output=True, text=True, timeout=120)
+    pip = stub["calls"].read_text()
+    assert "-r requirements.runpod" in pip and "-c constraints-numpy1.txt" in pip, result.stdout + result.stderr
+    assert "numpy<2" in (ROOT / "constraints-numpy1.txt").read_text()
+    newer = _stub_torch(tmp_path / "newer", "2.8.0")
+    subprocess.run(["bash", "setup.sh"], cwd=ROOT, env=newer["env"], capture_output=True, text=True, timeout=120)
+    assert "constraints" not in newer["calls"].read_text()  # torch 2.3+: NumPy 2 is fine
