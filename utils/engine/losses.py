@@ -64,8 +64,9 @@ class StudyLoss:
     def step_totals(self, labels: torch.Tensor, subtypes: torch.Tensor) -> tuple[int, torch.Tensor]:
         """The denominators of one optimizer step: its sample count and subtype weight total."""
         weights = self._weights(subtypes.device)
-        total = weights[subtypes].sum() if weights is not None else torch.tensor(float(len(subtypes)))
-        return len(labels), total.to(subtypes.device)
+        if weights is None:  # a fill on the device, not a host tensor copied each step
+            return len(labels), torch.full((), float(len(subtypes)), device=subtypes.device)
+        return len(labels), weights[subtypes].sum()
 
     def __call__(self, output, labels: torch.Tensor, subtypes: torch.Tensor, step=None) -> tuple[torch.Tensor, dict]:
         """A micro-batch's share of its step's loss; `step` = step_totals() of the whole step
