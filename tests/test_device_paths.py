@@ -20,14 +20,15 @@ import torch.nn.functional as F
 import utils.engine.fold as fold_module
 from backbones import build_model
 from backbones.our.modules import grid_average
-from config import Config
+from config import Config, experiment_config
 from preprocess.dataset import ImageSource
 from tests.conftest import ROOT, tiny_config, tiny_study
 from utils.engine.saving import BackgroundWriter
 
 
-def _run(cfg, demo_tree, demo_index, fold=0):
-    return fold_module.run_fold(cfg, tiny_study(cfg, demo_tree, demo_index), "mmnet", fold)
+def _run(cfg, demo_tree, demo_index, fold=0, experiment="mmnet"):
+    study = tiny_study(cfg, demo_tree, demo_index)
+    return fold_module.run_fold(experiment_config(cfg, experiment), study, experiment, fold)
 
 
 @pytest.mark.parametrize("size, grid", [(8, 2), (8, 4), (12, 4), (7, 1)])
@@ -143,8 +144,26 @@ def test_a_runtime_error_that_is_not_memory_is_not_swallowed(tmp_path, demo_tree
         _run(tiny_config(tmp_path, epochs=1), demo_tree, demo_index)
 
 
-@pytest.mark.parametrize("minutes, expected", [(0.0, 3), (60.0, 1)])
-def test_last_checkpoint_on_a_timer_and_at_the_end(minutes, expected, tmp_path, demo_tree, demo_index, monkeypatch):
+@pytest.mark.parametrize("minutes, expected", [(0.0, 2), (60.0, 0)])
+def test_last_checkpoint_on_a_timer_never_at_the_end(minutes, expected, tmp_path, demo_tree, demo_index, monkeypatch):
+    """A spy writer sees every file a fold submits: last.pt only while epochs remain (every
+    epoch with --checkpoint-minutes 0), and at the end only the kept fold model, once."""
+    written, real_submit = [], BackgroundWriter.submit
+
+    def recording(self, items):
+        written.extend(str(path.relative_to(tmp_path)) for _, path in items)
+        return real_submit(self, items)
+
+    monkeypatch.setattr(BackgroundWriter, "submit", recording)
+    _run(tiny_config(tmp_path, epochs=3, checkpoint_minutes=minutes), demo_tree, demo_index)
+    assert written.count("runs/mmnet/fold0/last.pt") == expected
+    assert written[-1] == "models/mmnet/fold0.pt" and written.count("models/mmnet/fold0.pt") == 1
+    assert "runs/mmnet/fold0/best.pt" not in written  # the fixed budget needs no best.pt to resume
+    assert (tmp_path / "models/mmnet/fold0.pt").is_file()  # kept where users look for it
+    assert not list((tmp_path / "runs/mmnet/fold0").glob("*.pt"))
+
+
+def test_a_fold_whose_model_is_not_kept_writes_no_model(tmp_path, demo_tree, demo_index, monkeypatch):
     written, real_submit = [], BackgroundWriter.submit
 
     def recording(self, items):
@@ -152,9 +171,10 @@ def test_last_checkpoint_on_a_timer_and_at_the_end(minutes, expected, tmp_path, 
         return real_submit(self, items)
 
     monkeypatch.setattr(BackgroundWriter, "submit", recording)
-    _run(tiny_config(tmp_path, epochs=3, checkpoint_minutes=minutes), demo_tree, demo_index)
-    assert written.count("last.pt") == expected and written.count("best.pt") >= 1
-    assert (tmp_path / "models/mmnet/fold0.pt").is_file()  # kept where users look for it
+    cfg = tiny_config(tmp_path, epochs=2, checkpoint_minutes=60.0, keep_models="mmnet")
+    result = _run(cfg, demo_tree, demo_index, experiment="single_200x")
+    assert written == [] and result["batchnorm_settled"]
+    assert (tmp_path / "runs/single_200x/fold0/predictions.csv").is_file()
 
 
 def _worker_flags(cfg, prepared, queue):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,12 +23,12 @@ from utils.device import empty_cache, is_out_of_memory
 from utils.engine.checkpoint import (FoldState, cpu_copy, finished_results,
                               reload_last, restore_from_disk, tested_model)
 from utils.device import derived_seed, seed_everything
-from utils.engine.fold_run import NO_PROGRESS, FoldRun, best_write, checkpoint_due, save_checkpoints
+from utils.engine.fold_run import NO_PROGRESS, FoldRun, checkpoint_due, kept_write, save_checkpoints
 from utils.engine.saving import BackgroundWriter, scalar_writer
 from utils.engine.stop import StopRequested, stop_requested
 from utils.engine.batchnorm import settle_batchnorm
 from utils.engine.evaluate import evaluation_batch, prediction_frame
-from utils.files import ATTENTION_FILE, atomic_write_text, model_file
+from utils.files import ATTENTION_FILE, atomic_write_text
 from preprocess.splits import folds_fingerprint
 from utils.engine.losses import StudyLoss, binary_loss, subtype_class_weights
 from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
@@ -90,12 +89,11 @@ def _validate(state: FoldState, run: FoldRun, val_tuples, val_owners) -> dict:
 
 def _settle(state: FoldState, run: FoldRun) -> bool:
     """The tested weights get the BatchNorm statistics of the fold's training patients before
-    anything is predicted; best.pt (the kept model) is rewritten to hold them."""
+    anything is predicted or kept."""
     settled = settle_batchnorm(state.model, source=run.study.source, data=run.split["train"], cfg=run.cfg,
                                batch=evaluation_batch(run.cfg, run.study.env), amp_dtype=run.study.env.amp_dtype)
     if settled:
         state.best_weights = cpu_copy(state.model.state_dict())
-        run.writer.submit([best_write(state, run)])
     return settled
 
 
@@ -191,6 +189,7 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
     the threshold chosen on inner validation is kept for a secondary row only."""
     state.model.load_state_dict(state.best_weights)
     settled = _settle(state, run)
+    run.writer.submit(kept_write(state, run))  # written while the test fold is predicted
     val_threshold = None  # a secondary rule, only where inner-validation patients exist
     if "val" in run.split:
         val = patient_probabilities(_predictions(state, run, "val"))
@@ -212,6 +211,7 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
                "accumulation": state.accumulation,  # >1 after a CUDA out-of-memory
                "batchnorm_settled": settled,  # running statistics re-estimated on the training patients
                "patients": {r: len(run.split[r]) for r in run.split}}
+    run.writer.wait()  # the kept model lands before results.json marks the fold finished
     atomic_write_text(run.run_dir / "results.json", json.dumps(results, indent=2))
     m = fold_metrics(predictions, threshold)["patient"]
     log.info("%s fold %d done: patient acc %.3f bal-acc %.3f auc %.3f (threshold %.3f, best epoch %d)",
@@ -242,16 +242,10 @@ def run_fold(cfg, study, experiment: str, fold: int, progress=NO_PROGRESS) -> di
         if run.scalars is not None:
             run.scalars.close()
     results = _finish(state, run, started)
-    run.writer.wait()  # best.pt with the settled statistics lands before it is kept
-    # A finished fold is skipped on restart: only its model is needed from now on (kept under
-    # models/), and last.pt (weights + optimizer, ~0.5 GB for four resnet18s) would fill a disk.
-    (run.run_dir / "last.pt").unlink(missing_ok=True)
-    if cfg.keep_models == "all" or experiment == "mmnet" or cfg.sample_mode == "bag":
-        kept = model_file(cfg.output_dir, experiment, fold)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(run.run_dir / "best.pt", kept)
-    else:
-        (run.run_dir / "best.pt").unlink(missing_ok=True)
+    # A finished fold is skipped on restart and needs only its kept model: what a stop or the
+    # timer left to resume from (last.pt, ~0.5 GB for four resnet18s; best.pt) is removed.
+    for name in ("last.pt", "best.pt"):
+        (run.run_dir / name).unlink(missing_ok=True)
     progress.end_job(experiment, fold, True)
     return results
 

@@ -11,6 +11,7 @@ import torch
 
 from utils.engine.checkpoint import FoldState, checkpoint_payload, config_json
 from utils.engine.saving import BackgroundWriter
+from utils.files import model_file
 
 
 class NoProgress:
@@ -63,5 +64,17 @@ def best_write(state: FoldState, run: FoldRun) -> tuple[dict, Path]:
 
 
 def checkpoint_due(state: FoldState, run: FoldRun) -> bool:
+    """last.pt on the timer while epochs remain. At the end of training nothing to resume is
+    written: the fold's end writes only the model it keeps (kept_write), while it predicts."""
     finished = state.epoch >= run.cfg.epochs or state.bad_epochs >= run.cfg.patience
-    return finished or time.monotonic() - run.last_saved >= 60 * run.cfg.checkpoint_minutes
+    return not finished and time.monotonic() - run.last_saved >= 60 * run.cfg.checkpoint_minutes
+
+
+def kept_write(state: FoldState, run: FoldRun) -> list[tuple[dict, Path]]:
+    """The tested weights as the fold model under models/, for the experiments whose models are
+    kept (--keep-models: all, or MMNet and the MIL models whose Grad-CAM the report draws)."""
+    cfg = run.cfg
+    if not (cfg.keep_models == "all" or run.name == "mmnet" or cfg.sample_mode == "bag"):
+        return []
+    payload, _ = best_write(state, run)
+    return [(payload, model_file(cfg.output_dir, run.name, run.fold))]
