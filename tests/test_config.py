@@ -6,7 +6,7 @@ from config import EXPERIMENTS, ConfigError, experiment_config, parse_args
 
 def test_dry_run_defaults_and_explicit_flags_win():
     cfg = parse_args(["--dry-run", "--epochs", "3"])
-    assert cfg.folds == 2 and cfg.epochs == 3 and cfg.image_size == 64
+    assert cfg.folds == 2 and cfg.epochs == 3 and cfg.image_size == 48 and cfg.tta == "off"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -280,6 +280,27 @@ def test_an_old_torch_without_the_new_names_is_served(monkeypatch):
     assert isinstance(scaler, torch.cuda.amp.GradScaler) and not scaler.is_enabled()
 
 
+def test_the_optimizer_is_fused_where_torch_has_the_kernel_and_multi_tensor_where_not(monkeypatch):
+    """torch < 2.4 has no fused AdamW on the CPU (< 2.5 on MPS): the constructor refuses it,
+    and the optimizer falls back to the multi-tensor update with the same settings."""
+    from utils.engine.train import make_optimizer
+
+    cfg = Config(lr=2e-3, weight_decay=0.05)
+    model = torch.nn.Linear(3, 2)
+    assert make_optimizer(model, cfg).defaults["fused"]
+    real = torch.optim.AdamW
+
+    def old_adamw(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", old_adamw)
+    optimizer = make_optimizer(model, cfg)
+    assert optimizer.defaults["foreach"] and not optimizer.defaults["fused"]
+    assert optimizer.param_groups[0]["lr"] == 2e-3 and optimizer.defaults["weight_decay"] == 0.05
+
+
 def _stub_torch(tmp_path, version: str) -> dict:
     """A PYTHON that sees a stub torch reporting `version`, and records pip instead of running it."""
     stub = tmp_path / "stub"

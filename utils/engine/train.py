@@ -72,9 +72,11 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         if param.requires_grad:
             (backbone if "backbone" in name else rest).append(param)
     groups = [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": rest, "lr": cfg.lr}]
-    fused = next(model.parameters()).is_cuda  # the fused kernel exists on CUDA only
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay,
-                             fused=fused or None)
+    groups = [g for g in groups if g["params"]]
+    try:  # one fused kernel for all parameters: CUDA, and CPU and MPS from torch 2.4/2.5 (4x the loop on CPU)
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
+    except RuntimeError:  # an older torch on this device: one multi-tensor op per group instead
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def make_scheduler(optimizer, total_steps: int, warmup_steps: int):
