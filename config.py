@@ -12,7 +12,7 @@ from pathlib import Path
 from utils.config_file import (OneLineParser, add_option, closest, field_comments, problem, read_yaml,
                                typed_values, write_yaml)
 from utils.env import PROJECT_ROOT, get_base_path  # noqa: F401  (PROJECT_ROOT: for users of config)
-from utils.experiments import (ABLATIONS, BASELINES, DEFAULT_EXPERIMENTS, EXPERIMENTS,  # noqa: F401 (users and
+from utils.experiments import (ABLATIONS, BAG_SIZED_AGGREGATORS, BASELINES, DEFAULT_EXPERIMENTS, EXPERIMENTS,  # noqa: F401 (users and
                                FUSION_EXPERIMENTS, FUSIONS, GROUPS, MIL_AGGREGATORS,  # the report import them
                                MIL_EXPERIMENTS, expand_experiments)  # from config)
 MAGNIFICATIONS = (40, 100, 200, 400)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from config import MAGNIFICATIONS, SUBTYPES
+from config import BAG_SIZED_AGGREGATORS, MAGNIFICATIONS, SUBTYPES
 from preprocess.augment import prepare_batch, test_views
 
 log = logging.getLogger("mmnet")
@@ -116,13 +116,28 @@ def training_bags(data: PatientImages, count: int, bag_size: int, rng: np.random
     return bags, patients
 
 
-def evaluation_bags(data: PatientImages) -> tuple[np.ndarray, np.ndarray]:
-    """One bag per patient holding every image of it (padded with -1 to the largest patient)."""
-    width = max(len(rows[0]) for rows in data.rows)
-    bags = np.full((len(data), width), -1, dtype=np.int64)
+def evaluation_bags(data: PatientImages, bag_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One bag per patient holding every image of it (padded with -1 to the largest patient);
+    with `bag_size`, the fixed set of bags of that size (as in training) that covers every image:
+    ceil(n / bag_size) bags of distinct images, the last one completed from the patient's first
+    images (a patient with fewer images than bag_size gets one bag of all of them)."""
+    if not bag_size:
+        width = max(len(rows[0]) for rows in data.rows)
+        bags = np.full((len(data), width), -1, dtype=np.int64)
+        for p, rows in enumerate(data.rows):
+            bags[p, :len(rows[0])] = rows[0]
+        return bags, np.arange(len(data))
+    bags, owners = [], []
     for p, rows in enumerate(data.rows):
-        bags[p, :len(rows[0])] = rows[0]
-    return bags, np.arange(len(data))
+        # A fixed shuffle mixes the magnifications in each bag, as the training draws do.
+        images = np.asarray(rows[0])[np.random.default_rng(len(rows[0])).permutation(len(rows[0]))]
+        for start in range(0, len(images), bag_size):
+            bag = np.full(bag_size, -1, dtype=np.int64)
+            chosen = np.resize(np.roll(images, -start), min(bag_size, len(images)))
+            bag[:len(chosen)] = chosen
+            bags.append(bag)
+            owners.append(p)
+    return np.array(bags, dtype=np.int64).reshape(-1, bag_size), np.array(owners)
 
 
 def training_samples(data: PatientImages, count: int, rng: np.random.Generator, cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -150,8 +165,12 @@ def drop_magnifications(tuples: np.ndarray, p: float, rng: np.random.Generator) 
 
 
 def evaluation_samples(data: PatientImages, cfg) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic evaluation tuples, or one whole bag per patient for MIL models."""
-    return evaluation_bags(data) if cfg.sample_mode == "bag" else evaluation_tuples(data)
+    """Deterministic evaluation tuples, or bags for MIL models: one whole bag per patient, or
+    bags of --bag-size for the aggregators whose output depends on the bag's size."""
+    if cfg.sample_mode != "bag":
+        return evaluation_tuples(data)
+    sized = cfg.model.removeprefix("mil_") in BAG_SIZED_AGGREGATORS
+    return evaluation_bags(data, cfg.bag_size if sized else 0)
 
 
 def evaluation_tuples(data: PatientImages) -> tuple[np.ndarray, np.ndarray]:

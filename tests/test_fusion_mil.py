@@ -4,6 +4,7 @@ informative image of a bag."""
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -240,3 +241,34 @@ def test_bilinear_fusion_multiplies_across_magnifications_and_knows_its_slots():
     other = z.clone()
     other[0, 1] += 3.0  # a missing magnification never reaches the output
     torch.testing.assert_close(fusion(z, partial)[0][0], fusion(other, partial)[0][0])
+
+
+def test_a_max_over_a_bag_is_scored_on_bags_of_the_trained_size_covering_every_image():
+    """A feature-wise max grows with the number of images, so mil_max is scored as it was
+    trained: bags of --bag-size that cover every image, the patient's probability their mean.
+    The size-invariant aggregators keep one bag of the whole patient."""
+    from preprocess.dataset import PatientImages, evaluation_samples
+    from utils.engine.evaluate import attention_frame
+
+    data = PatientImages(["big", "small"], np.array([1, 0]), np.array([4, 0]), ["1", "2"],
+                         [[np.arange(37)], [np.arange(40, 45)]])
+    cfg = experiment_config(Config(bag_size=16), "mil_max")
+    bags, owners = evaluation_samples(data, cfg)
+    assert bags.shape == (4, 16) and owners.tolist() == [0, 0, 0, 1]  # ceil(37 / 16) = 3 bags
+    for bag in bags[:3]:
+        assert len(set(bag.tolist())) == 16  # distinct images, as a training bag draws them
+    assert set(bags[:3].ravel().tolist()) == set(range(37))  # every image scored at least once
+    assert sorted(bags[3][bags[3] >= 0].tolist()) == list(range(40, 45)) and (bags[3, 5:] == -1).all()
+    assert np.array_equal(evaluation_samples(data, cfg)[0], bags)  # a fixed set, not a draw
+    whole, whole_owners = evaluation_samples(data, experiment_config(Config(bag_size=16), "mil_attention"))
+    assert whole.shape == (2, 37) and whole_owners.tolist() == [0, 1]
+
+    # Attention per patient sums to 1 over its bags, an image seen twice counts both times.
+    weights = np.where(bags >= 0, 1.0, 0.0)
+    weights /= weights.sum(axis=1, keepdims=True)
+    index = pd.DataFrame({"mag": np.full(45, 40), "path": [f"x/{i}.png" for i in range(45)]})
+    frame = attention_frame(index, data, (bags, owners), weights)
+    assert frame.groupby("patient")["attention"].sum().round(6).to_dict() == {"big": 1.0, "small": 1.0}
+    assert len(frame) == 42 and frame.loc[frame.patient == "small", "rank"].tolist() == [1, 2, 3, 4, 5]
+    twice = frame.loc[(frame.patient == "big") & (frame.row == bags[2, -1]), "attention"].item()
+    assert np.isclose(twice, 2 / 16 / 3)  # in the last bag and in an earlier one

@@ -6,6 +6,9 @@ from __future__ import annotations
 # a test checks it). Here, not there, so that config and --help stay free of torch.
 FUSIONS = ("weighted", "mean", "concat", "gated", "attention", "cross_attention", "bilinear")
 MIL_AGGREGATORS = ("mean", "max", "attention", "gated_attention")
+# Aggregators whose output moves with the number of images (a max over more images is larger):
+# their models are scored on bags of --bag-size, as they were trained, averaged per patient.
+BAG_SIZED_AGGREGATORS = ("max",)
 
 
 # name -> overrides of Config. Baselines and ablations are configuration, not code.

@@ -42,19 +42,24 @@ def prediction_frame(model, study, cfg, data: PatientImages, importance: bool) -
             frame[f"prob_without_{label}"] = predict(model, study.source, masked, batch, env.amp_dtype, False)["prob"]
     attention = None
     if "instance_weights" in out:
-        attention = attention_frame(study.index, data, samples, out["instance_weights"])
+        attention = attention_frame(study.index, data, (samples, owners), out["instance_weights"])
     return frame, attention
 
 
-def attention_frame(index: pd.DataFrame, data: PatientImages, bags: np.ndarray, weights: np.ndarray) -> pd.DataFrame:
-    """One row per image of every bag: patient, magnification, file, attention (summing to 1
-    per patient) and its rank within the patient (1 = most attended)."""
-    present = bags >= 0
-    patient_of = np.repeat(np.arange(len(bags)), present.sum(axis=1))
-    rows = bags[present]
-    frame = pd.DataFrame({"patient": np.array(data.patients)[patient_of], "row": rows,
-                          "mag": index["mag"].to_numpy()[rows],
-                          "image": [Path(p).name for p in index["path"].to_numpy()[rows]],
+def attention_frame(index: pd.DataFrame, data: PatientImages, bags: tuple[np.ndarray, np.ndarray],
+                    weights: np.ndarray) -> pd.DataFrame:
+    """One row per image of a patient: patient, magnification, file, attention (summing to 1
+    per patient: an image's weights over the patient's bags, divided by their number) and its
+    rank within the patient (1 = most attended). `bags`: (bags, the patient of each bag)."""
+    samples, owners = bags
+    present = samples >= 0
+    patient_of = np.repeat(owners, present.sum(axis=1))
+    frame = pd.DataFrame({"patient": np.array(data.patients)[patient_of], "row": samples[present],
                           "attention": weights[present]})
+    frame = frame.groupby(["patient", "row"], sort=False, as_index=False)["attention"].sum()
+    frame["attention"] /= frame["patient"].map(pd.Series(np.array(data.patients)[owners]).value_counts())
+    rows = frame["row"].to_numpy()
+    frame.insert(2, "mag", index["mag"].to_numpy()[rows])
+    frame.insert(3, "image", [Path(p).name for p in index["path"].to_numpy()[rows]])
     frame["rank"] = frame.groupby("patient")["attention"].rank(ascending=False, method="first").astype(int)
     return frame
