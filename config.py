@@ -59,7 +59,7 @@ class Config:
     colour_jitter: float = 0.1  # brightness, contrast and saturation move by up to +-this; 0 = off
     stain_jitter: float = 0.1  # haematoxylin/eosin amounts scale and shift by up to +-this; 0 = off
     quarter_turns: bool = False  # training also turns frames by 90 degrees (all 8 symmetries of the square)
-    magnification_dropout: float = 0.0  # training masks each magnification of a tuple with this probability (never all), as a missing one is masked at test
+    magnification_dropout: float = 0.25  # training masks each magnification of a tuple with this probability (never all), as a missing one is masked at test
     # --- model
     model: str = "mmnet"  # registry name, see backbones.list_models()
     backbone: str = "resnet18"  # timm model name
