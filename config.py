@@ -63,7 +63,7 @@ class Config:
     # --- model
     model: str = "mmnet"  # registry name, see backbones.list_models()
     backbone: str = "resnet18"  # timm model name
-    pretrained: str = "auto"  # auto (on for CUDA) | on | off; resolved at start and part of the run identity
+    pretrained: str = "auto"  # auto (on for CUDA and MPS) | on | off; resolved at start and part of the run identity
     pretrained_file: str = ""  # local weights for the backbone (offline pods)
     freeze_backbone: bool = False  # encoder frozen: its maps of every image (and flip views) computed once and cached
     feature_dim: int = 256  # per-magnification embedding size

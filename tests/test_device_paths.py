@@ -334,3 +334,18 @@ def test_setup_installs_a_torch_2_2_image_with_the_numpy1_pins(tmp_path):
     newer = _stub_torch(tmp_path / "newer", "2.8.0")
     subprocess.run(["bash", "setup.sh"], cwd=ROOT, env=newer["env"], capture_output=True, text=True, timeout=120)
     assert "constraints" not in newer["calls"].read_text()  # torch 2.3+: NumPy 2 is fine
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", "on"), ("mps", "on"), ("cpu", "off")])
+def test_pretrained_auto_wants_imagenet_weights_wherever_the_full_study_trains(device, expected):
+    """The same command on a pod (CUDA) and on a Mac (MPS) runs the same study; the run header
+    names the weights."""
+    from utils.device import detect_env, resolved_config
+    from utils.study.pipeline import weights_text
+
+    env = dataclasses.replace(detect_env(Config(device="cpu")), device=device)
+    cfg = resolved_config(Config(pretrained="auto"), env)
+    assert cfg.pretrained == expected
+    assert weights_text(cfg) == ("ImageNet (timm hub)" if expected == "on" else "random init (--pretrained off)")
+    assert resolved_config(Config(pretrained="off"), env).pretrained == "off"
+    assert weights_text(resolved_config(Config(pretrained_file="w.pth"), env)) == "ImageNet from w.pth"

@@ -75,10 +75,12 @@ def detect_env(cfg) -> EnvInfo:
 
 def resolved_config(cfg, env: EnvInfo):
     """The config with what depends on the device decided, so it enters the run identity:
-    pretrained auto -> on (CUDA) or off, amp auto -> the dtype this device trains in."""
+    pretrained auto -> on where the full study trains (CUDA and MPS: the same command on a pod
+    and on a Mac runs the same study) or with a weights file, off on a CPU (a dry run, tests);
+    amp auto -> the dtype this device trains in."""
     pretrained = cfg.pretrained
     if pretrained == "auto":
-        pretrained = "on" if env.device == "cuda" or cfg.pretrained_file else "off"
+        pretrained = "on" if env.device in ("cuda", "mps") or cfg.pretrained_file else "off"
     return dataclasses.replace(cfg, pretrained=pretrained, amp=env.amp_dtype)
 
 

@@ -44,7 +44,7 @@ def prepare_output(cfg: Config, env: EnvInfo | None) -> None:
     write_config_file(cfg, out / CONFIG_FILE)
     log.info("run %s | device %s (%s) | amp %s | batch %d (micro-batch %d) | workers %d | weights %s | commit %s",
              header["started"], env.device, env.device_name, env.amp_dtype, env.batch_size, env.micro_batch,
-             env.workers, cfg.pretrained, header["commit"])
+             env.workers, weights_text(cfg), header["commit"])
     log.info("determinism: %s", header["determinism"])
     for warning in header["warnings"]:
         log.warning("%s", warning)
@@ -62,6 +62,13 @@ def run_header(cfg: Config, env: EnvInfo) -> dict:
             "env": dataclasses.asdict(env), "versions": versions(), "gpu": gpu_facts(),
             "shm_gb": round(shm_gb(), 2), "free_disk_gb": disk, "config": dataclasses.asdict(cfg),
             "determinism": configure_backends(env.device, cfg.deterministic), "warnings": warnings}
+
+
+def weights_text(cfg: Config) -> str:
+    """Which weights the backbones start from, as the run header says it."""
+    if cfg.pretrained != "on":
+        return "random init (--pretrained off)"
+    return f"ImageNet from {cfg.pretrained_file}" if cfg.pretrained_file else "ImageNet (timm hub)"
 
 
 def _resolve_data_dir(cfg: Config) -> tuple[Path, bool]:
