@@ -160,6 +160,10 @@ class StudyModel(nn.Module):
         self.magnifications = tuple(cfg.magnifications)
         self.pretrained_status = pretrained_status
         self.norm_mean, self.norm_std = data_config(backbone)
+        # The same constants as tensors that move with the model: normalising a batch builds
+        # nothing on the host (not saved: they follow from the backbone).
+        self.register_buffer("pixel_mean", torch.tensor(self.norm_mean), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.norm_std), persistent=False)
         self.fixed_frame = bool(getattr(backbone, PAD_ATTRIBUTE, 0))  # built for one frame size (Swin-like)
         self.heads = Heads(cfg.feature_dim, cfg.dropout, cfg.subtype_head)
 

@@ -51,7 +51,9 @@ class MaxAggregator(nn.Module):
         pooled, winner = filled.max(dim=1)  # (B, D)
         anything = present.sum(dim=-1, keepdim=True) > 0
         pooled = torch.where(anything, pooled, torch.zeros_like(pooled))
-        shares = nn.functional.one_hot(winner, h.shape[1]).float().mean(dim=1) * anything
+        # one_hot() checks its values on the host; a scatter counts the same wins on the device
+        wins = torch.zeros(*winner.shape, h.shape[1], device=h.device).scatter_(-1, winner[..., None], 1.0)
+        shares = wins.mean(dim=1) * anything
         return pooled, shares
 
 
@@ -109,11 +111,14 @@ class MILNet(StudyModel):
         return self.project(torch.cat(parts).mean(dim=(2, 3)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> ModelOutput:
+        # Every slot is encoded (a static shape: no value-sized indexing, no device sync); an
+        # empty slot's vector is zeroed and the aggregator gives it no weight. Training bags
+        # have no empty slot (BatchNorm's batch statistics never see a black frame) and
+        # evaluation drops a batch's empty columns, so this costs nothing in the loop.
         present = mask > 0
-        vectors = self.instance_vectors(x[present])
-        vectors = vectors + self.level_embedding(mask[present].long() - 1).to(vectors.dtype)
-        h = vectors.new_zeros(*mask.shape, vectors.shape[-1])
-        h[present] = vectors
+        vectors = self.instance_vectors(x.flatten(0, 1)).view(*mask.shape, -1)
+        vectors = vectors + self.level_embedding((mask.long() - 1).clamp(min=0)).to(vectors.dtype)
+        h = vectors * present[..., None].to(vectors.dtype)
         pooled, weights = self.aggregator(h, present.float())
         logits, subtype_logits = self.heads(pooled)
         by_level = torch.stack([(weights * (mask == level)).sum(dim=-1) for level in self.levels], dim=-1)

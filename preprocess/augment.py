@@ -99,6 +99,7 @@ def prepare_batch(batch_uint8: torch.Tensor, mean, std, gen: torch.Generator | N
     pixels = images.reshape(m * b, h * w, c).float().div_(255)
     if gen is not None and max(jitter) > 0:
         pixels = augment(pixels, gen, *jitter)
+    # A model's pixel_mean/pixel_std live on its device already: as_tensor copies nothing then.
     dev = pixels.device
-    pixels = (pixels - torch.tensor(mean, device=dev)) / torch.tensor(std, device=dev)
+    pixels = (pixels - torch.as_tensor(mean, device=dev)) / torch.as_tensor(std, device=dev)
     return pixels.view(m, b, h, w, c).permute(1, 0, 4, 2, 3)

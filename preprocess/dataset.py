@@ -106,13 +106,15 @@ def training_tuples(data: PatientImages, count: int, rng: np.random.Generator,
 
 def training_bags(data: PatientImages, count: int, bag_size: int, rng: np.random.Generator,
                   class_balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """`count` bags of up to `bag_size` distinct images of one patient (every magnification
-    together), patients drawn as for tuples; a patient with fewer images fills fewer slots."""
+    """`count` bags of `bag_size` images of one patient (every magnification together), distinct
+    where the patient has that many, patients drawn as for tuples. A patient with fewer images
+    repeats some: a training bag has no empty slot, so the encoder (in training mode, with
+    BatchNorm's batch statistics) never sees a black frame and needs no value-sized indexing."""
     patients = rng.choice(len(data), size=count, p=sampling_weights(data, class_balanced))
     bags = np.full((count, bag_size), -1, dtype=np.int64)
     for i, p in enumerate(patients):
         rows = data.rows[p][0]
-        bags[i, :min(bag_size, len(rows))] = rng.choice(rows, size=min(bag_size, len(rows)), replace=False)
+        bags[i] = rng.choice(rows, size=bag_size, replace=len(rows) < bag_size)
     return bags, patients
 
 
@@ -221,12 +223,20 @@ class ImageSource:
         self.on_device = self.device.type != "cpu" if on_device is None else on_device
         self.images = _copy_to(cache, self.device) if self.on_device else cache  # else memmap: rows read on demand
         self.levels = None if mags is None else magnification_codes(mags)  # per cache row: the mask of a MIL bag
+        self._device_levels = None if mags is None else torch.from_numpy(self.levels).to(self.device)
 
-    def gather(self, tuples: np.ndarray, levels: bool = False):
+    def upload(self, samples: np.ndarray):
+        """Sample rows where gather() reads them: with the cache on the device, one copy of a
+        whole epoch's (or a whole split's) indices, pinned and non-blocking, so no step copies
+        from the host; a host cache keeps them as they are."""
+        return upload_rows(samples, self.device) if self.on_device else samples
+
+    def gather(self, tuples, levels: bool = False):
         """uint8 (B, M, H, W, 3) on the device and float mask (B, M): 1 where an image is
-        present, or with `levels` (models that read them, MIL) its magnification code; 0 where not."""
+        present, or with `levels` (models that read them, MIL) its magnification code; 0 where not.
+        `tuples`: rows of cache indices (-1: empty), as uploaded by upload() or on the host."""
         if self.on_device:
-            index = torch.from_numpy(tuples).to(self.device, non_blocking=True)
+            index = tuples if isinstance(tuples, torch.Tensor) else self.upload(tuples)
             mask = index >= 0
             batch = self.images[index.clamp(min=0)]
         else:
@@ -237,10 +247,12 @@ class ImageSource:
         batch = batch * mask[..., None, None, None].to(batch.dtype)
         return batch, self.slot_codes(tuples, mask) if levels else mask.float()
 
-    def slot_codes(self, tuples: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
+    def slot_codes(self, tuples, mask: torch.Tensor) -> torch.Tensor:
         """(B, K) float magnification codes of the present slots (0 where empty)."""
         if self.levels is None:
             raise ValueError("this model reads magnification codes: build the ImageSource with mags=")
+        if isinstance(tuples, torch.Tensor):  # built on the device from device indices
+            return torch.where(mask, self._device_levels[tuples.clamp(min=0)], 0).float()
         codes = np.where(tuples >= 0, self.levels[np.where(tuples >= 0, tuples, 0)], 0)
         return torch.from_numpy(codes).to(mask.device).float()
 
@@ -253,7 +265,7 @@ class ImageSource:
         gives every image one of all 8 symmetries of the square, uniformly. Encoders built for
         one frame size (Swin-like) never get the transposed frame."""
         images, mask = self.gather(tuples, reads_levels(model))
-        x = prepare_batch(images, model.norm_mean, model.norm_std, generator, jitter)
+        x = prepare_batch(images, model.pixel_mean, model.pixel_std, generator, jitter)
         if quarter_turns and not getattr(model, "fixed_frame", False) and bool(torch.rand(()) < 0.5):
             x = x.transpose(-1, -2)
         return x, mask
@@ -262,7 +274,7 @@ class ImageSource:
         """The model's inputs for evaluation, one per test-time view (or the plain view)."""
         images, mask = self.gather(tuples, reads_levels(model))
         for view in test_views(images, tta):
-            yield prepare_batch(view, model.norm_mean, model.norm_std, None), mask
+            yield prepare_batch(view, model.pixel_mean, model.pixel_std, None), mask
 
 
 def magnification_codes(mags) -> np.ndarray:
@@ -274,6 +286,14 @@ def magnification_codes(mags) -> np.ndarray:
 def reads_levels(model) -> bool:
     """MIL models take each image's magnification code in the mask (backbones/mil.py)."""
     return getattr(model, "reads_levels", False)
+
+
+def upload_rows(samples: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host index rows to the device: pinned memory and a non-blocking copy on CUDA."""
+    rows = torch.from_numpy(np.ascontiguousarray(samples))
+    if device.type == "cuda":
+        rows = rows.pin_memory()
+    return rows.to(device, non_blocking=True)
 
 
 def _copy_to(cache: np.ndarray, device: torch.device, rows: int = 512) -> torch.Tensor:

@@ -131,7 +131,7 @@ def test_quarter_turns_transpose_about_half_the_batches_and_never_a_fixed_frame(
     from types import SimpleNamespace
 
     source = ImageSource(np.random.default_rng(0).integers(0, 256, (6, 8, 12, 3), dtype=np.uint8), "cpu")
-    model = SimpleNamespace(norm_mean=(0.5,) * 3, norm_std=(0.25,) * 3)
+    model = SimpleNamespace(pixel_mean=(0.5,) * 3, pixel_std=(0.25,) * 3)
     tuples = np.array([[0, 1], [2, 3]])
     torch.manual_seed(0)
     shapes = [source.train_batch(tuples, model, torch.Generator().manual_seed(i), (0.1, 0.1), True)[0].shape[-2:]

@@ -110,14 +110,16 @@ def test_two_worker_processes_give_the_one_worker_results(tmp_path):
 
     Equality is to 1e-4, not bitwise: a worker gets half the CPU threads, and a different
     number of threads sums floats in a different order (measured: up to 2e-5 in a probability
-    after four test-time views). Every decision must be identical.
+    after four test-time views). Every decision must be identical. Magnification dropout is off
+    here: a masked slot's softmax over fewer magnifications amplifies the same rounding to 3e-4
+    (measured), which says nothing about the workers.
     """
     runs = {}
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
         cmd = [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet,single_40x", "--backbone",
                "test_resnet", "--jobs", str(jobs), "--gradcam-patients", "0", "--epochs", "1", "--image-size", "32",
-               "--tuples-per-epoch", "16", "--output-dir", str(out),
+               "--tuples-per-epoch", "16", "--magnification-dropout", "0", "--output-dir", str(out),
                "--report-file", str(out / "R.md"), "--data-dir", str(tmp_path / "none"), "--no-live-report"]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:]
@@ -193,4 +195,4 @@ def test_failed_checkpoint_write_is_one_clear_error(tmp_path, demo_tree, demo_in
 
     monkeypatch.setattr(saving, "save_checkpoint", disk_full)
     with pytest.raises(OSError, match=r"could not write .*last\.pt .*free disk space .*rerun the same command"):
-        _run(tiny_config(tmp_path, epochs=1), demo_tree, demo_index)
+        _run(tiny_config(tmp_path, epochs=2), demo_tree, demo_index)  # last.pt after epoch 1 of 2

@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from utils.env import decode_workers
 
@@ -169,3 +170,50 @@ def derived_seed(*parts: int) -> int:
     """A stable 63-bit seed from several integers (seed, fold, epoch...)."""
     return int(numpy.random.SeedSequence([int(p) for p in parts]).generate_state(2, numpy.uint32)
                .astype(numpy.uint64).dot([1, 2**32]) % (2**63 - 1))
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts, for every op run under it, what makes the host wait for the device or feeds the
+    device from the host: scalar reads (item, bool, float of a tensor), ops whose output size
+    depends on values (nonzero, masked_select, boolean-mask indexing), device-to-host copies,
+    and tensors built from Python values (torch.tensor(...) inside a step copies host data to
+    the device every time). On a CPU the same ops are counted, so a CPU test sees what a GPU
+    step would wait on. `counts` maps each op to its number of calls."""
+
+    _SCALAR = {"_local_scalar_dense", "is_nonzero", "equal"}
+    _VALUE_SIZED = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
+                    "unique_dim", "repeat_interleave"}
+    _HOST_BUILT = {"lift_fresh", "lift_fresh_copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self._SCALAR or name in self._VALUE_SIZED or name in self._HOST_BUILT or _to_host(name, args, kwargs) \
+                or _bool_index(name, args):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _to_host(name: str, args, kwargs) -> bool:
+    """A copy from an accelerator to the CPU (never counted on a CPU-only run)."""
+    if name == "_to_copy":
+        target = kwargs.get("device")
+        return target is not None and torch.device(target).type == "cpu" and args[0].device.type != "cpu"
+    if name == "copy_":
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    return False
+
+
+def _bool_index(name: str, args) -> bool:
+    """x[mask] with a boolean mask: its size depends on the mask's values (a hidden nonzero)."""
+    if name not in ("index", "index_put", "index_put_"):
+        return False
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))

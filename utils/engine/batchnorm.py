@@ -15,7 +15,7 @@ from torch.optim.swa_utils import update_bn
 
 from preprocess.dataset import PatientImages, evaluation_samples
 from utils.device import empty_cache, is_out_of_memory
-from utils.engine.train import amp_context
+from utils.engine.train import amp_context, filled
 
 
 class _TwoInputs(torch.nn.Module):
@@ -34,9 +34,10 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
 
 
 def _plain_views(model, source, samples: np.ndarray, batch: int):
-    """[(images, mask)] per batch: the plain view only (no flips), as the model is tested."""
+    """[(images, mask)] per batch: the plain view only (no flips), as the model is tested,
+    without the empty columns of a batch of bags (no black frame enters the statistics)."""
     for start in range(0, len(samples), batch):
-        yield [next(iter(source.views(samples[start:start + batch], model, False)))]
+        yield [next(iter(source.views(filled(samples[start:start + batch], model), model, False)))]
 
 
 def settle_batchnorm(model: torch.nn.Module, *, source, data: PatientImages, cfg, batch: int,

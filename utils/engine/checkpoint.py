@@ -67,13 +67,20 @@ def checkpoint_payload(state: FoldState, identity: dict, generator: torch.Genera
             **({"average": state.average.state_dict()} if state.average is not None else {}), **identity}
 
 
+def restore_average(average, saved: dict) -> None:
+    """A moving average from its state dict; whether it has started is read once, here, so
+    no training step reads it from the device (utils.engine.train.update_average)."""
+    average.load_state_dict(saved)
+    average.started = int(saved["n_averaged"]) > 0
+
+
 def restore(state: FoldState, payload: dict, best: dict | None) -> None:
     state.model.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     state.scaler.load_state_dict(payload["scaler"])
     if state.average is not None:
-        state.average.load_state_dict(payload["average"])
+        restore_average(state.average, payload["average"])
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(("MT19937", rng["numpy_key"].numpy().astype(np.uint32), *rng["numpy_rest"]))

@@ -25,7 +25,7 @@ import torch
 from backbones import create_backbone, data_config
 from backbones.encoder import feature_map
 from preprocess.augment import TTA_FLIPS, prepare_batch, test_views
-from preprocess.dataset import ImageSource, reads_levels
+from preprocess.dataset import ImageSource, reads_levels, upload_rows
 from preprocess.preprocess import cache_key
 from utils.files import steps
 
@@ -40,29 +40,35 @@ class FeatureSource:
         self.maps, self.images, self.device = maps, images, images.device
         self.on_device = isinstance(maps, torch.Tensor) and maps.device.type == self.device.type
 
-    def gather(self, tuples: np.ndarray, levels: bool = False):
+    def upload(self, samples: np.ndarray):
+        """As ImageSource.upload: one copy of the indices when the maps are on the device."""
+        return upload_rows(samples, self.device) if self.on_device else samples
+
+    def gather(self, tuples, levels: bool = False):
         return self.images.gather(tuples, levels)
 
-    def _maps(self, tuples: np.ndarray, view: torch.Tensor | int, levels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _maps(self, tuples, view: torch.Tensor | int, levels: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M, C, h, w) float maps of one view per image (zeros where a slot is empty) and
         the mask (magnification codes with `levels`, as ImageSource.gather)."""
-        rows = np.where(tuples >= 0, tuples, 0)
-        mask = torch.from_numpy(tuples >= 0).to(self.device)
-        if self.on_device:
-            picked = self.maps[torch.from_numpy(rows).to(self.device),
-                               view.to(self.device) if isinstance(view, torch.Tensor) else view]
+        if self.on_device:  # indices, views and mask stay on the device
+            index = tuples if isinstance(tuples, torch.Tensor) else self.upload(tuples)
+            mask = index >= 0
+            picked = self.maps[index.clamp(min=0), view.to(self.device) if isinstance(view, torch.Tensor) else view]
+            tuples = index
         else:  # host array or memmap: read the rows, then copy
+            rows = np.where(tuples >= 0, tuples, 0)
+            mask = torch.from_numpy(tuples >= 0).to(self.device)
             views = view.cpu().numpy() if isinstance(view, torch.Tensor) else view
             picked = torch.from_numpy(np.asarray(self.maps[rows, views])).to(self.device)
         maps = picked.float() * mask[..., None, None, None]
         return maps.contiguous(), self.images.slot_codes(tuples, mask) if levels else mask.float()
 
-    def train_batch(self, tuples: np.ndarray, model, generator: torch.Generator, jitter: tuple,
+    def train_batch(self, tuples, model, generator: torch.Generator, jitter: tuple,
                     quarter_turns: bool = False):  # maps are cached for the four flip views only
-        view = torch.randint(len(TTA_FLIPS), tuples.shape, generator=generator, device=generator.device)
+        view = torch.randint(len(TTA_FLIPS), tuple(tuples.shape), generator=generator, device=generator.device)
         return self._maps(tuples, view, reads_levels(model))  # stays on the device when the maps are there
 
-    def views(self, tuples: np.ndarray, model, tta: bool):
+    def views(self, tuples, model, tta: bool):
         for view in range(len(TTA_FLIPS) if tta else 1):
             yield self._maps(tuples, view, reads_levels(model))
 

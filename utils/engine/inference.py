@@ -128,7 +128,7 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
 def tuple_inputs(model: torch.nn.Module, source: ImageSource, tuple_rows: np.ndarray):
     """Normalised (1, M, 3, H, W) input, mask and the raw uint8 images of one tuple (or bag)."""
     images, mask = source.gather(tuple_rows[None], reads_levels(model))
-    return prepare_batch(images, model.norm_mean, model.norm_std, None), mask, images[0].cpu().numpy()
+    return prepare_batch(images, model.pixel_mean, model.pixel_std, None), mask, images[0].cpu().numpy()
 
 
 def explain_tuple(fm: FoldModel, source: ImageSource, tuple_rows: np.ndarray, title: str,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -96,7 +98,25 @@ def moving_average(model: torch.nn.Module, ema_epochs: float, steps_per_epoch: i
     if ema_epochs <= 0:
         return None
     decay = 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    average.decay = decay
+    return average
+
+
+def update_average(average: AveragedModel, model: torch.nn.Module) -> None:
+    """AveragedModel.update_parameters with its EMA function, without its host read: torch's
+    version asks `n_averaged == 0` on every step (a device sync) to copy the first weights;
+    here the host remembers whether the average has started (restored with a checkpoint)."""
+    pairs = list(zip(itertools.chain(average.module.parameters(), average.module.buffers()),
+                     itertools.chain(model.parameters(), model.buffers())))
+    floats = [(mine.detach(), theirs.detach()) for mine, theirs in pairs if mine.is_floating_point()]
+    weight = 1.0 - average.decay if getattr(average, "started", False) else 1.0  # the first update copies
+    torch._foreach_lerp_([mine for mine, _ in floats], [theirs for _, theirs in floats], weight)
+    average.started = True
+    for mine, theirs in pairs:
+        if not mine.is_floating_point():  # BatchNorm's num_batches_tracked, averaged as torch does
+            mine.detach().copy_(mine * (1.0 - weight) + theirs.detach() * weight)
+    average.n_averaged += 1
 
 
 def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
@@ -138,7 +158,7 @@ def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds
     state.scaler.update()
     state.scheduler.step()
     if state.average is not None:
-        state.average.update_parameters(state.model)
+        update_average(state.average, state.model)
     return total
 
 
@@ -154,6 +174,9 @@ def train_one_epoch(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> Ep
         losses[:len(plan.prior_losses)] = torch.tensor(plan.prior_losses, device=device)
     targets = (torch.from_numpy(loop.data.labels[plan.owners]).to(device),
                torch.from_numpy(loop.data.subtypes[plan.owners]).to(device))
+    # The epoch's tuples go to the device once (with a device-resident cache): no step copies
+    # anything from the host.
+    plan = dataclasses.replace(plan, tuples=loop.source.upload(plan.tuples))
     stopped_at = None
     for step in range(plan.start_step, n_steps):
         bounds = (step * loop.batch_size, min(len(plan.tuples), (step + 1) * loop.batch_size))
@@ -212,7 +235,7 @@ def predict_views(model, views, amp_dtype: str) -> dict:
     return {**{key: value / count for key, value in sums.items()}, "prob_plain": plain}
 
 
-def _filled(samples: np.ndarray, model) -> np.ndarray:
+def filled(samples: np.ndarray, model) -> np.ndarray:
     """A batch of bags without the empty slots every bag of it has: bags are filled from the
     left and padded to the widest patient of the split, and a patient of 20 images should not
     carry 400 black frames through augmentation. Tuples keep their slots (one per magnification)."""
@@ -221,21 +244,25 @@ def _filled(samples: np.ndarray, model) -> np.ndarray:
     return samples[:, :int(np.flatnonzero((samples >= 0).any(axis=0))[-1]) + 1]
 
 
-def _predict_batch(model, source, samples: np.ndarray, evaluation: tuple[str, bool]) -> dict:
-    """One batch's predict_views(); per-image weights padded back to the batch's slots."""
+def _predict_batch(model, source, samples, evaluation: tuple[str, bool], slots: int) -> dict:
+    """One batch's predict_views() on its (uploaded, filled) samples; per-image weights padded
+    back to the split's `slots`."""
     amp_dtype, tta = evaluation
-    out = predict_views(model, source.views(_filled(samples, model), model, tta), amp_dtype)
-    if "instance_weights" in out and out["instance_weights"].shape[1] < samples.shape[1]:
+    out = predict_views(model, source.views(samples, model, tta), amp_dtype)
+    if "instance_weights" in out and out["instance_weights"].shape[1] < slots:
         out["instance_weights"] = torch.nn.functional.pad(
-            out["instance_weights"], (0, samples.shape[1] - out["instance_weights"].shape[1]))
+            out["instance_weights"], (0, slots - out["instance_weights"].shape[1]))
     return out
 
 
 def _predict_batches(model, source, tuples: np.ndarray, batch_size: int,
                      evaluation: tuple[str, bool]) -> dict[str, np.ndarray]:
     model.eval()
-    batches = [_predict_batch(model, source, tuples[start:start + batch_size], evaluation)
-               for start in range(0, len(tuples), batch_size)]
+    rows = source.upload(tuples)  # one copy of all indices; each batch's width is read on the host
+    batches = []
+    for start in range(0, len(tuples), batch_size):
+        width = filled(tuples[start:start + batch_size], model).shape[1]
+        batches.append(_predict_batch(model, source, rows[start:start + batch_size, :width], evaluation, tuples.shape[1]))
     result = {key: torch.cat([b[key] for b in batches]).cpu().numpy() for key in batches[0]}
     if not np.isfinite(result["prob"]).all():
         raise TrainingError("the model produced non-finite probabilities; not scoring them")

@@ -1,0 +1,91 @@
+"""No host-device synchronisation inside a training or evaluation step: a step that waits on
+the device (a scalar read, a value-sized op, a copy to the host, a tensor built from Python
+values) stalls a GPU's queue every time. Counted with utils.device.HostSyncCounter on the CPU,
+where the same code runs; tests/gpu_check.sh repeats it on CUDA with torch's sync debug mode."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import utils.engine.fold as fold_module
+import utils.engine.train as train_module
+from config import experiment_config
+from tests.conftest import tiny_config, tiny_study
+from preprocess.dataset import ImageSource
+from utils.device import HostSyncCounter
+from utils.engine.features import FeatureSource, attach_features
+
+MODES = {"default": ("mmnet", {}), "ema": ("mmnet", {"ema_epochs": 1.0}),
+         "frozen": ("mmnet", {"freeze_backbone": True}), "mil": ("mil_attention", {})}
+
+
+def count_in_steps(monkeypatch, cfg, study, experiment: str) -> dict:
+    """Runs one fold with every training step and evaluation batch under the counter."""
+    seen = {"train": {}, "eval": {}, "steps": 0, "batches": 0}
+
+    def counted(kind, real):
+        def wrapper(*args, **kwargs):
+            with HostSyncCounter() as counter:
+                result = real(*args, **kwargs)
+            seen["steps" if kind == "train" else "batches"] += 1
+            for name, n in counter.counts.items():
+                seen[kind][name] = seen[kind].get(name, 0) + n
+            return result
+        return wrapper
+
+    monkeypatch.setattr(train_module, "_step", counted("train", train_module._step))
+    monkeypatch.setattr(train_module, "_predict_batch", counted("eval", train_module._predict_batch))
+    fold_module.run_fold(cfg, study, experiment, 0)
+    return seen
+
+
+def resident_study(cfg, demo_tree, demo_index):
+    """The study as a GPU holds it: images (and with a frozen encoder its maps) on the device,
+    here the CPU standing in for it."""
+    study = tiny_study(cfg, demo_tree, demo_index)
+    images = ImageSource(study.source.images, "cpu", on_device=True, mags=study.index["mag"].to_numpy())
+    study = attach_features(cfg, dataclasses.replace(study, source=images))
+    if isinstance(study.source, FeatureSource):
+        study = dataclasses.replace(study, source=FeatureSource(torch.from_numpy(np.asarray(study.source.maps)), images))
+    assert study.source.on_device
+    return study
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_host_sync_in_a_training_or_evaluation_step(mode, tmp_path, demo_tree, demo_index, monkeypatch):
+    experiment, overrides = MODES[mode]
+    cfg = tiny_config(tmp_path, epochs=1, **overrides)
+    seen = count_in_steps(monkeypatch, experiment_config(cfg, experiment), resident_study(cfg, demo_tree, demo_index),
+                          experiment)
+    assert seen["steps"] >= 4 and seen["batches"] >= 1  # the counter saw real steps
+    assert seen["train"] == {} and seen["eval"] == {}, seen
+
+
+def test_the_moving_average_matches_torchs_update_without_reading_the_device():
+    """update_average against AveragedModel.update_parameters with torch's EMA function (the
+    oracle): the same weights and buffers after five steps, and after a restore."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from utils.engine.train import moving_average, update_average
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 2))
+    ours = moving_average(model, 1.0, 4)
+    oracle = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ours.decay), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    for step in range(5):
+        model(torch.randn(8, 3, 8, 8)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        oracle.update_parameters(model)
+        with HostSyncCounter() as counter:
+            update_average(ours, model)
+        assert counter.total == 0
+        if step == 2:  # a resumed fold: a fresh average restored from the checkpoint's state
+            from utils.engine.checkpoint import restore_average
+            saved, ours = ours.state_dict(), moving_average(model, 1.0, 4)
+            restore_average(ours, saved)
+    for (name, mine), theirs in zip(ours.state_dict().items(), oracle.state_dict().values()):
+        torch.testing.assert_close(mine.float(), theirs.float(), msg=name)
