@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,49 +24,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np
-
 from preprocess.dataset import ImageSource, evaluation_samples
-from preprocess.preprocess import IMAGE_SUFFIXES, decode_resized, frame_shape, parse_name
+from utils.device import resolve_device
+from preprocess.patient_folder import load_patient
 from utils.engine.inference import (MIL_SHOWN, ensemble_explanation, fold_checkpoints, load_fold_model,
                              magnification_of_rows, patient_data, predict_patient)
 from utils.report.plottings import patient_figure
 
 RESEARCH_ONLY = "research use only: not a diagnostic device and not validated for clinical decisions"
-MAG_FOLDER = re.compile(r"(40|100|200|400)x", re.IGNORECASE)
-
-
-def magnification_of(path: Path, root: Path) -> int | None:
-    fields = parse_name(path.stem + ".png")  # the grammar holds for re-encoded copies too
-    if fields:
-        return fields["mag"]
-    for part in reversed(path.relative_to(root).parts[:-1]):
-        if MAG_FOLDER.fullmatch(part):
-            return int(part[:-1])
-    return None
-
-
-def load_patient(patient_dir: Path, size: int):
-    """uint8 cache (N, height, width, 3), rows per magnification, skipped files with reasons."""
-    images, by_mag, skipped = [], {}, []
-    files = sorted(p for p in patient_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-    for path in files:
-        rel = str(path.relative_to(patient_dir))
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            skipped.append({"file": rel, "reason": "not an image"})
-            continue
-        mag = magnification_of(path, patient_dir)
-        if mag is None:
-            skipped.append({"file": rel, "reason": "unknown magnification (name it like BreakHis or put it in a 40X/100X/200X/400X folder)"})
-            continue
-        try:
-            images.append(decode_resized(str(path), size))
-        except Exception as exc:  # unreadable file: reported, the rest still counts
-            skipped.append({"file": rel, "reason": f"unreadable: {type(exc).__name__}"})
-            continue
-        by_mag.setdefault(mag, []).append(len(images) - 1)
-    cache = np.stack(images) if images else np.zeros((0, *frame_shape(size), 3), np.uint8)
-    return cache, by_mag, skipped
 
 
 def main(argv=None) -> int:
@@ -78,7 +42,10 @@ def main(argv=None) -> int:
     parser.add_argument("--experiment", default="mmnet")
     parser.add_argument("--patient-dir", required=True, nargs="+", help="one folder of images per patient")
     parser.add_argument("--cam", help="write the ensemble's Grad-CAM figure of the patient's first tuple here")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="auto: CUDA, else MPS, else the CPU; AMP (bf16/fp16) where the device has it")
+    parser.add_argument("--max-tuples", type=int, default=0,
+                        help="score at most K tuples (bags) per patient and model, for a bounded latency; 0 = all")
     args = parser.parse_args(argv)
     try:
         return run(args)
@@ -96,6 +63,7 @@ def run(args) -> int:
     if not paths or not all(p.is_file() for p in paths):
         raise FileNotFoundError(f"no checkpoint found ({args.checkpoint or args.run_dir}); train with "
                                 f"`python main.py` first or pass --checkpoint PATH")
+    args.device = resolve_device(args.device)
     started = time.perf_counter()
     models = [load_fold_model(p, args.device) for p in paths]
     load_ms = 1000 * (time.perf_counter() - started)
@@ -105,19 +73,19 @@ def run(args) -> int:
         if args.cam:
             cam = Path(args.cam) if len(folders) == 1 else Path(args.cam).with_name(
                 f"{Path(args.cam).stem}-{folder.name}{Path(args.cam).suffix}")
-        results.append({**predict_folder(models, folder, cam, args.device), "load_ms": round(load_ms, 1)})
+        results.append({**predict_folder(models, folder, cam, args.device, args.max_tuples), "load_ms": round(load_ms, 1)})
     print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
 
 
-def predict_folder(models, folder: Path, cam: Path | None, device: str) -> dict:
+def predict_folder(models, folder: Path, cam: Path | None, device: str, max_tuples: int = 0) -> dict:
     started = time.perf_counter()
     cache, by_mag, skipped = load_patient(folder, models[0].cfg.image_size)
     decode_ms = 1000 * (time.perf_counter() - started)
     if not by_mag:
         raise ValueError(f"no usable image in '{folder}' ({len(skipped)} file(s) skipped): "
                          f"expected PNG, JPEG or TIFF images of 40X/100X/200X/400X")
-    result = {"patient_dir": str(folder), **predict_patient(models, cache, by_mag, device),
+    result = {"patient_dir": str(folder), **predict_patient(models, cache, by_mag, device, max_tuples),
               "images_used": {f"{m}X": len(rows) for m, rows in sorted(by_mag.items())},
               "skipped": skipped, "decode_ms": round(decode_ms, 1), "note": RESEARCH_ONLY}
     if cam is not None:

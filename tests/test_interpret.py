@@ -8,6 +8,7 @@ import pytest
 
 import predict
 from preprocess.dataset import evaluation_tuples
+from preprocess.patient_folder import load_patient
 from tests.conftest import DEMO_H, DEMO_W, tiny_config, tiny_study
 from utils.engine.inference import load_fold_model, tuple_inputs
 from preprocess.dataset import fold_split
@@ -156,3 +157,15 @@ def test_predictor_on_an_empty_folder(trained_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = _predict(capsys, "--run-dir", str(trained_run), "--patient-dir", str(tmp_path / "empty"))
     assert code == 2 and "no usable image" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predictor_bounds_its_tuples_and_decodes_in_threads_the_same_images(trained_run, demo_tree, tmp_path, capsys):
+    patient = _patient_copy(demo_tree, tmp_path)
+    code, full, _ = _predict(capsys, "--run-dir", str(trained_run), "--patient-dir", str(patient))
+    code_one, one, _ = _predict(capsys, "--run-dir", str(trained_run), "--patient-dir", str(patient), "--max-tuples", "1")
+    assert code == 0 and code_one == 0
+    assert full["tuples_per_model"] == 3 and one["tuples_per_model"] == 1  # 3 images per magnification
+    assert one["images_used"] == full["images_used"]  # decoded all, scored the first tuple only
+    threaded = load_patient(patient, 48, threads=4)
+    serial = load_patient(patient, 48, threads=1)
+    assert np.array_equal(threaded[0], serial[0]) and threaded[1] == serial[1]

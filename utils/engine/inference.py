@@ -17,6 +17,7 @@ from backbones.our.gradcam import attention_maps, cam_maps
 from config import MAGNIFICATIONS, SUBTYPE_NAMES, SUBTYPES, Config, slot_labels
 from preprocess.augment import prepare_batch
 from preprocess.dataset import ImageSource, PatientImages, evaluation_samples, evaluation_tuples, fold_split, reads_levels
+from utils.device import auto_amp
 from utils.files import ATTENTION_FILE, GRADCAM_DIR, MODELS_DIR, run_folder
 from utils.engine.saving import load_checkpoint
 from utils.metrics import DECISION_THRESHOLD, patient_probabilities
@@ -48,7 +49,7 @@ def load_fold_model(checkpoint: str | Path, device: str = "cpu") -> FoldModel:
     model.load_state_dict(payload["model"])
     results = _results_of(checkpoint)
     threshold = json.loads(results.read_text())["threshold"] if results.is_file() else DECISION_THRESHOLD
-    return FoldModel(model.to(device).eval(), cfg, float(threshold), checkpoint)
+    return FoldModel(model.to(device).to(memory_format=torch.channels_last).eval(), cfg, float(threshold), checkpoint)
 
 
 def _results_of(checkpoint: Path) -> Path:
@@ -87,10 +88,13 @@ def magnification_of_rows(images_by_mag: dict[int, list[int]], rows: int) -> np.
 
 @torch.no_grad()
 def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: dict[int, list[int]],
-                    device: str = "cpu") -> dict:
+                    device: str = "cpu", max_tuples: int = 0) -> dict:
     """Mean over tuples (each the mean of its test-time views, as in evaluation), then over fold
-    models: probability, subtypes, magnification weights."""
+    models: probability, subtypes, magnification weights. All of a patient's tuples go through
+    a model in one batch, under the device's autocast dtype; `max_tuples` > 0 scores only the
+    first that many (every image of a magnification is in the first tuples that reach it)."""
     source = ImageSource(cache, device, mags=magnification_of_rows(images_by_mag, len(cache)))
+    amp_dtype = auto_amp(device)
     probs, subtypes, weights, tuples_used = [], [], [], 0
     started = time.perf_counter()
     for fm in models:
@@ -98,7 +102,8 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
         if not any(len(r) for r in data.rows[0]):
             continue
         tuples, _ = evaluation_samples(data, fm.cfg)
-        out = predict_views(fm.model, source.views(tuples, fm.model, fm.cfg.tta == "on"), "none")
+        tuples = tuples[:max_tuples] if max_tuples > 0 else tuples
+        out = predict_views(fm.model, source.views(tuples, fm.model, fm.cfg.tta == "on"), amp_dtype)
         probs.append(float(out["prob"].mean()))
         if "mag_weights" in out:
             weights.append(out["mag_weights"].mean(0).cpu().numpy())

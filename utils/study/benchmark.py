@@ -4,8 +4,12 @@
 
 Rows (output/tables/benchmark.csv): cache build images/s; train tuples/s end to end (cache ->
 gather -> device augmentation -> model -> optimizer); train tuples/s of the model alone on
-device-resident tensors; their ratio (data pipeline efficiency); eval tuples/s; inference
-ms per patient (all tuples of a 100-image patient, warm); peak memory; predicted full run.
+device-resident tensors; their ratio (data pipeline efficiency); eval tuples/s; host syncs per
+training step (0 expected); a fold's fixed seconds (build, first step, end-of-fold write);
+predict.py's decoding ms per image (threads) and model ms per patient for 1 and 5 fold models
+(all tuples of a 100-image patient, warm; on a CPU the 5-model figure is 5 x 1), with the 5-model
+time predicted for an H100, an RTX 4090 and an A40 from the counted FLOPs (utils.study.rates:
+GPU_TFLOPS at GPU_UTILISATION); peak memory; predicted full run.
 With --freeze-backbone also: feature-cache build images/s, frozen train and eval tuples/s,
 frozen_speedup (frozen over fine-tuning train tuples/s, same encoder, same run), the cache size
 for the 7,909 images and the predicted full study in that mode.
@@ -30,8 +34,9 @@ from utils.engine.features import FeatureSource, encode_images
 from utils.files import markdown_table
 from utils.engine.saving import snapshot
 from utils.engine.losses import StudyLoss
-from utils.study.rates import (cache_build_rate, model_alone_rate, peak_memory_gb, predictor_latency, synthetic_patients,
-                         time_train_and_eval)
+from utils.study.rates import (cache_build_rate, decode_ms_per_image, fixed_seconds_per_fold, host_syncs_per_step,
+                               model_alone_rate, peak_memory_gb, predictor_latency, synthetic_patients,
+                               time_train_and_eval)
 from utils.engine.train import LoopSettings, make_scheduler, new_fold_state
 
 log = logging.getLogger("mmnet")
@@ -69,12 +74,13 @@ def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
     state, loop, cache = synthetic_study(cfg, env, batches)
     rates = loop_rates(state, loop, batches)
     alone = model_alone_rate(state, cfg, env, batches, len(cfg.magnifications))
-    single_ms, ensemble_ms = predictor_latency(state.model, cfg, cache, loop.data, env.device)
+    predictor = predictor_latency(state.model, cfg, cache, loop.data, env.device)
     return {"cache_build_images_per_s": cache_build_rate(cache_images, env.workers, cfg.image_size) if cache_images else float("nan"),
             **rates, "train_tuples_per_s_model_alone": alone,
             "pipeline_efficiency": rates["train_tuples_per_s_end_to_end"] / alone,
-            "predictor_ms_per_patient_1_model": single_ms,
-            "predictor_ms_per_patient_5_fold_ensemble": ensemble_ms,
+            "host_syncs_per_step": host_syncs_per_step(state, loop),
+            **fixed_seconds_per_fold(cfg, env, loop),
+            "decode_ms_per_image": decode_ms_per_image(8, cfg.image_size, threads=8), **predictor,
             "peak_memory_gb": peak_memory_gb(env.device)}
 
 

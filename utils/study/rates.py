@@ -1,6 +1,7 @@
 """Measuring primitives of the benchmark: each times one real code path on this device."""
 from __future__ import annotations
 
+import dataclasses
 import resource
 import tempfile
 import time
@@ -9,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preprocess.dataset import PatientImages, training_tuples
+import utils.engine.train as train_module
+from preprocess.dataset import ImageSource, PatientImages, training_tuples
 from preprocess.demo import demo_filenames, write_tree
 from preprocess.preprocess import build_cache, frame_shape, index_dataset
 from utils.engine.inference import FoldModel, predict_patient
 from utils.engine.losses import StudyLoss
-from utils.engine.train import EpochPlan, LoopSettings, amp_context, predict, train_one_epoch
+from utils.engine.train import EpochPlan, LoopSettings, amp_context, new_fold_state, predict, train_one_epoch
 
 
 def sync(device: str) -> None:
@@ -92,20 +94,104 @@ def time_train_and_eval(state, loop: LoopSettings, train_count: int, eval_tuples
     return rates
 
 
-def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) -> tuple[float, float]:
+# Published dense bf16 tensor throughput (TFLOP/s) and the share of it a ResNet-type network
+# sustains (an assumption, stated with every figure computed from it).
+GPU_TFLOPS = {"H100": 989.0, "RTX 4090": 165.0, "A40": 149.7}
+GPU_UTILISATION = 0.25
+
+
+def gpu_ms(gflop: float, gpu: str) -> float:
+    """Milliseconds for `gflop` of work on a GPU at GPU_UTILISATION of its bf16 peak."""
+    return gflop / (GPU_TFLOPS[gpu] * 1e3 * GPU_UTILISATION) * 1e3
+
+
+def forward_gflop(model, x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Counted forward GFLOP of one batch (torch's FlopCounterMode: convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(x, mask)
+    return counter.get_total_flops() / 1e9
+
+
+def decode_ms_per_image(images: int, size: int, threads: int) -> float:
+    """predict.py's threaded decoding of full-size BreakHis PNGs, per image."""
+    from preprocess.patient_folder import load_patient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        names = demo_filenames(patients=1, images_per_mag=max(1, images // 4))
+        write_tree(Path(tmp) / "tree", names, workers=1)
+        started = time.perf_counter()
+        cache, _, _ = load_patient(Path(tmp) / "tree", size, threads)
+        return 1000 * (time.perf_counter() - started) / len(cache)
+
+
+def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) -> dict:
     """predict.py's model path on one 100-image patient (25 per magnification, each tuple
-    averaged over the test-time views), warm, best of N; the 5-fold ensemble is 5 such passes.
-    On a CPU one timed pass of one model, and no ensemble figure (NaN): a pass there takes
-    seconds, and five of them would be measured at the cost of minutes."""
+    averaged over the test-time views), warm, best of N, for 1 and 5 fold models (the 5-fold
+    ensemble is 5 such passes; on a CPU it is computed as 5 x one model, not timed), and the
+    same work predicted for GPUs from its counted FLOPs."""
     by_mag = {m: data.rows[0][i].tolist() for i, m in enumerate(cfg.magnifications)}
     fold_model = FoldModel(model.eval(), cfg, 0.5, Path("benchmark"))
     repeats = repeats if device != "cpu" else 1
-    predict_patient([fold_model], cache, by_mag, device)  # warm-up
+    first = predict_patient([fold_model], cache, by_mag, device)  # warm-up
     single = min(predict_patient([fold_model], cache, by_mag, device)["milliseconds"] for _ in range(repeats))
-    if device == "cpu":
-        return single, float("nan")
-    ensemble = min(predict_patient([fold_model] * 5, cache, by_mag, device)["milliseconds"] for _ in range(repeats))
-    return single, ensemble
+    ensemble = 5 * single if device == "cpu" else min(
+        predict_patient([fold_model] * 5, cache, by_mag, device)["milliseconds"] for _ in range(repeats))
+    views = 4 if cfg.tta == "on" else 1
+    x = torch.zeros(1, len(cfg.magnifications), 3, *frame_shape(cfg.image_size), device=device)
+    gflop = forward_gflop(model, x, torch.ones(1, len(cfg.magnifications), device=device)) * first["tuples_per_model"] * views
+    rows = {"model_ms_per_patient_1_models": single, "model_ms_per_patient_5_models": ensemble,
+            "model_gflop_per_patient_1_model": gflop}
+    rows.update({f"model_ms_per_patient_5_models_{gpu.replace(' ', '_')}_predicted": gpu_ms(5 * gflop, gpu)
+                 for gpu in GPU_TFLOPS})
+    return rows
+
+
+def host_syncs_per_step(state, loop: LoopSettings, steps: int = 2) -> float:
+    """HostSyncCounter over training steps on a device-resident cache, as a GPU runs them."""
+    from utils.device import HostSyncCounter
+
+    source = loop.source if loop.source.on_device else ImageSource(loop.source.images, loop.source.device.type,
+                                                                   on_device=True)
+    counted = dataclasses.replace(loop, source=source)
+    tuples, owners = training_tuples(loop.data, steps * loop.batch_size, np.random.default_rng(0))
+    plan = EpochPlan(source.upload(tuples), owners, torch.Generator(device=source.device).manual_seed(0), 0)
+    counter = HostSyncCounter()
+    real_step = train_module._step
+
+    def counting(*args, **kwargs):
+        with counter:
+            return real_step(*args, **kwargs)
+
+    train_module._step = counting
+    try:
+        train_one_epoch(state, counted, plan)
+    finally:
+        train_module._step = real_step
+    return counter.total / steps
+
+
+def fixed_seconds_per_fold(cfg, env, loop: LoopSettings) -> dict:
+    """What a fold costs besides its epochs: building the model and optimizer, the first step
+    (allocator, autotuning, lazy init), and writing the kept fold model at its end."""
+    from utils.engine.saving import save_checkpoint
+
+    started = time.perf_counter()
+    state = new_fold_state(cfg, env, steps_per_epoch=1, seed=0)
+    sync(env.device)
+    built = time.perf_counter() - started
+    tuples, owners = training_tuples(loop.data, loop.batch_size, np.random.default_rng(0))
+    started = time.perf_counter()
+    train_one_epoch(state, loop, EpochPlan(tuples, owners, torch.Generator(device=env.device).manual_seed(0), 0))
+    sync(env.device)
+    first = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        save_checkpoint({"model": state.model.state_dict()}, Path(tmp) / "fold0.pt")
+        written = time.perf_counter() - started
+    return {"fold_build_s": built, "fold_first_step_s": first, "fold_end_write_s": written,
+            "fold_fixed_s": built + first + written}
 
 
 def peak_memory_gb(device: str) -> float:

@@ -1,0 +1,60 @@
+"""A folder of one patient's images, as predict.py and an external cohort read it: decoded in
+parallel threads into a small cache, each file's magnification from its BreakHis name or a
+40X/100X/200X/400X folder above it, unusable files listed with the reason."""
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from preprocess.preprocess import IMAGE_SUFFIXES, decode_resized, frame_shape, parse_name
+
+MAG_FOLDER = re.compile(r"(40|100|200|400)x", re.IGNORECASE)
+
+
+def magnification_of(path: Path, root: Path) -> int | None:
+    fields = parse_name(path.stem + ".png")  # the grammar holds for re-encoded copies too
+    if fields:
+        return fields["mag"]
+    for part in reversed(path.relative_to(root).parts[:-1]):
+        if MAG_FOLDER.fullmatch(part):
+            return int(part[:-1])
+    return None
+
+
+def _decoded(path: Path, size: int):
+    try:
+        return decode_resized(str(path), size), None
+    except Exception as exc:  # unreadable file: reported, the rest still counts
+        return None, f"unreadable: {type(exc).__name__}"
+
+
+def load_patient(patient_dir: Path, size: int, threads: int = 8):
+    """uint8 cache (N, height, width, 3), rows per magnification, skipped files with reasons.
+    Images are decoded in parallel threads (PNG decoding and resizing release the GIL): a
+    90-image patient is decoded in about 1/threads of the serial time."""
+    by_mag, skipped, wanted = {}, [], []
+    files = sorted(p for p in patient_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for path in files:
+        rel = str(path.relative_to(patient_dir))
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append({"file": rel, "reason": "not an image"})
+            continue
+        mag = magnification_of(path, patient_dir)
+        if mag is None:
+            skipped.append({"file": rel, "reason": "unknown magnification (name it like BreakHis or put it in a 40X/100X/200X/400X folder)"})
+            continue
+        wanted.append((path, rel, mag))
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        decoded = list(pool.map(lambda item: _decoded(item[0], size), wanted))
+    images = []
+    for (path, rel, mag), (image, problem) in zip(wanted, decoded):
+        if image is None:
+            skipped.append({"file": rel, "reason": problem})
+            continue
+        images.append(image)
+        by_mag.setdefault(mag, []).append(len(images) - 1)
+    cache = np.stack(images) if images else np.zeros((0, *frame_shape(size), 3), np.uint8)
+    return cache, by_mag, skipped
