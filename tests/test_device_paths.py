@@ -349,3 +349,11 @@ def test_pretrained_auto_wants_imagenet_weights_wherever_the_full_study_trains(d
     assert weights_text(cfg) == ("ImageNet (timm hub)" if expected == "on" else "random init (--pretrained off)")
     assert resolved_config(Config(pretrained="off"), env).pretrained == "off"
     assert weights_text(resolved_config(Config(pretrained_file="w.pth"), env)) == "ImageNet from w.pth"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the check would run for minutes")
+def test_the_gpu_check_says_in_one_line_that_no_gpu_is_here(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "tests" / "gpu_check.sh"), str(tmp_path / "out")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and len(result.stdout.strip().splitlines()) == 1
+    assert "no CUDA GPU" in result.stdout and (tmp_path / "out" / "gpu_check.json").read_text().strip() == '{"gpu": false}'

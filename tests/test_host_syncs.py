@@ -89,3 +89,36 @@ def test_the_moving_average_matches_torchs_update_without_reading_the_device():
             restore_average(ours, saved)
     for (name, mine), theirs in zip(ours.state_dict().items(), oracle.state_dict().values()):
         torch.testing.assert_close(mine.float(), theirs.float(), msg=name)
+
+
+def test_the_parent_of_parallel_jobs_gives_its_device_copies_back_before_the_workers_start(tmp_path, demo_tree,
+                                                                                           demo_index, monkeypatch):
+    """With --jobs N the parent's cache copy (and the rate measurement's model) would hold GPU 0
+    while a worker trains there: they are released, and the device's cache emptied, first."""
+    import weakref
+
+    import utils.study.runner as runner
+    from preprocess.prepared import Study
+
+    cfg = tiny_config(tmp_path, jobs=2, experiments=("single_40x",), epochs=1)
+    sources, emptied, seen = [], [], {}
+    real_attach = runner.attach_images
+
+    def attach(*args):
+        study = real_attach(*args)
+        sources.append(weakref.ref(study.source))
+        return study
+
+    def fake_jobs(cfg, prepared, todo, jobs, log_file, tracker):
+        seen["parent copy alive"] = sources[0]() is not None
+        seen["emptied"] = list(emptied)
+        return 0
+
+    monkeypatch.setattr(runner, "attach_images", attach)
+    monkeypatch.setattr(runner, "empty_cache", lambda device: emptied.append(device))
+    monkeypatch.setattr(runner, "run_jobs", fake_jobs)
+    monkeypatch.setattr(runner, "_predicted_seconds", lambda *args: {})
+    prepared = Study(index=demo_index, folds=tiny_study(cfg, demo_tree, demo_index).folds, data_dir=demo_tree, demo=True)
+    study, failed = runner.run_study(cfg, prepared, tiny_study(cfg, demo_tree, demo_index).env)
+    assert seen == {"parent copy alive": False, "emptied": ["cpu"]} and failed == 0
+    assert study.source is not None  # attached again afterwards, for the report's Grad-CAM

@@ -2,6 +2,8 @@
 worker processes (one per GPU). The report is written afterwards, from output/ alone."""
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
 import time
 from pathlib import Path
@@ -68,6 +70,16 @@ def _predicted_seconds(cfg, study: Study, names: list[str]) -> dict[str, float]:
         return {}
 
 
+def release_device_copies(study: Study) -> Study:
+    """The study without its device-resident images (and feature maps), their memory given back
+    to the device: the parent of --jobs N only waits while its workers train."""
+    device = study.env.device
+    study = dataclasses.replace(study, source=None)
+    gc.collect()  # the rate measurement's model and the cache copy are unreachable now
+    empty_cache(device)
+    return study
+
+
 def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Study, int]:
     """Train every selected experiment x fold; returns the study with its images attached
     and the number of failed folds. on_fold_end() is called after every fold (live report)."""
@@ -88,7 +100,9 @@ def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Stu
             log.info("running %d experiment x fold jobs on %d parallel workers", len(pending), jobs)
             for job in [job for job in order if job not in pending]:  # finished earlier: never sent to a worker
                 tracker.end_job(*job, False)
+            study = release_device_copies(study)  # each worker maps its own; GPU 0 is a worker's too
             failed = run_jobs(cfg, prepared, pending, jobs, str(Path(cfg.output_dir) / RUN_LOG), tracker)
+            study = attach_features(cfg, attach_images(cfg, prepared, env))  # for the report's Grad-CAM
         else:
             failed = run_sequential(cfg, study, names, tracker)
     except BaseException:

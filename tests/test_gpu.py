@@ -1,0 +1,97 @@
+"""The CUDA paths on a real GPU (run by tests/gpu_check.sh; skipped without CUDA): bf16 autocast,
+the device-resident cache, no host sync in a step under torch's sync debug mode, the
+out-of-memory back-off, a spawned worker. The CPU suite runs the same code on the CPU."""
+import dataclasses
+import multiprocessing
+
+import pandas as pd
+import pytest
+import torch
+
+import utils.engine.fold as fold_module
+import utils.engine.train as train_module
+from config import experiment_config
+from tests.conftest import tiny_config, tiny_study
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: tests/gpu_check.sh runs these on one")]
+
+
+def _cuda_config(tmp_path, **overrides):
+    return tiny_config(tmp_path, device="cuda", amp="auto", workers=2, **overrides)
+
+
+def test_bf16_or_fp16_autocast_trains_on_the_device_resident_cache(tmp_path, demo_tree, demo_index):
+    cfg = _cuda_config(tmp_path, epochs=1)
+    study = tiny_study(cfg, demo_tree, demo_index)
+    assert study.env.amp_dtype in ("bfloat16", "float16") and study.source.on_device
+    assert study.source.images.device.type == "cuda"
+    fold_module.run_fold(cfg, study, "mmnet", 0)
+    assert pd.read_csv(tmp_path / "runs/mmnet/fold0/predictions.csv")["prob"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("experiment, overrides", [("mmnet", {}), ("mmnet", {"ema_epochs": 1.0}),
+                                                    ("mmnet", {"freeze_backbone": True}), ("mil_attention", {})])
+def test_no_step_synchronises_with_the_host(experiment, overrides, tmp_path, demo_tree, demo_index, monkeypatch):
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising CUDA call in a step."""
+    from utils.engine.features import attach_features
+
+    cfg = experiment_config(_cuda_config(tmp_path, epochs=1, **overrides), experiment)
+    study = attach_features(cfg, tiny_study(cfg, demo_tree, demo_index))
+    steps = []
+
+    def strict(real):
+        def wrapper(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return real(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                steps.append(1)
+        return wrapper
+
+    monkeypatch.setattr(train_module, "_step", strict(train_module._step))
+    monkeypatch.setattr(train_module, "_predict_batch", strict(train_module._predict_batch))
+    fold_module.run_fold(cfg, study, experiment, 0)
+    assert len(steps) >= 4
+
+
+def test_out_of_memory_halves_the_micro_batch_on_the_gpu(tmp_path, demo_tree, demo_index, monkeypatch):
+    import preprocess.dataset as dataset_module
+    from utils.device import out_of_memory_error
+
+    real, calls = dataset_module.prepare_batch, []
+
+    def small_memory(images, *args, **kwargs):
+        calls.append(images.shape[0])
+        if images.shape[0] > 4:
+            raise out_of_memory_error()("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "prepare_batch", small_memory)
+    cfg = _cuda_config(tmp_path, epochs=1, micro_batch=8)
+    result = fold_module.run_fold(cfg, tiny_study(cfg, demo_tree, demo_index), "mmnet", 0)
+    assert result["accumulation"] >= 2 and max(calls) > 4
+
+
+def _worker_device(cfg, prepared, queue):
+    import utils.study.parallel as parallel
+
+    slots = multiprocessing.get_context("spawn").Queue()
+    slots.put(0)
+    parallel._init_worker(cfg, prepared, slots, str(cfg.output_dir) + "/w.log", 1)
+    study = parallel._WORKER["study"]
+    queue.put((study.env.device, study.source.images.device.type))
+
+
+def test_a_spawned_worker_trains_on_its_gpu(tmp_path, demo_tree, demo_index):
+    cfg = _cuda_config(tmp_path)
+    study = tiny_study(cfg, demo_tree, demo_index)
+    prepared = dataclasses.replace(study, env=None, source=None, usable=None)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_worker_device, args=(cfg, prepared, queue))
+    process.start()
+    device, images = queue.get(timeout=300)
+    process.join(timeout=60)
+    assert process.exitcode == 0 and device == "cuda" and images == "cuda"
