@@ -118,16 +118,17 @@ def sample_slots(cfg) -> int:
     return 1 if cfg.model == "single" else len(cfg.magnifications)
 
 
-def evaluation_samples(cfg, val_samples: int, test_samples: int) -> float:
+def evaluation_samples(cfg, val_samples: int, test_samples: int, train_samples: int = 0) -> float:
     """Single-view forward passes of evaluation per epoch: the inner-validation patients every
     epoch (when an epoch is chosen), the test fold once, each times its test-time views, the
     test fold again in the plain view, whole and with each magnification masked (tuple models
-    of several magnifications)."""
+    of several magnifications), and once per fold the training patients' plain view that
+    settles the BatchNorm statistics."""
     views = 4 if cfg.tta == "on" else 1
     several = cfg.sample_mode == "tuple" and len(cfg.magnifications) > 1
     plain = len(cfg.magnifications) if several else 0  # the plain view itself is the first test-time view
     val = val_samples if cfg.model_selection == "inner_val" else 0
-    return val + test_samples * (views + plain) / cfg.epochs
+    return val + (test_samples * (views + plain) + train_samples) / cfg.epochs
 
 
 def experiment_seconds(cfg, train_samples: int, eval_samples: float, rates: dict) -> float:
@@ -176,7 +177,7 @@ def predict_duration(cfg, study, names: list[str]) -> dict[str, float]:
         split = fold_split(study.index, study.usable, study.folds, 0, exp)
         train = tuples_per_epoch(split["train"], exp)
         val = _evaluated(split["val"], exp) if "val" in split else 0
-        evals = evaluation_samples(exp, val, _evaluated(split["test"], exp))
+        evals = evaluation_samples(exp, val, _evaluated(split["test"], exp), _evaluated(split["train"], exp))
         per_fold[name] = experiment_seconds(exp, train, evals, rates) / exp.folds
     total = sum(per_fold.values()) * cfg.folds * cfg.cv_repeats
     log.info("predicted duration: %.1f min for %d experiment(s) x %d folds x up to %d epochs "
@@ -200,8 +201,9 @@ def predicted_full_run_s(cfg: Config, rates: dict, names=()) -> float:
         exp = dataclasses.replace(experiment_config(cfg, name), folds=FULL["folds"])
         share = len(exp.magnifications) / 4 if exp.sample_mode == "tuple" else 1.0
         per_sample = sample_slots(exp)
-        evals = evaluation_samples(exp, int(val_images * share / per_sample), int(test_images * share / per_sample))
-        total += experiment_seconds(exp, int(train_images * share / per_sample), evals, speeds)
+        train = int(train_images * share / per_sample)
+        evals = evaluation_samples(exp, int(val_images * share / per_sample), int(test_images * share / per_sample), train)
+        total += experiment_seconds(exp, train, evals, speeds)
     return total
 
 
