@@ -299,6 +299,12 @@ def test_the_optimizer_is_fused_where_torch_has_the_kernel_and_multi_tensor_wher
     optimizer = make_optimizer(model, cfg)
     assert optimizer.defaults["foreach"] and not optimizer.defaults["fused"]
     assert optimizer.param_groups[0]["lr"] == 2e-3 and optimizer.defaults["weight_decay"] == 0.05
+    monkeypatch.setattr(torch.optim, "AdamW", real)
+    monkeypatch.setattr(torch, "__version__", "2.1.2+cu121")  # accepts fused=True on the CPU, fails at step()
+    optimizer = make_optimizer(model, cfg)
+    assert not optimizer.defaults["fused"]
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
 
 
 def _stub_torch(tmp_path, version: str) -> dict:

@@ -75,10 +75,22 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
             (backbone if "backbone" in name else rest).append(param)
     groups = [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": rest, "lr": cfg.lr}]
     groups = [g for g in groups if g["params"]]
-    try:  # one fused kernel for all parameters: CUDA, and CPU and MPS from torch 2.4/2.5 (4x the loop on CPU)
-        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
-    except RuntimeError:  # an older torch on this device: one multi-tensor op per group instead
-        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=True)
+    if has_fused_adamw(next(model.parameters()).device.type):
+        try:  # one fused kernel for all parameters (on the CPU 4x the per-parameter loop)
+            return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
+        except RuntimeError:  # a build without the kernel: the multi-tensor update below
+            pass
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=True)
+
+
+# Where torch has the fused AdamW kernel: CUDA always, the CPU from 2.4, MPS from 2.5. torch 2.1
+# accepts fused=True on the CPU and fails only at the first step, so the version decides.
+FUSED_ADAMW_SINCE = {"cuda": (2, 0), "cpu": (2, 4), "mps": (2, 5)}
+
+
+def has_fused_adamw(device: str) -> bool:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return device in FUSED_ADAMW_SINCE and version >= FUSED_ADAMW_SINCE[device]
 
 
 def make_scheduler(optimizer, total_steps: int, warmup_steps: int):
