@@ -26,9 +26,10 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 
 from preprocess.dataset import ImageSource, evaluation_samples
 from utils.device import resolve_device
-from preprocess.patient_folder import load_patient
+from preprocess.patient_folder import cohort_folders, load_patient
 from utils.engine.inference import (MIL_SHOWN, ensemble_explanation, fold_checkpoints, load_fold_model,
                              magnification_of_rows, patient_data, predict_patient)
+from utils.report.external import external_report, scored_frame
 from utils.report.plottings import patient_figure
 
 RESEARCH_ONLY = "research use only: not a diagnostic device and not validated for clinical decisions"
@@ -40,7 +41,12 @@ def main(argv=None) -> int:
     source.add_argument("--checkpoint", help="one fold's model, e.g. output/models/mmnet/fold0.pt")
     source.add_argument("--run-dir", help="an output directory: every fold model under its models/<experiment>/, as an ensemble")
     parser.add_argument("--experiment", default="mmnet")
-    parser.add_argument("--patient-dir", required=True, nargs="+", help="one folder of images per patient")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--patient-dir", nargs="+", help="one folder of images per patient")
+    target.add_argument("--cohort", help="an external cohort: every patient folder under DIR is scored and an "
+                                         "external-validation report written to <run-dir>/external/<name>/")
+    parser.add_argument("--labels", help="with --cohort: CSV of patient,label (else BreakHis folder names give the label)")
+    parser.add_argument("--cohort-name", help="the report's folder name (default: the cohort folder's name)")
     parser.add_argument("--cam", help="write the ensemble's Grad-CAM figure of the patient's first tuple here")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="auto: CUDA, else MPS, else the CPU; AMP (bf16/fp16) where the device has it")
@@ -55,6 +61,8 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    if args.cohort:
+        return run_cohort(args)
     folders = [Path(p) for p in args.patient_dir]
     for folder in folders:
         if not folder.is_dir():
@@ -75,6 +83,38 @@ def run(args) -> int:
                 f"{Path(args.cam).stem}-{folder.name}{Path(args.cam).suffix}")
         results.append({**predict_folder(models, folder, cam, args.device, args.max_tuples), "load_ms": round(load_ms, 1)})
     print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    return 0
+
+
+def run_cohort(args) -> int:
+    """Every patient of an external cohort through the fold-model ensemble, then its report."""
+    root = Path(args.cohort)
+    if not root.is_dir():
+        raise FileNotFoundError(f"cohort folder '{root}' does not exist")
+    if not args.run_dir:
+        raise ValueError("--cohort scores the ensemble of a run's fold models: pass --run-dir OUTPUT")
+    paths = fold_checkpoints(args.run_dir, args.experiment)
+    if not paths:
+        raise FileNotFoundError(f"no fold model under {args.run_dir}/models/{args.experiment}; train with `python main.py` first")
+    patients, unscored = cohort_folders(root, Path(args.labels) if args.labels else None)
+    if not patients:
+        raise ValueError(f"no patient folder under '{root}': name them like BreakHis (SOB_B_A_14-22549AB) or pass --labels CSV")
+    device = resolve_device(args.device)
+    models = [load_fold_model(p, device) for p in paths]
+    rows = []
+    for patient in patients:
+        try:
+            result = predict_folder(models, patient["folder"], None, device, args.max_tuples)
+        except ValueError as exc:  # no usable image, or none of a magnification the models use
+            unscored.append({"patient": patient["patient"], "reason": str(exc)})
+            continue
+        rows.append({"patient": patient["patient"], "group": patient["group"], "label": patient["label"],
+                     "prob": result["malignant_probability"], "threshold": result["threshold"],
+                     "decision": result["decision"], "images": sum(result["images_used"].values())})
+    out = Path(args.run_dir) / "external" / (args.cohort_name or root.name)
+    report = external_report(scored_frame(rows), unscored, out, f"{args.experiment} on {root.name}")
+    print(json.dumps({"report": str(report), "patients_scored": len(rows), "not_scored": len(unscored),
+                      "models": len(models), "note": RESEARCH_ONLY}, indent=2))
     return 0
 
 

@@ -8,10 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from preprocess.preprocess import IMAGE_SUFFIXES, decode_resized, frame_shape, parse_name
 
 MAG_FOLDER = re.compile(r"(40|100|200|400)x", re.IGNORECASE)
+BREAKHIS_PATIENT = re.compile(r"SOB_([BM])_([A-Z]+)_\d+-([0-9A-Za-z]+)")  # SOB_B_A_14-22549AB
+LABEL_WORDS = {"0": 0, "1": 1, "benign": 0, "malignant": 1, "b": 0, "m": 1}
 
 
 def magnification_of(path: Path, root: Path) -> int | None:
@@ -58,3 +61,35 @@ def load_patient(patient_dir: Path, size: int, threads: int = 8):
         by_mag.setdefault(mag, []).append(len(images) - 1)
     cache = np.stack(images) if images else np.zeros((0, *frame_shape(size), 3), np.uint8)
     return cache, by_mag, skipped
+
+
+def cohort_folders(root: Path, labels_csv: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """The patients of an external cohort under `root`: [{patient, folder, label, group}] and
+    the listed patients without a folder [{patient, reason}].
+
+    Without a labels CSV every folder named like a BreakHis patient (SOB_B_A_14-22549AB) is a
+    patient and its name gives the label; with one (columns patient, label: 0/1 or
+    benign/malignant) each listed patient is the folder of that name anywhere under `root`."""
+    folders = sorted(p for p in Path(root).rglob("*") if p.is_dir())
+    if labels_csv is None:
+        patients = []
+        for folder in folders:
+            match = BREAKHIS_PATIENT.fullmatch(folder.name)
+            if match:
+                patients.append({"patient": folder.name, "folder": folder, "label": int(match.group(1) == "M"),
+                                 "group": re.match(r"\d+", match.group(3)).group(0)})
+        return patients, []
+    table = pd.read_csv(labels_csv, dtype=str)
+    if not {"patient", "label"} <= set(table.columns):
+        raise ValueError(f"{labels_csv} needs the columns patient and label (0/1 or benign/malignant)")
+    by_name = {folder.name: folder for folder in folders}
+    patients, missing = [], []
+    for patient, label in zip(table["patient"], table["label"]):
+        value = LABEL_WORDS.get(str(label).strip().lower())
+        if value is None:
+            raise ValueError(f"{labels_csv}: label '{label}' of patient '{patient}' is not 0/1 or benign/malignant")
+        if patient not in by_name:
+            missing.append({"patient": patient, "reason": f"no folder named '{patient}' under {root}"})
+            continue
+        patients.append({"patient": patient, "folder": by_name[patient], "label": value, "group": patient})
+    return patients, missing

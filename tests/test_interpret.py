@@ -169,3 +169,42 @@ def test_predictor_bounds_its_tuples_and_decodes_in_threads_the_same_images(trai
     threaded = load_patient(patient, 48, threads=4)
     serial = load_patient(patient, 48, threads=1)
     assert np.array_equal(threaded[0], serial[0]) and threaded[1] == serial[1]
+
+
+def test_an_external_cohort_gets_a_validation_report_with_one_row_per_patient(trained_run, demo_tree, capsys):
+    import pandas as pd
+
+    code, summary, _ = _predict(capsys, "--run-dir", str(trained_run), "--cohort", str(demo_tree), "--cohort-name", "demo")
+    out = trained_run / "external" / "demo"
+    assert code == 0 and summary["patients_scored"] == 16 and summary["models"] == 2
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == predictions["patient"].nunique() == 16
+    assert predictions["label"].tolist() == [int("_M_" in p) for p in predictions["patient"]]  # from the names
+    metrics = pd.read_csv(out / "metrics.csv").set_index("metric")
+    assert metrics.loc["auc", "ci_low"] <= metrics.loc["auc", "value"] <= metrics.loc["auc", "ci_high"]
+    assert metrics.loc["sensitivity", "ci_method"] == "Wilson"
+    assert "auc" in (out / "report.md").read_text() and (out / "roc.png").stat().st_size > 5000
+    assert (out / "calibration.png").stat().st_size > 5000 and "<table" in (out / "report.html").read_text()
+
+
+def test_a_cohort_labels_csv_names_its_patients_and_lists_those_without_images(trained_run, demo_tree, tmp_path, capsys):
+    import pandas as pd
+
+    patients = sorted(p.name for p in demo_tree.rglob("SOB_*") if p.is_dir())[:3]
+    cohort = tmp_path / "cohort"
+    for i, name in enumerate(patients):  # renamed folders: the CSV, not the names, gives the labels
+        shutil.copytree(next(demo_tree.rglob(name)), cohort / f"case{i}")
+    (cohort / "case9").mkdir()
+    (cohort / "case9" / "notes.txt").write_text("no image here")
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"patient": ["case0", "case1", "case2", "case9", "case7"],
+                  "label": ["benign", "1", "0", "malignant", "1"]}).to_csv(labels, index=False)
+    code, summary, _ = _predict(capsys, "--run-dir", str(trained_run), "--cohort", str(cohort), "--labels", str(labels))
+    assert code == 0 and summary["patients_scored"] == 3 and summary["not_scored"] == 2
+    predictions = pd.read_csv(trained_run / "external" / "cohort" / "predictions.csv")
+    assert predictions.set_index("patient")["label"].to_dict() == {"case0": 0, "case1": 1, "case2": 0}
+    report = (trained_run / "external" / "cohort" / "report.md").read_text()
+    assert "case9" in report and "no usable image" in report and "no folder named 'case7'" in report
+    pd.DataFrame({"patient": ["case0"], "label": ["maybe"]}).to_csv(labels, index=False)
+    code, _, err = _predict(capsys, "--run-dir", str(trained_run), "--cohort", str(cohort), "--labels", str(labels))
+    assert code == 2 and "not 0/1 or benign/malignant" in err
