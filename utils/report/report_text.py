@@ -94,6 +94,8 @@ def _bag_text(cfg, runs: dict) -> str:
     """The MIL sampling, when MIL models are in the report."""
     if not any(name in MIL_EXPERIMENTS for name in runs):
         return ""
-    return (f" MIL models (mil_*) read bags instead: training bags of {cfg.bag_size} distinct images of one "
-            f"patient from every magnification, with as many images per step as MMNet's tuples; at test "
-            f"time one bag of all of a patient's images, so their only level is the patient.")
+    return (f" MIL models (mil_*) read bags instead: training bags of {cfg.bag_size} images of one "
+            f"patient from every magnification (distinct where the patient has that many), with as many "
+            f"images per step as MMNet's tuples; at test time one bag of all of a patient's images (mil_max: "
+            f"the fixed bags of {cfg.bag_size} covering every image, averaged, as a maximum grows with the "
+            f"bag), so their only level is the patient.")
