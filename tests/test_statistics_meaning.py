@@ -43,3 +43,26 @@ def test_with_repeats_each_patient_counts_once_in_wilson_counts():
     assert len(once) == 4 and once.set_index("patient").loc["b", "prob"] == pytest.approx(0.55)
     assert _patient_counts(pooled, "accuracy") == (4, 4)
     assert _patient_counts(pooled, "sensitivity") == (2, 2)
+
+
+def test_the_pooled_roc_counts_each_patient_once_and_bands_the_curve(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from utils.report import plottings
+
+    rng = np.random.default_rng(0)
+    patients = pd.DataFrame({"patient": [f"p{i}" for i in range(12)], "group": [str(i // 2) for i in range(12)],
+                             "label": [i % 2 for i in range(12)]})
+    pooled = pd.concat([patients.assign(fold=r * 2 + i % 2, repeat=r, prob=np.clip(0.5 + 0.3 * (2 * patients.label - 1)
+                                                                            + rng.normal(0, 0.3, 12), 0, 1),
+                                        threshold=0.5)
+                        for r in range(2) for i in range(1)])
+    captured = {}
+    real_save = plottings._save
+    monkeypatch.setattr(plottings, "_save", lambda fig, path: captured.setdefault("fig", fig) and real_save(fig, path))
+    path = plottings.pooled_roc({"mmnet": {"pooled": pooled}}, ["mmnet"], tmp_path / "roc.png", n_boot=50)
+    assert path.is_file()
+    ax = captured["fig"].axes[0]
+    assert "12 patients, 6 malignant" in ax.get_legend().get_texts()[0].get_text()  # not 24 under 2 repeats
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() >= 0 and band[:, 1].max() <= 1

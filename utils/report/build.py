@@ -125,6 +125,10 @@ def write_plots(runs: dict, stats, out: Path, reference: str) -> list[tuple[Path
     figures.append((plottings.experiment_bars(stats, plots / "experiments_bar.png"),
                     "Pooled patient-level balanced accuracy and AUC of every experiment, with 95 % slide-group "
                     "bootstrap intervals."))
+    compared = [reference] + [n for n in BASELINES if n in runs and n != reference]
+    figures.append((plottings.pooled_roc(runs, compared, plots / "roc_pooled.png"),
+                    "Pooled out-of-fold patient ROC curves of the compared models with 95 % slide-group bootstrap "
+                    "bands (each patient once, averaged over repeats); the legend gives the patients counted."))
     run, name, title = runs[reference], reference, plottings.title_of(reference)
     figures += [
         (plottings.roc_curves(run, name, plots / f"roc_{name}.png"),

@@ -16,6 +16,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from config import EXPERIMENTS, MAGNIFICATIONS, MIL_EXPERIMENTS
 from utils.metrics import patient_probabilities
+from utils.report.statistics import group_draws
+from utils.report.tables import patients_once
 
 
 # How each experiment is named in figures and tables meant for readers.
@@ -97,6 +99,33 @@ def roc_curves(run: dict, name: str, path: Path) -> Path:
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
         ax.set(title=f"{title_of(name)}: ROC per fold ({level} level)", xlabel="1 - specificity", ylabel="sensitivity")
         ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def pooled_roc(runs: dict, names: list[str], path: Path, n_boot: int = 200, seed: int = 0) -> Path:
+    """The pooled out-of-fold patient ROC curve of each compared model (a patient once, its
+    probability averaged over repeats), with a 95 % band from the same slide-group bootstrap as
+    the intervals (groups resampled within class), and the patient counts in the legend."""
+    grid = np.linspace(0, 1, 101)
+    fig, ax = _figure(figsize=(6.4, 5.2))
+    for name in names:
+        units = patients_once(runs[name]["pooled"])
+        if units["label"].nunique() < 2:
+            continue
+        y, p = units["label"].to_numpy(), units["prob"].to_numpy()
+        groups = units.groupby("group")["label"].first()
+        draws = group_draws(groups, n_boot, seed)[:, groups.index.get_indexer(units["group"])]
+        band = [np.interp(grid, *roc_curve(y, p, sample_weight=w)[:2]) for w in draws
+                if (w * y).sum() > 0 and (w * (1 - y)).sum() > 0]
+        low, high = np.percentile(band, [2.5, 97.5], axis=0)
+        fpr, tpr, _ = roc_curve(y, p)
+        line, = ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {roc_auc_score(y, p):.3f}; {len(y)} patients, "
+                                                f"{int(y.sum())} malignant)")
+        ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.12)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set(title="Pooled out-of-fold ROC (patients), 95 % slide-group bootstrap bands",
+           xlabel="1 - specificity", ylabel="sensitivity")
+    ax.legend(fontsize=6.5, loc="lower right")
     return _save(fig, path)
 
 
