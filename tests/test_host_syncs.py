@@ -13,7 +13,7 @@ import utils.engine.train as train_module
 from config import experiment_config
 from tests.conftest import tiny_config, tiny_study
 from preprocess.dataset import ImageSource
-from utils.device import HostSyncCounter
+from utils.device import HostSyncCounter, uncount_host_optimizer
 from utils.engine.features import FeatureSource, attach_features
 
 MODES = {"default": ("mmnet", {}), "ema": ("mmnet", {"ema_epochs": 1.0}),
@@ -34,6 +34,14 @@ def count_in_steps(monkeypatch, cfg, study, experiment: str) -> dict:
             return result
         return wrapper
 
+    real_optimizer = train_module.make_optimizer
+
+    def optimizer(*args):  # torch < 2.4 on the CPU: the multi-tensor AdamW, left out (see the function)
+        made = real_optimizer(*args)
+        uncount_host_optimizer(made)
+        return made
+
+    monkeypatch.setattr(train_module, "make_optimizer", optimizer)
     monkeypatch.setattr(train_module, "_step", counted("train", train_module._step))
     monkeypatch.setattr(train_module, "_predict_batch", counted("eval", train_module._predict_batch))
     fold_module.run_fold(cfg, study, experiment, 0)

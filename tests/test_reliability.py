@@ -13,6 +13,7 @@ import utils.engine.saving as saving
 import utils.engine.fold as fold_module
 import utils.engine.train as train
 from tests.conftest import ROOT, tiny_config, tiny_study
+from utils.device import out_of_memory_error
 from utils.engine.saving import load_checkpoint
 from utils.engine.stop import StopRequested
 
@@ -53,7 +54,7 @@ def test_out_of_memory_halves_the_micro_batch_and_goes_on(tmp_path, demo_tree, d
 
     def small_memory(images, *args, **kwargs):
         if images.shape[0] > 4:
-            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+            raise out_of_memory_error()("simulated: CUDA out of memory")
         return real_prepare(images, *args, **kwargs)
 
     monkeypatch.setattr(dataset_module, "prepare_batch", small_memory)
@@ -170,7 +171,7 @@ def test_out_of_memory_in_the_first_epoch_restarts_from_the_initial_state(tmp_pa
     def fails_on_third_batch(images, *args, **kwargs):  # after two steps have changed the weights
         calls["n"] += 1
         if calls["n"] == 3 and images.shape[0] > 4:
-            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+            raise out_of_memory_error()("simulated: CUDA out of memory")
         return real_prepare(images, *args, **kwargs)
 
     monkeypatch.setattr(dataset_module, "prepare_batch", fails_on_third_batch)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import platform
 import random
+import types
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -192,14 +193,35 @@ class HostSyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if name in self._SCALAR or name in self._VALUE_SIZED or name in self._HOST_BUILT or _to_host(name, args, kwargs) \
-                or _bool_index(name, args):
+        if not _UNCOUNTED[0] and (name in self._SCALAR or name in self._VALUE_SIZED or name in self._HOST_BUILT or _to_host(name, args, kwargs)
+                                  or _bool_index(name, args)):
             self.counts[name] = self.counts.get(name, 0) + 1
         return func(*args, **kwargs)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+_UNCOUNTED = [0]  # > 0 while ops run that HostSyncCounter leaves out
+
+
+def uncount_host_optimizer(optimizer) -> None:
+    """Leave an optimizer's step out of HostSyncCounter when it is not the fused kernel: the
+    multi-tensor AdamW of a torch without a fused kernel for this device (the CPU before 2.4)
+    keeps its step counters on the host by design, and on a GPU the fused kernel runs instead."""
+    if optimizer.defaults.get("fused"):
+        return
+    step = optimizer.step
+
+    def uncounted_step(self, *args, **kwargs):
+        _UNCOUNTED[0] += 1
+        try:
+            return step(*args, **kwargs)
+        finally:
+            _UNCOUNTED[0] -= 1
+
+    optimizer.step = types.MethodType(uncounted_step, optimizer)  # a bound method, as LR schedulers expect
 
 
 def _to_host(name: str, args, kwargs) -> bool:

@@ -150,7 +150,7 @@ def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) ->
 
 def host_syncs_per_step(state, loop: LoopSettings, steps: int = 2) -> float:
     """HostSyncCounter over training steps on a device-resident cache, as a GPU runs them."""
-    from utils.device import HostSyncCounter
+    from utils.device import HostSyncCounter, uncount_host_optimizer
 
     source = loop.source if loop.source.on_device else ImageSource(loop.source.images, loop.source.device.type,
                                                                    on_device=True)
@@ -158,6 +158,7 @@ def host_syncs_per_step(state, loop: LoopSettings, steps: int = 2) -> float:
     tuples, owners = training_tuples(loop.data, steps * loop.batch_size, np.random.default_rng(0))
     plan = EpochPlan(source.upload(tuples), owners, torch.Generator(device=source.device).manual_seed(0), 0)
     counter = HostSyncCounter()
+    uncount_host_optimizer(state.optimizer)  # torch < 2.4 on the CPU: not the fused kernel a GPU runs
     real_step = train_module._step
 
     def counting(*args, **kwargs):
