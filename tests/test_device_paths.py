@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import preprocess.dataset as dataset_module
+import preprocess.image_source as image_source_module
 import torch
 import torch.nn.functional as F
 
@@ -129,14 +129,14 @@ def test_resume_with_another_micro_batch(tmp_path, demo_tree, demo_index, monkey
 
 
 def test_mps_out_of_memory_halves_the_micro_batch(tmp_path, demo_tree, demo_index, monkeypatch, caplog):
-    real = dataset_module.prepare_batch
+    real = image_source_module.prepare_batch
 
     def small_memory(images, *args, **kwargs):
         if images.shape[0] > 4:
             raise RuntimeError("MPS backend out of memory (MPS allocated: 17.1 GB, other allocations: 1 GB)")
         return real(images, *args, **kwargs)
 
-    monkeypatch.setattr(dataset_module, "prepare_batch", small_memory)
+    monkeypatch.setattr(image_source_module, "prepare_batch", small_memory)
     result = _run(tiny_config(tmp_path, epochs=1), demo_tree, demo_index)
     assert result["accumulation"] == 2 and "micro-batches of 4 (x2 accumulation)" in caplog.text
 
@@ -145,7 +145,7 @@ def test_a_runtime_error_that_is_not_memory_is_not_swallowed(tmp_path, demo_tree
     def broken(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(dataset_module, "prepare_batch", broken)
+    monkeypatch.setattr(image_source_module, "prepare_batch", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         _run(tiny_config(tmp_path, epochs=1), demo_tree, demo_index)
 
