@@ -69,3 +69,32 @@ def tiny_study(cfg, demo_tree, demo_index):
     folds = build_folds(demo_index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
     prepared = Study(index=demo_index, folds=folds, data_dir=demo_tree, demo=True)
     return attach_images(cfg, prepared, detect_env(cfg))
+
+
+def _in_worker(cfg, prepared, probe, queue):
+    import multiprocessing
+
+    import utils.study.parallel as parallel
+
+    slots = multiprocessing.get_context("spawn").Queue()
+    slots.put(0)
+    parallel._init_worker(cfg, prepared, slots, str(cfg.output_dir) + "/w.log", 1)
+    queue.put(probe(parallel._WORKER["study"]))
+
+
+def in_spawned_worker(cfg, demo_tree, demo_index, probe, timeout: int = 300):
+    """What probe(study) returns inside a spawned worker set up as --jobs N sets one up (probe:
+    a module-level function, so the child can import it)."""
+    import dataclasses
+    import multiprocessing
+
+    study = tiny_study(cfg, demo_tree, demo_index)  # builds the cache the worker maps
+    prepared = dataclasses.replace(study, env=None, source=None, usable=None)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_in_worker, args=(cfg, prepared, probe, queue))
+    process.start()
+    value = queue.get(timeout=timeout)
+    process.join(timeout=60)
+    assert process.exitcode == 0
+    return value

@@ -2,7 +2,6 @@
 with a loss scaler, MPS-safe grid pooling, spawned workers, resume on another micro-batch,
 out-of-memory back-off, checkpoints on a timer, and the start-up checks of setup and main."""
 import dataclasses
-import multiprocessing
 import os
 import stat
 import subprocess
@@ -22,7 +21,7 @@ from backbones import build_model
 from backbones.our.modules import grid_average
 from config import Config, experiment_config
 from preprocess.dataset import ImageSource
-from tests.conftest import ROOT, tiny_config, tiny_study
+from tests.conftest import ROOT, in_spawned_worker, tiny_config, tiny_study
 from utils.device import out_of_memory_error
 from utils.engine.saving import BackgroundWriter
 
@@ -183,25 +182,13 @@ def test_a_fold_whose_model_is_not_kept_writes_no_model(tmp_path, demo_tree, dem
     assert (tmp_path / "runs/single_200x/fold0/predictions.csv").is_file()
 
 
-def _worker_flags(cfg, prepared, queue):
-    import utils.study.parallel as parallel
-
-    slots = multiprocessing.get_context("spawn").Queue()
-    slots.put(0)
-    parallel._init_worker(cfg, prepared, slots, str(cfg.output_dir) + "/w.log", 1)
-    queue.put((torch.are_deterministic_algorithms_enabled(), parallel._WORKER["study"].env.micro_batch))
+def _backend_flags(study):
+    return torch.are_deterministic_algorithms_enabled(), study.env.micro_batch
 
 
 def test_spawned_workers_configure_their_backends(tmp_path, demo_tree, demo_index):
     cfg = tiny_config(tmp_path, deterministic=True, micro_batch=4)
-    study = tiny_study(cfg, demo_tree, demo_index)  # builds the cache the worker maps
-    prepared = dataclasses.replace(study, env=None, source=None, usable=None)
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_worker_flags, args=(cfg, prepared, queue))
-    process.start()
-    deterministic, micro = queue.get(timeout=120)
-    process.join(timeout=60)
+    deterministic, micro = in_spawned_worker(cfg, demo_tree, demo_index, _backend_flags, timeout=120)
     assert deterministic is True and micro == 4
 
 

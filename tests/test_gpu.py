@@ -1,9 +1,6 @@
 """The CUDA paths on a real GPU (run by tests/gpu_check.sh; skipped without CUDA): bf16 autocast,
 the device-resident cache, no host sync in a step under torch's sync debug mode, the
 out-of-memory back-off, a spawned worker. The CPU suite runs the same code on the CPU."""
-import dataclasses
-import multiprocessing
-
 import pandas as pd
 import pytest
 import torch
@@ -11,7 +8,7 @@ import torch
 import utils.engine.fold as fold_module
 import utils.engine.train as train_module
 from config import experiment_config
-from tests.conftest import tiny_config, tiny_study
+from tests.conftest import in_spawned_worker, tiny_config, tiny_study
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: tests/gpu_check.sh runs these on one")]
@@ -74,24 +71,9 @@ def test_out_of_memory_halves_the_micro_batch_on_the_gpu(tmp_path, demo_tree, de
     assert result["accumulation"] >= 2 and max(calls) > 4
 
 
-def _worker_device(cfg, prepared, queue):
-    import utils.study.parallel as parallel
-
-    slots = multiprocessing.get_context("spawn").Queue()
-    slots.put(0)
-    parallel._init_worker(cfg, prepared, slots, str(cfg.output_dir) + "/w.log", 1)
-    study = parallel._WORKER["study"]
-    queue.put((study.env.device, study.source.images.device.type))
+def _worker_device(study):
+    return study.env.device, study.source.images.device.type
 
 
 def test_a_spawned_worker_trains_on_its_gpu(tmp_path, demo_tree, demo_index):
-    cfg = _cuda_config(tmp_path)
-    study = tiny_study(cfg, demo_tree, demo_index)
-    prepared = dataclasses.replace(study, env=None, source=None, usable=None)
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_worker_device, args=(cfg, prepared, queue))
-    process.start()
-    device, images = queue.get(timeout=300)
-    process.join(timeout=60)
-    assert process.exitcode == 0 and device == "cuda" and images == "cuda"
+    assert in_spawned_worker(_cuda_config(tmp_path), demo_tree, demo_index, _worker_device) == ("cuda", "cuda")
