@@ -29,9 +29,9 @@ def test_corrected_t_interval_by_hand():
     assert t == pytest.approx(0.3 / 0.106066, rel=1e-4) and p == pytest.approx(0.0474, abs=5e-4)  # t(4) table
 
 
-def test_with_repeats_each_patient_counts_once_in_wilson_counts():
+def test_with_repeats_eachpatient_counts_once_in_wilson_counts():
     """Two repeats test every patient twice: 4 patients, not 8, and the probability averaged."""
-    from utils.report.tables import _patient_counts, patients_once
+    from utils.report.tables import patient_counts, patients_once
 
     rows = []
     for repeat in (0, 1):
@@ -41,8 +41,8 @@ def test_with_repeats_each_patient_counts_once_in_wilson_counts():
     pooled = pd.DataFrame(rows)
     once = patients_once(pooled)
     assert len(once) == 4 and once.set_index("patient").loc["b", "prob"] == pytest.approx(0.55)
-    assert _patient_counts(pooled, "accuracy") == (4, 4)
-    assert _patient_counts(pooled, "sensitivity") == (2, 2)
+    assert patient_counts(pooled, "accuracy") == (4, 4)
+    assert patient_counts(pooled, "sensitivity") == (2, 2)
 
 
 def test_the_pooled_roc_counts_each_patient_once_and_bands_the_curve(tmp_path, monkeypatch):

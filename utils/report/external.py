@@ -20,27 +20,23 @@ from sklearn.metrics import roc_curve
 from utils.files import markdown_table
 from utils.metrics import DECISION_THRESHOLD, METRICS
 from utils.report.statistics import bootstrap_ci, wilson
-
-PROPORTIONS = {"accuracy": None, "sensitivity": 1, "specificity": 0}  # the label of the patients each counts
-
+from utils.report.tables import PROPORTIONS, patient_counts
 
 def external_metrics(patients: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """metric, value, ci_low, ci_high, ci_method at patient level, decisions at the ensemble's
-    threshold; proportions get Wilson intervals on their own patients, the rest a bootstrap of
-    slide groups within class (NaN where a class is missing)."""
+    threshold, as the cross-validation's table has them: Wilson intervals for the proportions
+    (tables.patient_counts), a bootstrap of slide groups within class for the rest (NaN where
+    a class is missing)."""
     frame = patients.assign(fold=0)
-    both_classes = frame["label"].nunique() == 2
-    ci = bootstrap_ci(frame, "patient", n_boot=n_boot, seed=seed) if both_classes else {}
-    decided = patients["prob"] >= patients["threshold"]
+    ci = bootstrap_ci(frame, "patient", n_boot=n_boot, seed=seed) if frame["label"].nunique() == 2 else {}
     rows = []
     for metric in METRICS:
         value, low, high = ci.get(metric, (float("nan"),) * 3)
         method = "slide-group bootstrap"
         if metric in PROPORTIONS:
-            members = patients if metric == "accuracy" else patients[patients["label"] == PROPORTIONS[metric]]
-            right = (decided[members.index] == (members["label"] == 1)).sum()
-            value = right / len(members) if len(members) else float("nan")
-            low, high = wilson(right, len(members)) if len(members) else (float("nan"),) * 2
+            right, trials = patient_counts(frame, metric)
+            value = right / trials if trials else float("nan")
+            low, high = wilson(right, trials) if trials else (float("nan"),) * 2
             method = "Wilson"
         rows.append({"metric": metric, "value": value, "ci_low": low, "ci_high": high, "ci_method": method})
     return pd.DataFrame(rows)

@@ -83,7 +83,7 @@ def patients_once(pooled: pd.DataFrame) -> pd.DataFrame:
     return units.groupby("patient", sort=True).agg({**agg, "prob": "mean", "threshold": "mean"}).reset_index()
 
 
-def _patient_counts(pooled: pd.DataFrame, metric: str) -> tuple[int, int]:
+def patient_counts(pooled: pd.DataFrame, metric: str) -> tuple[int, int]:
     """(successes, trials) of a proportion at patient level, each patient counted once."""
     units = patients_once(pooled)
     right = (units["prob"] >= units["threshold"]).astype(int) == units["label"]
@@ -101,7 +101,7 @@ def _level_rows(name: str, run: dict, level: str, n_boot: int, seed: int) -> lis
                "pooled": ci[metric][0], "ci_low": ci[metric][1], "ci_high": ci[metric][2],
                "ci_method": "slide-group bootstrap"}
         if level == "patient" and metric in PROPORTIONS:
-            row["ci_low"], row["ci_high"] = wilson(*_patient_counts(run["pooled"], metric))
+            row["ci_low"], row["ci_high"] = wilson(*patient_counts(run["pooled"], metric))
             row["ci_method"] = "Wilson"
         rows.append(row)
     return rows
