@@ -67,13 +67,8 @@ def run(args) -> int:
     for folder in folders:
         if not folder.is_dir():
             raise FileNotFoundError(f"patient folder '{folder}' does not exist")
-    paths = [Path(args.checkpoint)] if args.checkpoint else fold_checkpoints(args.run_dir, args.experiment)
-    if not paths or not all(p.is_file() for p in paths):
-        raise FileNotFoundError(f"no checkpoint found ({args.checkpoint or args.run_dir}); train with "
-                                f"`python main.py` first or pass --checkpoint PATH")
-    args.device = resolve_device(args.device)
     started = time.perf_counter()
-    models = [load_fold_model(p, args.device) for p in paths]
+    models = _fold_models(args)
     load_ms = 1000 * (time.perf_counter() - started)
     results = []
     for folder in folders:
@@ -86,6 +81,17 @@ def run(args) -> int:
     return 0
 
 
+def _fold_models(args) -> list:
+    """The checkpoint's model, or every fold model of the run, on the resolved device
+    (args.device is resolved in place: what runs after it uses the same device)."""
+    paths = [Path(args.checkpoint)] if args.checkpoint else fold_checkpoints(args.run_dir, args.experiment)
+    if not paths or not all(p.is_file() for p in paths):
+        raise FileNotFoundError(f"no checkpoint found ({args.checkpoint or args.run_dir}); train with "
+                                f"`python main.py` first or pass --checkpoint PATH")
+    args.device = resolve_device(args.device)
+    return [load_fold_model(p, args.device) for p in paths]
+
+
 def run_cohort(args) -> int:
     """Every patient of an external cohort through the fold-model ensemble, then its report."""
     root = Path(args.cohort)
@@ -93,18 +99,14 @@ def run_cohort(args) -> int:
         raise FileNotFoundError(f"cohort folder '{root}' does not exist")
     if not args.run_dir:
         raise ValueError("--cohort scores the ensemble of a run's fold models: pass --run-dir OUTPUT")
-    paths = fold_checkpoints(args.run_dir, args.experiment)
-    if not paths:
-        raise FileNotFoundError(f"no fold model under {args.run_dir}/models/{args.experiment}; train with `python main.py` first")
     patients, unscored = cohort_folders(root, Path(args.labels) if args.labels else None)
     if not patients:
         raise ValueError(f"no patient folder under '{root}': name them like BreakHis (SOB_B_A_14-22549AB) or pass --labels CSV")
-    device = resolve_device(args.device)
-    models = [load_fold_model(p, device) for p in paths]
+    models = _fold_models(args)
     rows = []
     for patient in patients:
         try:
-            result = predict_folder(models, patient["folder"], None, device, args.max_tuples)
+            result = predict_folder(models, patient["folder"], None, args.device, args.max_tuples)
         except ValueError as exc:  # no usable image, or none of a magnification the models use
             unscored.append({"patient": patient["patient"], "reason": str(exc)})
             continue
