@@ -16,6 +16,7 @@ from utils.experiments import (ABLATIONS, BAG_SIZED_AGGREGATORS, BASELINES, DEFA
                                FUSION_EXPERIMENTS, FUSIONS, GROUPS, MIL_AGGREGATORS,  # the report import them
                                MIL_EXPERIMENTS, expand_experiments)  # from config)
 MAGNIFICATIONS = (40, 100, 200, 400)
+STAIN_FIT_IMAGES = 32  # training images of a fold that its --stain-norm reference is fitted on
 SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")  # benign first, then malignant
 SUBTYPE_NAMES = {
     "A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor", "TA": "tubular_adenoma",
@@ -58,6 +59,7 @@ class Config:
     max_patients: int = 0  # >0: use a class-balanced subset of patients (dry run)
     colour_jitter: float = 0.1  # brightness, contrast and saturation move by up to +-this; 0 = off
     stain_jitter: float = 0.1  # haematoxylin/eosin amounts scale and shift by up to +-this; 0 = off
+    stain_norm: str = "none"  # none | macenko | reinhard: every image's stain mapped onto a reference fitted on the training images of its fold (saved with the fold model)
     quarter_turns: bool = False  # training also turns frames by 90 degrees (all 8 symmetries of the square)
     magnification_dropout: float = 0.25  # training masks each magnification of a tuple with this probability (never all), as a missing one is masked at test
     # --- model
@@ -115,6 +117,8 @@ class Config:
                 "deterministic", "tensorboard", "live_report"}
         if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
             skip.add("bag_size")
+        if self.stain_norm == "none":  # runs from before the option keep their identity
+            skip.add("stain_norm")
         if self.model != "mmnet":  # only MMNet has a fusion: the other models stay finished when it changes
             skip.add("fusion")
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
@@ -154,6 +158,7 @@ def get_training_config(argv=None) -> dict:
 
 _CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "inner_val"), "tta": ("on", "off"), "sample_mode": ("tuple", "pooled", "bag"), "fusion": FUSIONS,
             "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
+            "stain_norm": ("none", "macenko", "reinhard"),
             "device": ("auto", "cuda", "mps", "cpu")}
 _MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
@@ -165,7 +170,7 @@ _MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience":
 # --help in the order a user decides: where the data are, what the study runs, which model,
 # how it trains, on what device, and what is written. Every Config field sits in one group.
 OPTION_GROUPS = {
-    "data": ("data_dir", "cache_dir", "magnifications", "image_size", "max_patients", "folds_source"),
+    "data": ("data_dir", "cache_dir", "magnifications", "image_size", "stain_norm", "max_patients", "folds_source"),
     "study": ("experiments", "dry_run", "analyze_only", "report_only", "resume", "folds", "cv_repeats",
               "inner_val_fraction", "model_selection", "tta", "seed"),
     "model": ("model", "backbone", "pretrained", "pretrained_file", "freeze_backbone", "shared_backbone",
@@ -229,10 +234,23 @@ def _problems(cfg: Config) -> list[str]:
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append(problem("CFG009", "tensorboard", "the tensorboard package is not installed: "
                                 "pip install tensorboard (or leave --tensorboard off)"))
+    problems += _stain_problems(cfg)
     bad = [m for m in cfg.magnifications if m not in MAGNIFICATIONS]
     if bad or not cfg.magnifications:
         problems.append(problem("CFG008", "magnifications", f"must be a subset of {MAGNIFICATIONS}, got {bad or '()'}"))
     return problems
+
+
+def _stain_problems(cfg: Config) -> list[str]:
+    if cfg.stain_norm == "none":
+        return []
+    if importlib.util.find_spec("torchstain") is None:
+        return [problem("CFG009", "stain_norm", "the torchstain package is not installed: "
+                        "pip install -r requirements.txt (or leave --stain-norm none)")]
+    if cfg.freeze_backbone:  # the feature cache is encoded once for every fold, from raw images
+        return [problem("CFG010", "stain_norm", f"'{cfg.stain_norm}' is fitted per fold and cannot be applied "
+                        "to the shared feature cache of --freeze-backbone: fine-tune, or use --stain-norm none")]
+    return []
 
 
 def validate(cfg: Config) -> Config:

@@ -14,6 +14,7 @@ from backbones.encoder import (PAD_ATTRIBUTE, add_map_hook, feature_map, is_toke
 from backbones.registry import Registry
 from config import ConfigError
 from preprocess.preprocess import frame_shape
+from preprocess.stain import stain_normaliser
 from utils.config_file import closest
 
 log = logging.getLogger("mmnet")
@@ -164,6 +165,8 @@ class StudyModel(nn.Module):
         # nothing on the host (not saved: they follow from the backbone).
         self.register_buffer("pixel_mean", torch.tensor(self.norm_mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.norm_std), persistent=False)
+        # --stain-norm: the fold's fitted reference as buffers, saved with the fold model.
+        self.stain = stain_normaliser(cfg.stain_norm)
         self.fixed_frame = bool(getattr(backbone, PAD_ATTRIBUTE, 0))  # built for one frame size (Swin-like)
         self.heads = Heads(cfg.feature_dim, cfg.dropout, cfg.subtype_head)
 

@@ -85,9 +85,11 @@ def augment(pixels: torch.Tensor, gen: torch.Generator, colour: float = COLOUR_J
 
 
 def prepare_batch(batch_uint8: torch.Tensor, mean, std, gen: torch.Generator | None,
-                  jitter: tuple[float, float] = (COLOUR_JITTER, STAIN_JITTER)) -> torch.Tensor:
-    """uint8 (B, M, H, W, 3) -> normalised float (B, M, 3, H, W); augmented when gen is given
-    (flips and turns, then colour and stain jitter of the given strengths).
+                  jitter: tuple[float, float] = (COLOUR_JITTER, STAIN_JITTER), stain=None) -> torch.Tensor:
+    """uint8 (B, M, H, W, 3) -> normalised float (B, M, 3, H, W); stain-normalised by `stain`
+    (preprocess.stain, a fold's fitted reference) when given, then augmented when gen is given
+    (flips and turns, then colour and stain jitter of the given strengths): the jitter moves
+    the normalised colours, as a new scanner would.
 
     The images are laid out slot-major and channels-last once, here: x[:, m] is then a
     channels_last (B, 3, H, W) tensor with no further copy.
@@ -97,9 +99,19 @@ def prepare_batch(batch_uint8: torch.Tensor, mean, std, gen: torch.Generator | N
     if gen is not None:
         images = flip_rotate(images, gen)
     pixels = images.reshape(m * b, h * w, c).float().div_(255)
+    if stain is not None:
+        pixels = stain(pixels)
     if gen is not None and max(jitter) > 0:
         pixels = augment(pixels, gen, *jitter)
     # A model's pixel_mean/pixel_std live on its device already: as_tensor copies nothing then.
     dev = pixels.device
     pixels = (pixels - torch.as_tensor(mean, device=dev)) / torch.as_tensor(std, device=dev)
     return pixels.view(m, b, h, w, c).permute(1, 0, 4, 2, 3)
+
+
+def model_input(batch_uint8: torch.Tensor, model, gen: torch.Generator | None = None,
+                jitter: tuple[float, float] = (COLOUR_JITTER, STAIN_JITTER)) -> torch.Tensor:
+    """prepare_batch with what the model carries: its backbone's normalisation constants and
+    its fold's stain reference (None without --stain-norm)."""
+    return prepare_batch(batch_uint8, model.pixel_mean, model.pixel_std, gen, jitter,
+                         getattr(model, "stain", None))

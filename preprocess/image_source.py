@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from config import MAGNIFICATIONS
-from preprocess.augment import prepare_batch, test_views
+from preprocess.augment import model_input, test_views
 
 
 class ImageSource:
@@ -62,7 +62,7 @@ class ImageSource:
         gives every image one of all 8 symmetries of the square, uniformly. Encoders built for
         one frame size (Swin-like) never get the transposed frame."""
         images, mask = self.gather(tuples, reads_levels(model))
-        x = prepare_batch(images, model.pixel_mean, model.pixel_std, generator, jitter)
+        x = model_input(images, model, generator, jitter)
         if quarter_turns and not getattr(model, "fixed_frame", False) and bool(torch.rand(()) < 0.5):
             x = x.transpose(-1, -2)
         return x, mask
@@ -71,7 +71,7 @@ class ImageSource:
         """The model's inputs for evaluation, one per test-time view (or the plain view)."""
         images, mask = self.gather(tuples, reads_levels(model))
         for view in test_views(images, tta):
-            yield prepare_batch(view, model.pixel_mean, model.pixel_std, None), mask
+            yield model_input(view, model), mask
 
 
 def magnification_codes(mags) -> np.ndarray:

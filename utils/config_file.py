@@ -8,6 +8,7 @@ listed in the README, so a script or a person can look them up:
     CFG003 out of range               CFG007 unreadable file or not a mapping
     CFG004 not one of the choices     CFG008 magnification not in BreakHis
                                       CFG009 optional package missing
+                                      CFG010 options that do not combine
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ CODES = {
     "CFG004": "not one of the choices", "CFG005": "unknown experiment or group",
     "CFG006": "unknown backbone", "CFG007": "unreadable file or not a mapping",
     "CFG008": "magnification not in BreakHis", "CFG009": "optional package missing",
+    "CFG010": "options that do not combine",
 }
 
 

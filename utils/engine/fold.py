@@ -30,6 +30,7 @@ from utils.engine.batchnorm import settle_batchnorm
 from utils.engine.evaluate import evaluation_batch, prediction_frame
 from utils.files import ATTENTION_FILE, atomic_write_text
 from preprocess.splits import folds_fingerprint
+from preprocess.stain import fold_reference
 from utils.engine.losses import StudyLoss, binary_loss, subtype_class_weights
 from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
 from utils.engine.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
@@ -179,8 +180,9 @@ def _open_fold(cfg, study, experiment: str, fold: int, identity: dict, progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     split = fold_split(study.index, study.usable, study.folds, fold, cfg)
     steps = math.ceil(tuples_per_epoch(split["train"], cfg) / samples_for(cfg, study.env.batch_size))
+    stain = fold_reference(cfg.stain_norm, study.source, split["train"], derived_seed(cfg.seed, fold, 3))
     return FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
-                   lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold)),
+                   lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold), stain),
                    progress, scalar_writer(cfg, experiment, fold))
 
 

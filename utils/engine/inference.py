@@ -15,7 +15,7 @@ import torch
 from backbones import build_model
 from backbones.our.gradcam import attention_maps, cam_maps
 from config import MAGNIFICATIONS, SUBTYPE_NAMES, SUBTYPES, Config, slot_labels
-from preprocess.augment import prepare_batch
+from preprocess.augment import model_input
 from preprocess.dataset import ImageSource, PatientImages, evaluation_samples, evaluation_tuples, fold_split, reads_levels
 from utils.device import auto_amp
 from utils.files import ATTENTION_FILE, GRADCAM_DIR, MODELS_DIR, run_folder
@@ -133,7 +133,7 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
 def tuple_inputs(model: torch.nn.Module, source: ImageSource, tuple_rows: np.ndarray):
     """Normalised (1, M, 3, H, W) input, mask and the raw uint8 images of one tuple (or bag)."""
     images, mask = source.gather(tuple_rows[None], reads_levels(model))
-    return prepare_batch(images, model.pixel_mean, model.pixel_std, None), mask, images[0].cpu().numpy()
+    return model_input(images, model), mask, images[0].cpu().numpy()
 
 
 def explain_tuple(fm: FoldModel, source: ImageSource, tuple_rows: np.ndarray, title: str,

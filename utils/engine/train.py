@@ -131,10 +131,14 @@ def update_average(average: AveragedModel, model: torch.nn.Module) -> None:
     average.n_averaged += 1
 
 
-def new_fold_state(cfg, env, steps_per_epoch: int, seed: int) -> FoldState:
-    """A fold's model, optimizer, schedule and scaler, from the config and the seed alone."""
+def new_fold_state(cfg, env, steps_per_epoch: int, seed: int, stain: dict | None = None) -> FoldState:
+    """A fold's model, optimizer, schedule and scaler, from the config and the seed alone, and
+    the fold's stain reference (preprocess.stain.fold_reference) when there is one."""
     seed_everything(seed)  # same init for every experiment of this fold
-    model = build_model(cfg).to(env.device).to(memory_format=torch.channels_last)
+    model = build_model(cfg)
+    if stain is not None:
+        model.stain.load_state_dict(stain)
+    model = model.to(env.device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, steps_per_epoch * cfg.epochs,
                                int(cfg.warmup_epochs * steps_per_epoch))

@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from config import MIL_EXPERIMENTS
+from config import MIL_EXPERIMENTS, STAIN_FIT_IMAGES
 from utils.files import DATASET_FILE, HEADER_FILE
 
 
@@ -79,7 +79,7 @@ def protocol_text(cfg, runs: dict) -> str:
             f"tuples, which cover every image. Before a fold's model predicts anything, its BatchNorm "
             f"statistics are re-estimated on the fold's training patients (plain views, no gradient, an exact "
             f"average), so the network tested is the network that trained; the kept model holds them."
-            f"{_dropout_text(cfg)}{_bag_text(cfg, runs)} Every experiment uses the same folds, seeds "
+            f"{_dropout_text(cfg)}{_stain_text(cfg)}{_bag_text(cfg, runs)} Every experiment uses the same folds, seeds "
             f"and budget, so comparisons are paired. Models are compared at patient level only.")
 
 
@@ -88,6 +88,18 @@ def _dropout_text(cfg) -> str:
         return ""
     return (f" Training masks each magnification of a tuple with probability {cfg.magnification_dropout:g} "
             f"(never all), exactly as a missing magnification is masked at test.")
+
+
+def _stain_text(cfg) -> str:
+    if cfg.stain_norm == "none":
+        return ""
+    name = {"macenko": "Macenko (stain vectors and 99th-percentile concentrations)",
+            "reinhard": "Reinhard (L*a*b* means and deviations)"}[cfg.stain_norm]
+    return (f" Stain normalisation: {name}, with a reference fitted for each outer fold on "
+            f"{STAIN_FIT_IMAGES} images of that fold's training patients only (never its test patients), "
+            f"kept in the fold model and applied to every image the fold trains, validates and "
+            f"tests on, before augmentation (a frame with nothing to estimate, such as an empty slot or one with under 1 % stained "
+            f"pixels for Macenko, passes unchanged).")
 
 
 def _bag_text(cfg, runs: dict) -> str:

@@ -1,0 +1,155 @@
+"""--stain-norm: the batched normalisers agree with torchstain image by image, leave frames
+without stain alone, and a fold's reference is fitted on its training images only."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_config, tiny_study
+
+torchstain = pytest.importorskip("torchstain")
+from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer  # noqa: E402
+
+from preprocess.stain import Macenko, Reinhard, fit_montage, fold_reference  # noqa: E402
+
+HE = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])  # haematoxylin, eosin optical densities
+
+
+def stained_images(count: int, seed: int, h: int = 40, w: int = 60) -> np.ndarray:
+    """(count, h, w, 3) uint8 H&E-like tiles: random H and E amounts per pixel, a different
+    stain strength and tint per tile (as from different labs), some white background."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        he = HE * rng.uniform(0.7, 1.3, size=(1, 2)) + rng.uniform(0, 0.08, size=(3, 2))
+        amounts = rng.gamma(2.0, 0.4, size=(h * w, 2)) * (rng.random((h * w, 1)) > 0.15)
+        out.append((240 * np.exp(-amounts @ he.T)).clip(0, 255).astype(np.uint8).reshape(h, w, 3))
+    return np.stack(out)
+
+
+def real_or_synthetic(genuine: bool):
+    if not genuine:
+        return stained_images(10, seed=3)
+    from tests.conftest import GENUINE
+    from PIL import Image
+    files = sorted(GENUINE.rglob("*.png"))[:10]
+    if not files:
+        pytest.skip("../shared/breakhis/genuine not available")
+    return np.stack([np.asarray(Image.open(f).convert("RGB").resize((90, 60))) for f in files])
+
+
+def as_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).float().reshape(len(images), -1, 3) / 255
+
+
+@pytest.mark.parametrize("genuine", [False, True], ids=["synthetic", "genuine BreakHis"])
+def test_macenko_matches_torchstain_per_image(genuine):
+    images = real_or_synthetic(genuine)
+    ours = Macenko()
+    ours.fit(fit_montage(images[:4]))
+    oracle = TorchMacenkoNormalizer()
+    oracle.fit(fit_montage(images[:4]).permute(2, 0, 1))
+    assert torch.allclose(ours.stain_matrix, oracle.HERef)
+    batched = ours(as_pixels(images[4:])) * 255
+    for i, image in enumerate(images[4:]):
+        expected = oracle.normalize(torch.from_numpy(image).permute(2, 0, 1), stains=False)[0].float()
+        # torchstain truncates to integers: at most one grey level apart
+        assert (batched[i].reshape(expected.shape) - expected).abs().max() < 1.01
+    assert (batched - as_pixels(images[4:]) * 255).abs().mean() > 1  # it did change the colours
+
+
+@pytest.mark.parametrize("genuine", [False, True], ids=["synthetic", "genuine BreakHis"])
+def test_reinhard_matches_torchstain_per_image(genuine):
+    images = real_or_synthetic(genuine)
+    ours = Reinhard()
+    ours.fit(fit_montage(images[:4]))
+    oracle = TorchReinhardNormalizer()
+    oracle.fit(fit_montage(images[:4]).permute(2, 0, 1))
+    batched = ours(as_pixels(images[4:])) * 255
+    for i, image in enumerate(images[4:]):
+        expected = oracle.normalize(torch.from_numpy(image).permute(2, 0, 1)).float()  # (H, W, 3)
+        assert (batched[i].reshape(expected.shape) - expected).abs().max() < 1.01
+
+
+@pytest.mark.parametrize("kind", [Macenko, Reinhard])
+def test_frames_without_stain_pass_unchanged(kind):
+    """Empty slots (black), blank glass (white) and flat grey frames: nothing to estimate, no NaN."""
+    normaliser = kind()
+    normaliser.fit(fit_montage(stained_images(4, seed=0)))
+    frames = torch.stack([torch.zeros(600, 3), torch.ones(600, 3), torch.full((600, 3), 0.5),
+                          as_pixels(stained_images(1, seed=9, h=20, w=30))[0]])
+    out = normaliser(frames)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:3], frames[:3])
+    assert not torch.allclose(out[3], frames[3])
+
+
+def test_normalised_images_share_the_reference_colour():
+    """Tiles of different stain strength come out closer in mean colour than they went in."""
+    images = stained_images(8, seed=5)
+    for normaliser in (Macenko(), Reinhard()):
+        normaliser.fit(fit_montage(images[:4]))
+        before, after = as_pixels(images[4:]), normaliser(as_pixels(images[4:]))
+        assert after.mean(1).std(0).sum() < 0.5 * before.mean(1).std(0).sum()
+
+
+@pytest.fixture(scope="module")
+def fold_setup(tmp_path_factory, demo_tree, demo_index):
+    from preprocess.dataset import fold_split
+    from preprocess.image_source import ImageSource
+
+    cfg = tiny_config(tmp_path_factory.mktemp("stain"), stain_norm="macenko")
+    study = tiny_study(cfg, demo_tree, demo_index)
+    split = fold_split(study.index, study.usable, study.folds, 0, cfg)
+    writable = ImageSource(np.array(study.source.images), "cpu", on_device=False)
+    return cfg, study, split, writable
+
+
+def _rows(data) -> np.ndarray:
+    return np.concatenate([r for per_mag in data.rows for r in per_mag])
+
+
+@pytest.mark.parametrize("name", ["macenko", "reinhard"])
+def test_fold_reference_ignores_the_test_images(fold_setup, name):
+    _, _, split, source = fold_setup
+    before = fold_reference(name, source, split["train"], seed=7)
+    original = source.images.copy()
+    try:
+        test_rows = _rows(split["test"])
+        source.images[test_rows] = 255 - source.images[test_rows]  # the test fold's colours inverted
+        assert all(torch.equal(before[k], v) for k, v in fold_reference(name, source, split["train"], seed=7).items())
+        train_rows = _rows(split["train"])
+        source.images[train_rows] = source.images[train_rows] // 2  # the training images darker
+        changed = fold_reference(name, source, split["train"], seed=7)
+        assert any(not torch.allclose(before[k], v) for k, v in changed.items())
+    finally:
+        source.images[:] = original
+
+
+def test_fold_model_carries_and_applies_its_reference(fold_setup, tmp_path):
+    """The kept fold model holds the fitted reference; the predictor's model input uses it."""
+    from utils.engine.inference import load_fold_model
+    from preprocess.augment import model_input
+    from utils.engine.fold import run_fold
+
+    cfg, study, _, _ = fold_setup
+    cfg = dataclasses.replace(cfg, output_dir=str(tmp_path), epochs=1, folds=2)
+    run_fold(cfg, study, "mmnet", 0)
+    fold_model = load_fold_model(tmp_path / "models" / "mmnet" / "fold0.pt")
+    model = fold_model.model
+    assert isinstance(model.stain, Macenko) and model.stain.stain_matrix.abs().sum() > 0
+    images = torch.from_numpy(stained_images(4, seed=11))[None]  # (1, M=4, H, W, 3), one tuple
+    plain = torch.nn.Module()
+    plain.pixel_mean, plain.pixel_std = model.pixel_mean, model.pixel_std
+    assert not torch.allclose(model_input(images, model), model_input(images, plain))
+
+
+def test_stain_norm_options_are_checked():
+    from config import Config, ConfigError, validate
+
+    assert Config(stain_norm="macenko").training_hash() != Config().training_hash()
+    with pytest.raises(ConfigError, match="CFG010"):
+        validate(Config(stain_norm="reinhard", freeze_backbone=True))
+    with pytest.raises(ConfigError, match="CFG004"):
+        validate(Config(stain_norm="vahadane"))
