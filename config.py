@@ -34,7 +34,7 @@ class Config:
     # --- paths
     data_dir: str = "data/breakhis"  # BreakHis root, scanned recursively
     output_dir: str = ""  # tables, plots, runs, folds.csv; empty = output/ under utils.env.get_base_path()
-    cache_dir: str = ""  # decoded-image cache; empty = <output_dir>/cache
+    cache_dir: str = ""  # decoded-image and feature caches; empty = <output_dir>/cache for images, local disk ($TMPDIR/mmnet-features) for encoder maps
     report_file: str = ""  # an extra copy of the Markdown report; it is always <output_dir>/RUNPOD_OUTPUT.md
     # --- what to do
     dry_run: bool = False  # tiny end-to-end run on a data subset or demo data
@@ -67,7 +67,8 @@ class Config:
     backbone: str = "resnet18"  # timm model name
     pretrained: str = "auto"  # auto (on for CUDA and MPS) | on | off; resolved at start and part of the run identity
     pretrained_file: str = ""  # local weights for the backbone (offline pods)
-    freeze_backbone: bool = False  # encoder frozen: its maps of every image (and flip views) computed once and cached
+    freeze_backbone: bool = False  # encoder frozen: its maps of every image (and flip views) computed once and cached; one instance serves every branch and is not saved in fold models
+    feature_grid: int = 0  # --freeze-backbone: average-pool the encoder maps to at most this many cells per side before caching (0 = full maps)
     feature_dim: int = 256  # per-magnification embedding size
     dropout: float = 0.3  # before the heads
     spatial_attention: bool = True  # sigmoid map over each backbone feature map
@@ -119,6 +120,8 @@ class Config:
             skip.add("bag_size")
         if self.stain_norm == "none":  # runs from before the option keep their identity
             skip.add("stain_norm")
+        if self.feature_grid == 0:
+            skip.add("feature_grid")
         if self.model != "mmnet":  # only MMNet has a fusion: the other models stay finished when it changes
             skip.add("fusion")
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
@@ -164,7 +167,7 @@ _MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience":
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
             "warmup_epochs": 0.0, "ema_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0,
-            "colour_jitter": 0.0, "stain_jitter": 0.0, "magnification_dropout": 0.0}
+            "colour_jitter": 0.0, "stain_jitter": 0.0, "magnification_dropout": 0.0, "feature_grid": 0}
 
 
 # --help in the order a user decides: where the data are, what the study runs, which model,
@@ -173,7 +176,7 @@ OPTION_GROUPS = {
     "data": ("data_dir", "cache_dir", "magnifications", "image_size", "stain_norm", "max_patients", "folds_source"),
     "study": ("experiments", "dry_run", "analyze_only", "report_only", "resume", "folds", "cv_repeats",
               "inner_val_fraction", "model_selection", "tta", "seed"),
-    "model": ("model", "backbone", "pretrained", "pretrained_file", "freeze_backbone", "shared_backbone",
+    "model": ("model", "backbone", "pretrained", "pretrained_file", "freeze_backbone", "feature_grid", "shared_backbone",
               "feature_dim", "dropout", "spatial_attention", "channel_attention", "hierarchical_attention",
               "fusion", "multiscale_pooling", "subtype_head", "sample_mode", "bag_size"),
     "training": ("epochs", "patience", "batch_size", "tuples_per_epoch", "class_balanced", "lr",
@@ -234,14 +237,17 @@ def _problems(cfg: Config) -> list[str]:
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append(problem("CFG009", "tensorboard", "the tensorboard package is not installed: "
                                 "pip install tensorboard (or leave --tensorboard off)"))
-    problems += _stain_problems(cfg)
+    problems += _combination_problems(cfg)
     bad = [m for m in cfg.magnifications if m not in MAGNIFICATIONS]
     if bad or not cfg.magnifications:
         problems.append(problem("CFG008", "magnifications", f"must be a subset of {MAGNIFICATIONS}, got {bad or '()'}"))
     return problems
 
 
-def _stain_problems(cfg: Config) -> list[str]:
+def _combination_problems(cfg: Config) -> list[str]:
+    if cfg.feature_grid and not cfg.freeze_backbone:
+        return [problem("CFG010", "feature_grid", "pools the cached maps of a frozen encoder: add --freeze-backbone "
+                        "or leave --feature-grid 0")]
     if cfg.stain_norm == "none":
         return []
     if importlib.util.find_spec("torchstain") is None:

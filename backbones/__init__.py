@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,8 +10,8 @@ import timm
 import torch
 from torch import nn
 
-from backbones.encoder import (PAD_ATTRIBUTE, add_map_hook, feature_map, is_token_model,  # noqa: F401 (models use
-                               map_channels, padded, stride)  # feature_map and map_channels from here)
+from backbones.encoder import (GRID_ATTRIBUTE, PAD_ATTRIBUTE, add_map_hook, feature_map, freeze,  # noqa: F401 (models
+                               is_token_model, map_channels, padded, stride)  # use feature_map, map_channels)
 from backbones.registry import Registry
 from config import ConfigError
 from preprocess.preprocess import frame_shape
@@ -78,7 +79,8 @@ def _timm_model(cfg, pretrained: bool, kwargs: dict) -> nn.Module:
         if "img_size" in size and is_token_model(model):
             setattr(model, PAD_ATTRIBUTE, stride(model))  # inputs padded to the size it was built for
         if cfg.freeze_backbone:  # trains on cached maps: the encoder stays as loaded
-            model.requires_grad_(False)
+            freeze(model)
+            setattr(model, GRID_ATTRIBUTE, cfg.feature_grid)
         return add_map_hook(model)
     raise ConfigError(f"[CFG006] backbone: timm could not build '{cfg.backbone}' for {frame_shape(cfg.image_size)} frames")
 
@@ -93,11 +95,35 @@ def wants_pretrained(cfg) -> bool:
     return cfg.pretrained == "on" or bool(cfg.pretrained_file)
 
 
+# Frozen encoders alive in this process, by what makes their weights: every branch, fold model
+# and ensemble member of a study uses one instance (a ViT-g is 4.5 GB in fp32), loaded once.
+_FROZEN: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def encoder_key(cfg) -> tuple:
+    """What a frozen encoder's weights and maps depend on (a random init: the seed)."""
+    init = cfg.seed if not wants_pretrained(cfg) else "weights"
+    return cfg.backbone, cfg.pretrained, cfg.pretrained_file, init, cfg.image_size, cfg.feature_grid
+
+
 def create_backbone(cfg) -> tuple[nn.Module, str]:
-    """timm feature extractor (B, C, h, w) and how it was initialised.
+    """timm feature extractor (B, C, h, w) and how it was initialised; with --freeze-backbone
+    the one instance of this process for these weights.
 
     Weights that are wanted and cannot be loaded raise WeightsError with what to do.
     """
+    if not cfg.freeze_backbone:
+        return _create_backbone(cfg)
+    key = encoder_key(cfg)
+    encoder = _FROZEN.get(key)
+    if encoder is None:
+        encoder, status = _create_backbone(cfg)
+        encoder.init_status = status
+        _FROZEN[key] = encoder
+    return encoder, encoder.init_status
+
+
+def _create_backbone(cfg) -> tuple[nn.Module, str]:
     check_backbone(cfg.backbone)
     kwargs = dict(num_classes=0, global_pool="")
     if not wants_pretrained(cfg):
@@ -172,9 +198,10 @@ class StudyModel(nn.Module):
 
 
 def magnification_backbones(cfg, count: int) -> tuple[nn.ModuleList, str]:
-    """One backbone per magnification, or one shared (the same module repeated)."""
+    """One backbone per magnification, or one shared (the same module repeated): always when
+    frozen, as identical frozen encoders would only multiply memory."""
     first, status = create_backbone(cfg)
-    if cfg.shared_backbone or count == 1:
+    if cfg.shared_backbone or cfg.freeze_backbone or count == 1:
         return nn.ModuleList([first] * count), status
     return nn.ModuleList([first] + [create_backbone(cfg)[0] for _ in range(count - 1)]), status
 

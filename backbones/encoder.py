@@ -9,11 +9,50 @@ then looks the same to MMNet's branches, the baselines and Grad-CAM.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAP_HOOK, PAD_ATTRIBUTE = "feature_map_out", "pad_to_multiple"
+MAP_HOOK, PAD_ATTRIBUTE, GRID_ATTRIBUTE = "feature_map_out", "pad_to_multiple", "feature_grid"
+FROZEN_ATTRIBUTE = "frozen_encoder"  # set on an encoder built for --freeze-backbone
+
+
+def freeze(encoder: nn.Module) -> nn.Module:
+    """A frozen encoder: no gradients, and one instance wherever a model is copied (the moving
+    average of the weights holds the trainable parts only), so a 1 B-parameter encoder is in
+    memory once whatever copies and branches use it."""
+    encoder.requires_grad_(False)
+    setattr(encoder, FROZEN_ATTRIBUTE, True)
+    object.__setattr__(encoder, "__deepcopy__", lambda memo: encoder)
+    return encoder
+
+
+def frozen_prefixes(model: nn.Module) -> list[str]:
+    """State-dict prefixes ('branches.0.backbone.', ...) of every place a frozen encoder sits."""
+    return [f"{name}." for name, module in model.named_modules(remove_duplicate=False)
+            if getattr(module, FROZEN_ATTRIBUTE, False) and name]
+
+
+def frozen_encoder(model: nn.Module) -> nn.Module | None:
+    """The frozen encoder a model uses (one instance for every branch), or None."""
+    return next((m for m in model.modules() if getattr(m, FROZEN_ATTRIBUTE, False)), None)
+
+
+def fingerprint(encoder: nn.Module) -> str:
+    """SHA-256 of an encoder's weights (names, shapes, dtypes and bytes, in state-dict order):
+    a kept fold model names the frozen encoder it needs by this. Computed once per instance."""
+    cached = getattr(encoder, "_fingerprint", None)
+    if cached is None:
+        digest = hashlib.sha256()
+        for name, tensor in encoder.state_dict().items():
+            value = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        cached = digest.hexdigest()[:32]
+        object.__setattr__(encoder, "_fingerprint", cached)
+    return cached
 
 
 def is_token_model(backbone: nn.Module) -> bool:
@@ -68,4 +107,7 @@ def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         features = backbone.forward_features(x)
         if features.shape[1] != backbone.num_features and features.shape[-1] == backbone.num_features:
             features = features.permute(0, 3, 1, 2)  # NHWC -> NCHW
+    grid = getattr(backbone, GRID_ATTRIBUTE, 0)
+    if grid:  # --feature-grid: the cached maps are pooled to at most grid x grid cells; so is this
+        features = F.adaptive_avg_pool2d(features, (min(grid, features.shape[-2]), min(grid, features.shape[-1])))
     return hook(features) if hook is not None else features

@@ -53,7 +53,7 @@ def tiny_config(output_dir, **overrides):
     """A config small enough to train in seconds on a CPU core."""
     from config import Config
 
-    values = dict(output_dir=str(output_dir), backbone="test_resnet", pretrained="off", image_size=48,
+    values = dict(output_dir=str(output_dir), cache_dir=str(Path(output_dir) / "cache"), backbone="test_resnet", pretrained="off", image_size=48,
                   feature_dim=32, epochs=2, patience=5, batch_size=8, tuples_per_epoch=32, folds=2,
                   device="cpu", workers=1, amp="none", checkpoint_minutes=0.0)
     values.update(overrides)

@@ -50,8 +50,8 @@ def test_no_gradient_reaches_the_frozen_encoder(tmp_path, demo_tree, demo_index)
 
 
 def test_cache_is_shared_and_rebuilt_when_its_key_changes(tmp_path, demo_tree, demo_index, monkeypatch):
-    encoded, real = [], features.encode_images
-    monkeypatch.setattr(features, "encode_images", lambda *a, **k: encoded.append(1) or real(*a, **k))
+    encoded, real = [], features.encode_to_file
+    monkeypatch.setattr(features, "encode_to_file", lambda *a, **k: encoded.append(1) or real(*a, **k))
     cfg, study = _frozen(tmp_path, demo_tree, demo_index)
     features.attach_features(dataclasses.replace(cfg, model="single", magnifications=(40,)), study)
     assert len(encoded) == 1  # a second experiment reuses the maps

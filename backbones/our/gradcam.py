@@ -45,7 +45,7 @@ class BranchView(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.context.expand(images.shape[0], *self.context.shape[1:]).clone()
-        x[:, self.slot] = images
+        x[:, self.slot] = _tracked(images)
         out = self.model(x, self.mask.expand(images.shape[0], -1))
         return out.logits[:, None]  # (N, 1): the malignant logit
 
@@ -61,7 +61,7 @@ class BagView(nn.Module):
         self.register_buffer("codes", codes.detach())  # (1, k) magnification codes of the images
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.model(images[None], self.codes)
+        out = self.model(_tracked(images)[None], self.codes)
         return out.logits.expand(images.shape[0])[:, None]
 
 
@@ -72,15 +72,13 @@ def cam_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, method: str 
     target 1 explains 'malignant', 0 explains 'benign'. Runs in fp32; hooks are released.
     """
     cam_class = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}[method]
-    model = model.float().eval()
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for param in frozen:  # a frozen encoder (--freeze-backbone) still has to pass gradients back
-        param.requires_grad_(True)
-    try:
-        return _cam_maps(model, x, mask, cam_class, target)
-    finally:
-        for param in frozen:
-            param.requires_grad_(False)
+    return _cam_maps(model.float().eval(), x, mask, cam_class, target)
+
+
+def _tracked(images: torch.Tensor) -> torch.Tensor:
+    """The images as a leaf that asks for gradients: the feature maps then carry gradients back
+    even through a frozen encoder, whose parameters get none (no 1 B-parameter gradient)."""
+    return images if images.requires_grad else images.detach().requires_grad_(True)
 
 
 def _cam_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cam_class, target: int) -> np.ndarray:

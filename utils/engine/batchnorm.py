@@ -13,6 +13,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 
+from backbones.encoder import frozen_encoder
 from preprocess.dataset import PatientImages, evaluation_samples
 from utils.device import empty_cache, is_out_of_memory
 from utils.engine.train import amp_context, filled
@@ -30,7 +31,10 @@ class _TwoInputs(torch.nn.Module):
 
 
 def has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, _BatchNorm) for m in model.modules())
+    """Whether any BatchNorm layer trained (a frozen encoder's do not)."""
+    encoder = frozen_encoder(model)
+    frozen = {id(m) for m in encoder.modules()} if encoder is not None else set()
+    return any(isinstance(m, _BatchNorm) and id(m) not in frozen for m in model.modules())
 
 
 def _plain_views(model, source, samples: np.ndarray, batch: int):
@@ -47,6 +51,18 @@ def settle_batchnorm(model: torch.nn.Module, *, source, data: PatientImages, cfg
     if not has_batchnorm(model) or not len(data):
         return False
     samples, _ = evaluation_samples(data, cfg)
+    # A frozen encoder keeps its statistics: it is not what trained, and with cached maps
+    # (--freeze-backbone) it never runs here, so update_bn would leave it reset.
+    encoder = frozen_encoder(model)
+    kept = [(b, b.clone()) for b in encoder.buffers()] if encoder is not None else []
+    try:
+        return _update(model, source, samples, batch, amp_dtype)
+    finally:
+        for buffer, value in kept:
+            buffer.copy_(value)
+
+
+def _update(model, source, samples: np.ndarray, batch: int, amp_dtype: str) -> bool:
     while True:  # update_bn resets the statistics first, so a retry starts clean
         try:
             with amp_context(source.device.type, amp_dtype):

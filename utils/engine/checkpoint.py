@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from backbones.encoder import frozen_prefixes
 from utils.engine.saving import load_checkpoint
 
 
@@ -49,6 +50,24 @@ def cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
+def saved_state(module: torch.nn.Module) -> dict:
+    """A model's (or moving average's) state dict without its frozen encoder: checkpoints, best
+    weights and kept fold models hold the trainable parts; the encoder is rebuilt from its name
+    and checked against its fingerprint (utils.engine.inference.load_fold_model)."""
+    skip = tuple(frozen_prefixes(module))
+    state = module.state_dict()
+    return {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
+
+
+def load_saved_state(module: torch.nn.Module, weights: dict) -> None:
+    """load_state_dict of a saved_state: strict, except for the frozen encoder's entries."""
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    skip = tuple(frozen_prefixes(module))
+    missing = [k for k in missing if not (skip and k.startswith(skip))]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def checkpoint_payload(state: FoldState, identity: dict, generator: torch.Generator | None = None) -> dict:
     """Tensors and plain values only: torch.load(weights_only=True) reads it back."""
     _, key, position, has_gauss, cached = np.random.get_state()
@@ -58,24 +77,24 @@ def checkpoint_payload(state: FoldState, identity: dict, generator: torch.Genera
         rng["cuda"] = torch.cuda.get_rng_state()
     if generator is not None:
         rng["augment"] = generator.get_state()
-    return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+    return {"model": saved_state(state.model), "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
             "rng": rng, "epoch": state.epoch, "best_auc": state.best_auc,
             "best_loss": state.best_loss, "best_epoch": state.best_epoch,
             "bad_epochs": state.bad_epochs, "history": state.history, "step": state.step,
             "partial_losses": state.partial_losses, "accumulation": state.accumulation,
-            **({"average": state.average.state_dict()} if state.average is not None else {}), **identity}
+            **({"average": saved_state(state.average)} if state.average is not None else {}), **identity}
 
 
 def restore_average(average, saved: dict) -> None:
     """A moving average from its state dict; whether it has started is read once, here, so
     no training step reads it from the device (utils.engine.train.update_average)."""
-    average.load_state_dict(saved)
+    load_saved_state(average, saved)
     average.started = int(saved["n_averaged"]) > 0
 
 
 def restore(state: FoldState, payload: dict, best: dict | None) -> None:
-    state.model.load_state_dict(payload["model"])
+    load_saved_state(state.model, payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     state.scaler.load_state_dict(payload["scaler"])
@@ -90,7 +109,7 @@ def restore(state: FoldState, payload: dict, best: dict | None) -> None:
                 "partial_losses"):
         setattr(state, key, payload[key])
     state.saved_rng = payload["rng"] if state.step else None
-    state.best_weights = best["model"] if best else cpu_copy(tested_model(state).state_dict())
+    state.best_weights = best["model"] if best else cpu_copy(saved_state(tested_model(state)))
 
 
 def restore_from_disk(state: FoldState, run_dir, identity: dict | None = None) -> bool:

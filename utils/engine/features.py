@@ -4,30 +4,37 @@ cached maps.
 Views: the plain frame, both mirror images and the 180-degree turn (preprocess.augment's
 TTA_FLIPS). Training draws one of the four per image (the flip augmentation of fine-tuning;
 colour and stain jitter cannot be applied to maps), evaluation averages them (--tta on) or
-takes the plain one. Maps are fp16, keyed by encoder, weights, frame size and the image cache,
-stored as one .npy under the cache folder and shared by every experiment of a study and by
-later runs. Where they live: on the GPU when they take at most half of its free memory, else
-in host memory when they take at most half of the available RAM, else memory-mapped from disk
-(rows are then read per batch).
+takes the plain one. Maps are encoded under the device's autocast dtype and stored in fp16
+(optionally pooled to --feature-grid cells), keyed by encoder, weights, frame size, grid, dtype
+and the image cache, as one .npy on local disk (or --cache-dir), shared by every experiment of a
+study and by later runs. Where they live is decided after the encoder is released: see
+place_features.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from backbones import create_backbone, data_config
+from backbones import create_backbone, data_config, encoder_key
+from config import ConfigError
 from backbones.encoder import feature_map
 from preprocess.augment import TTA_FLIPS, prepare_batch, test_views
 from preprocess.dataset import ImageSource, reads_levels, upload_rows
 from preprocess.preprocess import cache_key
+from utils.device import empty_cache
+from utils.engine.train import amp_context
 from utils.files import steps
+from utils.memory import available_memory
 
 log = logging.getLogger("mmnet")
 
@@ -73,37 +80,85 @@ class FeatureSource:
             yield self._maps(tuples, view, reads_levels(model))
 
 
-def feature_key(cfg, cache_name: str) -> str:
-    """What the cached maps depend on: encoder, weights, frame size, the images."""
-    init = cfg.seed if cfg.pretrained == "off" and not cfg.pretrained_file else "weights"  # random init: by seed
-    parts = [cfg.backbone, cfg.pretrained, cfg.pretrained_file, init, cfg.image_size, cache_name, len(TTA_FLIPS)]
+def feature_key(cfg, cache_name: str, amp_dtype: str) -> str:
+    """What the cached maps depend on: the encoder's weights (backbones.encoder_key: name,
+    weights, frame size, grid), the images and the dtype they were encoded under."""
+    parts = [*encoder_key(cfg), cache_name, len(TTA_FLIPS), amp_dtype]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
+def feature_cache_dir(cfg) -> Path:
+    """--cache-dir when given; else the container's local disk, never the output folder (on a
+    pod a network volume, where a batch's random rows cost a round trip each)."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(tempfile.gettempdir()) / "mmnet-features"
+
+
 @torch.inference_mode()
-def encode_images(encoder, images: ImageSource, rows: int, batch: int) -> np.ndarray:
+def encode_to_file(encoder, images: ImageSource, path: Path, batch: int, amp_dtype: str) -> None:
+    """Every image's maps in the evaluation views, encoded under the device's autocast dtype and
+    written through a memory-mapped .npy: never a second full copy in memory."""
     mean, std = data_config(encoder)
-    out = None
+    rows, out, partial = len(images.images), None, path.with_suffix(".partial.npy")
     for start in steps(range(0, rows, batch), "feature cache: encoding images", -(-rows // batch)):
         chunk = np.arange(start, min(rows, start + batch))[:, None]
         pixels, _ = images.gather(chunk)  # (b, 1, H, W, 3)
         for v, view in enumerate(test_views(pixels, tta=True)):  # the views evaluation averages, in order
-            maps = feature_map(encoder, prepare_batch(view, mean, std, None)[:, 0]).half().cpu().numpy()
+            with amp_context(images.device.type, amp_dtype):
+                maps = feature_map(encoder, prepare_batch(view, mean, std, None)[:, 0])
             if out is None:
-                out = np.zeros((rows, len(TTA_FLIPS), *maps.shape[1:]), dtype=np.float16)
-            out[start:start + len(chunk), v] = maps
+                out = _open_cache_file(partial, (rows, len(TTA_FLIPS), *maps.shape[1:]))
+            out[start:start + len(chunk), v] = maps.half().cpu().numpy()
+    out.flush()
+    del out
+    os.replace(partial, path)
+
+
+def _open_cache_file(path: Path, shape: tuple) -> np.memmap:
+    needed, free = int(np.prod(shape)) * 2, shutil.disk_usage(path.parent).free
+    if needed > 0.95 * free:
+        raise ConfigError(f"the feature cache needs {needed / 1e9:.1f} GB and {path.parent} has {free / 1e9:.1f} GB "
+                          f"free: pass --cache-dir on a larger local disk, or --feature-grid 8 to pool the maps")
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+
+
+PLACES = {"gpu": "GPU memory", "host": "host memory (one read-only mapping shared by every worker)",
+          "disk": "a memory-mapped file, rows read from disk per batch"}
+
+
+def placement(size: int, gpu_free: int | None, host_free: int, sharing: int = 1) -> str:
+    """Where maps of `size` bytes go: 'gpu' when they take at most half of the GPU's free memory
+    (measured after the encoder is released, split between the `sharing` jobs on that GPU);
+    else one read-only mapping of the file, which the page cache holds once for every worker
+    process: 'host' when it fits in half of the container's free memory, 'disk' when rows
+    will be read from disk."""
+    if gpu_free is not None and size <= 0.5 * gpu_free / sharing:
+        return "gpu"
+    return "host" if size <= 0.5 * host_free else "disk"
+
+
+def place_features(path: Path, device: torch.device, sharing: int = 1):
+    """The cached maps where placement() puts them, and that place in words."""
+    gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    where = placement(path.stat().st_size, gpu_free, available_memory(), sharing)
+    mapped = np.load(path, mmap_mode="r")
+    return (_to_device(mapped, device) if where == "gpu" else mapped), PLACES[where]
+
+
+def _to_device(mapped: np.ndarray, device: torch.device, rows: int = 4096) -> torch.Tensor:
+    """The mapped maps copied to the device in slices (no full host copy on the way)."""
+    out = torch.empty(mapped.shape, dtype=torch.float16, device=device)
+    for start in range(0, len(mapped), rows):
+        out[start:start + rows].copy_(torch.from_numpy(np.array(mapped[start:start + rows])))
     return out
 
 
-def _place(maps_path: Path, device: torch.device):
-    """On the GPU, in host memory or memory-mapped, by size (see the module docstring)."""
-    size = maps_path.stat().st_size
-    if device.type == "cuda" and size <= 0.5 * torch.cuda.mem_get_info()[0]:
-        return torch.from_numpy(np.load(maps_path)).to(device), "GPU memory"
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if size <= 0.5 * available:
-        return np.load(maps_path), "host memory"
-    return np.load(maps_path, mmap_mode="r"), "a memory-mapped file"
+def _build(cfg, images: ImageSource, path: Path, env) -> None:
+    """Encode once; the encoder is gone (and its device memory returned) when this returns."""
+    encoder = create_backbone(dataclasses.replace(cfg, freeze_backbone=True))[0].to(images.device).eval()
+    encode_to_file(encoder, images, path, max(1, env.micro_batch * 4), env.amp_dtype)
+    del encoder
+    gc.collect()
+    empty_cache(images.device.type)
 
 
 def attach_features(cfg, study):
@@ -112,15 +167,19 @@ def attach_features(cfg, study):
         return study
     images = study.source.images if isinstance(study.source, FeatureSource) else study.source
     images_key = cache_key(study.index, study.data_dir, cfg.image_size)
-    path = cfg.resolved_cache_dir() / f"features_{feature_key(cfg, images_key)}.npy"
+    folder = feature_cache_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"features_{feature_key(cfg, images_key, study.env.amp_dtype)}.npy"
     if not path.is_file():
-        encoder = create_backbone(dataclasses.replace(cfg, freeze_backbone=True))[0].to(images.device).eval()
-        maps = encode_images(encoder, images, len(images.images), batch=max(1, study.env.micro_batch * 4))
-        tmp = path.with_suffix(".partial.npy")
-        np.save(tmp, maps)
-        os.replace(tmp, path)
-        log.info("feature cache: %d images x %d views of %s -> %s (%.2f GB)", maps.shape[0], maps.shape[1],
-                 cfg.backbone, path, path.stat().st_size / 1e9)
-    maps, where = _place(path, images.device)
+        _build(cfg, images, path, study.env)
+        log.info("feature cache: %d images of %s -> %s (%.2f GB)", len(images.images), cfg.backbone, path,
+                 path.stat().st_size / 1e9)
+    maps, where = place_features(path, images.device, jobs_per_gpu(cfg))
     log.info("feature cache: %s (%.2f GB) in %s", path.name, path.stat().st_size / 1e9, where)
     return dataclasses.replace(study, source=FeatureSource(maps, images))
+
+
+def jobs_per_gpu(cfg) -> int:
+    """Jobs that place their own copy of the maps on one GPU (--jobs above the GPU count)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return max(1, -(-cfg.jobs // gpus)) if gpus and cfg.jobs else 1

@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from preprocess.dataset import (evaluation_samples, fold_split, samples_for, sampling_weights, training_samples,
                                 tuples_per_epoch)
 from utils.device import empty_cache, is_out_of_memory
-from utils.engine.checkpoint import (FoldState, cpu_copy, finished_results,
+from utils.engine.checkpoint import (FoldState, cpu_copy, finished_results, load_saved_state, saved_state,
                               reload_last, restore_from_disk, tested_model)
 from utils.device import derived_seed, seed_everything
 from utils.engine.fold_run import NO_PROGRESS, FoldRun, checkpoint_due, kept_write, save_checkpoints
@@ -94,7 +94,7 @@ def _settle(state: FoldState, run: FoldRun) -> bool:
     settled = settle_batchnorm(state.model, source=run.study.source, data=run.split["train"], cfg=run.cfg,
                                batch=evaluation_batch(run.cfg, run.study.env), amp_dtype=run.study.env.amp_dtype)
     if settled:
-        state.best_weights = cpu_copy(state.model.state_dict())
+        state.best_weights = cpu_copy(saved_state(state.model))
     return settled
 
 
@@ -113,7 +113,7 @@ def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict
     if improved:
         state.best_auc, state.best_loss = val.get("val_auc", -1.0), val.get("val_loss", float("inf"))
         state.best_epoch, state.bad_epochs = epoch, 0
-        state.best_weights, run.best_unsaved = cpu_copy(tested_model(state).state_dict()), True
+        state.best_weights, run.best_unsaved = cpu_copy(saved_state(tested_model(state))), True
     elif val:
         state.bad_epochs += 1
     row = {"epoch": epoch, "train_loss": result.loss, **result.parts, **val,
@@ -189,7 +189,7 @@ def _open_fold(cfg, study, experiment: str, fold: int, identity: dict, progress)
 def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
     """Test predictions and results.json. Decisions are at 0.5 (training is class-balanced);
     the threshold chosen on inner validation is kept for a secondary row only."""
-    state.model.load_state_dict(state.best_weights)
+    load_saved_state(state.model, state.best_weights)
     settled = _settle(state, run)
     run.writer.submit(kept_write(state, run))  # written while the test fold is predicted
     val_threshold = None  # a secondary rule, only where inner-validation patients exist

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from backbones.encoder import fingerprint, frozen_encoder
 from utils.engine.checkpoint import FoldState, checkpoint_payload, config_json
 from utils.engine.saving import BackgroundWriter
 from utils.files import model_file
@@ -60,7 +61,16 @@ def best_write(state: FoldState, run: FoldRun) -> tuple[dict, Path]:
     """best.pt: the weights that are tested and kept, with what rebuilds the model."""
     run.best_unsaved = False
     return ({"model": state.best_weights, "epoch": state.best_epoch, "config_json": config_json(run.cfg),
-             **run.identity}, run.run_dir / "best.pt")
+             **encoder_identity(state.model, run.cfg.backbone), **run.identity}, run.run_dir / "best.pt")
+
+
+def encoder_identity(model: torch.nn.Module, backbone: str) -> dict:
+    """What a kept model needs of the frozen encoder it leaves out: the encoder's name and the
+    fingerprint of its weights (empty for a fine-tuned model, whose file holds its encoder)."""
+    encoder = frozen_encoder(model)
+    if encoder is None:
+        return {}
+    return {"encoder": {"backbone": backbone, "fingerprint": fingerprint(encoder)}}
 
 
 def checkpoint_due(state: FoldState, run: FoldRun) -> bool:

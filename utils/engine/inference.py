@@ -2,6 +2,7 @@
 test patients (saved as .npz under output/gradcam/; the report draws them)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -13,12 +14,16 @@ import pandas as pd
 import torch
 
 from backbones import build_model
+from backbones.encoder import fingerprint, frozen_encoder
 from backbones.our.gradcam import attention_maps, cam_maps
 from config import MAGNIFICATIONS, SUBTYPE_NAMES, SUBTYPES, Config, slot_labels
+
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 from preprocess.augment import model_input
 from preprocess.dataset import ImageSource, PatientImages, evaluation_samples, evaluation_tuples, fold_split, reads_levels
 from utils.device import auto_amp
 from utils.files import ATTENTION_FILE, GRADCAM_DIR, MODELS_DIR, run_folder
+from utils.engine.checkpoint import load_saved_state
 from utils.engine.saving import load_checkpoint
 from utils.metrics import DECISION_THRESHOLD, patient_probabilities
 from utils.files import steps
@@ -42,14 +47,28 @@ def load_fold_model(checkpoint: str | Path, device: str = "cpu") -> FoldModel:
     if "config_json" not in payload:
         raise ValueError(f"{checkpoint} holds no config: pass a best.pt written by main.py")
     values = json.loads(payload["config_json"])
-    values.update(pretrained="off", pretrained_file="", device=device)  # weights come from the file
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    cfg = Config(**values)
+    if not values.get("freeze_backbone"):  # the file holds every weight; a frozen encoder is rebuilt
+        values.update(pretrained="off", pretrained_file="")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in CONFIG_FIELDS}
+    cfg = Config(**{**values, "device": device})
     model = build_model(cfg)
-    model.load_state_dict(payload["model"])
+    load_saved_state(model, payload["model"])
+    check_encoder(model, payload, checkpoint)
     results = _results_of(checkpoint)
     threshold = json.loads(results.read_text())["threshold"] if results.is_file() else DECISION_THRESHOLD
     return FoldModel(model.to(device).to(memory_format=torch.channels_last).eval(), cfg, float(threshold), checkpoint)
+
+
+def check_encoder(model: torch.nn.Module, payload: dict, checkpoint: Path) -> None:
+    """The rebuilt frozen encoder must be the one the fold model was trained on."""
+    saved = payload.get("encoder")
+    if saved is None:
+        return
+    found = fingerprint(frozen_encoder(model))
+    if found != saved["fingerprint"]:
+        raise ValueError(f"{checkpoint} was trained on {saved['backbone']} weights {saved['fingerprint'][:12]}, "
+                         f"but the weights loaded now are {found[:12]}: pass the same --pretrained-file "
+                         f"(or hub weights) as the run")
 
 
 def _results_of(checkpoint: Path) -> Path:

@@ -119,8 +119,9 @@ def update_average(average: AveragedModel, model: torch.nn.Module) -> None:
     """AveragedModel.update_parameters with its EMA function, without its host read: torch's
     version asks `n_averaged == 0` on every step (a device sync) to copy the first weights;
     here the host remembers whether the average has started (restored with a checkpoint)."""
-    pairs = list(zip(itertools.chain(average.module.parameters(), average.module.buffers()),
-                     itertools.chain(model.parameters(), model.buffers())))
+    pairs = [(mine, theirs) for mine, theirs in zip(
+        itertools.chain(average.module.parameters(), average.module.buffers()),
+        itertools.chain(model.parameters(), model.buffers())) if mine is not theirs]  # a frozen encoder is shared
     floats = [(mine.detach(), theirs.detach()) for mine, theirs in pairs if mine.is_floating_point()]
     weight = 1.0 - average.decay if getattr(average, "started", False) else 1.0  # the first update copies
     torch._foreach_lerp_([mine for mine, _ in floats], [theirs for _, theirs in floats], weight)

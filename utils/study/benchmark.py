@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from preprocess.dataset import ImageSource, evaluation_tuples, fold_split, tuple
 from preprocess.preprocess import frame_shape
 from utils.engine.checkpoint import checkpoint_payload
 from utils.device import configure_backends, detect_env
-from utils.engine.features import FeatureSource, encode_images
+from utils.engine.features import FeatureSource, encode_to_file
 from utils.files import markdown_table
 from utils.engine.saving import snapshot
 from utils.engine.losses import StudyLoss
@@ -94,9 +95,11 @@ def measure_frozen(cfg: Config, env, batches: int, fine_tune: dict) -> dict:
     images = ImageSource(cache, env.device)
     state = new_fold_state(frozen, env, steps_per_epoch=batches, seed=0)
     encoder = state.model.branches[0].backbone.eval()
-    started = time.perf_counter()
-    maps = encode_images(encoder, images, len(rows), batch=max(1, env.micro_batch * 4))
-    build = len(rows) / (time.perf_counter() - started)
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        encode_to_file(encoder, images, Path(folder) / "maps.npy", max(1, env.micro_batch * 4), env.amp_dtype)
+        build = len(rows) / (time.perf_counter() - started)
+        maps = np.load(Path(folder) / "maps.npy")
     loop = LoopSettings(FeatureSource(maps, images), data, StudyLoss(frozen, None), env.batch_size, env.amp_dtype,
                         cfg.grad_clip)
     rates = time_train_and_eval(state, loop, batches * env.batch_size * 4, evaluation_tuples(data)[0])
