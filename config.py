@@ -65,6 +65,7 @@ class Config:
     # --- model
     model: str = "mmnet"  # registry name, see backbones.list_models()
     backbone: str = "resnet18"  # timm model name
+    backbones: tuple = ()  # several encoders: the same study for each (under encoders/<name>/, on the same folds) and tables/encoders.csv
     pretrained: str = "auto"  # auto (on for CUDA and MPS) | on | off; resolved at start and part of the run identity
     pretrained_file: str = ""  # local weights for the backbone (offline pods)
     freeze_backbone: bool = False  # encoder frozen: its maps of every image (and flip views) computed once and cached; one instance serves every branch and is not saved in fold models
@@ -113,7 +114,7 @@ class Config:
     def training_hash(self) -> str:
         """Hash of every field that changes what a fold learns (not paths or run flags)."""
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
-                "report_only", "experiments", "resume", "workers", "jobs", "gradcam_patients",
+                "report_only", "experiments", "backbones", "resume", "workers", "jobs", "gradcam_patients",
                 "bootstrap_samples", "keep_models", "micro_batch", "checkpoint_minutes", "device",
                 "deterministic", "tensorboard", "live_report"}
         if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
@@ -176,7 +177,7 @@ OPTION_GROUPS = {
     "data": ("data_dir", "cache_dir", "magnifications", "image_size", "stain_norm", "max_patients", "folds_source"),
     "study": ("experiments", "dry_run", "analyze_only", "report_only", "resume", "folds", "cv_repeats",
               "inner_val_fraction", "model_selection", "tta", "seed"),
-    "model": ("model", "backbone", "pretrained", "pretrained_file", "freeze_backbone", "feature_grid", "shared_backbone",
+    "model": ("model", "backbone", "backbones", "pretrained", "pretrained_file", "freeze_backbone", "feature_grid", "shared_backbone",
               "feature_dim", "dropout", "spatial_attention", "channel_attention", "hierarchical_attention",
               "fusion", "multiscale_pooling", "subtype_head", "sample_mode", "bag_size"),
     "training": ("epochs", "patience", "batch_size", "tuples_per_epoch", "class_balanced", "lr",

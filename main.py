@@ -22,6 +22,8 @@ log = logging.getLogger("mmnet")
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
+        if cfg.backbones:
+            return run_encoders(cfg)
         return rebuild_report(cfg) if cfg.report_only else run(cfg)
     except ConfigError as exc:  # one line per problem
         for line in str(exc).splitlines():
@@ -82,6 +84,33 @@ def run(cfg: Config) -> int:
         if logging.getLogger().handlers:  # also into run.log, once logging is set up
             log.error("%s", exc)
         return 2
+
+
+def run_encoders(cfg: Config) -> int:
+    """--backbones a,b,c: the same study for each encoder under encoders/<name>/, every one on the
+    first encoder's folds.csv, then tables/encoders.* and the comparison report."""
+    import dataclasses
+    import shutil
+
+    from utils.files import encoder_dir
+    from utils.report.encoders import write_encoder_report
+    from utils.study.pipeline import check_inputs
+
+    if not cfg.report_only:
+        check_inputs(cfg)  # every encoder's name and hub access, before the first one trains
+    codes, first = [], encoder_dir(cfg.output_dir, cfg.backbones[0])
+    for backbone in cfg.backbones:
+        folder = encoder_dir(cfg.output_dir, backbone)
+        one = dataclasses.replace(cfg, backbone=backbone, backbones=(), output_dir=str(folder))
+        if folder != first and (first / "folds.csv").is_file() and not cfg.report_only:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in ("folds.csv", "folds.json"):  # the same folds, whatever else changes
+                shutil.copy2(first / name, folder / name)
+            if cfg.dry_run and (first / "demo_data").is_dir():  # and the same demo patients
+                one = dataclasses.replace(one, data_dir=str(first / "demo_data"))
+        codes.append(rebuild_report(one) if cfg.report_only else run(one))
+    log.info("encoders: %s", write_encoder_report(cfg))
+    return max(codes)
 
 
 def explained_experiments(cfg: Config) -> list[str]:

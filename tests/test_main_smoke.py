@@ -98,3 +98,27 @@ def test_report_html_renders_every_figure_without_overflow(dry_run, tmp_path):
     shot = tmp_path / "report.png"
     subprocess.run([*flags, f"--screenshot={shot}", page], capture_output=True, timeout=120)
     assert shot.stat().st_size > 10_000
+
+
+def test_encoder_table_pairs_encoders_on_the_same_patients(dry_run, tmp_path):
+    """--backbones: one row per encoder; the paired difference to the first is 0 for the same
+    predictions and negative for a model whose probabilities are turned around."""
+    from config import Config
+    from utils.files import encoder_dir
+    from utils.report.encoders import write_encoder_report
+
+    out, _, _ = dry_run
+    study = tmp_path / "study"
+    for name in ("enc_a", "enc_b", "enc_c"):
+        shutil.copytree(out / "runs", encoder_dir(study, name) / "runs")
+    for path in (encoder_dir(study, "enc_c") / "runs" / "mmnet").glob("fold*/predictions.csv"):
+        frame = pd.read_csv(path)
+        frame.assign(prob=1 - frame["prob"]).to_csv(path, index=False)
+    cfg = Config(output_dir=str(study), backbones=("enc_a", "enc_b", "enc_c"), experiments=("mmnet", "single_40x"),
+                 bootstrap_samples=200)
+    write_encoder_report(cfg)
+    table = pd.read_csv(study / "tables" / "encoders.csv")
+    assert table["encoder"].tolist() == ["enc_a", "enc_b", "enc_c"] and set(table["experiment"]) == {"mmnet"}
+    assert table.loc[1, "d_auc"] == 0 and table.loc[2, "d_auc"] < 0
+    assert table.loc[2, "auc"] == pytest.approx(1 - table.loc[0, "auc"])
+    assert "enc_c" in (study / "RUNPOD_OUTPUT.md").read_text()

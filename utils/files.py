@@ -6,6 +6,7 @@ Every stage uses these, the report included, so nothing here may import torch.
 from __future__ import annotations
 
 import logging
+import re
 import os
 import sys
 import tempfile
@@ -24,6 +25,13 @@ REPORT_FILE, HTML_REPORT, PROGRESS_FILE = "RUNPOD_OUTPUT.md", "report.html", "pr
 GRADCAM_DIR = "gradcam"  # one .npz of Grad-CAM maps per explained patient
 MODELS_DIR = "models"  # the kept fold models: models/<experiment>/fold<k>.pt
 ATTENTION_FILE = "attention.csv"  # MIL models: each test image's attention, beside predictions.csv
+FEATURE_CACHE_FILE = "feature_cache.json"  # --freeze-backbone: where the encoder maps are, and their size
+ENCODERS_DIR = "encoders"  # --backbones a,b,c: one study per encoder under encoders/<name>/
+
+
+def encoder_dir(output_dir: str | Path, backbone: str) -> Path:
+    """The output folder of one encoder's study (hf-hub:org/name -> hf-hub_org_name)."""
+    return Path(output_dir) / ENCODERS_DIR / re.sub(r"[^A-Za-z0-9._-]+", "_", backbone)
 
 
 def model_file(output_dir: str | Path, experiment: str, fold: int) -> Path:

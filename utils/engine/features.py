@@ -33,7 +33,7 @@ from preprocess.dataset import ImageSource, reads_levels, upload_rows
 from preprocess.preprocess import cache_key
 from utils.device import empty_cache
 from utils.engine.train import amp_context
-from utils.files import steps
+from utils.files import FEATURE_CACHE_FILE, atomic_write_text, steps
 from utils.memory import available_memory
 
 log = logging.getLogger("mmnet")
@@ -176,6 +176,8 @@ def attach_features(cfg, study):
                  path.stat().st_size / 1e9)
     maps, where = place_features(path, images.device, jobs_per_gpu(cfg))
     log.info("feature cache: %s (%.2f GB) in %s", path.name, path.stat().st_size / 1e9, where)
+    atomic_write_text(Path(cfg.output_dir) / FEATURE_CACHE_FILE, json.dumps(
+        {"path": str(path), "bytes": path.stat().st_size, "shape": list(maps.shape), "where": where}, indent=2))
     return dataclasses.replace(study, source=FeatureSource(maps, images))
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from config import CONFIG_FILE, Config, write_config_file
+from config import CONFIG_FILE, Config, ConfigError, write_config_file
+from backbones.hub import preflight
 from backbones import check_backbone
 from preprocess.analyze import analyze
 from preprocess.prepared import Study
@@ -87,9 +88,23 @@ def check_inputs(cfg: Config) -> None:
     """What the user typed, checked before anything slow (the device and its speed estimate):
     the backbone's name, and images where --data-dir points (a dry run falls back to demo data)."""
     if not cfg.analyze_only:
-        check_backbone(cfg.backbone)
+        for backbone in cfg.backbones or (cfg.backbone,):
+            check_backbone(backbone)
+        check_hub_access(cfg)
     if not cfg.dry_run and not holds_images(cfg.data_dir):
         raise DataError(missing_data_message(cfg.data_dir))
+
+
+def check_hub_access(cfg: Config) -> None:
+    """The preflight of hf-hub encoders (backbones.hub): one line each, before anything slow;
+    a study stops here when one of them cannot be had."""
+    answers = preflight(cfg.backbones or (cfg.backbone,), need_weights=cfg.pretrained != "off" and not cfg.pretrained_file)
+    for usable, line in answers:
+        if usable:  # before logging is set up: said on the console, as the refusals are
+            print(f"encoder access: {line}", flush=True)
+    refused = [line for usable, line in answers if not usable]
+    if refused:
+        raise ConfigError("\n".join(refused))
 
 
 def select_patients(index: pd.DataFrame, max_patients: int, seed: int) -> pd.DataFrame:
