@@ -101,6 +101,8 @@ class Config:
     deterministic: bool = False  # GPU: deterministic kernels, no autotuning (slower)
     workers: int = 0  # decode processes; 0 = from CPU affinity
     jobs: int = 0  # experiment x fold processes at once; 0 = one per visible GPU (1 without)
+    executor: str = "local"  # local: this machine (--jobs processes) | ray: every job a Ray task on RAY_ADDRESS's cluster (or a local Ray), pip install -r requirements-ray.txt
+    job_retries: int = 2  # --executor ray: times a job whose worker or node died is retried from its last.pt
     checkpoint_minutes: float = 5.0  # write last.pt at most this often (and at a stop, and at a fold's end); 0 = every epoch
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
     bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
@@ -115,7 +117,7 @@ class Config:
         """Hash of every field that changes what a fold learns (not paths or run flags)."""
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
                 "report_only", "experiments", "backbones", "resume", "workers", "jobs", "gradcam_patients",
-                "bootstrap_samples", "keep_models", "micro_batch", "checkpoint_minutes", "device",
+                "bootstrap_samples", "keep_models", "micro_batch", "checkpoint_minutes", "device", "executor", "job_retries",
                 "deterministic", "tensorboard", "live_report"}
         if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
             skip.add("bag_size")
@@ -162,13 +164,13 @@ def get_training_config(argv=None) -> dict:
 
 _CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "inner_val"), "tta": ("on", "off"), "sample_mode": ("tuple", "pooled", "bag"), "fusion": FUSIONS,
             "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
-            "stain_norm": ("none", "macenko", "reinhard"),
+            "stain_norm": ("none", "macenko", "reinhard"), "executor": ("local", "ray"),
             "device": ("auto", "cuda", "mps", "cpu")}
 _MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
             "warmup_epochs": 0.0, "ema_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0,
-            "colour_jitter": 0.0, "stain_jitter": 0.0, "magnification_dropout": 0.0, "feature_grid": 0}
+            "colour_jitter": 0.0, "stain_jitter": 0.0, "magnification_dropout": 0.0, "feature_grid": 0, "job_retries": 0}
 
 
 # --help in the order a user decides: where the data are, what the study runs, which model,
@@ -184,7 +186,8 @@ OPTION_GROUPS = {
                  "backbone_lr_scale", "weight_decay", "warmup_epochs", "ema_epochs", "grad_clip", "loss",
                  "focal_alpha", "focal_gamma", "subtype_loss_weight", "colour_jitter", "stain_jitter",
                  "quarter_turns", "magnification_dropout"),
-    "device": ("device", "amp", "micro_batch", "deterministic", "workers", "jobs", "checkpoint_minutes"),
+    "device": ("device", "amp", "micro_batch", "deterministic", "workers", "jobs", "executor", "job_retries",
+               "checkpoint_minutes"),
     "output and report": ("output_dir", "report_file", "keep_models", "gradcam_patients", "bootstrap_samples",
                           "live_report", "tensorboard"),
 }
@@ -246,6 +249,12 @@ def _problems(cfg: Config) -> list[str]:
 
 
 def _combination_problems(cfg: Config) -> list[str]:
+    if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:
+        return [problem("CFG009", "executor", "Ray is not installed: pip install -r requirements-ray.txt "
+                        "(or use --executor local)")]
+    if cfg.executor == "ray" and cfg.freeze_backbone and not cfg.cache_dir:
+        return [problem("CFG010", "executor", "ray with --freeze-backbone needs --cache-dir on storage every node "
+                        "sees (the feature cache is on each machine's local disk otherwise)")]
     if cfg.feature_grid and not cfg.freeze_backbone:
         return [problem("CFG010", "feature_grid", "pools the cached maps of a frozen encoder: add --freeze-backbone "
                         "or leave --feature-grid 0")]

@@ -9,6 +9,7 @@ listed in the README, so a script or a person can look them up:
     CFG004 not one of the choices     CFG008 magnification not in BreakHis
                                       CFG009 optional package missing
                                       CFG010 options that do not combine
+                                      CFG011 storage a Ray node cannot see
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ CODES = {
     "CFG004": "not one of the choices", "CFG005": "unknown experiment or group",
     "CFG006": "unknown backbone", "CFG007": "unreadable file or not a mapping",
     "CFG008": "magnification not in BreakHis", "CFG009": "optional package missing",
-    "CFG010": "options that do not combine",
+    "CFG010": "options that do not combine", "CFG011": "storage a Ray node cannot see",
 }
 
 

@@ -26,6 +26,7 @@ GRADCAM_DIR = "gradcam"  # one .npz of Grad-CAM maps per explained patient
 MODELS_DIR = "models"  # the kept fold models: models/<experiment>/fold<k>.pt
 ATTENTION_FILE = "attention.csv"  # MIL models: each test image's attention, beside predictions.csv
 FEATURE_CACHE_FILE = "feature_cache.json"  # --freeze-backbone: where the encoder maps are, and their size
+FAILED_JOBS_FILE = "failed_jobs.json"  # --executor ray: jobs lost after their retries (the report names them)
 ENCODERS_DIR = "encoders"  # --backbones a,b,c: one study per encoder under encoders/<name>/
 
 

@@ -98,7 +98,8 @@ def encode_to_file(encoder, images: ImageSource, path: Path, batch: int, amp_dty
     """Every image's maps in the evaluation views, encoded under the device's autocast dtype and
     written through a memory-mapped .npy: never a second full copy in memory."""
     mean, std = data_config(encoder)
-    rows, out, partial = len(images.images), None, path.with_suffix(".partial.npy")
+    rows, out = len(images.images), None
+    partial = path.with_suffix(f".{os.getpid()}.partial.npy")  # two processes may encode at once
     for start in steps(range(0, rows, batch), "feature cache: encoding images", -(-rows // batch)):
         chunk = np.arange(start, min(rows, start + batch))[:, None]
         pixels, _ = images.gather(chunk)  # (b, 1, H, W, 3)

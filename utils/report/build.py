@@ -15,7 +15,7 @@ import pandas as pd
 from config import ABLATIONS, BASELINES, EXPERIMENTS, FUSION_EXPERIMENTS, MIL_EXPERIMENTS, parse_args
 from utils.report import plottings
 from utils.env import PROJECT_ROOT, get_base_path
-from utils.files import (GRADCAM_DIR, PROGRESS_FILE, REPORT_FILE, RUN_LOG, atomic_write_text, markdown_table,
+from utils.files import (FAILED_JOBS_FILE, GRADCAM_DIR, PROGRESS_FILE, REPORT_FILE, RUN_LOG, atomic_write_text, markdown_table,
                          save_table, setup_logging)
 from utils.report.html_report import write_html_report
 from utils.report.report_text import header_lines, protocol_text, read_text_file, results_key
@@ -169,6 +169,7 @@ def _markdown_lines(cfg, runs: dict, shown: dict, figures: list, base: Path) -> 
     lines = header_lines(out, runs)
     lines += ["## Dataset", "", read_text_file(out / "tables" / "class_by_magnification.md", "(no analysis)"), ""]
     lines += ["## Protocol", "", protocol_text(cfg, runs), "", "## Results", "", results_key(cfg), ""]
+    lines += failed_job_lines(out)
     for title, table in shown.items():
         if not title.startswith("_") and len(table):
             lines += [f"### {title}", "", markdown_table(table), ""]
@@ -181,6 +182,17 @@ def _markdown_lines(cfg, runs: dict, shown: dict, figures: list, base: Path) -> 
     lines += [f"![{caption}]({os.path.relpath(path, base)})  \n{caption}\n" for path, caption in figures]
     lines += ["## Log", "", "```text", read_text_file(out / RUN_LOG).rstrip(), "```", ""]
     return lines
+
+
+def failed_job_lines(out: Path) -> list[str]:
+    """Jobs the Ray executor gave up on after their retries (utils.study.ray_jobs): named, so a
+    table with fewer folds is never read as complete."""
+    path = out / FAILED_JOBS_FILE
+    if not path.is_file():
+        return []
+    lost = json.loads(path.read_text())
+    return ["**Failed jobs** (lost after their retries; rerun the same command to train them): " +
+            ", ".join(f"{j['experiment']} fold {j['fold']}" for j in lost), ""]
 
 
 def report_paths(cfg) -> list[Path]:

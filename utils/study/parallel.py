@@ -54,6 +54,25 @@ def _run_job(name: str, fold: int) -> dict:
     return run_fold(experiment_config(w["cfg"], name), w["study"], name, fold)
 
 
+def settle_job(name: str, fold: int, fetch, tracker, epochs: int) -> tuple[int, str]:
+    """(failed, stop message) of one job whose outcome fetch() returns or raises: the tracker
+    hears of a finished job; a foreign run ends the study (ConfigError); a lost job is logged
+    and the study goes on. Shared by the local pool and the Ray executor."""
+    try:
+        results = fetch()
+    except ForeignRunError as exc:
+        raise ConfigError(str(exc)) from None
+    except StopRequested as exc:
+        return 0, str(exc)
+    except Exception as exc:  # the job is lost, the study goes on
+        log.error("%s fold %d FAILED in its worker: %s: %s", name, fold, type(exc).__name__,
+                  str(exc).splitlines()[0] if str(exc) else "")
+        return 1, ""
+    share = 1.0 - results.get("resumed_at_epoch", 0) / epochs  # the part trained in this run
+    tracker.end_job(name, fold, True, results.get("wall_seconds_this_run"), share)
+    return 0, ""
+
+
 def _collect(done, pending: dict, pool, tracker, epochs: int) -> tuple[int, str]:
     """Failed jobs and a stop message among the finished futures; a foreign run ends all."""
     failed, stopped = 0, ""
@@ -62,17 +81,11 @@ def _collect(done, pending: dict, pool, tracker, epochs: int) -> tuple[int, str]
         if future.cancelled():
             continue
         try:
-            results = future.result()
-            share = 1.0 - results.get("resumed_at_epoch", 0) / epochs  # the part trained in this run
-            tracker.end_job(name, fold, True, results.get("wall_seconds_this_run"), share)
-        except ForeignRunError as exc:
+            lost, stop = settle_job(name, fold, future.result, tracker, epochs)
+        except ConfigError:
             pool.shutdown(cancel_futures=True)
-            raise ConfigError(str(exc)) from None
-        except StopRequested as exc:
-            stopped = str(exc)
-        except Exception as exc:  # the job is lost, the study goes on
-            failed += 1
-            log.error("%s fold %d FAILED in its worker: %s: %s", name, fold, type(exc).__name__, exc)
+            raise
+        failed, stopped = failed + lost, stop or stopped
     return failed, stopped
 
 

@@ -17,6 +17,7 @@ from utils.engine.features import attach_features
 from utils.engine.fold import is_finished, run_fold
 from utils.engine.stop import StopRequested, install_stop_handlers, stop_requested
 from utils.study.parallel import default_jobs, run_jobs
+from utils.study.ray_jobs import run_ray_jobs
 from preprocess.prepared import Study, attach_images
 from utils.study.progress import StudyProgress
 from utils.engine.train import TrainingError
@@ -96,12 +97,15 @@ def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Stu
     tracker = StudyProgress(cfg.output_dir, order, predicted, on_fold_end, workers=max(1, min(jobs, len(pending))))
     started = time.perf_counter()
     try:
-        if jobs > 1:
-            log.info("running %d experiment x fold jobs on %d parallel workers", len(pending), jobs)
+        if jobs > 1 or cfg.executor == "ray":
+            log.info("running %d experiment x fold jobs on %s", len(pending),
+                     "Ray" if cfg.executor == "ray" else f"{jobs} parallel workers")
             for job in [job for job in order if job not in pending]:  # finished earlier: never sent to a worker
                 tracker.end_job(*job, False)
             study = release_device_copies(study)  # each worker maps its own; GPU 0 is a worker's too
-            failed = run_jobs(cfg, prepared, pending, jobs, str(Path(cfg.output_dir) / RUN_LOG), tracker)
+            log_file = str(Path(cfg.output_dir) / RUN_LOG)
+            failed = (run_ray_jobs(cfg, prepared, pending, log_file, tracker) if cfg.executor == "ray"
+                      else run_jobs(cfg, prepared, pending, jobs, log_file, tracker))
             study = attach_features(cfg, attach_images(cfg, prepared, env))  # for the report's Grad-CAM
         else:
             failed = run_sequential(cfg, study, names, tracker)
