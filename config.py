@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from utils.config_file import (OneLineParser, add_option, closest, field_comments, problem, read_yaml,
                                typed_values, write_yaml)
+from utils.option_rules import combination_problems
 from utils.env import PROJECT_ROOT, get_base_path  # noqa: F401  (PROJECT_ROOT: for users of config)
 from utils.experiments import (ABLATIONS, BAG_SIZED_AGGREGATORS, BASELINES, DEFAULT_EXPERIMENTS, EXPERIMENTS,  # noqa: F401 (users and
                                FUSION_EXPERIMENTS, FUSIONS, GROUPS, MIL_AGGREGATORS,  # the report import them
@@ -238,35 +238,11 @@ def _problems(cfg: Config) -> list[str]:
     if (cfg.sample_mode == "bag") != cfg.model.startswith("mil_"):
         problems.append(problem("CFG004", "sample_mode", f"'{cfg.sample_mode}' does not fit model '{cfg.model}': "
                                 "MIL models (mil_*) read bags (sample_mode bag), the others tuples or pooled images"))
-    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        problems.append(problem("CFG009", "tensorboard", "the tensorboard package is not installed: "
-                                "pip install tensorboard (or leave --tensorboard off)"))
-    problems += _combination_problems(cfg)
+    problems += combination_problems(cfg)
     bad = [m for m in cfg.magnifications if m not in MAGNIFICATIONS]
     if bad or not cfg.magnifications:
         problems.append(problem("CFG008", "magnifications", f"must be a subset of {MAGNIFICATIONS}, got {bad or '()'}"))
     return problems
-
-
-def _combination_problems(cfg: Config) -> list[str]:
-    if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:
-        return [problem("CFG009", "executor", "Ray is not installed: pip install -r requirements-ray.txt "
-                        "(or use --executor local)")]
-    if cfg.executor == "ray" and cfg.freeze_backbone and not cfg.cache_dir:
-        return [problem("CFG010", "executor", "ray with --freeze-backbone needs --cache-dir on storage every node "
-                        "sees (the feature cache is on each machine's local disk otherwise)")]
-    if cfg.feature_grid and not cfg.freeze_backbone:
-        return [problem("CFG010", "feature_grid", "pools the cached maps of a frozen encoder: add --freeze-backbone "
-                        "or leave --feature-grid 0")]
-    if cfg.stain_norm == "none":
-        return []
-    if importlib.util.find_spec("torchstain") is None:
-        return [problem("CFG009", "stain_norm", "the torchstain package is not installed: "
-                        "pip install -r requirements.txt (or leave --stain-norm none)")]
-    if cfg.freeze_backbone:  # the feature cache is encoded once for every fold, from raw images
-        return [problem("CFG010", "stain_norm", f"'{cfg.stain_norm}' is fitted per fold and cannot be applied "
-                        "to the shared feature cache of --freeze-backbone: fine-tune, or use --stain-norm none")]
-    return []
 
 
 def validate(cfg: Config) -> Config:
