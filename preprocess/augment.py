@@ -19,7 +19,8 @@ COLOUR_JITTER, STAIN_JITTER = 0.1, 0.1  # see the README: both move real images 
 _ON_DEVICE: dict = {}  # (name, device) -> the constant there, copied once
 
 
-def _constant(name: str, value: torch.Tensor, device) -> torch.Tensor:
+def device_constant(name: str, value: torch.Tensor, device) -> torch.Tensor:
+    """A constant on `device`, copied there once per process (no copy from the host per batch)."""
     key = (name, device)
     if key not in _ON_DEVICE:
         _ON_DEVICE[key] = value.to(device)
@@ -58,7 +59,7 @@ def colour_map(x: torch.Tensor, gen: torch.Generator, strength: float) -> tuple[
     """
     n, dev = x.shape[0], x.device
     b, c, s = _uniform((3, n, 1, 1), 1 - strength, 1 + strength, gen, dev)
-    mix = s * torch.eye(3, device=dev) + (1 - s) * _constant("luma", LUMA, dev)[:, None]
+    mix = s * torch.eye(3, device=dev) + (1 - s) * device_constant("luma", LUMA, dev)[:, None]
     mean = x.mean(dim=(1, 2))[:, None, None]
     return b * c * mix, (b * mean * (1 - c)).expand(n, 1, 3)
 
@@ -68,7 +69,7 @@ def stain_map(gen: torch.Generator, n: int, sigma: float, device) -> tuple[torch
     as one map of optical densities: od' = od @ (HED_FROM_RGB diag(a) RGB_FROM_HED) + b RGB_FROM_HED."""
     alpha = _uniform((n, 3), 1 - sigma, 1 + sigma, gen, device)
     beta = _uniform((n, 1, 3), -sigma, sigma, gen, device)
-    to_hed, to_rgb = _constant("hed_from_rgb", HED_FROM_RGB, device), _constant("rgb_from_hed", RGB_FROM_HED, device)
+    to_hed, to_rgb = device_constant("hed_from_rgb", HED_FROM_RGB, device), device_constant("rgb_from_hed", RGB_FROM_HED, device)
     return to_hed @ (alpha[:, :, None] * to_rgb), beta @ to_rgb
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from config import STAIN_FIT_IMAGES
+from preprocess.augment import device_constant
 
 IO, ALPHA, BETA = 240.0, 1, 0.15  # Macenko: transmitted light, angle percentile, transparency (torchstain's defaults)
 MIN_TISSUE = 0.01  # share of an image's pixels that must be stained for Macenko to touch it
@@ -86,12 +87,13 @@ class Macenko(nn.Module):
 _RGB_TO_XYZ = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
                             [0.019334, 0.119193, 0.950227]])  # sRGB (D65), as torchstain
 _WHITE = torch.tensor([0.95047, 1.0, 1.08883])
+_XYZ_TO_RGB = torch.linalg.inv(_RGB_TO_XYZ)
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """(..., 3) sRGB in [0, 1] -> CIE L*a*b* (L in 0..100), torchstain's constants."""
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).clamp(min=0) ** 2.4, rgb / 12.92)
-    xyz = linear @ _RGB_TO_XYZ.to(rgb.device).T / _WHITE.to(rgb.device)
+    xyz = linear @ device_constant("rgb_to_xyz_t", _RGB_TO_XYZ.T, rgb.device) / device_constant("white", _WHITE, rgb.device)
     f = torch.where(xyz > 0.008856, xyz.clamp(min=0.008856) ** (1 / 3), 7.787 * xyz + 16 / 116)
     return torch.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
@@ -99,8 +101,8 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     fy = (lab[..., 0] + 16) / 116
     f = torch.stack([lab[..., 1] / 500 + fy, fy, fy - lab[..., 2] / 200], -1)
-    xyz = torch.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787) * _WHITE.to(lab.device)
-    linear = xyz @ torch.linalg.inv(_RGB_TO_XYZ).to(lab.device).T
+    xyz = torch.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787) * device_constant("white", _WHITE, lab.device)
+    linear = xyz @ device_constant("xyz_to_rgb_t", _XYZ_TO_RGB.T, lab.device)
     rgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp(min=0.0031308) ** (1 / 2.4) - 0.055, 12.92 * linear)
     return rgb.clamp(0, 1)
 

@@ -13,11 +13,12 @@ import utils.engine.train as train_module
 from config import experiment_config
 from tests.conftest import tiny_config, tiny_study
 from preprocess.dataset import ImageSource
-from utils.device import HostSyncCounter, uncount_host_optimizer
+from utils.device import HostSyncCounter, counting_syncs, uncount_host_optimizer
 from utils.engine.features import FeatureSource, attach_features
 
 MODES = {"default": ("mmnet", {}), "ema": ("mmnet", {"ema_epochs": 1.0}),
-         "frozen": ("mmnet", {"freeze_backbone": True}), "mil": ("mil_attention", {})}
+         "frozen": ("mmnet", {"freeze_backbone": True}), "mil": ("mil_attention", {}),
+         "stain_reinhard": ("mmnet", {"stain_norm": "reinhard"})}  # Macenko's eigendecomposition checks on the host
 
 
 def count_in_steps(monkeypatch, cfg, study, experiment: str) -> dict:
@@ -25,14 +26,11 @@ def count_in_steps(monkeypatch, cfg, study, experiment: str) -> dict:
     seen = {"train": {}, "eval": {}, "steps": 0, "batches": 0}
 
     def counted(kind, real):
-        def wrapper(*args, **kwargs):
-            with HostSyncCounter() as counter:
-                result = real(*args, **kwargs)
+        def tally(counter):
             seen["steps" if kind == "train" else "batches"] += 1
             for name, n in counter.counts.items():
                 seen[kind][name] = seen[kind].get(name, 0) + n
-            return result
-        return wrapper
+        return counting_syncs(real, tally)
 
     real_optimizer = train_module.make_optimizer
 

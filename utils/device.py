@@ -224,6 +224,17 @@ def uncount_host_optimizer(optimizer) -> None:
     optimizer.step = types.MethodType(uncounted_step, optimizer)  # a bound method, as LR schedulers expect
 
 
+def counting_syncs(function, record):
+    """`function` with each call run under a HostSyncCounter, which record(counter) then gets:
+    how the benchmark and the tests count a training step or an evaluation batch."""
+    def counted(*args, **kwargs):
+        with HostSyncCounter() as counter:
+            result = function(*args, **kwargs)
+        record(counter)
+        return result
+    return counted
+
+
 def _to_host(name: str, args, kwargs) -> bool:
     """A copy from an accelerator to the CPU (never counted on a CPU-only run)."""
     if name == "_to_copy":

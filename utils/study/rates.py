@@ -150,27 +150,21 @@ def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) ->
 
 def host_syncs_per_step(state, loop: LoopSettings, steps: int = 2) -> float:
     """HostSyncCounter over training steps on a device-resident cache, as a GPU runs them."""
-    from utils.device import HostSyncCounter, uncount_host_optimizer
+    from utils.device import counting_syncs, uncount_host_optimizer
 
     source = loop.source if loop.source.on_device else ImageSource(loop.source.images, loop.source.device.type,
                                                                    on_device=True)
     counted = dataclasses.replace(loop, source=source)
     tuples, owners = training_tuples(loop.data, steps * loop.batch_size, np.random.default_rng(0))
     plan = EpochPlan(source.upload(tuples), owners, torch.Generator(device=source.device).manual_seed(0), 0)
-    counter = HostSyncCounter()
     uncount_host_optimizer(state.optimizer)  # torch < 2.4 on the CPU: not the fused kernel a GPU runs
-    real_step = train_module._step
-
-    def counting(*args, **kwargs):
-        with counter:
-            return real_step(*args, **kwargs)
-
-    train_module._step = counting
+    real_step, totals = train_module._step, []
+    train_module._step = counting_syncs(real_step, lambda counter: totals.append(counter.total))
     try:
         train_one_epoch(state, counted, plan)
     finally:
         train_module._step = real_step
-    return counter.total / steps
+    return sum(totals) / steps
 
 
 def fixed_seconds_per_fold(cfg, env, loop: LoopSettings) -> dict:
