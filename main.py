@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from config import MIL_EXPERIMENTS, Config, ConfigError, parse_args
+from config import CONFIG_FILE, MIL_EXPERIMENTS, Config, ConfigError, parse_args, write_config_file
 from utils.files import REPORT_LOG, setup_logging
 from utils.report.html_report import LiveReport
 from utils.report.build import write_report
@@ -98,18 +98,23 @@ def run_encoders(cfg: Config) -> int:
 
     if not cfg.report_only:
         check_inputs(cfg)  # every encoder's name and hub access, before the first one trains
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        write_config_file(cfg, Path(cfg.output_dir) / CONFIG_FILE)  # --report-only reads it back
     codes, first = [], encoder_dir(cfg.output_dir, cfg.backbones[0])
     for backbone in cfg.backbones:
         folder = encoder_dir(cfg.output_dir, backbone)
+        if cfg.report_only:  # each study's report from its own config.yaml
+            codes.append(rebuild_report(parse_args(["--report-only", "--output-dir", str(folder)])))
+            continue
         one = dataclasses.replace(cfg, backbone=backbone, backbones=(), output_dir=str(folder))
-        if folder != first and (first / "folds.csv").is_file() and not cfg.report_only:
+        if folder != first and (first / "folds.csv").is_file():
             folder.mkdir(parents=True, exist_ok=True)
             for name in ("folds.csv", "folds.json"):  # the same folds, whatever else changes
                 shutil.copy2(first / name, folder / name)
             if cfg.dry_run and (first / "demo_data").is_dir():  # and the same demo patients
                 one = dataclasses.replace(one, data_dir=str(first / "demo_data"))
-        codes.append(rebuild_report(one) if cfg.report_only else run(one))
-    log.info("encoders: %s", write_encoder_report(cfg))
+        codes.append(run(one))
+    print(f"encoders: {write_encoder_report(cfg)}", flush=True)
     return max(codes)
 
 
