@@ -27,11 +27,28 @@ def _percentile_index(q, count: torch.Tensor) -> torch.Tensor:
     return ((q * (count - 1) + 50) // 100).clamp(min=0)
 
 
-def _eigh(matrices: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors (ascending eigenvalues) of symmetric 3x3 matrices; MPS has no eigh kernel."""
-    if matrices.device.type == "mps":
-        return torch.linalg.eigh(matrices.cpu())[1].to(matrices.device)
-    return torch.linalg.eigh(matrices)[1]
+JACOBI_SWEEPS = 6  # cyclic Jacobi sweeps: a 3x3 symmetric matrix is diagonal to float precision after 4
+
+
+def symmetric_eigenvectors(matrices: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of symmetric (N, 3, 3) matrices as columns, by ascending eigenvalue.
+
+    Cyclic Jacobi rotations in tensor ops: torch.linalg.eigh checks convergence on the host (a
+    device synchronisation per batch) and has no MPS kernel. Signs are arbitrary, as eigh's;
+    Macenko's stain vectors do not depend on them."""
+    a = matrices.clone()
+    n = a.shape[0]
+    vectors = torch.eye(3, dtype=a.dtype, device=a.device).expand(n, 3, 3).clone()
+    for _ in range(JACOBI_SWEEPS):
+        for p, q in ((0, 1), (0, 2), (1, 2)):
+            theta = 0.5 * torch.atan2(2 * a[:, p, q], a[:, q, q] - a[:, p, p])  # zeroes a[p, q]
+            rotation = torch.eye(3, dtype=a.dtype, device=a.device).expand(n, 3, 3).clone()
+            rotation[:, p, p], rotation[:, q, q] = theta.cos(), theta.cos()
+            rotation[:, p, q], rotation[:, q, p] = theta.sin(), -theta.sin()
+            a = rotation.transpose(1, 2) @ a @ rotation
+            vectors = vectors @ rotation
+    order = a.diagonal(dim1=1, dim2=2).argsort(dim=1)
+    return vectors.gather(2, order[:, None, :].expand(n, 3, 3))
 
 
 class Macenko(nn.Module):
@@ -61,7 +78,7 @@ class Macenko(nn.Module):
         mean = (density * weight).sum(1, keepdim=True) / count.clamp(min=1)[:, None, None]
         centred = (density - mean) * weight
         covariance = centred.transpose(1, 2) @ centred / (count - 1).clamp(min=1)[:, None, None]
-        plane = _eigh(covariance)[:, :, 1:]  # the two largest eigenvectors
+        plane = symmetric_eigenvectors(covariance)[:, :, 1:]  # the two largest eigenvectors
         projected = density @ plane
         angle = torch.atan2(projected[..., 1], projected[..., 0])
         ordered = torch.where(stained, angle, torch.inf).sort(dim=1).values
@@ -75,7 +92,7 @@ class Macenko(nn.Module):
         inverse = torch.stack([gram[:, 1, 1], -gram[:, 0, 1], -gram[:, 1, 0], gram[:, 0, 0]], 1).view(-1, 2, 2)
         pseudo = inverse / determinant.clamp(min=1e-12)[:, None, None] @ stains.transpose(1, 2)  # least squares
         concentration = density @ pseudo.transpose(1, 2)  # (N, P, 2)
-        top = 1 + int(_percentile_index(99, torch.tensor(n_pixels)))
+        top = 1 + (99 * (n_pixels - 1) + 50) // 100  # _percentile_index(99, n_pixels), 1-based, on the host
         peak = concentration.kthvalue(top, dim=1).values  # (N, 2)
         concentration = concentration * (self.max_concentration / peak.clamp(min=1e-6))[:, None, :]
         out = (IO * torch.exp(-concentration @ self.stain_matrix.T)).clamp(max=255) / 255

@@ -11,7 +11,7 @@ from tests.conftest import tiny_config, tiny_study
 torchstain = pytest.importorskip("torchstain")
 from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer  # noqa: E402
 
-from preprocess.stain import Macenko, Reinhard, fit_montage, fold_reference  # noqa: E402
+from preprocess.stain import Macenko, Reinhard, fit_montage, fold_reference, symmetric_eigenvectors  # noqa: E402
 
 HE = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])  # haematoxylin, eosin optical densities
 
@@ -62,6 +62,19 @@ def test_batched_normaliser_matches_torchstain_per_image(name, genuine):
         # torchstain truncates to integers: at most one grey level apart
         assert (batched[i].reshape(expected.shape) - expected).abs().max() < 1.01
     assert (batched - as_pixels(images[4:]) * 255).abs().mean() > 1  # it did change the colours
+
+
+def test_jacobi_eigenvectors_match_eigh():
+    """The sync-free eigenvectors against torch.linalg.eigh (up to sign), and a zero matrix."""
+    torch.manual_seed(0)
+    samples = torch.randn(500, 40, 3) * torch.tensor([3.0, 1.0, 0.2])
+    covariance = torch.cat([samples.transpose(1, 2) @ samples / 40, torch.zeros(1, 3, 3)])
+    ours = symmetric_eigenvectors(covariance)
+    values, theirs = torch.linalg.eigh(covariance[:-1])
+    assert torch.allclose(ours[:-1].abs(), theirs.abs(), atol=1e-4)
+    rebuilt = ours[:-1] @ torch.diag_embed(values) @ ours[:-1].transpose(1, 2)
+    assert torch.allclose(rebuilt, covariance[:-1], atol=1e-4)
+    assert torch.isfinite(ours[-1]).all()
 
 
 @pytest.mark.parametrize("kind", [Macenko, Reinhard])
