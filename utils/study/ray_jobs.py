@@ -115,7 +115,8 @@ def run_ray_jobs(cfg, prepared, todo: list[tuple[str, int]], log_file: str, trac
     connect(ray)
     try:
         check_shared_storage(ray, cfg)
-        resources, _ = job_slots(ray)
+        resources, slots = job_slots(ray)
+        tracker.workers = max(1, min(slots, len(todo)))  # the ETA shares the work among the cluster's slots
         task = ray.remote(max_retries=cfg.job_retries, **resources)(_run_task)
         shared = ray.put(prepared)
         pending = {task.remote(cfg, shared, n, f, log_file): (n, f) for n, f in todo}
