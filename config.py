@@ -8,9 +8,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.config_file import (OneLineParser, add_option, closest, field_comments, problem, read_yaml,
-                               typed_values, write_yaml)
-from utils.option_rules import combination_problems
+from utils.config_file import (OneLineParser, add_option, closest, combination_problems, field_comments, problem,
+                               read_yaml, typed_values, write_yaml)
+
 from utils.env import PROJECT_ROOT, get_base_path  # noqa: F401  (PROJECT_ROOT: for users of config)
 from utils.experiments import (ABLATIONS, BAG_SIZED_AGGREGATORS, BASELINES, DEFAULT_EXPERIMENTS, EXPERIMENTS,  # noqa: F401 (users and
                                FUSION_EXPERIMENTS, FUSIONS, GROUPS, MIL_AGGREGATORS,  # the report import them

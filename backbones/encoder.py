@@ -10,6 +10,7 @@ then looks the same to MMNet's branches, the baselines and Grad-CAM.
 from __future__ import annotations
 
 import hashlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ def freeze(encoder: nn.Module) -> nn.Module:
     memory once whatever copies and branches use it."""
     encoder.requires_grad_(False)
     setattr(encoder, FROZEN_ATTRIBUTE, True)
-    object.__setattr__(encoder, "__deepcopy__", lambda memo: encoder)
+    itself = weakref.ref(encoder)  # not the encoder: a cycle would keep it alive until a gc pass
+    object.__setattr__(encoder, "__deepcopy__", lambda memo: itself())
     return encoder
 
 

@@ -125,14 +125,14 @@ def test_resume_with_another_micro_batch(tmp_path, demo_tree, demo_index, monkey
 
 
 def test_mps_out_of_memory_halves_the_micro_batch(tmp_path, demo_tree, demo_index, monkeypatch, caplog):
-    real = image_source_module.prepare_batch
+    real = image_source_module.model_input
 
     def small_memory(images, *args, **kwargs):
         if images.shape[0] > 4:
             raise RuntimeError("MPS backend out of memory (MPS allocated: 17.1 GB, other allocations: 1 GB)")
         return real(images, *args, **kwargs)
 
-    monkeypatch.setattr(image_source_module, "prepare_batch", small_memory)
+    monkeypatch.setattr(image_source_module, "model_input", small_memory)
     result = _run(tiny_config(tmp_path, epochs=1), demo_tree, demo_index)
     assert result["accumulation"] == 2 and "micro-batches of 4 (x2 accumulation)" in caplog.text
 
@@ -141,7 +141,7 @@ def test_a_runtime_error_that_is_not_memory_is_not_swallowed(tmp_path, demo_tree
     def broken(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(image_source_module, "prepare_batch", broken)
+    monkeypatch.setattr(image_source_module, "model_input", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         _run(tiny_config(tmp_path, epochs=1), demo_tree, demo_index)
 

@@ -57,7 +57,7 @@ def test_out_of_memory_halves_the_micro_batch_on_the_gpu(tmp_path, demo_tree, de
     import preprocess.image_source as image_source_module
     from utils.device import out_of_memory_error
 
-    real, calls = image_source_module.prepare_batch, []
+    real, calls = image_source_module.model_input, []
 
     def small_memory(images, *args, **kwargs):
         calls.append(images.shape[0])
@@ -65,7 +65,7 @@ def test_out_of_memory_halves_the_micro_batch_on_the_gpu(tmp_path, demo_tree, de
             raise out_of_memory_error()("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(images, *args, **kwargs)
 
-    monkeypatch.setattr(image_source_module, "prepare_batch", small_memory)
+    monkeypatch.setattr(image_source_module, "model_input", small_memory)
     cfg = _cuda_config(tmp_path, epochs=1, micro_batch=8)
     result = fold_module.run_fold(cfg, tiny_study(cfg, demo_tree, demo_index), "mmnet", 0)
     assert result["accumulation"] >= 2 and max(calls) > 4

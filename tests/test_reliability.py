@@ -50,14 +50,14 @@ def test_stop_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, demo_tree, 
 
 
 def test_out_of_memory_halves_the_micro_batch_and_goes_on(tmp_path, demo_tree, demo_index, monkeypatch, caplog):
-    real_prepare = image_source_module.prepare_batch
+    real_prepare = image_source_module.model_input
 
     def small_memory(images, *args, **kwargs):
         if images.shape[0] > 4:
             raise out_of_memory_error()("simulated: CUDA out of memory")
         return real_prepare(images, *args, **kwargs)
 
-    monkeypatch.setattr(image_source_module, "prepare_batch", small_memory)
+    monkeypatch.setattr(image_source_module, "model_input", small_memory)
     cfg = tiny_config(tmp_path, epochs=2, batch_size=8)
     result = _run(cfg, demo_tree, demo_index)
     assert result["epochs_run"] == 2 and result["accumulation"] == 2
@@ -165,7 +165,7 @@ def test_failed_fold_is_reported_and_the_rest_continue(monkeypatch, caplog, tmp_
 def test_out_of_memory_in_the_first_epoch_restarts_from_the_initial_state(tmp_path, demo_tree, demo_index, monkeypatch):
     """Replaying epoch 1 after an out-of-memory equals training with the smaller micro-batch
     from the start: the replay really begins from the initial weights."""
-    real_prepare = image_source_module.prepare_batch
+    real_prepare = image_source_module.model_input
     calls = {"n": 0}
 
     def fails_on_third_batch(images, *args, **kwargs):  # after two steps have changed the weights
@@ -174,10 +174,10 @@ def test_out_of_memory_in_the_first_epoch_restarts_from_the_initial_state(tmp_pa
             raise out_of_memory_error()("simulated: CUDA out of memory")
         return real_prepare(images, *args, **kwargs)
 
-    monkeypatch.setattr(image_source_module, "prepare_batch", fails_on_third_batch)
+    monkeypatch.setattr(image_source_module, "model_input", fails_on_third_batch)
     replayed = tiny_config(tmp_path / "replayed", epochs=1)
     assert _run(replayed, demo_tree, demo_index)["accumulation"] == 2
-    monkeypatch.setattr(image_source_module, "prepare_batch", real_prepare)
+    monkeypatch.setattr(image_source_module, "model_input", real_prepare)
     direct = tiny_config(tmp_path / "direct", epochs=1)
     original = fold_module.FoldState.__init__
 

@@ -1,5 +1,6 @@
 """What a run writes for people and scripts: config.yaml and its validation, progress and
 ETA, booktabs LaTeX, report locations."""
+import importlib.util
 import dataclasses
 import json
 import warnings
@@ -39,7 +40,7 @@ def test_every_problem_is_one_coded_line(tmp_path):
 
 
 def test_missing_tensorboard_is_named_with_the_install_command(monkeypatch):
-    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(ConfigError, match=r"\[CFG009\] tensorboard: .*pip install tensorboard"):
         parse_args(["--tensorboard"])
 

@@ -34,7 +34,7 @@ from preprocess.preprocess import cache_key
 from utils.device import empty_cache
 from utils.engine.train import amp_context
 from utils.files import FEATURE_CACHE_FILE, atomic_write_text, steps
-from utils.memory import available_memory
+from utils.env import available_memory
 
 log = logging.getLogger("mmnet")
 
