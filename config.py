@@ -17,6 +17,7 @@ from utils.experiments import (ABLATIONS, BAG_SIZED_AGGREGATORS, BASELINES, DEFA
                                MIL_EXPERIMENTS, expand_experiments)  # from config)
 MAGNIFICATIONS = (40, 100, 200, 400)
 STAIN_FIT_IMAGES = 32  # training images of a fold that its --stain-norm reference is fitted on
+DEFAULT_STAIN_NORM = "macenko"  # what --stain-norm auto applies when fine-tuning (measured: README "Training recipe")
 SUBTYPES = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")  # benign first, then malignant
 SUBTYPE_NAMES = {
     "A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor", "TA": "tubular_adenoma",
@@ -59,7 +60,7 @@ class Config:
     max_patients: int = 0  # >0: use a class-balanced subset of patients (dry run)
     colour_jitter: float = 0.1  # brightness, contrast and saturation move by up to +-this; 0 = off
     stain_jitter: float = 0.1  # haematoxylin/eosin amounts scale and shift by up to +-this; 0 = off
-    stain_norm: str = "none"  # none | macenko | reinhard: every image's stain mapped onto a reference fitted on the training images of its fold (saved with the fold model)
+    stain_norm: str = "auto"  # auto (DEFAULT_STAIN_NORM when fine-tuning, none with --freeze-backbone) | none | macenko | reinhard: every image's stain mapped onto a reference fitted on the training images of its fold (saved with the fold model)
     quarter_turns: bool = False  # training also turns frames by 90 degrees (all 8 symmetries of the square)
     magnification_dropout: float = 0.25  # training masks each magnification of a tuple with this probability (never all), as a missing one is masked at test
     # --- model
@@ -110,6 +111,13 @@ class Config:
     live_report: bool = True  # rewrite report.html after a fold, at most once a minute (in a separate process)
     tensorboard: bool = False  # per-epoch scalars under <output_dir>/tensorboard/<experiment>/fold<k> (pip install tensorboard)
 
+    def stain_method(self) -> str:
+        """The stain normalisation this run applies: 'auto' resolved (a frozen encoder's one
+        feature cache serves every fold, so it cannot take a per-fold reference)."""
+        if self.stain_norm != "auto":
+            return self.stain_norm
+        return "none" if self.freeze_backbone else DEFAULT_STAIN_NORM
+
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
 
@@ -121,13 +129,15 @@ class Config:
                 "deterministic", "tensorboard", "live_report"}
         if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
             skip.add("bag_size")
-        if self.stain_norm == "none":  # runs from before the option keep their identity
+        if self.stain_method() == "none":  # runs from before the option keep their identity
             skip.add("stain_norm")
         if self.feature_grid == 0:
             skip.add("feature_grid")
         if self.model != "mmnet":  # only MMNet has a fusion: the other models stay finished when it changes
             skip.add("fusion")
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if "stain_norm" in items:  # what is applied: 'auto' and the method it means train the same
+            items["stain_norm"] = self.stain_method()
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -164,7 +174,7 @@ def get_training_config(argv=None) -> dict:
 
 _CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "inner_val"), "tta": ("on", "off"), "sample_mode": ("tuple", "pooled", "bag"), "fusion": FUSIONS,
             "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
-            "stain_norm": ("none", "macenko", "reinhard"), "executor": ("local", "ray"),
+            "stain_norm": ("auto", "none", "macenko", "reinhard"), "executor": ("local", "ray"),
             "device": ("auto", "cuda", "mps", "cpu")}
 _MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
@@ -272,6 +282,10 @@ def read_config_file(path: str | Path, source: str | None = None) -> dict:
     if "cross_mag_fusion" in values and "fusion" not in values:
         values = dict(values)
         values["fusion"] = "weighted" if values.pop("cross_mag_fusion") else "mean"
+    # A config.yaml that a run wrote holds every key of its version; one without stain_norm is
+    # from before the option, when nothing was normalised (a user's short file keeps 'auto').
+    if len(values) > len(_DEFAULTS) // 2 and "stain_norm" not in values:
+        values = {**values, "stain_norm": "none"}
     typed, more = typed_values(values, _DEFAULTS, source or str(path))
     if problems or more:
         raise ConfigError("\n".join(problems + more))

@@ -192,7 +192,7 @@ class StudyModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(self.norm_mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.norm_std), persistent=False)
         # --stain-norm: the fold's fitted reference as buffers, saved with the fold model.
-        self.stain = stain_normaliser(cfg.stain_norm)
+        self.stain = stain_normaliser(cfg.stain_method())
         self.fixed_frame = bool(getattr(backbone, PAD_ATTRIBUTE, 0))  # built for one frame size (Swin-like)
         self.heads = Heads(cfg.feature_dim, cfg.dropout, cfg.subtype_head)
 

@@ -18,7 +18,7 @@ from utils.engine.features import FeatureSource, attach_features
 
 MODES = {"default": ("mmnet", {}), "ema": ("mmnet", {"ema_epochs": 1.0}),
          "frozen": ("mmnet", {"freeze_backbone": True}), "mil": ("mil_attention", {}),
-         "macenko": ("mmnet", {"stain_norm": "macenko"}), "reinhard": ("mmnet", {"stain_norm": "reinhard"})}
+         "no_stain_norm": ("mmnet", {"stain_norm": "none"}), "reinhard": ("mmnet", {"stain_norm": "reinhard"})}
 
 
 def count_in_steps(monkeypatch, cfg, study, experiment: str) -> dict:

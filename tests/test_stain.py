@@ -153,8 +153,26 @@ def test_fold_model_carries_and_applies_its_reference(fold_setup, tmp_path):
 def test_stain_norm_options_are_checked():
     from config import Config, ConfigError, validate
 
-    assert Config(stain_norm="macenko").training_hash() != Config().training_hash()
+    assert Config(stain_norm="none").training_hash() != Config().training_hash()
+    assert Config(stain_norm=Config().stain_method()).training_hash() == Config().training_hash()
+    assert Config(freeze_backbone=True).stain_method() == "none"  # auto: one cache serves every fold
     with pytest.raises(ConfigError, match="CFG010"):
         validate(Config(stain_norm="reinhard", freeze_backbone=True))
     with pytest.raises(ConfigError, match="CFG004"):
         validate(Config(stain_norm="vahadane"))
+
+
+def test_runs_from_before_the_option_read_as_unnormalised(tmp_path):
+    """An older run's config.yaml and fold model lack stain_norm: they had none, not the default."""
+    import dataclasses
+
+    import yaml
+
+    from config import Config, read_config_file
+
+    older = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(Config()).items()
+             if k != "stain_norm"}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(older))
+    assert read_config_file(tmp_path / "old.yaml")["stain_norm"] == "none"
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump({"epochs": 3}))
+    assert "stain_norm" not in read_config_file(tmp_path / "short.yaml")  # the default applies

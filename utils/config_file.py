@@ -152,11 +152,11 @@ def combination_problems(cfg) -> list[str]:
         (bool(cfg.feature_grid) and not cfg.freeze_backbone,
          problem("CFG010", "feature_grid", "pools the cached maps of a frozen encoder: add --freeze-backbone or "
                  "leave --feature-grid 0")),
-        (cfg.stain_norm != "none" and _missing("torchstain"),
+        (cfg.stain_method() != "none" and _missing("torchstain"),
          problem("CFG009", "stain_norm", "the torchstain package is not installed: pip install -r requirements.txt "
                  "(or leave --stain-norm none)")),
         # the feature cache is encoded once for every fold, from raw images
-        (cfg.stain_norm != "none" and cfg.freeze_backbone,
+        (cfg.stain_norm in ("macenko", "reinhard") and cfg.freeze_backbone,
          problem("CFG010", "stain_norm", f"'{cfg.stain_norm}' is fitted per fold and cannot be applied to the shared "
                  "feature cache of --freeze-backbone: fine-tune, or use --stain-norm none")),
     ]

@@ -180,7 +180,7 @@ def _open_fold(cfg, study, experiment: str, fold: int, identity: dict, progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     split = fold_split(study.index, study.usable, study.folds, fold, cfg)
     steps = math.ceil(tuples_per_epoch(split["train"], cfg) / samples_for(cfg, study.env.batch_size))
-    stain = fold_reference(cfg.stain_norm, study.source, split["train"], derived_seed(cfg.seed, fold, 3))
+    stain = fold_reference(cfg.stain_method(), study.source, split["train"], derived_seed(cfg.seed, fold, 3))
     return FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
                    lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold), stain),
                    progress, scalar_writer(cfg, experiment, fold))

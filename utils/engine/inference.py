@@ -46,7 +46,7 @@ def load_fold_model(checkpoint: str | Path, device: str = "cpu") -> FoldModel:
     payload = load_checkpoint(checkpoint, device)
     if "config_json" not in payload:
         raise ValueError(f"{checkpoint} holds no config: pass a best.pt written by main.py")
-    values = json.loads(payload["config_json"])
+    values = {"stain_norm": "none", **json.loads(payload["config_json"])}  # a model from before --stain-norm had none
     if not values.get("freeze_backbone"):  # the file holds every weight; a frozen encoder is rebuilt
         values.update(pretrained="off", pretrained_file="")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in CONFIG_FIELDS}

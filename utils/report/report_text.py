@@ -91,10 +91,10 @@ def _dropout_text(cfg) -> str:
 
 
 def _stain_text(cfg) -> str:
-    if cfg.stain_norm == "none":
+    if cfg.stain_method() == "none":
         return ""
     name = {"macenko": "Macenko (stain vectors and 99th-percentile concentrations)",
-            "reinhard": "Reinhard (L*a*b* means and deviations)"}[cfg.stain_norm]
+            "reinhard": "Reinhard (L*a*b* means and deviations)"}[cfg.stain_method()]
     return (f" Stain normalisation: {name}, with a reference fitted for each outer fold on "
             f"{STAIN_FIT_IMAGES} images of that fold's training patients only (never its test patients), "
             f"kept in the fold model and applied to every image the fold trains, validates and "

@@ -45,7 +45,7 @@ def prepare_output(cfg: Config, env: EnvInfo | None) -> None:
     write_config_file(cfg, out / CONFIG_FILE)
     log.info("run %s | device %s (%s) | amp %s | batch %d (micro-batch %d) | workers %d | weights %s | "
              "stain normalisation %s | commit %s", header["started"], env.device, env.device_name, env.amp_dtype,
-             env.batch_size, env.micro_batch, env.workers, weights_text(cfg), cfg.stain_norm, header["commit"])
+             env.batch_size, env.micro_batch, env.workers, weights_text(cfg), cfg.stain_method(), header["commit"])
     log.info("determinism: %s", header["determinism"])
     for warning in header["warnings"]:
         log.warning("%s", warning)
