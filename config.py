@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.config_file import (OneLineParser, add_option, closest, combination_problems, field_comments, problem,
-                               read_yaml, typed_values, write_yaml)
+                               read_yaml, typed_values, upgraded, write_yaml)
 
 from utils.env import PROJECT_ROOT, get_base_path  # noqa: F401  (PROJECT_ROOT: for users of config)
 from utils.experiments import (ABLATIONS, BAG_SIZED_AGGREGATORS, BASELINES, DEFAULT_EXPERIMENTS, EXPERIMENTS,  # noqa: F401 (users and
@@ -276,17 +276,10 @@ def default_output_dir(dry_run: bool) -> str:
 
 
 def read_config_file(path: str | Path, source: str | None = None) -> dict:
-    """Config values from a YAML file, typed; ConfigError with one line per problem. The
-    config.yaml of an earlier version reads too: its cross_mag_fusion flag names a fusion."""
+    """Config values from a YAML file, typed (an earlier version's config.yaml too: see
+    utils.config_file.upgraded); ConfigError with one line per problem."""
     values, problems = read_yaml(path)
-    if "cross_mag_fusion" in values and "fusion" not in values:
-        values = dict(values)
-        values["fusion"] = "weighted" if values.pop("cross_mag_fusion") else "mean"
-    # A config.yaml that a run wrote holds every key of its version; one without stain_norm is
-    # from before the option, when nothing was normalised (a user's short file keeps 'auto').
-    if len(values) > len(_DEFAULTS) // 2 and "stain_norm" not in values:
-        values = {**values, "stain_norm": "none"}
-    typed, more = typed_values(values, _DEFAULTS, source or str(path))
+    typed, more = typed_values(upgraded(values, _DEFAULTS), _DEFAULTS, source or str(path))
     if problems or more:
         raise ConfigError("\n".join(problems + more))
     return typed

@@ -133,6 +133,19 @@ def add_option(group, f: dataclasses.Field, text: str, choices=None) -> None:
                            help=f"{text} (default: {f.default!r})".strip())
 
 
+def upgraded(values: dict, defaults: dict) -> dict:
+    """The values of a config.yaml an earlier version wrote, in today's keys: its cross_mag_fusion
+    flag names a fusion; a file a run wrote (it holds every key of its version) without
+    stain_norm is from before the option, when nothing was normalised (a user's short file
+    keeps the default)."""
+    values = dict(values)
+    if "cross_mag_fusion" in values and "fusion" not in values:
+        values["fusion"] = "weighted" if values.pop("cross_mag_fusion") else "mean"
+    if len(values) > len(defaults) // 2 and "stain_norm" not in values:
+        values["stain_norm"] = "none"
+    return values
+
+
 # Options that need a package or do not combine: one line each, every one reported at start.
 def _missing(package: str) -> bool:
     return importlib.util.find_spec(package) is None
