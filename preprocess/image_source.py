@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from config import MAGNIFICATIONS
-from preprocess.augment import model_input, test_views
+from preprocess.augment import TTA_FLIPS, model_input
 
 
 class ImageSource:
@@ -70,8 +70,9 @@ class ImageSource:
     def views(self, tuples: np.ndarray, model, tta: bool):
         """The model's inputs for evaluation, one per test-time view (or the plain view)."""
         images, mask = self.gather(tuples, reads_levels(model))
-        for view in test_views(images, tta):
-            yield model_input(view, model), mask
+        x = model_input(images, model)  # stain-normalised once: the views are its mirror images
+        for dims in TTA_FLIPS if tta else TTA_FLIPS[:1]:  # dims of (B, M, H, W, 3); x is (B, M, 3, H, W)
+            yield (x.flip([d + 1 for d in dims]) if dims else x), mask
 
 
 def magnification_codes(mags) -> np.ndarray:
