@@ -59,6 +59,7 @@ class Macenko(nn.Module):
         super().__init__()
         self.register_buffer("stain_matrix", torch.zeros(3, 2))  # H and E optical densities (columns)
         self.register_buffer("max_concentration", torch.ones(2))  # their 99th percentiles
+        self.register_buffer("fitted", torch.tensor(False))  # unfitted: images pass unchanged
 
     def fit(self, montage: torch.Tensor) -> None:
         from torchstain.torch.normalizers import TorchMacenkoNormalizer
@@ -66,6 +67,7 @@ class Macenko(nn.Module):
         fitted.fit(montage.permute(2, 0, 1), Io=IO, alpha=ALPHA, beta=BETA)
         self.stain_matrix.copy_(fitted.HERef)
         self.max_concentration.copy_(fitted.maxCRef)
+        self.fitted.fill_(True)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, P, 3) float in [0, 1] -> the same, normalised; images with too little stain to
@@ -97,7 +99,7 @@ class Macenko(nn.Module):
         concentration = concentration * (self.max_concentration / peak.clamp(min=1e-6))[:, None, :]
         out = (IO * torch.exp(-concentration @ self.stain_matrix.T)).clamp(max=255) / 255
         usable = (count >= MIN_TISSUE * n_pixels) & (determinant > 1e-8) & (peak > 1e-6).all(1)
-        usable = usable & torch.isfinite(out).all(dim=(1, 2))
+        usable = usable & torch.isfinite(out).all(dim=(1, 2)) & self.fitted
         return torch.where(usable[:, None, None], out.nan_to_num(), pixels)
 
 
@@ -132,6 +134,7 @@ class Reinhard(nn.Module):
         super().__init__()
         self.register_buffer("lab_mean", torch.zeros(3))
         self.register_buffer("lab_std", torch.ones(3))
+        self.register_buffer("fitted", torch.tensor(False))  # unfitted: images pass unchanged
 
     def fit(self, montage: torch.Tensor) -> None:
         from torchstain.torch.normalizers import TorchReinhardNormalizer
@@ -139,13 +142,14 @@ class Reinhard(nn.Module):
         fitted.fit(montage.permute(2, 0, 1))
         self.lab_mean.copy_(fitted.target_means)
         self.lab_std.copy_(fitted.target_stds)
+        self.fitted.fill_(True)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, P, 3) float in [0, 1] -> the same, normalised; flat frames (empty slots) pass unchanged."""
         lab = rgb_to_lab(pixels)
         mean, std = lab.mean(1, keepdim=True), lab.std(1, keepdim=True)
         out = lab_to_rgb((lab - mean) / std.clamp(min=1e-3) * self.lab_std + self.lab_mean)
-        return torch.where((std > 0.5).any(-1, keepdim=True), out, pixels)
+        return torch.where((std > 0.5).any(-1, keepdim=True) & self.fitted, out, pixels)
 
 
 STAIN_NORMALISERS = {"macenko": Macenko, "reinhard": Reinhard}  # --stain-norm names; 'none' adds nothing

@@ -78,6 +78,13 @@ def test_jacobi_eigenvectors_match_eigh():
 
 
 @pytest.mark.parametrize("kind", [Macenko, Reinhard])
+def test_an_unfitted_normaliser_changes_nothing(kind):
+    """A model built outside a fold (a benchmark, a test) has no reference yet: identity."""
+    pixels = as_pixels(stained_images(2, seed=4))
+    assert torch.equal(kind()(pixels), pixels)
+
+
+@pytest.mark.parametrize("kind", [Macenko, Reinhard])
 def test_frames_without_stain_pass_unchanged(kind):
     """Empty slots (black), blank glass (white) and flat grey frames: nothing to estimate, no NaN."""
     normaliser = kind()
