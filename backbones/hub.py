@@ -19,16 +19,15 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 class HubEncoder:
     licence: str
     gated: bool
-    size: str  # parameters and architecture, for the README table
 
 
 # Pathology encoders that timm loads from the Hugging Face Hub (model cards, 2026).
 KNOWN_ENCODERS = {
-    "bioptimus/H-optimus-0": HubEncoder("Apache-2.0", False, "1.1 B, ViT-g/14"),
-    "bioptimus/H-optimus-1": HubEncoder("academic research terms of the model card", True, "1.1 B, ViT-g/14"),
-    "MahmoodLab/UNI2-h": HubEncoder("CC-BY-NC-ND-4.0", True, "681 M, ViT-H/14"),
-    "paige-ai/Virchow2": HubEncoder("CC-BY-NC-ND-4.0", True, "632 M, ViT-H/14"),
-    "prov-gigapath/prov-gigapath": HubEncoder("Apache-2.0", True, "1.1 B, ViT-g/14"),
+    "bioptimus/H-optimus-0": HubEncoder("Apache-2.0", False),
+    "bioptimus/H-optimus-1": HubEncoder("academic research terms of the model card", True),
+    "MahmoodLab/UNI2-h": HubEncoder("CC-BY-NC-ND-4.0", True),
+    "paige-ai/Virchow2": HubEncoder("CC-BY-NC-ND-4.0", True),
+    "prov-gigapath/prov-gigapath": HubEncoder("Apache-2.0", True),
 }
 UNGATED = "hf-hub:bioptimus/H-optimus-0"  # the ungated alternative a line suggests
 

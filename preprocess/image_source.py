@@ -18,7 +18,7 @@ class ImageSource:
     def __init__(self, cache: np.ndarray, device: str, on_device: bool | None = None, mags: np.ndarray | None = None):
         self.device = torch.device(device)
         self.on_device = self.device.type != "cpu" if on_device is None else on_device
-        self.images = _copy_to(cache, self.device) if self.on_device else cache  # else memmap: rows read on demand
+        self.images = copy_to_device(cache, self.device) if self.on_device else cache  # else memmap: rows read on demand
         self.levels = None if mags is None else magnification_codes(mags)  # per cache row: the mask of a MIL bag
         self._device_levels = None if mags is None else torch.from_numpy(self.levels).to(self.device)
 
@@ -94,10 +94,12 @@ def upload_rows(samples: np.ndarray, device: torch.device) -> torch.Tensor:
     return rows.to(device, non_blocking=True)
 
 
-def _copy_to(cache: np.ndarray, device: torch.device, rows: int = 512) -> torch.Tensor:
-    """The cache in device memory, copied in chunks: no second host copy of the whole array,
-    and no read-only memmap handed to torch (which warns that it is not writable)."""
-    images = torch.empty(cache.shape, dtype=torch.uint8, device=device)
+def copy_to_device(cache: np.ndarray, device: torch.device, rows: int = 512) -> torch.Tensor:
+    """An array (the image cache, the feature maps) in device memory, copied in chunks: no second
+    host copy of the whole array, and no read-only memmap handed to torch (which warns that it
+    is not writable)."""
+    dtype = torch.from_numpy(np.empty(0, cache.dtype)).dtype  # not from the array: it may be read-only
+    images = torch.empty(cache.shape, dtype=dtype, device=device)
     for start in range(0, len(cache), rows):
         images[start:start + rows].copy_(torch.from_numpy(np.array(cache[start:start + rows])))
     return images

@@ -30,6 +30,7 @@ from config import ConfigError
 from backbones.encoder import feature_map
 from preprocess.augment import TTA_FLIPS, prepare_batch, test_views
 from preprocess.dataset import ImageSource, reads_levels, upload_rows
+from preprocess.image_source import copy_to_device
 from preprocess.preprocess import cache_key
 from utils.device import empty_cache
 from utils.engine.train import amp_context
@@ -142,15 +143,7 @@ def place_features(path: Path, device: torch.device, sharing: int = 1):
     gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     where = placement(path.stat().st_size, gpu_free, available_memory(), sharing)
     mapped = np.load(path, mmap_mode="r")
-    return (_to_device(mapped, device) if where == "gpu" else mapped), PLACES[where]
-
-
-def _to_device(mapped: np.ndarray, device: torch.device, rows: int = 4096) -> torch.Tensor:
-    """The mapped maps copied to the device in slices (no full host copy on the way)."""
-    out = torch.empty(mapped.shape, dtype=torch.float16, device=device)
-    for start in range(0, len(mapped), rows):
-        out[start:start + rows].copy_(torch.from_numpy(np.array(mapped[start:start + rows])))
-    return out
+    return (copy_to_device(mapped, device) if where == "gpu" else mapped), PLACES[where]
 
 
 def _build(cfg, images: ImageSource, path: Path, env) -> None:

@@ -41,11 +41,17 @@ def _init_worker(cfg, prepared, slots, log_file: str, jobs: int) -> None:
         torch.cuda.set_device(slot % torch.cuda.device_count())  # "cuda" now means this GPU
     else:
         device = "cpu" if device == "auto" else device
-    torch.set_num_threads(max(1, usable_cpus() // jobs))
+    study = worker_study(cfg, prepared, device, max(1, usable_cpus() // jobs))
+    _WORKER.update(cfg=cfg, study=study, slot=slot, pid=os.getpid())
+
+
+def worker_study(cfg, prepared, device: str, threads: int):
+    """The study as a worker process (local or a Ray task) trains on it: its threads, device
+    settings and backends, and the caches the parent built, mapped only."""
+    torch.set_num_threads(threads)
     env = detect_env(dataclasses.replace(cfg, device=device, workers=1))
     configure_backends(env.device, cfg.deterministic)  # a spawned process starts with torch's defaults
-    study = attach_features(cfg, attach_images(cfg, prepared, env))  # the parent built both caches: mapped only
-    _WORKER.update(cfg=cfg, study=study, slot=slot, pid=os.getpid())
+    return attach_features(cfg, attach_images(cfg, prepared, env))
 
 
 def _run_job(name: str, fold: int) -> dict:

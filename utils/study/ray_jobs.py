@@ -13,7 +13,6 @@ extra package (Ray is ~80 MB and starts daemons), and on one pod it gives the sa
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -23,8 +22,9 @@ from pathlib import Path
 from config import ConfigError, experiment_config
 from utils.env import PROJECT_ROOT
 from utils.engine.stop import StopRequested, stop_requested
-from utils.files import FAILED_JOBS_FILE, atomic_write_text
-from utils.study.parallel import settle_job
+from utils.engine.fold import run_fold
+from utils.files import FAILED_JOBS_FILE, atomic_write_text, setup_logging
+from utils.study.parallel import settle_job, worker_study
 
 log = logging.getLogger("mmnet")
 INSTALL = "pip install -r requirements-ray.txt"
@@ -74,21 +74,11 @@ def check_shared_storage(ray, cfg) -> None:
 def _run_task(cfg, prepared, name: str, fold: int, log_file: str) -> dict:
     """One job inside a Ray worker: its device, threads, logging and the shared cache."""
     import ray
-    import torch
-
-    from preprocess.prepared import attach_images
-    from utils.device import configure_backends, detect_env
-    from utils.engine.features import attach_features
-    from utils.engine.fold import run_fold
-    from utils.files import setup_logging
 
     setup_logging(log_file)  # the run's log on the shared volume, as a local worker's
     device = "cuda" if ray.get_gpu_ids() else "cpu"  # Ray has set CUDA_VISIBLE_DEVICES to this task's GPU
     threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-    torch.set_num_threads(max(1, threads))
-    env = detect_env(dataclasses.replace(cfg, device=device, workers=1))
-    configure_backends(env.device, cfg.deterministic)
-    study = attach_features(cfg, attach_images(cfg, prepared, env))
+    study = worker_study(cfg, prepared, device, max(1, threads))
     log.info("ray task (pid %d) on %s: %s fold %d", os.getpid(), ray.util.get_node_ip_address(), name, fold)
     return run_fold(experiment_config(cfg, name), study, name, fold)
 
