@@ -107,6 +107,7 @@ class Config:
     checkpoint_minutes: float = 5.0  # write last.pt at most this often (and at a stop, and at a fold's end); 0 = every epoch
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
     bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
+    conformal_alpha: float = 0.1  # error rate of the conformal prediction sets per class (benign, malignant, or both = refer); the report also shows 0.05 and 0.2
     keep_models: str = "all"  # experiments whose fold models stay under output/models/: all | mmnet (MMNet and the MIL models, whose Grad-CAM the report draws)
     live_report: bool = True  # rewrite report.html after a fold, at most once a minute (in a separate process)
     tensorboard: bool = False  # per-epoch scalars under <output_dir>/tensorboard/<experiment>/fold<k> (pip install tensorboard)
@@ -125,7 +126,7 @@ class Config:
         """Hash of every field that changes what a fold learns (not paths or run flags)."""
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
                 "report_only", "experiments", "backbones", "resume", "workers", "jobs", "gradcam_patients",
-                "bootstrap_samples", "keep_models", "micro_batch", "checkpoint_minutes", "device", "executor", "job_retries",
+                "bootstrap_samples", "conformal_alpha", "keep_models", "micro_batch", "checkpoint_minutes", "device", "executor", "job_retries",
                 "deterministic", "tensorboard", "live_report"}
         if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
             skip.add("bag_size")
@@ -199,7 +200,7 @@ OPTION_GROUPS = {
     "device": ("device", "amp", "micro_batch", "deterministic", "workers", "jobs", "executor", "job_retries",
                "checkpoint_minutes"),
     "output and report": ("output_dir", "report_file", "keep_models", "gradcam_patients", "bootstrap_samples",
-                          "live_report", "tensorboard"),
+                          "conformal_alpha", "live_report", "tensorboard"),
 }
 
 
@@ -234,6 +235,8 @@ def _problems(cfg: Config) -> list[str]:
             problems.append(problem("CFG003", name, f"must be >= {low}, got {getattr(cfg, name)}"))
     if cfg.magnification_dropout >= 1:
         problems.append(problem("CFG003", "magnification_dropout", f"must be below 1, got {cfg.magnification_dropout}"))
+    if not 0 < cfg.conformal_alpha < 0.5:
+        problems.append(problem("CFG003", "conformal_alpha", f"must lie in (0, 0.5), got {cfg.conformal_alpha}"))
     if not 0.05 <= cfg.inner_val_fraction <= 0.5:
         problems.append(problem("CFG003", "inner_val_fraction", f"must lie in [0.05, 0.5], got {cfg.inner_val_fraction}"))
     for name, choices in _CHOICES.items():

@@ -22,6 +22,7 @@ class Study:
     folds: pd.DataFrame  # one row per patient: group, label, fold, role_f<k>
     data_dir: Path
     demo: bool  # True when the data are synthetic
+    magnifications: tuple = ()  # what the study reads (--magnifications): its stain references are fitted on them
     env: EnvInfo | None = None  # set by attach_images()
     source: ImageSource | None = None  # the decoded images where the model runs
     usable: np.ndarray | None = None  # (N,) rows of the index that decoded

@@ -145,11 +145,21 @@ class Reinhard(nn.Module):
         self.fitted.fill_(True)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, P, 3) float in [0, 1] -> the same, normalised; flat frames (empty slots) pass unchanged."""
+        """(N, P, 3) float in [0, 1] -> the same, normalised. A frame without colour (a* and b*
+        spread under CHROMA_FLOOR: grey frames, blank glass, empty slots) passes unchanged, and no
+        channel's spread is scaled up more than 1 / STD_FLOOR times, so rounding noise is never
+        blown up into colour."""
         lab = rgb_to_lab(pixels)
         mean, std = lab.mean(1, keepdim=True), lab.std(1, keepdim=True)
-        out = lab_to_rgb((lab - mean) / std.clamp(min=1e-3) * self.lab_std + self.lab_mean)
-        return torch.where((std > 0.5).any(-1, keepdim=True) & self.fitted, out, pixels)
+        out = lab_to_rgb((lab - mean) / torch.maximum(std, STD_FLOOR * self.lab_std) * self.lab_std + self.lab_mean)
+        coloured = (std[..., 1:] > CHROMA_FLOOR).any(-1, keepdim=True)
+        return torch.where(coloured & self.fitted, out, pixels)
+
+
+# Reinhard: a* / b* spread (L*a*b* units; 1 is about a just noticeable difference) below which a
+# frame has no colour to normalise, and the least spread, relative to the reference's, that a
+# channel is taken to have (at most 10x amplification).
+CHROMA_FLOOR, STD_FLOOR = 0.5, 0.1
 
 
 STAIN_NORMALISERS = {"macenko": Macenko, "reinhard": Reinhard}  # --stain-norm names; 'none' adds nothing

@@ -67,7 +67,7 @@ def tiny_study(cfg, demo_tree, demo_index):
     from preprocess.prepared import Study, attach_images
 
     folds = build_folds(demo_index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
-    prepared = Study(index=demo_index, folds=folds, data_dir=demo_tree, demo=True)
+    prepared = Study(index=demo_index, folds=folds, data_dir=demo_tree, demo=True, magnifications=cfg.magnifications)
     return attach_images(cfg, prepared, detect_env(cfg))
 
 

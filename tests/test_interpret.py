@@ -182,7 +182,7 @@ def test_an_external_cohort_gets_a_validation_report_with_one_row_per_patient(tr
     assert predictions["label"].tolist() == [int("_M_" in p) for p in predictions["patient"]]  # from the names
     metrics = pd.read_csv(out / "metrics.csv").set_index("metric")
     assert metrics.loc["auc", "ci_low"] <= metrics.loc["auc", "value"] <= metrics.loc["auc", "ci_high"]
-    assert metrics.loc["sensitivity", "ci_method"] == "Wilson"
+    assert metrics.loc["sensitivity", "ci_method"].startswith("Wilson")  # at the slide groups' effective size
     assert "auc" in (out / "report.md").read_text() and (out / "roc.png").stat().st_size > 5000
     assert (out / "calibration.png").stat().st_size > 5000 and "<table" in (out / "report.html").read_text()
 

@@ -1,4 +1,6 @@
 """Magnification dropout: training meets the incomplete tuples that test time asks about."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -55,6 +57,7 @@ def _trained_mmnet(p: float, steps: int = 120, size: int = 16, seed: int = 0):
 
     from backbones import build_model
     from preprocess.dataset import ImageSource
+    from utils.engine.batchnorm import settle_batchnorm
 
     torch.manual_seed(seed)
     cfg = Config(backbone="test_resnet", pretrained="off", image_size=size, feature_dim=16,
@@ -72,7 +75,17 @@ def _trained_mmnet(p: float, steps: int = 120, size: int = 16, seed: int = 0):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    settle_batchnorm(model, source=source, data=_patients(tuples, labels), cfg=dataclasses.replace(
+        cfg, magnification_dropout=p), batch=32, amp_dtype="none", seed=seed)  # tested as it learned
     return model.eval(), source
+
+
+def _patients(tuples: np.ndarray, labels: np.ndarray):
+    """The training patients as the pipeline holds them: one image per magnification each."""
+    from preprocess.dataset import PatientImages
+
+    return PatientImages([f"p{i}" for i in range(len(labels))], labels, 4 * labels, [str(i) for i in range(len(labels))],
+                         [[row[m:m + 1] for m in range(4)] for row in tuples])
 
 
 def _accuracy(model, source, masked_slot=None) -> float:

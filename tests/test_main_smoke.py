@@ -51,6 +51,10 @@ def test_dry_run_writes_every_file(dry_run):
     text = (out / "RUNPOD_OUTPUT.md").read_text()
     assert "SYNTHETIC DEMO DATA" in text and "predicted duration" in text and "mmnet fold 1 done" in text
     assert "](plots/roc_mmnet.png)" in text  # figures linked relative to the report
+    conformal = pd.read_csv(out / "tables" / "conformal.csv")  # the conformal sets' table and plot
+    assert set(conformal["alpha"]) == {0.05, 0.1, 0.2} and (out / "plots" / "conformal_referral.png").is_file()
+    stain = sorted((out / "stain").glob("fold*.pt"))  # one stain reference per outer fold, shared
+    assert [p.name.split("-")[0] for p in stain] == ["fold0", "fold1"]
     assert "../output/plots/roc_mmnet.png" in extra.read_text()  # the extra copy links back to them
 
 
@@ -102,7 +106,8 @@ def test_report_html_renders_every_figure_without_overflow(dry_run, tmp_path):
 
 def test_encoder_table_pairs_encoders_on_the_same_patients(dry_run, tmp_path):
     """--backbones: one row per encoder; the paired difference to the first is 0 for the same
-    predictions and negative for a model whose probabilities are turned around."""
+    predictions (on the patients both scored, one being left out of one encoder) and 1 - 2 AUC
+    for a model whose probabilities are turned around."""
     from config import Config
     from utils.files import encoder_dir
     from utils.report.encoders import write_encoder_report
@@ -114,11 +119,18 @@ def test_encoder_table_pairs_encoders_on_the_same_patients(dry_run, tmp_path):
     for path in (encoder_dir(study, "enc_c") / "runs" / "mmnet").glob("fold*/predictions.csv"):
         frame = pd.read_csv(path)
         frame.assign(prob=1 - frame["prob"]).to_csv(path, index=False)
+    left_out = pd.read_csv(encoder_dir(study, "enc_b") / "runs" / "mmnet" / "fold0" / "predictions.csv")
+    left_out[left_out["patient"] != left_out["patient"].iloc[0]].to_csv(
+        encoder_dir(study, "enc_b") / "runs" / "mmnet" / "fold0" / "predictions.csv", index=False)
     cfg = Config(output_dir=str(study), backbones=("enc_a", "enc_b", "enc_c"), experiments=("mmnet", "single_40x"),
                  bootstrap_samples=200)
     write_encoder_report(cfg)
     table = pd.read_csv(study / "tables" / "encoders.csv")
     assert table["encoder"].tolist() == ["enc_a", "enc_b", "enc_c"] and set(table["experiment"]) == {"mmnet"}
-    assert table.loc[1, "d_auc"] == 0 and table.loc[2, "d_auc"] < 0
+    patients = table.loc[0, "patients"]
     assert table.loc[2, "auc"] == pytest.approx(1 - table.loc[0, "auc"])
+    assert table.loc[2, "d_auc"] == pytest.approx(1 - 2 * table.loc[0, "auc"])  # inverted scores: the exact gap
+    # enc_b lacks one patient: compared with enc_a on the others, and the table says so
+    assert table.loc[1, "d_auc"] == 0 and table.loc[1, "paired_patients"] == patients - 1
+    assert table.loc[1, "unpaired_patients"] == 1 and table.loc[2, "unpaired_patients"] == 0
     assert "enc_c" in (study / "RUNPOD_OUTPUT.md").read_text()

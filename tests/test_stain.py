@@ -11,7 +11,8 @@ from tests.conftest import tiny_config, tiny_study
 torchstain = pytest.importorskip("torchstain")
 from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer  # noqa: E402
 
-from preprocess.stain import Macenko, Reinhard, fit_montage, fold_reference, symmetric_eigenvectors  # noqa: E402
+from preprocess.stain import (STD_FLOOR, Macenko, Reinhard, fit_montage, rgb_to_lab,  # noqa: E402
+                             symmetric_eigenvectors)
 
 HE = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])  # haematoxylin, eosin optical densities
 
@@ -123,20 +124,62 @@ def _rows(data) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["macenko", "reinhard"])
-def test_fold_reference_ignores_the_test_images(fold_setup, name):
-    _, _, split, source = fold_setup
-    before = fold_reference(name, source, split["train"], seed=7)
+def test_the_study_reference_of_a_fold_ignores_its_test_images(fold_setup, tmp_path, name):
+    """The production path (utils.engine.stain_reference): inverting every test-fold image leaves
+    the fold's reference bit-identical; darkening the training images changes it."""
+    from utils.engine.stain_reference import shared_reference
+
+    cfg, study, split, source = fold_setup
+    study = dataclasses.replace(study, source=source)
+    fresh = iter(range(3))
+    reference = lambda: shared_reference(dataclasses.replace(cfg, stain_norm=name, output_dir=str(tmp_path / str(
+        next(fresh)))), study, 0)  # a new output folder each time: fitted again, never read back
+    before = reference()
     original = source.images.copy()
     try:
         test_rows = _rows(split["test"])
         source.images[test_rows] = 255 - source.images[test_rows]  # the test fold's colours inverted
-        assert all(torch.equal(before[k], v) for k, v in fold_reference(name, source, split["train"], seed=7).items())
+        assert all(torch.equal(before[k], v) for k, v in reference().items())
         train_rows = _rows(split["train"])
         source.images[train_rows] = source.images[train_rows] // 2  # the training images darker
-        changed = fold_reference(name, source, split["train"], seed=7)
-        assert any(not torch.allclose(before[k], v) for k, v in changed.items())
+        assert any(not torch.allclose(before[k], v) for k, v in reference().items())
     finally:
         source.images[:] = original
+
+
+def test_every_experiment_of_a_fold_is_normalised_to_one_reference(fold_setup, tmp_path):
+    """MMNet (four magnifications) and single_40x (one) on the same fold: one reference file,
+    fitted once, and both kept fold models hold it, bit for bit."""
+    from config import experiment_config
+    from utils.engine.fold import run_fold
+    from utils.engine.inference import load_fold_model
+    from utils.engine.stain_reference import STAIN_DIR
+
+    cfg, study, _, _ = fold_setup
+    cfg = dataclasses.replace(cfg, output_dir=str(tmp_path), epochs=1)
+    for name in ("mmnet", "single_40x"):
+        run_fold(experiment_config(cfg, name), study, name, 0)
+    assert len(list((tmp_path / STAIN_DIR).glob("fold0-*.pt"))) == 1
+    held = [load_fold_model(tmp_path / "models" / name / "fold0.pt").model.stain.state_dict()
+            for name in ("mmnet", "single_40x")]
+    assert held[0]["fitted"] and all(torch.equal(held[0][k], held[1][k]) for k in held[0])
+
+
+def test_reinhard_leaves_a_grey_ramp_grey():
+    """A grey ramp has a*/b* spread of rounding noise only: the frame passes unchanged instead of
+    that noise being scaled up into colour; a tissue frame is still normalised."""
+    normaliser = Reinhard()
+    normaliser.fit(fit_montage(stained_images(4, seed=0)))
+    ramp = torch.linspace(0.1, 0.9, 600)[:, None].expand(600, 3).contiguous()
+    tissue = as_pixels(stained_images(1, seed=9, h=20, w=30))[0]
+    out = normaliser(torch.stack([ramp, tissue]))
+    assert (out[0].max(-1).values - out[0].min(-1).values).max() * 255 < 1  # every pixel still grey
+    assert not torch.allclose(out[1], tissue)
+    # A faintly tinted ramp is coloured, but its noise is amplified at most 1 / STD_FLOOR times.
+    tinted = ramp * torch.tensor([1.0, 0.99, 1.0])
+    lab_in = rgb_to_lab(tinted)[:, 1:].std(0)
+    lab_out = rgb_to_lab(normaliser(tinted[None])[0])[:, 1:].std(0)
+    assert (lab_out <= lab_in / STD_FLOOR + 1e-3).all()
 
 
 def test_fold_model_carries_and_applies_its_reference(fold_setup, tmp_path):

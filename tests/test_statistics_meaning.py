@@ -29,40 +29,109 @@ def test_corrected_t_interval_by_hand():
     assert t == pytest.approx(0.3 / 0.106066, rel=1e-4) and p == pytest.approx(0.0474, abs=5e-4)  # t(4) table
 
 
-def test_with_repeats_eachpatient_counts_once_in_wilson_counts():
-    """Two repeats test every patient twice: 4 patients, not 8, and the probability averaged."""
-    from utils.report.tables import patient_counts, patients_once
+def _run(pooled: pd.DataFrame) -> dict:
+    """What tables.load_runs gives for these predictions (one results.json per job)."""
+    from utils.metrics import fold_metrics
 
+    jobs = pooled[["repeat", "fold"]].drop_duplicates()
+    results = [{"fold": int(f), "repeat": int(r), "threshold": 0.5, "patients": {"train": 8, "test": 4}}
+               for r, f in jobs.itertuples(index=False)]
+    return {"pooled": pooled, "results": results,
+            "metrics": {int(f): fold_metrics(part, 0.5) for f, part in pooled.groupby("fold")}}
+
+
+def _two_repeats() -> pd.DataFrame:
+    """4 patients tested in 2 repeats; patient b is decided right in one and wrong in the other."""
     rows = []
     for repeat in (0, 1):
         for patient, label, prob in (("a", 1, 0.9), ("b", 1, 0.4 + 0.3 * repeat), ("c", 0, 0.1), ("d", 0, 0.2)):
             rows.append({"repeat": repeat, "fold": repeat * 2, "patient": patient, "group": patient,
                          "label": label, "subtype": 4 * label, "prob": prob, "threshold": 0.5})
-    pooled = pd.DataFrame(rows)
-    once = patients_once(pooled)
-    assert len(once) == 4 and once.set_index("patient").loc["b", "prob"] == pytest.approx(0.55)
-    assert patient_counts(pooled, "accuracy") == (4, 4)
-    assert patient_counts(pooled, "sensitivity") == (2, 2)
+    return pd.DataFrame(rows)
 
 
-def test_the_pooled_roc_counts_each_patient_once_and_bands_the_curve(tmp_path, monkeypatch):
-    import pandas as pd
+def test_with_repeats_a_proportion_and_its_interval_rest_on_the_same_counts():
+    """b flips: sensitivity is 1.5 of 2 patients (each counted once), shown as 0.75 (the share
+    of the 4 tests of malignant patients decided right), with the interval of those counts."""
+    from utils.report.statistics import clustered_wilson
+    from utils.report.tables import statistics
 
+    stats = statistics({"m": _run(_two_repeats())}, n_boot=50, seed=0, families={})
+    row = stats[(stats["level"] == "patient") & (stats["metric"] == "sensitivity")].iloc[0]
+    assert (row["successes"], row["trials"], row["patients"]) == (1.5, 2, 4)
+    assert row["pooled"] == pytest.approx(row["successes"] / row["trials"]) == pytest.approx(0.75)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(clustered_wilson([1.0, 0.5], ["a", "b"]))
+    accuracy = stats[(stats["level"] == "patient") & (stats["metric"] == "accuracy")].iloc[0]
+    assert accuracy["pooled"] == pytest.approx(3.5 / 4) and accuracy["trials"] == 4
+
+
+def test_clustered_wilson_by_hand():
+    """One patient per slide group: the plain Wilson interval of the patients. Pairs of patients
+    that always decide alike: the Wilson interval of the groups (half the evidence)."""
+    from utils.report.statistics import clustered_wilson, effective_size, wilson
+
+    single = [1.0] * 15 + [0.0] * 5
+    assert effective_size(single, range(20)) == 20
+    assert clustered_wilson(single, range(20)) == pytest.approx(wilson(15, 20))
+    paired_groups = [i // 2 for i in range(20)]
+    alike = [1.0] * 14 + [0.0] * 6  # groups 0-6 right, 7-9 wrong, both patients alike
+    assert effective_size(alike, paired_groups) == 10
+    assert clustered_wilson(alike, paired_groups) == pytest.approx(wilson(7, 10))
+    assert effective_size([1.0] * 20, paired_groups) == 10  # p = 1: no variance seen, the groups count
+
+
+def test_a_comparison_rests_on_the_patients_both_sides_scored():
+    """The compared model lacks patient p3: its Δ AUC is the difference on the other patients
+    (sklearn on the common patients), and the row counts 9 paired patients and 1 left out."""
+    from sklearn.metrics import roc_auc_score
+
+    from utils.report.tables import comparison_table, statistics
+
+    rng = np.random.default_rng(3)
+    base = pd.DataFrame({"patient": [f"p{i}" for i in range(10)], "group": [f"g{i}" for i in range(10)],
+                         "label": [i % 2 for i in range(10)], "subtype": [4 * (i % 2) for i in range(10)],
+                         "repeat": 0, "fold": [i % 2 for i in range(10)], "threshold": 0.5})
+    ref = base.assign(prob=np.clip(0.5 + 0.25 * (2 * base["label"] - 1) + rng.normal(0, 0.3, 10), 0, 1))
+    other = base.assign(prob=rng.random(10))
+    other = other[other["patient"] != "p3"]
+    stats = statistics({"mmnet": _run(ref), "single_40x": _run(other)}, n_boot=100, seed=0,
+                       families={"main": ("single_40x",)})
+    row = stats[(stats["experiment"] == "single_40x") & (stats["level"] == "patient") & (stats["metric"] == "auc")].iloc[0]
+    common = ref[ref["patient"] != "p3"]
+    expected = roc_auc_score(other["label"], other["prob"]) - roc_auc_score(common["label"], common["prob"])
+    assert row["diff_pooled"] == pytest.approx(expected)
+    assert (row["paired_patients"], row["unpaired_patients"]) == (9, 1)
+    shown = comparison_table(stats, ["mmnet", "single_40x"], "patient", "main").set_index("experiment")
+    assert shown.loc["single_40x", "paired patients"] == "9 (1 scored by one side only, left out)"
+    alone = comparison_table(stats, ["single_40x"], "patient", "main")
+    assert not any(c.startswith("Δ") for c in alone.columns)  # nothing to compare with: no Δ columns
+
+
+def test_the_pooled_roc_shows_the_tables_auc_and_counts_each_patient_once(tmp_path, monkeypatch):
+    """Two repeats: the legend's AUC is the table's pooled patient AUC (the same tests), its
+    count the 12 patients (not 24 tests), and the band brackets the curve almost everywhere."""
     from utils.report import plottings
+    from utils.report.tables import statistics
 
     rng = np.random.default_rng(0)
     patients = pd.DataFrame({"patient": [f"p{i}" for i in range(12)], "group": [str(i // 2) for i in range(12)],
-                             "label": [i % 2 for i in range(12)]})
-    pooled = pd.concat([patients.assign(fold=r * 2 + i % 2, repeat=r, prob=np.clip(0.5 + 0.3 * (2 * patients.label - 1)
-                                                                            + rng.normal(0, 0.3, 12), 0, 1),
-                                        threshold=0.5)
-                        for r in range(2) for i in range(1)])
+                             "label": [i % 2 for i in range(12)], "subtype": [4 * (i % 2) for i in range(12)]})
+    pooled = pd.concat([patients.assign(fold=r * 2 + patients.index % 2, repeat=r, threshold=0.5,
+                                        prob=np.clip(0.5 + 0.3 * (2 * patients.label - 1) + rng.normal(0, 0.3, 12), 0, 1))
+                        for r in range(2)], ignore_index=True)
     captured = {}
     real_save = plottings._save
     monkeypatch.setattr(plottings, "_save", lambda fig, path: captured.setdefault("fig", fig) and real_save(fig, path))
-    path = plottings.pooled_roc({"mmnet": {"pooled": pooled}}, ["mmnet"], tmp_path / "roc.png", n_boot=50)
-    assert path.is_file()
+    plottings.pooled_roc({"mmnet": {"pooled": pooled}}, ["mmnet"], tmp_path / "roc.png", n_boot=200)
+    legend = captured["fig"].axes[0].get_legend().get_texts()[0].get_text()
+    stats = statistics({"mmnet": _run(pooled)}, n_boot=50, seed=0, families={})
+    auc = stats[(stats["level"] == "patient") & (stats["metric"] == "auc")]["pooled"].iloc[0]
+    assert f"AUC {auc:.3f}" in legend and "12 patients, 6 malignant" in legend
     ax = captured["fig"].axes[0]
-    assert "12 patients, 6 malignant" in ax.get_legend().get_texts()[0].get_text()  # not 24 under 2 repeats
     band = ax.collections[0].get_paths()[0].vertices
-    assert band[:, 1].min() >= 0 and band[:, 1].max() <= 1
+    fpr, tpr = ax.lines[0].get_data()
+    grid = np.linspace(0, 1, 101)
+    low, high = band[1:102, 1], band[102:203][::-1, 1]  # fill_between's polygon: start, lower edge, upper edge back
+    assert np.allclose(band[1:102, 0], grid) and (low <= high + 1e-9).all()
+    curve = np.interp(grid, fpr, tpr)
+    assert np.mean((low <= curve + 1e-9) & (curve <= high + 1e-9)) >= 0.8

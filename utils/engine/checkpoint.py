@@ -144,8 +144,8 @@ def reload_last(state: FoldState, run_dir, fresh_state) -> None:
 
 
 def refuse_if_foreign(path, identity: dict, saved: dict) -> None:
-    if saved.get("config_hash") != identity["config_hash"] or saved.get("folds_hash") != identity["folds_hash"]:
-        raise ForeignRunError(f"{path} was written with a different config or folds: rerun with "
+    if any(saved.get(key) != value for key, value in identity.items()):  # config, folds, stain reference
+        raise ForeignRunError(f"{path} was written with a different config, folds or stain reference: rerun with "
                               f"--no-resume to retrain, or use another --output-dir")
 
 

@@ -30,7 +30,7 @@ from utils.engine.batchnorm import settle_batchnorm
 from utils.engine.evaluate import evaluation_batch, prediction_frame
 from utils.files import ATTENTION_FILE, atomic_write_text
 from preprocess.splits import folds_fingerprint
-from preprocess.stain import fold_reference
+from utils.engine.stain_reference import reference_key, shared_reference
 from utils.engine.losses import StudyLoss, binary_loss, subtype_class_weights
 from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
 from utils.engine.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
@@ -76,10 +76,12 @@ def _epoch_or_replay(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> E
 
 def _validate(state: FoldState, run: FoldRun, val_tuples, val_owners) -> dict:
     """Inner-validation AUC and the binary training loss on those patients (the same quantity
-    as train_binary_loss), plain view; empty when no epoch is chosen (--model-selection last)."""
+    as train_binary_loss), plain view, of the candidate settled as it would be tested; empty
+    when no epoch is chosen (--model-selection last)."""
     if val_tuples is None:
         return {}
     env = run.study.env
+    _settle(state, run, tested_model(state))
     out = predict(tested_model(state), run.study.source, val_tuples, evaluation_batch(run.cfg, env), env.amp_dtype,
                   tta=False)
     labels = run.split["val"].labels[val_owners]
@@ -88,14 +90,13 @@ def _validate(state: FoldState, run: FoldRun, val_tuples, val_owners) -> dict:
     return {"val_loss": float(loss), "val_auc": float(roc_auc_score(labels, out["prob"]))}
 
 
-def _settle(state: FoldState, run: FoldRun) -> bool:
-    """The tested weights get the BatchNorm statistics of the fold's training patients before
-    anything is predicted or kept."""
-    settled = settle_batchnorm(state.model, source=run.study.source, data=run.split["train"], cfg=run.cfg,
-                               batch=evaluation_batch(run.cfg, run.study.env), amp_dtype=run.study.env.amp_dtype)
-    if settled:
-        state.best_weights = cpu_copy(saved_state(state.model))
-    return settled
+def _settle(state: FoldState, run: FoldRun, model: torch.nn.Module) -> bool:
+    """`model` gets the BatchNorm statistics of what training fed it (the fold's training
+    tuples with their magnification-dropout masks, at training's micro-batch) before it is
+    validated, tested or kept; the same fixed draw for every candidate of the fold."""
+    micro = math.ceil(samples_for(run.cfg, run.study.env.batch_size) / state.accumulation)
+    return settle_batchnorm(model, source=run.study.source, data=run.split["train"], cfg=run.cfg, batch=micro,
+                            amp_dtype=run.study.env.amp_dtype, seed=derived_seed(run.cfg.seed, run.fold, 4))
 
 
 def _improved(state: FoldState, run: FoldRun, val: dict) -> bool:
@@ -172,7 +173,10 @@ def _predictions(state: FoldState, run: FoldRun, role: str) -> pd.DataFrame:
 def fold_identity(cfg, study, fold: int) -> dict:
     """What a finished fold or a checkpoint must match to be reused: the training settings and
     this fold's own split (adding CV repeats leaves the first repetition's folds valid)."""
-    return {"config_hash": cfg.training_hash(), "folds_hash": folds_fingerprint(study.folds, fold)}
+    identity = {"config_hash": cfg.training_hash(), "folds_hash": folds_fingerprint(study.folds, fold)}
+    if (stain := reference_key(cfg, study, fold)) is not None:
+        identity["stain_reference"] = stain
+    return identity
 
 
 def _open_fold(cfg, study, experiment: str, fold: int, identity: dict, progress) -> FoldRun:
@@ -180,7 +184,7 @@ def _open_fold(cfg, study, experiment: str, fold: int, identity: dict, progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     split = fold_split(study.index, study.usable, study.folds, fold, cfg)
     steps = math.ceil(tuples_per_epoch(split["train"], cfg) / samples_for(cfg, study.env.batch_size))
-    stain = fold_reference(cfg.stain_method(), study.source, split["train"], derived_seed(cfg.seed, fold, 3))
+    stain = shared_reference(cfg, study, fold)  # one per outer fold, shared by every experiment
     return FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
                    lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold), stain),
                    progress, scalar_writer(cfg, experiment, fold))
@@ -190,7 +194,9 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
     """Test predictions and results.json. Decisions are at 0.5 (training is class-balanced);
     the threshold chosen on inner validation is kept for a secondary row only."""
     load_saved_state(state.model, state.best_weights)
-    settled = _settle(state, run)
+    settled = _settle(state, run, state.model)
+    if settled:
+        state.best_weights = cpu_copy(saved_state(state.model))
     run.writer.submit(kept_write(state, run))  # written while the test fold is predicted
     val_threshold = None  # a secondary rule, only where inner-validation patients exist
     if "val" in run.split:

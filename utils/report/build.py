@@ -17,6 +17,7 @@ from utils.report import plottings
 from utils.env import PROJECT_ROOT, get_base_path
 from utils.files import (FAILED_JOBS_FILE, GRADCAM_DIR, PROGRESS_FILE, REPORT_FILE, RUN_LOG, atomic_write_text, markdown_table,
                          save_table, setup_logging)
+from utils.report.conformal import CONFORMAL_ALPHAS, conformal_table
 from utils.report.html_report import write_html_report
 from utils.report.report_text import header_lines, protocol_text, read_text_file, results_key
 from utils.report.weights import fusion_weights, magnification_importance, magnification_weights
@@ -95,6 +96,10 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
     if len(secondary):  # only runs that held inner-validation patients out (--model-selection inner_val)
         entries.append(("Secondary: decisions at the validation-chosen threshold (patient level, fold mean ± sd)",
                         "validation_threshold", secondary, False))
+    alphas = sorted({*CONFORMAL_ALPHAS, cfg.conformal_alpha})
+    entries.append(("Conformal prediction sets (patient level; each outer fold calibrated on the other folds' "
+                    "patients; referred = both labels or none)", "conformal",
+                    conformal_table(runs, main, alphas, cfg.bootstrap_samples, cfg.seed), False))
     entries += [("Calibration (patient level, corrected for the balanced training prior)", "calibration",
                  calibration_table(runs), False),
                 ("Time per experiment", "timing", timing_table(runs), False)]
@@ -129,6 +134,9 @@ def write_plots(runs: dict, stats, out: Path, reference: str) -> list[tuple[Path
     figures.append((plottings.pooled_roc(runs, compared, plots / "roc_pooled.png"),
                     "Pooled out-of-fold patient ROC curves of the compared models with 95 % slide-group bootstrap "
                     "bands (each patient once, averaged over repeats); the legend gives the patients counted."))
+    figures.append((plottings.referral_plot(runs, compared, plots / "conformal_referral.png"),
+                    "Share of patients referred (conformal set of both labels, or none) against the per-class "
+                    "error rate alpha; each outer fold calibrated on the other folds' patients."))
     run, name, title = runs[reference], reference, plottings.title_of(reference)
     figures += [
         (plottings.roc_curves(run, name, plots / f"roc_{name}.png"),

@@ -14,7 +14,8 @@ import pandas as pd
 
 from utils.files import FEATURE_CACHE_FILE, REPORT_FILE, atomic_write_text, encoder_dir, markdown_table
 from utils.report.statistics import bootstrap_ci, paired_difference_ci
-from utils.report.tables import load_runs, patients_once
+from utils.report.paired import on_common_patients, paired_count_text
+from utils.report.tables import load_runs
 
 COMPARED = ("balanced_accuracy", "auc")
 
@@ -31,11 +32,13 @@ def _cache_gb(folder: Path) -> float | None:
 
 def _row(backbone: str, run: dict, first: dict | None, n_boot: int, seed: int, folder: Path) -> dict:
     ci = bootstrap_ci(run["pooled"], "patient", n_boot=n_boot, seed=seed)
-    row = {"encoder": backbone, "patients": len(patients_once(run["pooled"]))}
+    row = {"encoder": backbone, "patients": run["pooled"]["patient"].nunique()}
     for metric in COMPARED:
         row.update({metric: ci[metric][0], f"{metric}_ci_low": ci[metric][1], f"{metric}_ci_high": ci[metric][2]})
-    if first is not None:
-        diffs = paired_difference_ci(run["pooled"], first["pooled"], COMPARED, n_boot, seed)
+    if first is not None:  # on the patient tests both encoders scored
+        mine, theirs, counts = on_common_patients(run["pooled"], first["pooled"])
+        row.update(counts)
+        diffs = paired_difference_ci(mine, theirs, COMPARED, n_boot, seed)
         for metric, (diff, low, high) in diffs.items():
             row.update({f"d_{metric}": diff, f"d_{metric}_ci_low": low, f"d_{metric}_ci_high": high})
     row["train_minutes"] = round(sum(r["train_seconds"] for r in run["results"]) / 60, 2)
@@ -62,6 +65,10 @@ def _shown(table: pd.DataFrame) -> pd.DataFrame:
                          "bal_acc [CI]": [interval(r, "balanced_accuracy") for _, r in table.iterrows()],
                          "auc [CI]": [interval(r, "auc") for _, r in table.iterrows()],
                          "Δauc vs first [CI]": [interval(r, "auc", "d_") for _, r in table.iterrows()],
+                         "paired patients": [paired_count_text(r.get("paired_patients", float("nan")),
+                                                               r.get("unpaired_patients", 0)) if "paired_patients" in r
+                                             and pd.notna(r.get("paired_patients")) else "reference"
+                                             for _, r in table.iterrows()],
                          "train min": table["train_minutes"], "cache GB": table["feature_cache_gb"]})
 
 

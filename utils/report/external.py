@@ -19,14 +19,14 @@ from sklearn.metrics import roc_curve
 
 from utils.files import markdown_table
 from utils.metrics import DECISION_THRESHOLD, METRICS
-from utils.report.statistics import bootstrap_ci, wilson
-from utils.report.tables import PROPORTIONS, patient_counts
+from utils.report.statistics import bootstrap_ci
+from utils.report.tables import PROPORTION_CI, PROPORTIONS, patient_proportion
 
 def external_metrics(patients: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """metric, value, ci_low, ci_high, ci_method at patient level, decisions at the ensemble's
-    threshold, as the cross-validation's table has them: Wilson intervals for the proportions
-    (tables.patient_counts), a bootstrap of slide groups within class for the rest (NaN where
-    a class is missing)."""
+    threshold, as the cross-validation's table has them: Wilson intervals at the slide groups'
+    effective sample size for the proportions (tables.patient_proportion), a bootstrap of slide
+    groups within class for the rest (NaN where a class is missing)."""
     frame = patients.assign(fold=0)
     ci = bootstrap_ci(frame, "patient", n_boot=n_boot, seed=seed) if frame["label"].nunique() == 2 else {}
     rows = []
@@ -34,10 +34,8 @@ def external_metrics(patients: pd.DataFrame, n_boot: int = 2000, seed: int = 0) 
         value, low, high = ci.get(metric, (float("nan"),) * 3)
         method = "slide-group bootstrap"
         if metric in PROPORTIONS:
-            right, trials = patient_counts(frame, metric)
-            value = right / trials if trials else float("nan")
-            low, high = wilson(right, trials) if trials else (float("nan"),) * 2
-            method = "Wilson"
+            counted = patient_proportion(frame.assign(repeat=0), metric)
+            value, low, high, method = counted["value"], counted["ci_low"], counted["ci_high"], PROPORTION_CI
         rows.append({"metric": metric, "value": value, "ci_low": low, "ci_high": high, "ci_method": method})
     return pd.DataFrame(rows)
 

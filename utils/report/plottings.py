@@ -16,8 +16,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from config import EXPERIMENTS, MAGNIFICATIONS, MIL_EXPERIMENTS
 from utils.metrics import patient_probabilities
-from utils.report.statistics import group_draws
-from utils.report.tables import patients_once
+from utils.report.statistics import group_draws, scored_units
 
 
 # How each experiment is named in figures and tables meant for readers.
@@ -103,13 +102,15 @@ def roc_curves(run: dict, name: str, path: Path) -> Path:
 
 
 def pooled_roc(runs: dict, names: list[str], path: Path, n_boot: int = 200, seed: int = 0) -> Path:
-    """The pooled out-of-fold patient ROC curve of each compared model (a patient once, its
-    probability averaged over repeats), with a 95 % band from the same slide-group bootstrap as
-    the intervals (groups resampled within class), and the patient counts in the legend."""
+    """The pooled out-of-fold patient ROC curve of each compared model over the same tests as the
+    table's AUC (a patient once per repeat, so the legend's AUC is the table's), with a 95 % band
+    from the same slide-group bootstrap as the intervals (groups resampled within class), and
+    the patients, each counted once, in the legend."""
     grid = np.linspace(0, 1, 101)
     fig, ax = _figure(figsize=(6.4, 5.2))
     for name in names:
-        units = patients_once(runs[name]["pooled"])
+        units = scored_units(runs[name]["pooled"], "patient")
+        patients = units.groupby("patient")["label"].first()
         if units["label"].nunique() < 2:
             continue
         y, p = units["label"].to_numpy(), units["prob"].to_numpy()
@@ -119,8 +120,8 @@ def pooled_roc(runs: dict, names: list[str], path: Path, n_boot: int = 200, seed
                 if (w * y).sum() > 0 and (w * (1 - y)).sum() > 0]
         low, high = np.percentile(band, [2.5, 97.5], axis=0)
         fpr, tpr, _ = roc_curve(y, p)
-        line, = ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {roc_auc_score(y, p):.3f}; {len(y)} patients, "
-                                                f"{int(y.sum())} malignant)")
+        line, = ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {roc_auc_score(y, p):.3f}; {len(patients)} patients, "
+                                                f"{int(patients.sum())} malignant)")
         ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.12)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set(title="Pooled out-of-fold ROC (patients), 95 % slide-group bootstrap bands",
@@ -188,6 +189,25 @@ def magnification_importance_plot(table: pd.DataFrame, name: str, path: Path) ->
     ax.set_xticks(np.arange(len(cols)) + 0.4 - width / 2, cols)
     ax.set(title=f"{title_of(name)}: AUC lost when one magnification is masked out", ylabel="patient AUC drop",
            xlabel="masked magnification")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def referral_plot(runs: dict, names: list[str], path: Path) -> Path | None:
+    """Share of patients a conformal "refer" answer sends to a pathologist, against the error
+    rate alpha, per compared model (utils.report.conformal, calibrated across folds)."""
+    from utils.report.conformal import referral_curve
+
+    alphas = np.linspace(0.02, 0.3, 15)
+    curves = {n: referral_curve(_patients(runs[n]), alphas) for n in names
+              if n in runs and _patients(runs[n])["label"].nunique() == 2}
+    if not curves:
+        return None
+    fig, ax = _figure(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(alphas, curve, marker=".", label=name)
+    ax.set(title="Conformal referral rate against the error rate", xlabel="alpha (per-class error rate)",
+           ylabel="share of patients referred", ylim=(0, 1))
     ax.legend(fontsize=7)
     return _save(fig, path)
 

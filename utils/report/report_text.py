@@ -40,14 +40,19 @@ def results_key(cfg) -> str:
     """How to read a results cell, with the run's own number of bootstrap draws."""
     return ("Cells: value of the pooled out-of-fold predictions [95 % CI]; the CI resamples slide groups "
             f"within class ({cfg.bootstrap_samples:,} draws), except patient-level accuracy, sensitivity and "
-            "specificity, which use the Wilson interval. `bal_acc folds`: fold mean ± sd. Δ: the pooled "
-            "difference from mmnet [paired slide-group bootstrap CI, the same draws for both models]; Δ folds: "
-            "the mean of the per-fold differences [corrected t interval], which, unlike the pooled Δ, does not "
-            "charge differences in calibration between folds; p: corrected resampled t-test across folds "
-            "(Nadeau and Bengio 2003; the exact sign test over the outer folds when every fold shows the same "
-            "difference), Holm-adjusted within each table. With repeated cross-validation a patient counts "
-            "once in Wilson intervals and subtype counts. A p above 0.05 means the "
-            "data cannot tell the models apart; it does not mean they are equivalent: read the CI of Δ.")
+            "specificity: successes / patients with a Wilson interval at the effective number of patients of "
+            "their slide groups (Korn and Graubard 1998: p(1-p) over the between-group variance, between the "
+            "number of slide groups and of patients; the number of groups where p is 0 or 1). `patients`: "
+            "patients scored, each once. Δ: the pooled difference from mmnet on the patients both models scored "
+            "(`paired patients`; those scored by one side only are left out and counted) [paired slide-group "
+            "bootstrap CI, the same draws for both models]; Δ folds: the mean of the per-fold differences "
+            "[corrected t interval], which, unlike the pooled Δ, does not charge differences in calibration "
+            "between folds; p: corrected resampled t-test across folds (Nadeau and Bengio 2003; the exact sign "
+            "test over the outer folds when every fold shows the same difference), Holm-adjusted within each "
+            "table. With repeated cross-validation every patient is tested once per repeat: a proportion's "
+            "successes count each patient's share of repeats decided right, so point and interval rest on the "
+            "same counts, and a patient counts once. A p above 0.05 means the data cannot tell the models "
+            "apart; it does not mean they are equivalent: read the CI of Δ.")
 
 
 def _selection_text(cfg) -> str:
@@ -69,18 +74,28 @@ def _tta_text(cfg) -> str:
 
 def protocol_text(cfg, runs: dict) -> str:
     """The protocol in one paragraph a reviewer can check against the code and folds.csv."""
-    folds = max((len(run["results"]) for run in runs.values()), default=cfg.folds)
-    return (f"{folds}-fold cross-validation, StratifiedGroupKFold stratified on the 8 subtypes with the numeric "
+    return (f"{_cv_text(cfg)}, StratifiedGroupKFold stratified on the 8 subtypes with the numeric "
             f"slide id as group (slide numbers shared by several patient folders stay together; no patient "
             f"and no slide number is ever on both sides of a split, checked when folds are built and when "
             f"they are loaded); seed {cfg.seed}. {_selection_text(cfg)} Training draws both classes equally "
             f"often, so decisions are at 0.5. {_tta_text(cfg)} A tuple is one image per "
             f"magnification of one patient; a patient's probability is the mean over its evaluation "
-            f"tuples, which cover every image. Before a fold's model predicts anything, its BatchNorm "
-            f"statistics are re-estimated on the fold's training patients (plain views, no gradient, an exact "
-            f"average), so the network tested is the network that trained; the kept model holds them."
+            f"tuples, which cover every image. Before a fold's model is validated, tested or kept, its "
+            f"BatchNorm statistics are set to the exact mean and variance of what training fed each layer: "
+            f"one epoch of the fold's training tuples as training draws them (patients mixed in every batch, "
+            f"magnification dropout included, a fixed seed, no gradient), so the network tested is the network "
+            f"that trained; the kept model holds them."
             f"{_dropout_text(cfg)}{_stain_text(cfg)}{_bag_text(cfg, runs)} Every experiment uses the same folds, seeds "
             f"and budget, so comparisons are paired. Models are compared at patient level only.")
+
+
+def _cv_text(cfg) -> str:
+    """What the folds are: k-fold cross-validation, repeated r times with new fold seeds."""
+    if cfg.cv_repeats > 1:
+        return (f"{cfg.folds}-fold cross-validation repeated {cfg.cv_repeats} times with new fold seeds "
+                f"({cfg.folds * cfg.cv_repeats} train/test jobs per experiment; every patient tested once per "
+                f"repeat)")
+    return f"{cfg.folds}-fold cross-validation"
 
 
 def _dropout_text(cfg) -> str:
@@ -95,9 +110,10 @@ def _stain_text(cfg) -> str:
         return ""
     name = {"macenko": "Macenko (stain vectors and 99th-percentile concentrations)",
             "reinhard": "Reinhard (L*a*b* means and deviations)"}[cfg.stain_method()]
-    return (f" Stain normalisation: {name}, with a reference fitted for each outer fold on "
-            f"{STAIN_FIT_IMAGES} images of that fold's training patients only (never its test patients), "
-            f"kept in the fold model and applied to every image the fold trains, validates and "
+    return (f" Stain normalisation: {name}, with one reference for each outer fold (and repeat), fitted on "
+            f"{STAIN_FIT_IMAGES} images of that fold's training patients only (never its test patients) at the "
+            f"study's magnifications ({'/'.join(f'{m}X' for m in cfg.magnifications)}) and shared by every "
+            f"experiment of the fold, so comparisons are paired on stain too; kept in the fold model and applied to every image the fold trains, validates and "
             f"tests on, before augmentation (a frame with nothing to estimate, such as an empty slot or one with under 1 % stained "
             f"pixels for Macenko, passes unchanged).")
 

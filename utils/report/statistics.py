@@ -180,6 +180,33 @@ def wilson(successes: float, n: float) -> tuple[float, float]:
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
+def effective_size(correct: np.ndarray, groups: np.ndarray) -> float:
+    """Patients' worth of independent evidence in a proportion whose units are clustered in
+    slide groups (Korn & Graubard 1998): n_eff = p (1 - p) / var(p), with var(p) the ratio
+    estimator's between-group variance. Kept between the number of groups (every group one
+    unit) and of patients; where p is 0 or 1 no variance is seen, and the number of groups is
+    used. `correct`: per patient, the share of its tests decided right (0/1 without repeats)."""
+    correct = np.asarray(correct, float)
+    frame = pd.DataFrame({"y": correct, "g": np.asarray(groups).astype(str)}).groupby("g")["y"].agg(["sum", "size"])
+    n, g = len(correct), len(frame)
+    p = correct.mean() if n else float("nan")
+    if g < 2 or not 0 < p < 1:
+        return float(g)
+    variance = g / (g - 1) * ((frame["sum"] - p * frame["size"]) ** 2).sum() / n ** 2
+    return float(np.clip(p * (1 - p) / variance, g, n)) if variance > 0 else float(n)
+
+
+def clustered_wilson(correct, groups) -> tuple[float, float]:
+    """95 % Wilson interval of the share of `correct` at the effective sample size of its slide
+    groups (effective_size): the Wilson interval of independent patients when every group holds
+    one, wider where patients of one group decide alike."""
+    correct = np.asarray(correct, float)
+    if not len(correct):
+        return float("nan"), float("nan")
+    n_eff = effective_size(correct, groups)
+    return wilson(correct.mean() * n_eff, n_eff)
+
+
 def prior_corrected(prob: np.ndarray, prevalence: np.ndarray, trained_prior: float = 0.5) -> np.ndarray:
     """Probabilities of a model trained on a class-balanced sampler, moved to the prevalence of
     its fold's training patients (Saerens et al. 2002): odds * (pi / (1 - pi)) / (q / (1 - q))."""

@@ -14,8 +14,9 @@ from config import SUBTYPES
 from utils.files import steps
 from utils.metrics import (METRICS, fold_metrics, format_mean_sd, mean_sd, patient_probabilities,
                            pooled_out_of_fold)
-from utils.report.statistics import (bootstrap_ci, corrected_resampled_ttest, corrected_t_interval,
-                                     expected_calibration_error, holm, paired_difference_ci, prior_corrected, wilson)
+from utils.report.paired import paired_comparison, paired_count_text
+from utils.report.statistics import (bootstrap_ci, clustered_wilson, expected_calibration_error, holm, prior_corrected,
+                                     scored_units)
 
 
 # ---------------------------------------------------------------- results of the runs
@@ -74,52 +75,52 @@ PROPORTIONS = ("accuracy", "sensitivity", "specificity")  # patient level: Wilso
 COMPARED = ("balanced_accuracy", "auc")  # metrics on which models are compared with MMNet
 
 
-def patients_once(pooled: pd.DataFrame) -> pd.DataFrame:
-    """One row per patient: with --cv-repeats r a patient is tested r times (once per repeat),
-    and counting it r times would make n r-fold too large; its probability and threshold are
-    averaged over the repeats first."""
-    units = patient_probabilities(pooled)
+def patient_outcomes(pooled: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient, counted once however many repeats tested it: label, group, subtype,
+    its mean probability over its tests, `correct`: the share of its tests decided right (0 or 1
+    with one repeat), and `tests`. Proportions over these rows equal the pooled proportions of
+    the tests (every patient is tested once per repeat)."""
+    units = scored_units(pooled, "patient")
+    units = units.assign(correct=(units["decided"] == units["label"]).astype(float))
     agg = {c: "first" for c in ("label", "group", "subtype") if c in units}
-    return units.groupby("patient", sort=True).agg({**agg, "prob": "mean", "threshold": "mean"}).reset_index()
+    out = units.groupby("patient", sort=True).agg({**agg, "prob": "mean", "correct": "mean", "threshold": "mean"})
+    return out.assign(tests=units.groupby("patient").size()).reset_index()
 
 
-def patient_counts(pooled: pd.DataFrame, metric: str) -> tuple[int, int]:
-    """(successes, trials) of a proportion at patient level, each patient counted once."""
-    units = patients_once(pooled)
-    right = (units["prob"] >= units["threshold"]).astype(int) == units["label"]
-    part = {"accuracy": units.index == units.index, "sensitivity": units["label"] == 1,
-            "specificity": units["label"] == 0}[metric]
-    return int(right[part].sum()), int(part.sum())
+PROPORTION_OF = {"accuracy": lambda u: u["label"] >= 0, "sensitivity": lambda u: u["label"] == 1,
+                 "specificity": lambda u: u["label"] == 0}  # the patients each proportion is over
+
+
+def patient_proportion(pooled: pd.DataFrame, metric: str) -> dict:
+    """A patient-level proportion as successes / trials of patients counted once (successes
+    fractional where a patient's repeats disagree), with its Wilson interval at the slide groups'
+    effective sample size: point and interval from the same counts."""
+    units = patient_outcomes(pooled)
+    part = units[PROPORTION_OF[metric](units)]
+    low, high = clustered_wilson(part["correct"], part["group"])
+    trials = len(part)
+    return {"value": float(part["correct"].mean()) if trials else float("nan"), "ci_low": low, "ci_high": high,
+            "successes": float(part["correct"].sum()), "trials": trials}
+
+
+PROPORTION_CI = "Wilson (slide-group effective n)"
 
 
 def _level_rows(name: str, run: dict, level: str, n_boot: int, seed: int) -> list[dict]:
     ci = bootstrap_ci(run["pooled"], level, n_boot=n_boot, seed=seed)
+    patients = run["pooled"]["patient"].nunique()
     rows = []
     for metric in SHOWN:
         mean, sd = mean_sd(list(_fold_values(run, level, metric).values()))
         row = {"experiment": name, "level": level, "metric": metric, "fold_mean": mean, "fold_sd": sd,
                "pooled": ci[metric][0], "ci_low": ci[metric][1], "ci_high": ci[metric][2],
-               "ci_method": "slide-group bootstrap"}
+               "ci_method": "slide-group bootstrap", "patients": patients}
         if level == "patient" and metric in PROPORTIONS:
-            row["ci_low"], row["ci_high"] = wilson(*patient_counts(run["pooled"], metric))
-            row["ci_method"] = "Wilson"
+            counted = patient_proportion(run["pooled"], metric)
+            row.update(pooled=counted["value"], ci_low=counted["ci_low"], ci_high=counted["ci_high"],
+                       ci_method=PROPORTION_CI, successes=counted["successes"], trials=counted["trials"])
         rows.append(row)
     return rows
-
-
-def _comparison(run: dict, ref: dict, metric: str, n_boot: int, seed: int) -> dict:
-    """Paired comparison with the reference at patient level: per-fold differences with the
-    corrected t-test, and the pooled difference with its paired slide-group bootstrap CI."""
-    values, ref_values = _fold_values(run, "patient", metric), _fold_values(ref, "patient", metric)
-    paired = [values[f] - ref_values[f] for f in sorted(values) if f in ref_values]
-    n_test = np.mean([r["patients"]["test"] for r in run["results"]])
-    n_train = np.mean([r["patients"]["train"] + r["patients"].get("val", 0) for r in run["results"]])
-    diff, low, high = paired_difference_ci(run["pooled"], ref["pooled"], [metric], n_boot, seed)[metric]
-    folds = len({r["fold"] for r in run["results"] if r.get("repeat", 0) == 0})  # distinct outer folds
-    fold_mean, fold_low, fold_high = corrected_t_interval(paired, n_train, n_test)
-    return {"diff_fold_mean": fold_mean, "diff_fold_ci_low": fold_low, "diff_fold_ci_high": fold_high,
-            "p_value": corrected_resampled_ttest(paired, n_train, n_test, folds)[1],
-            "diff_pooled": diff, "diff_ci_low": low, "diff_ci_high": high}
 
 
 def statistics(runs: dict, n_boot: int, seed: int, families: dict, reference: str = "mmnet") -> pd.DataFrame:
@@ -134,7 +135,7 @@ def statistics(runs: dict, n_boot: int, seed: int, families: dict, reference: st
     stats["family"] = None
     for family, members in families.items():
         keys = [(name, metric) for name in members if name in runs and name != reference for metric in COMPARED]
-        tests = {key: _comparison(runs[key[0]], runs[reference], key[1], n_boot, seed) for key in keys}
+        tests = {key: paired_comparison(runs[key[0]], runs[reference], key[1], n_boot, seed) for key in keys}
         adjusted = holm([t["p_value"] for t in tests.values()])
         for (key, test), p_holm in zip(tests.items(), adjusted):
             where = (stats["experiment"] == key[0]) & (stats["level"] == "patient") & (stats["metric"] == key[1])
@@ -164,7 +165,9 @@ def comparison_table(stats: pd.DataFrame, experiments, level: str = "patient", f
     reference (pooled difference [paired CI], Holm-adjusted p). The per-sample table has no
     comparison: an MMNet sample is 4 images, a single-magnification sample 1."""
     rows, stats = [], family_rows(stats, experiments, level, family)
-    for name in [e for e in experiments if e in set(stats["experiment"])]:
+    present = [e for e in experiments if e in set(stats["experiment"])]
+    compared = level == "patient" and reference in present and len(present) > 1  # else no Δ columns
+    for name in present:
         part = stats[stats["experiment"] == name].set_index("metric")
         row = {"experiment": name}
         for m in SHOWN:
@@ -172,7 +175,11 @@ def comparison_table(stats: pd.DataFrame, experiments, level: str = "patient", f
             row[SHORT[m]] = f"{_fmt(r['pooled'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
         bal = part.loc["balanced_accuracy"]
         row["bal_acc folds"] = f"{_fmt(bal['fold_mean'])} ± {_fmt(bal['fold_sd'])}"
-        if level == "patient":
+        row["patients"] = int(bal["patients"])
+        if compared:
+            auc = part.loc["auc"]
+            row["paired patients"] = ("reference" if name == reference else
+                                      paired_count_text(auc.get("paired_patients", np.nan), auc.get("unpaired_patients", 0)))
             for m in COMPARED:
                 r = part.loc[m]
                 row[f"Δ{SHORT[m]} [CI], p Holm"] = ("reference" if name == reference else
@@ -196,11 +203,10 @@ def subtype_tables(runs: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Binary recall per subtype (pooled patients, 'correct/total') and the subtype head's scores."""
     recall_rows, head_rows = [], []
     for name, run in runs.items():
-        patients = patients_once(run["pooled"])
-        patients["correct"] = (patients["prob"] >= patients["threshold"]).astype(int) == patients["label"]
+        patients = patient_outcomes(run["pooled"])
         row = {"experiment": name}
-        for code, part in patients.groupby("subtype"):
-            row[SUBTYPES[int(code)]] = f"{int(part['correct'].sum())}/{len(part)}"
+        for code, part in patients.groupby("subtype"):  # a patient once; its share of repeats decided right
+            row[SUBTYPES[int(code)]] = f"{part['correct'].sum():.3g}/{len(part)}"
         recall_rows.append(row)
         folds = [m["patient"] for m in run["metrics"].values()]
         if all("subtype_macro_f1" in m for m in folds):
@@ -235,7 +241,7 @@ def calibration_table(runs: dict) -> pd.DataFrame:
     rows = []
     for name, run in runs.items():
         units = calibrated_patients(run)
-        rows.append({"experiment": name, "patients": len(units),
+        rows.append({"experiment": name, "patients": units["patient"].nunique(), "tests": len(units),
                      "ece": round(expected_calibration_error(units["label"], units["calibrated"]), 4),
                      "brier": round(brier_score_loss(units["label"], units["calibrated"]), 4),
                      "ece_uncorrected": round(expected_calibration_error(units["label"], units["prob"]), 4),

@@ -177,4 +177,4 @@ def prepare_data(cfg: Config) -> Study:
                "patients": int(index["patient"].nunique()), "issues": len(issues)}
     atomic_write_text(Path(cfg.output_dir) / DATASET_FILE, json.dumps(summary, indent=2))
     folds = _folds(cfg, index, data_dir)
-    return Study(index=index, folds=folds, data_dir=data_dir, demo=demo)
+    return Study(index=index, folds=folds, data_dir=data_dir, demo=demo, magnifications=cfg.magnifications)

@@ -15,6 +15,7 @@ from utils.device import EnvInfo, empty_cache, is_out_of_memory
 from utils.files import RUN_LOG
 from utils.engine.features import attach_features
 from utils.engine.fold import is_finished, run_fold
+from utils.engine.stain_reference import fit_study_references
 from utils.engine.stop import StopRequested, install_stop_handlers, stop_requested
 from utils.study.parallel import default_jobs, run_jobs
 from utils.study.ray_jobs import run_ray_jobs
@@ -93,6 +94,8 @@ def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Stu
         pending = [job for job in order if not is_finished(experiment_config(cfg, job[0]), study, *job)]
     except ForeignRunError as exc:  # the output folder holds another run: a whole-study decision
         raise ConfigError(str(exc)) from None
+    if pending:  # one stain reference per outer fold, fitted here once: every job reads it
+        fit_study_references(cfg, study, cfg.folds * cfg.cv_repeats)
     predicted = _predicted_seconds(cfg, study, names) if pending else {}
     tracker = StudyProgress(cfg.output_dir, order, predicted, on_fold_end, workers=max(1, min(jobs, len(pending))))
     started = time.perf_counter()
