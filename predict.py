@@ -29,6 +29,7 @@ from utils.device import resolve_device
 from preprocess.patient_folder import cohort_folders, load_patient
 from utils.engine.inference import (MIL_SHOWN, ensemble_explanation, fold_checkpoints, load_fold_model,
                              magnification_of_rows, patient_data, predict_patient)
+from utils.report.conformal import DECISION_FILE, decide
 from utils.report.external import external_report, scored_frame
 from utils.report.plottings import patient_figure
 
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cam", help="write the ensemble's Grad-CAM figure of the patient's first tuple here")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="auto: CUDA, else MPS, else the CPU; AMP (bf16/fp16) where the device has it")
+    parser.add_argument("--conformal-alpha", type=float, default=None,
+                        help="per-class error rate of the conformal set (default: the run's --conformal-alpha)")
     parser.add_argument("--max-tuples", type=int, default=0,
                         help="score at most K tuples (bags) per patient and model, for a bounded latency; 0 = all")
     args = parser.parse_args(argv)
@@ -76,7 +79,8 @@ def run(args) -> int:
         if args.cam:
             cam = Path(args.cam) if len(folders) == 1 else Path(args.cam).with_name(
                 f"{Path(args.cam).stem}-{folder.name}{Path(args.cam).suffix}")
-        results.append({**predict_folder(models, folder, cam, args.device, args.max_tuples), "load_ms": round(load_ms, 1)})
+        result = predict_folder(models, folder, cam, args.device, args.max_tuples)
+        results.append({**result, **_decision(args, models, result), "load_ms": round(load_ms, 1)})
     print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
 
@@ -90,6 +94,21 @@ def _fold_models(args) -> list:
                                 f"`python main.py` first or pass --checkpoint PATH")
     args.device = resolve_device(args.device)
     return [load_fold_model(p, args.device) for p in paths]
+
+
+def _decision(args, models, result: dict) -> dict:
+    """The calibrated probability, conformal set and decision of a scored patient, from the run's
+    decision_calibration.json (written with its report), for the input this patient has."""
+    run_dir = Path(args.run_dir) if args.run_dir else Path(args.checkpoint).resolve().parents[2]
+    stored = json.loads((run_dir / DECISION_FILE).read_text()).get(args.experiment) if (
+        run_dir / DECISION_FILE).is_file() else None
+    if stored is None:
+        return {"conformal_note": f"no {DECISION_FILE} for '{args.experiment}' in {run_dir}: rebuild the "
+                                  f"report (python main.py --report-only --output-dir {run_dir})"}
+    cfg = models[0].cfg
+    present = {f"{m}X" for m in cfg.magnifications if result["images_used"].get(f"{m}X")}
+    missing = [f"{m}x" for m in cfg.magnifications if f"{m}X" not in present] if cfg.sample_mode == "tuple" else []
+    return decide(stored, result["malignant_probability"], missing, args.conformal_alpha)
 
 
 def run_cohort(args) -> int:
@@ -112,7 +131,8 @@ def run_cohort(args) -> int:
             continue
         rows.append({"patient": patient["patient"], "group": patient["group"], "label": patient["label"],
                      "prob": result["malignant_probability"], "threshold": result["threshold"],
-                     "decision": result["decision"], "images": sum(result["images_used"].values())})
+                     "decision": result["decision"], "images": sum(result["images_used"].values()),
+                     "conformal_decision": _decision(args, models, result).get("conformal_decision")})
     out = Path(args.run_dir) / "external" / (args.cohort_name or root.name)
     report = external_report(scored_frame(rows), unscored, out, f"{args.experiment} on {root.name}")
     print(json.dumps({"report": str(report), "patients_scored": len(rows), "not_scored": len(unscored),

@@ -88,3 +88,48 @@ def test_the_table_row_counts_patients_once_and_refers_the_undecided():
     covered = np.where(sets["label"] == 1, sets["malignant"], sets["benign"])
     assert row["coverage_malignant"] == pytest.approx(covered[sets["label"] == 1].mean())
     assert row["coverage_malignant_ci"][0] <= row["coverage_malignant"] <= row["coverage_malignant_ci"][1]
+
+
+def test_a_new_patient_is_decided_against_calibration_patients_of_its_kind():
+    """decide(): a confident score gets one label, a middling one both (refer); a patient lacking
+    the magnification the 'without' scores lack is calibrated on those; lacking two, no set."""
+    from utils.report.conformal import decide
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1], 30)
+    prob = np.clip(0.5 + 0.35 * (2 * labels - 1) + rng.normal(0, 0.1, 60), 0, 1)
+    stored = {"alpha": 0.1, "temperature": 2.0,
+              "calibration": {"all": {"prob": prob.tolist(), "label": labels.tolist()},
+                              "without_40x": {"prob": (0.5 + (prob - 0.5) / 3).tolist(), "label": labels.tolist()}}}
+    assert decide(stored, 0.99, [])["conformal_decision"] == "malignant"
+    assert decide(stored, 0.01, [])["conformal_decision"] == "benign"
+    assert decide(stored, 0.5, [])["conformal_decision"] == "refer"
+    assert decide(stored, 0.99, [])["calibrated_probability"] == pytest.approx(1 / (1 + (0.01 / 0.99) ** 0.5), abs=1e-4)
+    # 0.62 is typical of malignant patients scored without 40X (whose scores are flatter), and of
+    # neither class among complete patients: an empty set there, which is referred too
+    assert decide(stored, 0.62, ["40x"])["conformal_decision"] == "malignant"
+    complete = decide(stored, 0.62, [])
+    assert complete["conformal_set"] == [] and complete["conformal_decision"] == "refer"
+    none = decide(stored, 0.9, ["40x", "100x"])
+    assert none["conformal_set"] is None and "40X, 100X" in none["conformal_note"]
+
+
+def test_temperature_scaling_fits_an_overconfident_model_and_keeps_its_decisions():
+    """Scores that are twice as sure as they should be (logits doubled): the fitted temperature
+    is about 2, no decision at 0.5 changes, and cross-fitting never uses a fold's own patients."""
+    from scipy.special import expit, logit
+
+    from utils.report.temperature import cross_fitted, fit_temperature, scaled
+
+    rng = np.random.default_rng(5)
+    true_logit = rng.normal(0, 2, 20000)
+    labels = (rng.random(20000) < expit(true_logit)).astype(int)
+    over = expit(2 * true_logit)
+    assert fit_temperature(over, labels) == pytest.approx(2.0, rel=0.05)
+    assert ((scaled(over, 2.0) >= 0.5) == (over >= 0.5)).all()
+    patients = _patients()
+    base = cross_fitted(patients)
+    turned = patients.copy()
+    turned.loc[turned["fold"] == 0, "label"] = 1 - turned.loc[turned["fold"] == 0, "label"]
+    assert np.allclose(base[patients["fold"] == 0], cross_fitted(turned)[patients["fold"] == 0])
+    assert np.isfinite(logit(np.clip(base, 1e-6, 1 - 1e-6))).all()

@@ -134,3 +134,26 @@ def test_encoder_table_pairs_encoders_on_the_same_patients(dry_run, tmp_path):
     assert table.loc[1, "d_auc"] == 0 and table.loc[1, "paired_patients"] == patients - 1
     assert table.loc[1, "unpaired_patients"] == 1 and table.loc[2, "unpaired_patients"] == 0
     assert "enc_c" in (study / "RUNPOD_OUTPUT.md").read_text()
+
+
+def test_predict_gives_each_patient_its_conformal_decision(dry_run, tmp_path):
+    """predict.py on a demo patient: a calibrated probability and a conformal set from the run's
+    decision_calibration.json; without 40X it is calibrated on the study's patients with 40X
+    masked; without two magnifications it says that no calibration fits."""
+    import json
+
+    out, _, _ = dry_run
+    patient = next(p for p in sorted((out / "demo_data").rglob("SOB_*")) if (p / "40X").is_dir())
+    without_40 = tmp_path / "no40" / patient.name
+    shutil.copytree(patient, without_40, ignore=lambda folder, names: ["40X"] if folder == str(patient) else [])
+    without_two = tmp_path / "no40_100" / patient.name
+    shutil.copytree(without_40, without_two, ignore=lambda folder, names: ["100X"] if folder == str(without_40) else [])
+    result = subprocess.run([sys.executable, "predict.py", "--run-dir", str(out), "--patient-dir", str(patient),
+                             str(without_40), str(without_two)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    complete, lacking_one, lacking_two = json.loads(result.stdout)
+    for answer, kind in ((complete, "(all)"), (lacking_one, "(without_40x)")):
+        chosen = answer["conformal_set"]
+        assert answer["conformal_decision"] == (chosen[0] if len(chosen) == 1 else "refer")
+        assert kind in answer["calibrated_on"] and 0 <= answer["calibrated_probability"] <= 1
+    assert lacking_two["conformal_set"] is None and "40X, 100X" in lacking_two["conformal_note"]

@@ -17,7 +17,7 @@ from utils.report import plottings
 from utils.env import PROJECT_ROOT, get_base_path
 from utils.files import (FAILED_JOBS_FILE, GRADCAM_DIR, PROGRESS_FILE, REPORT_FILE, RUN_LOG, atomic_write_text, markdown_table,
                          save_table, setup_logging)
-from utils.report.conformal import CONFORMAL_ALPHAS, conformal_table
+from utils.report.conformal import CONFORMAL_ALPHAS, DECISION_FILE, conformal_table, write_decision_calibration
 from utils.report.html_report import write_html_report
 from utils.report.report_text import header_lines, protocol_text, read_text_file, results_key
 from utils.report.weights import fusion_weights, magnification_importance, magnification_weights
@@ -97,10 +97,13 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
         entries.append(("Secondary: decisions at the validation-chosen threshold (patient level, fold mean ± sd)",
                         "validation_threshold", secondary, False))
     alphas = sorted({*CONFORMAL_ALPHAS, cfg.conformal_alpha})
+    write_decision_calibration(runs, tables.parent / DECISION_FILE, cfg.conformal_alpha)  # for predict.py
     entries.append(("Conformal prediction sets (patient level; each outer fold calibrated on the other folds' "
                     "patients; referred = both labels or none)", "conformal",
                     conformal_table(runs, main, alphas, cfg.bootstrap_samples, cfg.seed), False))
-    entries += [("Calibration (patient level, corrected for the balanced training prior)", "calibration",
+    entries += [("Calibration (patient level): ece/brier of the probabilities corrected for the balanced training prior, "
+                 "_uncorrected of the raw ones, _temperature of the ones scaled with the other folds' temperature",
+                 "calibration",
                  calibration_table(runs), False),
                 ("Time per experiment", "timing", timing_table(runs), False)]
     for name, run in runs.items():

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from utils.report.statistics import bootstrap_ci, clustered_wilson
+from utils.report.temperature import fit_temperature, scaled
 
 CONFORMAL_ALPHAS = (0.05, 0.1, 0.2)  # the rates of the report's table; --conformal-alpha adds its own
 # An empty set (neither label plausible at alpha) is referred, as "both" is.
@@ -124,3 +125,52 @@ def conformal_table(runs: dict, names, alphas, n_boot: int, seed: int) -> pd.Dat
 def referral_curve(patients: pd.DataFrame, alphas) -> np.ndarray:
     """Share of patient tests referred (a set of both labels, or none) at each alpha."""
     return np.array([cross_fitted_sets(patients, a)["set"].isin(["refer", "empty"]).mean() for a in alphas])
+
+
+DECISION_FILE = "decision_calibration.json"  # what predict.py reads to give a new patient a set
+
+
+def decision_calibration(run: dict, alpha: float) -> dict:
+    """What predict.py needs for a new patient's calibrated probability and conformal set: the
+    whole study's out-of-fold patient scores (each patient once, averaged over repeats) with
+    their labels, for complete inputs ('all') and, where the model measured magnification
+    importance, for each magnification masked ('without_40x', ...), and the temperature fitted
+    on 'all'."""
+    pooled = run["pooled"]
+    kinds = {"all": "prob", **{f"without_{c.removeprefix('prob_without_')}": c for c in pooled.columns
+                               if c.startswith("prob_without_")}}
+    calibration = {}
+    for kind, column in kinds.items():
+        patients = pooled.groupby("patient").agg(label=("label", "first"), prob=(column, "mean"))
+        calibration[kind] = {"prob": patients["prob"].round(6).tolist(), "label": patients["label"].astype(int).tolist()}
+    everyone = calibration["all"]
+    return {"alpha": alpha, "temperature": round(fit_temperature(everyone["prob"], everyone["label"]), 6),
+            "calibration": calibration}
+
+
+def write_decision_calibration(runs: dict, path, alpha: float) -> None:
+    import json
+
+    from utils.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps({name: decision_calibration(run, alpha) for name, run in runs.items()}))
+
+
+def decide(stored: dict, prob: float, missing: list[str], alpha: float | None = None) -> dict:
+    """A new patient's calibrated probability, conformal set and decision ('benign',
+    'malignant' or 'refer'), calibrated on the study's patients with the same kind of input:
+    complete, or lacking the one magnification this patient lacks; a patient lacking more is
+    told that no calibration fits it."""
+    alpha = stored["alpha"] if alpha is None else alpha
+    out = {"calibrated_probability": round(float(scaled([prob], stored["temperature"])[0]), 4), "alpha": alpha}
+    kind = "all" if not missing else f"without_{missing[0]}" if len(missing) == 1 else None
+    if kind not in stored["calibration"]:
+        lacking = ", ".join(m.upper() for m in missing)
+        return {**out, "conformal_set": None, "conformal_decision": None,
+                "conformal_note": f"no calibration for a patient without {lacking}: the study measured complete "
+                                  f"patients and each single magnification masked; no guarantee is given"}
+    cal = stored["calibration"][kind]
+    inside = prediction_sets(cal["prob"], cal["label"], [prob], alpha)[0]
+    return {**out, "conformal_set": [name for name, kept in zip(("benign", "malignant"), inside) if kept],
+            "conformal_decision": {"empty": "refer"}.get(SET_NAMES[tuple(inside)], SET_NAMES[tuple(inside)]),
+            "calibrated_on": f"{len(cal['prob'])} study patients ({kind})"}

@@ -82,6 +82,10 @@ def external_report(patients: pd.DataFrame, unscored: list[dict], out_dir: Path,
              f"({patients['threshold'].mean() if len(patients) else DECISION_THRESHOLD:.2f}). "
              "Research use only: not a diagnostic device.", "", markdown_table(shown), "",
              "![ROC](roc.png) ![calibration](calibration.png)", ""]
+    conformal = conformal_summary(patients)
+    if len(conformal):
+        lines += ["## Conformal decisions (calibrated on the study's out-of-fold patients)", "",
+                  markdown_table(conformal), ""]
     if unscored:
         lines += ["## Not scored", "", markdown_table(pd.DataFrame(unscored)), ""]
     (out_dir / "report.md").write_text("\n".join(lines))
@@ -92,8 +96,23 @@ def external_report(patients: pd.DataFrame, unscored: list[dict], out_dir: Path,
     return out_dir / "report.md"
 
 
+def conformal_summary(patients: pd.DataFrame) -> pd.DataFrame:
+    """Per class: patients, how many the conformal set referred, and the coverage measured on
+    this cohort (a decided patient is covered when decided right; a referred one always is)."""
+    if "conformal_decision" not in patients or patients["conformal_decision"].isna().all():
+        return pd.DataFrame()
+    rows = []
+    for label, name in ((0, "benign"), (1, "malignant")):
+        part = patients[(patients["label"] == label) & patients["conformal_decision"].notna()]
+        referred = part["conformal_decision"] == "refer"
+        covered = referred | (part["conformal_decision"] == name)
+        rows.append({"class": name, "patients": len(part), "referred": int(referred.sum()),
+                     "coverage": f"{covered.mean():.3f}" if len(part) else "n/a"})
+    return pd.DataFrame(rows)
+
+
 def scored_frame(rows: list[dict]) -> pd.DataFrame:
     """The per-patient predictions as a frame with the columns external_report reads."""
-    columns = ["patient", "group", "label", "prob", "threshold", "decision", "images"]
+    columns = ["patient", "group", "label", "prob", "threshold", "decision", "images", "conformal_decision"]
     return pd.DataFrame(rows, columns=columns) if rows else pd.DataFrame(columns=columns).astype({"prob": float})
 

@@ -199,8 +199,8 @@ def referral_plot(runs: dict, names: list[str], path: Path) -> Path | None:
     from utils.report.conformal import referral_curve
 
     alphas = np.linspace(0.02, 0.3, 15)
-    curves = {n: referral_curve(_patients(runs[n]), alphas) for n in names
-              if n in runs and _patients(runs[n])["label"].nunique() == 2}
+    patients = {n: _patients(runs[n]) for n in names if n in runs}
+    curves = {n: referral_curve(p, alphas) for n, p in patients.items() if p["label"].nunique() == 2}
     if not curves:
         return None
     fig, ax = _figure(figsize=(6, 4))
