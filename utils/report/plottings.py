@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -278,7 +279,12 @@ def patient_figure(explanation, path: Path) -> Path:
     scale = ScalarMappable(norm=Normalize(0, 1), cmap=HEAT_MAP)
     for row in range(1, rows):
         fig.colorbar(scale, ax=list(axes[row]), fraction=0.02, pad=0.01)
-    fig.suptitle(str(explanation["title"]), fontsize=9)
+    # Wrapped to the figure's width (about 11 characters of 9-pt text an inch): a narrow figure
+    # (one or two magnifications) must not cut its title off at both edges.
+    width = max(30, int(11 * fig.get_figwidth()))
+    title = "\n".join(textwrap.fill(line, width) for line in str(explanation["title"]).splitlines())
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(top=1 - (0.72 + 0.17 * (title.count("\n") + 1)) / fig.get_figheight())  # inches: lines + slot titles
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)  # no tight_layout: it cannot place colour bars shared by a row
     return path
