@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("crepes")
-from utils.report.conformal import conformal_rows, cross_fitted_sets, prediction_sets  # noqa: E402
+from utils.report.conformal import (conformal_rows, cross_fitted_p_values, cross_fitted_sets,  # noqa: E402
+                                    prediction_sets)
 
 
 def _quantile_rule(cal_prob, cal_labels, test_prob, alpha):
@@ -81,7 +82,7 @@ def test_a_folds_sets_never_read_its_own_patients():
 
 def test_the_table_row_counts_patients_once_and_refers_the_undecided():
     patients = _patients()
-    row = conformal_rows("mmnet", patients, 0.1, n_boot=50, seed=0)
+    row = conformal_rows("mmnet", cross_fitted_p_values(patients), 0.1, n_boot=50, seed=0)
     sets = cross_fitted_sets(patients, 0.1)
     assert row["patients"] == 40
     assert row["referred"] == pytest.approx(sets["set"].isin(["refer", "empty"]).mean())

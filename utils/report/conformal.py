@@ -10,10 +10,13 @@ coverage the report shows is measured, not the guarantee restated. Reads frames 
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
-from utils.report.statistics import bootstrap_ci, clustered_wilson
+from utils.files import atomic_write_text
+from utils.report.statistics import bootstrap_ci, clustered_wilson, other_folds
 from utils.report.temperature import fit_temperature, scaled
 
 CONFORMAL_ALPHAS = (0.05, 0.1, 0.2)  # the rates of the report's table; --conformal-alpha adds its own
@@ -50,29 +53,41 @@ def prediction_sets(cal_prob, cal_labels, test_prob, alpha: float) -> np.ndarray
     return p_values(cal_prob, cal_labels, test_prob) > alpha
 
 
-def cross_fitted_sets(patients: pd.DataFrame, alpha: float) -> pd.DataFrame:
-    """Per (repeat, fold, patient) row: the set of each test patient calibrated on the other
-    folds' patients of its repeat. `patients`: patient-level out-of-fold rows with repeat, fold,
-    patient, group, label, prob."""
+def cross_fitted_p_values(patients: pd.DataFrame) -> pd.DataFrame:
+    """Per (repeat, fold, patient) row: the p-values of both labels (p_benign, p_malignant) of
+    each test patient, calibrated on the other folds' patients of its repeat; they do not
+    depend on alpha, so every rate's sets come from one fit. `patients`: patient-level
+    out-of-fold rows with repeat, fold, patient, group, label, prob."""
     parts = []
-    for (repeat, fold), test in patients.groupby(["repeat", "fold"], sort=True):
-        cal = patients[(patients["repeat"] == repeat) & (patients["fold"] != fold)]
-        sets = prediction_sets(cal["prob"], cal["label"], test["prob"], alpha)
-        parts.append(test.assign(benign=sets[:, 0], malignant=sets[:, 1]))
-    out = pd.concat(parts, ignore_index=True)
+    for test, cal in other_folds(patients):
+        p = p_values(cal["prob"], cal["label"], test["prob"])
+        parts.append(test.assign(p_benign=p[:, 0], p_malignant=p[:, 1]))
+    return pd.concat(parts, ignore_index=True)
+
+
+def sets_at(scored: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """The rows of cross_fitted_p_values() with their sets at alpha: benign, malignant (the
+    label is in the set) and set (its name)."""
+    out = scored.assign(benign=scored["p_benign"] > alpha, malignant=scored["p_malignant"] > alpha)
     out["set"] = [SET_NAMES[(b, m)] for b, m in zip(out["benign"], out["malignant"])]
     return out
+
+
+def cross_fitted_sets(patients: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Each test patient's set at alpha, calibrated on the other folds' patients of its repeat."""
+    return sets_at(cross_fitted_p_values(patients), alpha)
 
 
 def _covered(sets: pd.DataFrame) -> pd.Series:
     return np.where(sets["label"] == 1, sets["malignant"], sets["benign"]).astype(float)
 
 
-def conformal_rows(name: str, patients: pd.DataFrame, alpha: float, n_boot: int, seed: int) -> dict:
+def conformal_rows(name: str, scored: pd.DataFrame, alpha: float, n_boot: int, seed: int) -> dict:
     """Coverage per class (target 1 - alpha), share referred, and accuracy, sensitivity and
     specificity on the patients decided (a set of one label), each patient once with the share
-    of its repeats; Wilson intervals at the slide groups' effective size, AUC-free."""
-    sets = cross_fitted_sets(patients, alpha).assign(covered=lambda s: _covered(s))
+    of its repeats; Wilson intervals at the slide groups' effective size, AUC-free.
+    `scored`: cross_fitted_p_values() of the model's patients."""
+    sets = sets_at(scored, alpha).assign(covered=lambda s: _covered(s))
     sets["referred"] = sets["set"].isin(["refer", "empty"]).astype(float)  # neither label alone: a pathologist's
     per_patient = sets.groupby("patient").agg(label=("label", "first"), group=("group", "first"),
                                               covered=("covered", "mean"), referred=("referred", "mean"))
@@ -108,8 +123,9 @@ def conformal_table(runs: dict, names, alphas, n_boot: int, seed: int) -> pd.Dat
         patients = patient_probabilities(runs[name]["pooled"])
         if patients["label"].nunique() < 2:
             continue
+        scored = cross_fitted_p_values(patients)
         for alpha in alphas:
-            row = conformal_rows(name, patients, alpha, n_boot, seed)
+            row = conformal_rows(name, scored, alpha, n_boot, seed)
             shown = {"experiment": name, "alpha": alpha, "target coverage": f"{1 - alpha:.2f}",
                      "patients": row["patients"]}
             for cls in ("benign", "malignant"):
@@ -124,7 +140,8 @@ def conformal_table(runs: dict, names, alphas, n_boot: int, seed: int) -> pd.Dat
 
 def referral_curve(patients: pd.DataFrame, alphas) -> np.ndarray:
     """Share of patient tests referred (a set of both labels, or none) at each alpha."""
-    return np.array([cross_fitted_sets(patients, a)["set"].isin(["refer", "empty"]).mean() for a in alphas])
+    scored = cross_fitted_p_values(patients)
+    return np.array([sets_at(scored, a)["set"].isin(["refer", "empty"]).mean() for a in alphas])
 
 
 DECISION_FILE = "decision_calibration.json"  # what predict.py reads to give a new patient a set
@@ -149,10 +166,6 @@ def decision_calibration(run: dict, alpha: float) -> dict:
 
 
 def write_decision_calibration(runs: dict, path, alpha: float) -> None:
-    import json
-
-    from utils.files import atomic_write_text
-
     atomic_write_text(path, json.dumps({name: decision_calibration(run, alpha) for name, run in runs.items()}))
 
 

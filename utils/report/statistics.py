@@ -207,6 +207,13 @@ def clustered_wilson(correct, groups) -> tuple[float, float]:
     return wilson(correct.mean() * n_eff, n_eff)
 
 
+def other_folds(patients: pd.DataFrame):
+    """(test rows, calibration rows) per outer fold: each fold's patient rows with the other
+    folds' rows of the same repeat, never its own (cross-fitting of calibration steps)."""
+    for (repeat, fold), test in patients.groupby(["repeat", "fold"], sort=True):
+        yield test, patients[(patients["repeat"] == repeat) & (patients["fold"] != fold)]
+
+
 def prior_corrected(prob: np.ndarray, prevalence: np.ndarray, trained_prior: float = 0.5) -> np.ndarray:
     """Probabilities of a model trained on a class-balanced sampler, moved to the prevalence of
     its fold's training patients (Saerens et al. 2002): odds * (pi / (1 - pi)) / (q / (1 - q))."""

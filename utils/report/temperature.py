@@ -13,6 +13,8 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 
+from utils.report.statistics import other_folds
+
 EDGE = 1e-6  # probabilities are clipped this far from 0 and 1 before their logit
 
 
@@ -42,7 +44,6 @@ def cross_fitted(patients: pd.DataFrame) -> pd.Series:
     """Each patient row's probability scaled with the temperature of the other folds of its
     repeat. `patients`: patient-level out-of-fold rows (repeat, fold, label, prob)."""
     out = pd.Series(np.nan, index=patients.index)
-    for (repeat, fold), test in patients.groupby(["repeat", "fold"]):
-        cal = patients[(patients["repeat"] == repeat) & (patients["fold"] != fold)]
+    for test, cal in other_folds(patients):
         out[test.index] = scaled(test["prob"], fit_temperature(cal["prob"], cal["label"]))
     return out
