@@ -8,13 +8,33 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.config_file import (OneLineParser, add_option, closest, combination_problems, field_comments, problem,
-                               read_yaml, typed_values, upgraded, write_yaml)
-
+from utils.config_file import (
+    OneLineParser,
+    add_option,
+    closest,
+    combination_problems,
+    field_comments,
+    problem,
+    read_yaml,
+    typed_values,
+    upgraded,
+    write_yaml,
+)
 from utils.env import PROJECT_ROOT, get_base_path  # noqa: F401  (PROJECT_ROOT: for users of config)
-from utils.experiments import (ABLATIONS, BAG_SIZED_AGGREGATORS, BASELINES, DEFAULT_EXPERIMENTS, EXPERIMENTS,  # noqa: F401 (users and
-                               FUSION_EXPERIMENTS, FUSIONS, GROUPS, MIL_AGGREGATORS,  # the report import them
-                               MIL_EXPERIMENTS, expand_experiments)  # from config)
+from utils.experiments import (  # noqa: F401 (users and
+    ABLATIONS,
+    BAG_SIZED_AGGREGATORS,
+    BASELINES,
+    DEFAULT_EXPERIMENTS,
+    EXPERIMENTS,
+    FUSION_EXPERIMENTS,  # the report import them
+    FUSIONS,
+    GROUPS,
+    MIL_AGGREGATORS,
+    MIL_EXPERIMENTS,  # from config)
+    expand_experiments,
+)
+
 MAGNIFICATIONS = (40, 100, 200, 400)
 STAIN_FIT_IMAGES = 32  # training images of a fold that its --stain-norm reference is fitted on
 DEFAULT_STAIN_NORM = "macenko"  # what --stain-norm auto applies when fine-tuning (measured: README "Training recipe")
@@ -35,7 +55,8 @@ class Config:
     # --- paths
     data_dir: str = "data/breakhis"  # BreakHis root, scanned recursively
     output_dir: str = ""  # tables, plots, runs, folds.csv; empty = output/ under utils.env.get_base_path()
-    cache_dir: str = ""  # decoded-image and feature caches; empty = <output_dir>/cache for images, local disk ($TMPDIR/mmnet-features) for encoder maps
+    cache_dir: str = ""  # decoded-image and feature caches; empty = <output_dir>/cache for images, local disk ($TMPDIR/mmnet-features) for
+        # encoder maps
     report_file: str = ""  # an extra copy of the Markdown report; it is always <output_dir>/RUNPOD_OUTPUT.md
     # --- what to do
     dry_run: bool = False  # tiny end-to-end run on a data subset or demo data
@@ -48,7 +69,8 @@ class Config:
     cv_repeats: int = 1  # repeat the whole cross-validation with new fold seeds; jobs are numbered repeat * folds + fold
     folds_source: str = "grouped"  # grouped | kaggle (data_dir/Folds.csv, if leak-free)
     inner_val_fraction: float = 0.2  # share of training slide groups held out when --model-selection inner_val
-    model_selection: str = "last"  # last: fixed budget on every training patient, final weights | inner_val: best inner-validation epoch, early stopping
+    model_selection: str = "last"  # last: fixed budget on every training patient, final weights | inner_val: best inner-validation epoch,
+        # early stopping
     tta: str = "on"  # on: evaluation averages the plain view, both mirror images and the 180-degree turn | off: plain view only
     seed: int = 42  # one seed for folds, tuples, augmentation and init
     # --- data
@@ -60,23 +82,28 @@ class Config:
     max_patients: int = 0  # >0: use a class-balanced subset of patients (dry run)
     colour_jitter: float = 0.1  # brightness, contrast and saturation move by up to +-this; 0 = off
     stain_jitter: float = 0.1  # haematoxylin/eosin amounts scale and shift by up to +-this; 0 = off
-    stain_norm: str = "auto"  # auto (DEFAULT_STAIN_NORM when fine-tuning, none with --freeze-backbone) | none | macenko | reinhard: every image's stain mapped onto a reference fitted on the training images of its fold (saved with the fold model)
+    stain_norm: str = "auto"  # auto (DEFAULT_STAIN_NORM when fine-tuning, none with --freeze-backbone) | none | macenko | reinhard: every
+        # image's stain mapped onto a reference fitted on the training images of its fold (saved with the fold model)
     quarter_turns: bool = False  # training also turns frames by 90 degrees (all 8 symmetries of the square)
-    magnification_dropout: float = 0.25  # training masks each magnification of a tuple with this probability (never all), as a missing one is masked at test
+    magnification_dropout: float = 0.25  # training masks each magnification of a tuple with this probability (never all), as a missing one
+        # is masked at test
     # --- model
     model: str = "mmnet"  # registry name, see backbones.list_models()
     backbone: str = "resnet18"  # timm model name
     backbones: tuple = ()  # several encoders: the same study for each (under encoders/<name>/, on the same folds) and tables/encoders.csv
     pretrained: str = "auto"  # auto (on for CUDA and MPS) | on | off; resolved at start and part of the run identity
     pretrained_file: str = ""  # local weights for the backbone (offline pods)
-    freeze_backbone: bool = False  # encoder frozen: its maps of every image (and flip views) computed once and cached; one instance serves every branch and is not saved in fold models
-    feature_grid: int = 0  # --freeze-backbone: average-pool the encoder maps to at most this many cells per side before caching (0 = full maps)
+    freeze_backbone: bool = False  # encoder frozen: its maps of every image (and flip views) computed once and cached; one instance serves
+        # every branch and is not saved in fold models
+    feature_grid: int = 0  # --freeze-backbone: average-pool the encoder maps to at most this many cells per side before caching (0 = full
+        # maps)
     feature_dim: int = 256  # per-magnification embedding size
     dropout: float = 0.3  # before the heads
     spatial_attention: bool = True  # sigmoid map over each backbone feature map
     channel_attention: bool = True  # gate per channel from pooled descriptors
     hierarchical_attention: bool = True  # 100X attends to 40X, 200X to both, 400X to all
-    fusion: str = "weighted"  # how MMNet combines its magnification vectors: weighted | mean | concat | gated | attention | cross_attention | bilinear
+    fusion: str = "weighted"  # how MMNet combines its magnification vectors: weighted | mean | concat | gated | attention | cross_attention
+        # | bilinear
     multiscale_pooling: bool = True  # off = global average pooling
     shared_backbone: bool = False  # one backbone for all magnifications
     subtype_head: bool = True  # 8-class auxiliary head
@@ -90,7 +117,8 @@ class Config:
     backbone_lr_scale: float = 1.0  # backbone lr = lr * this (<1: pretrained layers move less)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay
-    ema_epochs: float = 0.0  # >0: keep (and validate) an exponential moving average of the weights over about this many epochs; 0 = the weights themselves
+    ema_epochs: float = 0.0  # >0: keep (and validate) an exponential moving average of the weights over about this many epochs; 0 = the
+        # weights themselves
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     loss: str = "focal"  # focal | ce (binary cross-entropy)
     focal_alpha: float = 0.5  # malignant weight; 0.5 = neutral (the sampler balances classes); <0 = none
@@ -102,13 +130,16 @@ class Config:
     deterministic: bool = False  # GPU: deterministic kernels, no autotuning (slower)
     workers: int = 0  # decode processes; 0 = from CPU affinity
     jobs: int = 0  # experiment x fold processes at once; 0 = one per visible GPU (1 without)
-    executor: str = "local"  # local: this machine (--jobs processes) | ray: every job a Ray task on RAY_ADDRESS's cluster (or a local Ray), pip install -r requirements-ray.txt
+    executor: str = "local"  # local: this machine (--jobs processes) | ray: every job a Ray task on RAY_ADDRESS's cluster (or a local Ray),
+        # pip install -r requirements-ray.txt
     job_retries: int = 2  # --executor ray: times a job whose worker or node died is retried from its last.pt
     checkpoint_minutes: float = 5.0  # write last.pt at most this often (and at a stop, and at a fold's end); 0 = every epoch
     gradcam_patients: int = 4  # figures per fold (TP, TN, FP, FN when available)
     bootstrap_samples: int = 2000  # patient-cluster bootstrap draws for the CIs
-    conformal_alpha: float = 0.1  # error rate of the conformal prediction sets per class (benign, malignant, or both = refer); the report also shows 0.05 and 0.2
-    keep_models: str = "all"  # experiments whose fold models stay under output/models/: all | mmnet (MMNet and the MIL models, whose Grad-CAM the report draws)
+    conformal_alpha: float = 0.1  # error rate of the conformal prediction sets per class (benign, malignant, or both = refer); the report
+        # also shows 0.05 and 0.2
+    keep_models: str = "all"  # experiments whose fold models stay under output/models/: all | mmnet (MMNet and the MIL models,
+        # whose Grad-CAM the report draws)
     live_report: bool = True  # rewrite report.html after a fold, at most once a minute (in a separate process)
     tensorboard: bool = False  # per-epoch scalars under <output_dir>/tensorboard/<experiment>/fold<k> (pip install tensorboard)
 
@@ -126,7 +157,8 @@ class Config:
         """Hash of every field that changes what a fold learns (not paths or run flags)."""
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
                 "report_only", "experiments", "backbones", "resume", "workers", "jobs", "gradcam_patients",
-                "bootstrap_samples", "conformal_alpha", "keep_models", "micro_batch", "checkpoint_minutes", "device", "executor", "job_retries",
+                "bootstrap_samples", "conformal_alpha", "keep_models", "micro_batch", "checkpoint_minutes", "device", "executor",
+                "job_retries",
                 "deterministic", "tensorboard", "live_report"}
         if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
             skip.add("bag_size")
@@ -173,8 +205,10 @@ def get_training_config(argv=None) -> dict:
     return dataclasses.asdict(detect_env(cfg))
 
 
-_CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "inner_val"), "tta": ("on", "off"), "sample_mode": ("tuple", "pooled", "bag"), "fusion": FUSIONS,
-            "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"), "keep_models": ("all", "mmnet"),
+_CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "inner_val"), "tta": ("on", "off"),
+            "sample_mode": ("tuple", "pooled", "bag"), "fusion": FUSIONS,
+            "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"),
+            "keep_models": ("all", "mmnet"),
             "stain_norm": ("auto", "none", "macenko", "reinhard"), "executor": ("local", "ray"),
             "device": ("auto", "cuda", "mps", "cpu")}
 _MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from config import CONFIG_FILE, MIL_EXPERIMENTS, Config, ConfigError, parse_args, write_config_file
 from utils.files import REPORT_LOG, setup_logging
-from utils.report.html_report import LiveReport
 from utils.report.build import write_report
+from utils.report.html_report import LiveReport
 
 log = logging.getLogger("mmnet")
 
@@ -50,8 +50,8 @@ def run(cfg: Config) -> int:
     from preprocess.preprocess import DataError
     from preprocess.splits import FoldError
     from utils.device import DeviceError
-    from utils.engine.stop import StopRequested
     from utils.engine.inference import write_gradcam_maps
+    from utils.engine.stop import StopRequested
     from utils.study.pipeline import check_inputs, prepare_data, prepare_output
     from utils.study.runner import run_study
 
@@ -129,9 +129,9 @@ def settle_device(cfg: Config):
     """Device, AMP and weights decided once, before anything is written; a full study that
     would run on a CPU by accident, or from a silent random init, stops here."""
     from backbones import check_weights
-    from utils.study.benchmark import quick_study_minutes
     from utils.device import detect_env, resolved_config
     from utils.env import keep_hub_cache_on_volume
+    from utils.study.benchmark import quick_study_minutes
 
     env = detect_env(cfg)
     cfg = resolved_config(cfg, env)

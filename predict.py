@@ -25,10 +25,17 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from preprocess.dataset import ImageSource, evaluation_samples
-from utils.device import resolve_device
 from preprocess.patient_folder import cohort_folders, load_patient
-from utils.engine.inference import (MIL_SHOWN, ensemble_explanation, fold_checkpoints, load_fold_model,
-                             magnification_of_rows, patient_data, predict_patient)
+from utils.device import resolve_device
+from utils.engine.inference import (
+    MIL_SHOWN,
+    ensemble_explanation,
+    fold_checkpoints,
+    load_fold_model,
+    magnification_of_rows,
+    patient_data,
+    predict_patient,
+)
 from utils.report.conformal import DECISION_FILE, decide
 from utils.report.external import external_report, scored_frame
 from utils.report.plottings import patient_figure

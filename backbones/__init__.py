@@ -4,14 +4,22 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Optional
 
 import timm
 import torch
 from torch import nn
 
-from backbones.encoder import (GRID_ATTRIBUTE, PAD_ATTRIBUTE, add_map_hook, feature_map, freeze,  # noqa: F401 (models
-                               is_token_model, map_channels, padded, stride)  # use feature_map, map_channels)
+from backbones.encoder import (  # noqa: F401 (models
+    GRID_ATTRIBUTE,
+    PAD_ATTRIBUTE,
+    add_map_hook,
+    feature_map,
+    freeze,
+    is_token_model,  # use feature_map, map_channels)
+    map_channels,
+    padded,
+    stride,
+)
 from backbones.registry import Registry
 from config import ConfigError
 from preprocess.preprocess import frame_shape
@@ -26,11 +34,11 @@ register, list_models = MODEL_REGISTRY.register, MODEL_REGISTRY.names
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B,) malignant logit
-    subtype_logits: Optional[torch.Tensor]  # (B, 8) or None without a subtype head
-    mag_weights: Optional[torch.Tensor]  # (B, M) share of each magnification (0 where missing); None
+    subtype_logits: torch.Tensor | None  # (B, 8) or None without a subtype head
+    mag_weights: torch.Tensor | None  # (B, M) share of each magnification (0 where missing); None
     # for a fusion whose magnifications mix inside the vector (concat, cross_attention, bilinear)
-    attention_maps: Optional[torch.Tensor] = None  # (B, M, h, w) spatial attention, if any
-    instance_weights: Optional[torch.Tensor] = None  # (B, K) MIL: how much each image of the bag counted
+    attention_maps: torch.Tensor | None = None  # (B, M, h, w) spatial attention, if any
+    instance_weights: torch.Tensor | None = None  # (B, K) MIL: how much each image of the bag counted
 
 
 def build_model(cfg) -> nn.Module:
@@ -97,7 +105,7 @@ def wants_pretrained(cfg) -> bool:
 
 # Frozen encoders alive in this process, by what makes their weights: every branch, fold model
 # and ensemble member of a study uses one instance (a ViT-g is 4.5 GB in fp32), loaded once.
-_FROZEN: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_FROZEN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def encoder_key(cfg) -> tuple:

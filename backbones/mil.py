@@ -16,8 +16,8 @@ from torch import nn
 from backbones import ModelOutput, StudyModel, create_backbone, feature_map, map_channels, register
 from backbones.fusion import masked_softmax, uniform_weights, weighted_sum
 from backbones.registry import Registry
-from preprocess.dataset import magnification_codes
 from config import MAGNIFICATIONS, MIL_AGGREGATORS
+from preprocess.dataset import magnification_codes
 
 AGGREGATOR_REGISTRY = Registry("MIL aggregator", "model")
 register_aggregator, list_aggregators = AGGREGATOR_REGISTRY.register, AGGREGATOR_REGISTRY.names

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from config import BAG_SIZED_AGGREGATORS, MAGNIFICATIONS, SUBTYPES
+
 # The image source is imported from here by the stages above (one place for the data layer).
 from preprocess.image_source import ImageSource, magnification_codes, reads_levels, upload_rows  # noqa: F401
 

@@ -18,8 +18,8 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from config import MAGNIFICATIONS, SUBTYPE_NAMES
-from utils.env import usable_cpus
 from preprocess.preprocess import parse_name
+from utils.env import usable_cpus
 
 BENIGN, MALIGNANT = ("A", "F", "PT", "TA"), ("DC", "LC", "MC", "PC")
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)

@@ -47,13 +47,14 @@ def load_patient(patient_dir: Path, size: int, threads: int = 8):
             continue
         mag = magnification_of(path, patient_dir)
         if mag is None:
-            skipped.append({"file": rel, "reason": "unknown magnification (name it like BreakHis or put it in a 40X/100X/200X/400X folder)"})
+            skipped.append({"file": rel, "reason": "unknown magnification (name it like BreakHis or put it in a "
+                                                  "40X/100X/200X/400X folder)"})
             continue
         wanted.append((path, rel, mag))
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         decoded = list(pool.map(lambda item: _decoded(item[0], size), wanted))
     images = []
-    for (path, rel, mag), (image, problem) in zip(wanted, decoded):
+    for (_path, rel, mag), (image, problem) in zip(wanted, decoded):
         if image is None:
             skipped.append({"file": rel, "reason": problem})
             continue

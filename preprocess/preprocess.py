@@ -147,7 +147,8 @@ def index_dataset(data_dir: str | Path, workers: int = 1,
         fields = parse_name(path.name)
         rel = str(path.relative_to(root))
         if fields is None:
-            issues.append({"path": rel, "kind": "bad_name", "detail": "does not match SOB_<B|M>_<code>-<yy>-<slide>-<mag>-<seq>.png (or .jpg/.tif)"})
+            issues.append({"path": rel, "kind": "bad_name",
+                           "detail": "does not match SOB_<B|M>_<code>-<yy>-<slide>-<mag>-<seq>.png (or .jpg/.tif)"})
             continue
         rows.append({"path": rel, **fields})
         parsed_paths.append(path)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.env import decode_workers  # noqa: E402
 from preprocess.analyze import analysis_tables  # noqa: E402
 from preprocess.preprocess import DataError, index_dataset  # noqa: E402
+from utils.env import decode_workers  # noqa: E402
 from utils.files import markdown_table  # noqa: E402
 
 

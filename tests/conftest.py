@@ -53,7 +53,8 @@ def tiny_config(output_dir, **overrides):
     """A config small enough to train in seconds on a CPU core."""
     from config import Config
 
-    values = dict(output_dir=str(output_dir), cache_dir=str(Path(output_dir) / "cache"), backbone="test_resnet", pretrained="off", image_size=48,
+    values = dict(output_dir=str(output_dir), cache_dir=str(Path(output_dir) / "cache"), backbone="test_resnet",
+                  pretrained="off", image_size=48,
                   feature_dim=32, epochs=2, patience=5, batch_size=8, tuples_per_epoch=32, folds=2,
                   device="cpu", workers=1, amp="none", checkpoint_minutes=0.0)
     values.update(overrides)
@@ -62,9 +63,9 @@ def tiny_config(output_dir, **overrides):
 
 def tiny_study(cfg, demo_tree, demo_index):
     """Everything run_fold needs (a Study with its images attached), built as the study builds it."""
+    from preprocess.prepared import Study, attach_images
     from preprocess.splits import build_folds
     from utils.device import detect_env
-    from preprocess.prepared import Study, attach_images
 
     folds = build_folds(demo_index, cfg.folds, cfg.seed, cfg.inner_val_fraction)
     prepared = Study(index=demo_index, folds=folds, data_dir=demo_tree, demo=True, magnifications=cfg.magnifications)

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 import config
+from preprocess.dataset import fold_split
 from preprocess.preprocess import build_cache, index_dataset
 from tests.conftest import ROOT
-from preprocess.dataset import fold_split
 
 
 def _main(*argv, timeout=180):
@@ -35,8 +35,8 @@ def test_grayscale_and_rgba_pngs_are_converted_and_reported(demo_tree, tmp_path)
 
 
 def test_patient_missing_a_magnification(demo_index, caplog):
-    from tests.conftest import tiny_config
     from preprocess.splits import build_folds
+    from tests.conftest import tiny_config
 
     victim = demo_index["patient"].iloc[0]
     index = demo_index[~((demo_index["patient"] == victim) & (demo_index["mag"] == 40))].reset_index(drop=True)

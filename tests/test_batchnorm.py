@@ -7,12 +7,12 @@ import json
 import numpy as np
 import torch
 
+import utils.engine.batchnorm as batchnorm
 import utils.engine.fold as fold_module
 from preprocess.augment import model_input
 from preprocess.dataset import fold_split
 from tests.conftest import tiny_config, tiny_study
 from tests.test_host_syncs import resident_study
-import utils.engine.batchnorm as batchnorm
 from utils.device import HostSyncCounter, counting_syncs, derived_seed
 from utils.engine.batchnorm import InputMoments, has_batchnorm, settle_batchnorm, settling_samples, trained_batchnorms
 from utils.engine.train import new_fold_state

@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("crepes")
-from utils.report.conformal import (conformal_rows, cross_fitted_p_values, cross_fitted_sets,  # noqa: E402
-                                    prediction_sets)
+from utils.report.conformal import conformal_rows, cross_fitted_p_values, cross_fitted_sets, prediction_sets  # noqa: E402
 
 
 def _quantile_rule(cal_prob, cal_labels, test_prob, alpha):

@@ -105,8 +105,7 @@ def test_flips_keep_the_frame_and_channels_last_reaches_the_model():
 
 def test_bags_hold_distinct_images_of_one_patient_and_evaluation_covers_all(demo_index):
     from config import Config, experiment_config
-    from preprocess.dataset import (evaluation_bags, patient_images, samples_for, training_bags,
-                                    tuples_per_epoch)
+    from preprocess.dataset import evaluation_bags, patient_images, samples_for, training_bags, tuples_per_epoch
 
     cfg = experiment_config(Config(bag_size=5), "mil_mean")
     data = patient_images(demo_index, np.ones(len(demo_index), bool), demo_index["patient"].unique(),

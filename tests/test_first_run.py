@@ -3,8 +3,6 @@ study's length, curves for the run's own reference, a sample grid of the data as
 honest ETA after a resume."""
 import pytest
 
-from tests.conftest import tiny_config
-
 
 def test_a_missing_data_folder_is_named_before_the_device_is_checked(monkeypatch, capsys, tmp_path):
     import main

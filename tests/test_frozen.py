@@ -3,17 +3,16 @@ learns, and the cache is shared while its key holds and rebuilt when it changes.
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 import utils.engine.features as features
 from backbones import build_model
-import pytest
-
 from config import experiment_config
 from preprocess.dataset import evaluation_samples, fold_split
 from tests.conftest import tiny_config, tiny_study
-from utils.engine.train import new_fold_state, predict, train_one_epoch, EpochPlan, LoopSettings
 from utils.engine.losses import StudyLoss
+from utils.engine.train import EpochPlan, LoopSettings, new_fold_state, predict, train_one_epoch
 
 
 def _frozen(tmp_path, demo_tree, demo_index, **overrides):

@@ -11,8 +11,8 @@ import torch
 import utils.engine.fold as fold_module
 import utils.engine.train as train_module
 from config import experiment_config
-from tests.conftest import tiny_config, tiny_study
 from preprocess.dataset import ImageSource
+from tests.conftest import tiny_config, tiny_study
 from utils.device import HostSyncCounter, counting_syncs, uncount_host_optimizer
 from utils.engine.features import FeatureSource, attach_features
 

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 import predict
-from preprocess.dataset import evaluation_tuples
+from preprocess.dataset import evaluation_tuples, fold_split
 from preprocess.patient_folder import load_patient
 from tests.conftest import DEMO_H, DEMO_W, tiny_config, tiny_study
-from utils.engine.inference import load_fold_model, tuple_inputs
-from preprocess.dataset import fold_split
 from utils.engine.fold import run_fold
+from utils.engine.inference import load_fold_model, tuple_inputs
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +62,7 @@ def test_gradcam_mass_lies_in_the_signal_region(left_signal_run, method, margin)
 
 def test_choose_cases_picks_confident_errors_and_hits():
     import pandas as pd
+
     from utils.engine.inference import choose_cases
 
     preds = pd.DataFrame({"patient": list("abcdef"), "label": [1, 1, 0, 0, 0, 1],

@@ -104,8 +104,9 @@ def test_shared_backbone_has_one_set_of_weights():
 
 
 def test_pretrained_file_is_loaded(tmp_path):
-    from backbones import create_backbone
     import timm
+
+    from backbones import create_backbone
 
     reference = timm.create_model("test_resnet", pretrained=False, num_classes=0, global_pool="")
     torch.save(reference.state_dict(), tmp_path / "weights.pth")

@@ -133,8 +133,7 @@ def test_report_numbers_are_traceable_to_the_predictions(only_200x_carries_signa
 
 
 def test_cv_repeats_add_new_splits_and_keep_the_first_repetition(demo_index):
-    from preprocess.splits import assert_disjoint, build_folds
-    from preprocess.splits import folds_fingerprint
+    from preprocess.splits import FoldError, assert_disjoint, build_folds, folds_fingerprint
 
     once = build_folds(demo_index, 2, 42, 0.2)
     twice = build_folds(demo_index, 2, 42, 0.2, repeats=2)
@@ -146,5 +145,5 @@ def test_cv_repeats_add_new_splits_and_keep_the_first_repetition(demo_index):
     assert ((twice["role_f2"] == "test") | (twice["role_f3"] == "test")).all()
     broken = twice.copy()
     broken.loc[broken.index[0], "role_f3"] = "train" if broken.loc[broken.index[0], "role_f3"] == "test" else "test"
-    with pytest.raises(Exception):
+    with pytest.raises(FoldError, match="role_f3"):  # the one split that was broken
         assert_disjoint(broken)

@@ -5,12 +5,11 @@ import sys
 
 import pandas as pd
 import pytest
-
-import preprocess.image_source as image_source_module
 import torch
 
-import utils.engine.saving as saving
+import preprocess.image_source as image_source_module
 import utils.engine.fold as fold_module
+import utils.engine.saving as saving
 import utils.engine.train as train
 from tests.conftest import ROOT, tiny_config, tiny_study
 from utils.device import out_of_memory_error
@@ -45,8 +44,9 @@ def test_stop_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, demo_tree, 
     monkeypatch.setattr(fold_module, "stop_requested", lambda: "")
     _run(cut, demo_tree, demo_index)
     pd.testing.assert_frame_equal(_predictions(whole), _predictions(cut), check_exact=True)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole/runs/mmnet/fold0/history.csv")[["epoch", "train_loss", "train_binary_loss"]],
-                                  pd.read_csv(tmp_path / "cut/runs/mmnet/fold0/history.csv")[["epoch", "train_loss", "train_binary_loss"]])
+    columns = ["epoch", "train_loss", "train_binary_loss"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole/runs/mmnet/fold0/history.csv")[columns],
+                                  pd.read_csv(tmp_path / "cut/runs/mmnet/fold0/history.csv")[columns])
 
 
 def test_out_of_memory_halves_the_micro_batch_and_goes_on(tmp_path, demo_tree, demo_index, monkeypatch, caplog):

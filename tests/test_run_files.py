@@ -1,7 +1,7 @@
 """What a run writes for people and scripts: config.yaml and its validation, progress and
 ETA, booktabs LaTeX, report locations."""
-import importlib.util
 import dataclasses
+import importlib.util
 import json
 import warnings
 

@@ -3,8 +3,7 @@ import pandas as pd
 import pytest
 
 from preprocess.preprocess import parse_name
-from preprocess.splits import (FoldError, assert_disjoint, build_folds, kaggle_folds, load_folds,
-                               write_folds)
+from preprocess.splits import FoldError, assert_disjoint, build_folds, kaggle_folds, load_folds, write_folds
 
 
 @pytest.fixture(scope="module")

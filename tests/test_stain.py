@@ -11,8 +11,7 @@ from tests.conftest import tiny_config, tiny_study
 torchstain = pytest.importorskip("torchstain")
 from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer  # noqa: E402
 
-from preprocess.stain import (STD_FLOOR, Macenko, Reinhard, fit_montage, rgb_to_lab,  # noqa: E402
-                             symmetric_eigenvectors)
+from preprocess.stain import STD_FLOOR, Macenko, Reinhard, fit_montage, rgb_to_lab, symmetric_eigenvectors  # noqa: E402
 
 HE = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])  # haematoxylin, eosin optical densities
 
@@ -32,8 +31,9 @@ def stained_images(count: int, seed: int, h: int = 40, w: int = 60) -> np.ndarra
 def real_or_synthetic(genuine: bool):
     if not genuine:
         return stained_images(10, seed=3)
-    from tests.conftest import GENUINE
     from PIL import Image
+
+    from tests.conftest import GENUINE
     files = sorted(GENUINE.rglob("*.png"))[:10]
     if not files:
         pytest.skip("../shared/breakhis/genuine not available")
@@ -184,9 +184,9 @@ def test_reinhard_leaves_a_grey_ramp_grey():
 
 def test_fold_model_carries_and_applies_its_reference(fold_setup, tmp_path):
     """The kept fold model holds the fitted reference; the predictor's model input uses it."""
-    from utils.engine.inference import load_fold_model
     from preprocess.augment import model_input
     from utils.engine.fold import run_fold
+    from utils.engine.inference import load_fold_model
 
     cfg, study, _, _ = fold_setup
     cfg = dataclasses.replace(cfg, output_dir=str(tmp_path), epochs=1, folds=2)

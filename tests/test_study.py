@@ -81,7 +81,7 @@ def _fake_run(out, experiment, folds=3, seed=0):
         rows = []
         for p in range(8):
             label = int(p % 2)
-            for t in range(3):
+            for _ in range(3):
                 w = rng.dirichlet(np.ones(4))
                 rows.append({"patient": f"SOB_{fold}_{p}", "group": str(fold * 10 + p), "label": label,
                              "subtype": (p % 4) + 4 * label, "prob": float(np.clip(rng.normal(0.3 + 0.4 * label, 0.2), 0, 1)),

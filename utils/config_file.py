@@ -114,7 +114,10 @@ def _comma_list(kind):
 def field_comments(cls) -> dict[str, str]:
     """The comment beside each field of a dataclass: one source for the code and for --help."""
     source = inspect.getsource(cls)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#(.+)$", source, re.M)}
+    # A long comment goes on below its field, indented deeper than the fields: "        # more".
+    pattern = r"^    (\w+): [^=\n]+=[^#\n]*#(.+)$((?:\n {8,}#.*$)*)"
+    return {m.group(1): " ".join([m.group(2).strip(), *(line.strip()[1:].strip() for line in m.group(3).splitlines() if line.strip())])
+            for m in re.finditer(pattern, source, re.M)}
 
 
 def add_option(group, f: dataclasses.Field, text: str, choices=None) -> None:

@@ -193,8 +193,8 @@ class HostSyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if not _UNCOUNTED[0] and (name in self._SCALAR or name in self._VALUE_SIZED or name in self._HOST_BUILT or _to_host(name, args, kwargs)
-                                  or _bool_index(name, args)):
+        if not _UNCOUNTED[0] and (name in self._SCALAR or name in self._VALUE_SIZED or name in self._HOST_BUILT
+                                   or _to_host(name, args, kwargs) or _bool_index(name, args)):
             self.counts[name] = self.counts.get(name, 0) + 1
         return func(*args, **kwargs)
 

@@ -6,8 +6,8 @@ Every stage uses these, the report included, so nothing here may import torch.
 from __future__ import annotations
 
 import logging
-import re
 import os
+import re
 import sys
 import tempfile
 import time

@@ -15,6 +15,7 @@ from torch import nn
 
 from backbones.encoder import MAP_HOOK
 from preprocess.dataset import reads_levels
+
 METHODS = ("gradcam", "gradcam++")
 
 

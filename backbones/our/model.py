@@ -7,8 +7,7 @@ from torch import nn
 
 from backbones import ModelOutput, StudyModel, feature_map, magnification_backbones, map_channels, register
 from backbones.fusion import create_fusion
-from backbones.our.modules import (ChannelAttention, HierarchicalMagnificationAttention, MultiScaleAttentionPool,
-                                   SpatialAttention)
+from backbones.our.modules import ChannelAttention, HierarchicalMagnificationAttention, MultiScaleAttentionPool, SpatialAttention
 
 
 class MagnificationBranch(nn.Module):

@@ -110,7 +110,7 @@ def _settle_pass(model, source, samples: np.ndarray, batch: int, amp_dtype: str)
             _settle_batch(model, source, rows[start:start + batch], amp_dtype)
         for layer, m in zip(layers, moments):
             m.store(layer)
-        for layer, count in zip([l for l in layers if l.num_batches_tracked is not None], tracked):
+        for layer, count in zip([layer for layer in layers if layer.num_batches_tracked is not None], tracked):
             layer.num_batches_tracked.copy_(count)
     finally:
         for handle in handles:

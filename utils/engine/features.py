@@ -26,16 +26,16 @@ import numpy as np
 import torch
 
 from backbones import create_backbone, data_config, encoder_key
-from config import ConfigError
 from backbones.encoder import feature_map
+from config import ConfigError
 from preprocess.augment import TTA_FLIPS, prepare_batch, test_views
 from preprocess.dataset import ImageSource, reads_levels, upload_rows
 from preprocess.image_source import copy_to_device
 from preprocess.preprocess import cache_key
 from utils.device import empty_cache
 from utils.engine.train import amp_context
-from utils.files import FEATURE_CACHE_FILE, atomic_write_text, steps
 from utils.env import available_memory
+from utils.files import FEATURE_CACHE_FILE, atomic_write_text, steps
 
 log = logging.getLogger("mmnet")
 

@@ -17,23 +17,29 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-from preprocess.dataset import (evaluation_samples, fold_split, samples_for, sampling_weights, training_samples,
-                                tuples_per_epoch)
-from utils.device import empty_cache, is_out_of_memory
-from utils.engine.checkpoint import (FoldState, cpu_copy, finished_results, load_saved_state, saved_state,
-                              reload_last, restore_from_disk, tested_model)
-from utils.device import derived_seed, seed_everything
-from utils.engine.fold_run import NO_PROGRESS, FoldRun, checkpoint_due, kept_write, save_checkpoints
-from utils.engine.saving import BackgroundWriter, scalar_writer
-from utils.engine.stop import StopRequested, stop_requested
-from utils.engine.batchnorm import settle_batchnorm
-from utils.engine.evaluate import evaluation_batch, prediction_frame
-from utils.files import ATTENTION_FILE, atomic_write_text
+from preprocess.dataset import evaluation_samples, fold_split, samples_for, sampling_weights, training_samples, tuples_per_epoch
 from preprocess.splits import folds_fingerprint
-from utils.engine.stain_reference import reference_key, shared_reference
+from utils.device import derived_seed, empty_cache, is_out_of_memory, seed_everything
+from utils.engine.batchnorm import settle_batchnorm
+from utils.engine.checkpoint import (
+    FoldState,
+    cpu_copy,
+    finished_results,
+    load_saved_state,
+    reload_last,
+    restore_from_disk,
+    saved_state,
+    tested_model,
+)
+from utils.engine.evaluate import evaluation_batch, prediction_frame
+from utils.engine.fold_run import NO_PROGRESS, FoldRun, checkpoint_due, kept_write, save_checkpoints
 from utils.engine.losses import StudyLoss, binary_loss, subtype_class_weights
-from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
+from utils.engine.saving import BackgroundWriter, scalar_writer
+from utils.engine.stain_reference import reference_key, shared_reference
+from utils.engine.stop import StopRequested, stop_requested
 from utils.engine.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
+from utils.files import ATTENTION_FILE, atomic_write_text
+from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
 
 log = logging.getLogger("mmnet")
 

@@ -17,19 +17,17 @@ from backbones import build_model
 from backbones.encoder import fingerprint, frozen_encoder
 from backbones.our.gradcam import attention_maps, cam_maps
 from config import MAGNIFICATIONS, SUBTYPE_NAMES, SUBTYPES, Config, slot_labels
-
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 from preprocess.augment import model_input
 from preprocess.dataset import ImageSource, PatientImages, evaluation_samples, evaluation_tuples, fold_split, reads_levels
 from utils.device import auto_amp
-from utils.files import ATTENTION_FILE, GRADCAM_DIR, MODELS_DIR, run_folder
 from utils.engine.checkpoint import load_saved_state
 from utils.engine.saving import load_checkpoint
-from utils.metrics import DECISION_THRESHOLD, patient_probabilities
-from utils.files import steps
 from utils.engine.train import predict_views
+from utils.files import ATTENTION_FILE, GRADCAM_DIR, MODELS_DIR, run_folder, steps
+from utils.metrics import DECISION_THRESHOLD, patient_probabilities
 
 log = logging.getLogger("mmnet")
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 
 
 @dataclass

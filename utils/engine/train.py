@@ -16,8 +16,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from backbones import build_model
 from preprocess.dataset import ImageSource, PatientImages, reads_levels, samples_for
-from utils.engine.checkpoint import FoldState
 from utils.device import empty_cache, grad_scaler, is_out_of_memory, seed_everything
+from utils.engine.checkpoint import FoldState
 
 log = logging.getLogger("mmnet")
 

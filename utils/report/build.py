@@ -13,17 +13,36 @@ from pathlib import Path
 import pandas as pd
 
 from config import ABLATIONS, BASELINES, EXPERIMENTS, FUSION_EXPERIMENTS, MIL_EXPERIMENTS, parse_args
-from utils.report import plottings
 from utils.env import PROJECT_ROOT, get_base_path
-from utils.files import (FAILED_JOBS_FILE, GRADCAM_DIR, PROGRESS_FILE, REPORT_FILE, RUN_LOG, atomic_write_text, markdown_table,
-                         save_table, setup_logging)
+from utils.files import (
+    FAILED_JOBS_FILE,
+    GRADCAM_DIR,
+    PROGRESS_FILE,
+    REPORT_FILE,
+    RUN_LOG,
+    atomic_write_text,
+    markdown_table,
+    save_table,
+    setup_logging,
+)
+from utils.report import plottings
 from utils.report.conformal import CONFORMAL_ALPHAS, DECISION_FILE, conformal_table, write_decision_calibration
 from utils.report.html_report import write_html_report
 from utils.report.report_text import header_lines, protocol_text, read_text_file, results_key
+from utils.report.tables import (
+    calibrated_patients,
+    calibration_table,
+    comparison_table,
+    family_rows,
+    fold_table,
+    load_runs,
+    per_fold_table,
+    statistics,
+    subtype_tables,
+    timing_table,
+    validation_threshold_table,
+)
 from utils.report.weights import fusion_weights, magnification_importance, magnification_weights
-from utils.report.tables import (calibrated_patients, calibration_table, comparison_table, family_rows, fold_table,
-                          load_runs, per_fold_table,
-                          statistics, subtype_tables, timing_table, validation_threshold_table)
 
 log = logging.getLogger("mmnet")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from utils.files import FEATURE_CACHE_FILE, REPORT_FILE, atomic_write_text, encoder_dir, markdown_table
-from utils.report.statistics import bootstrap_ci, paired_difference_ci
 from utils.report.paired import on_common_patients, paired_count_text
+from utils.report.statistics import bootstrap_ci, paired_difference_ci
 from utils.report.tables import load_runs
 
 COMPARED = ("balanced_accuracy", "auc")

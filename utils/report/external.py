@@ -22,6 +22,7 @@ from utils.metrics import DECISION_THRESHOLD, METRICS
 from utils.report.statistics import bootstrap_ci
 from utils.report.tables import PROPORTION_CI, PROPORTIONS, patient_proportion
 
+
 def external_metrics(patients: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """metric, value, ci_low, ci_high, ci_method at patient level, decisions at the ensemble's
     threshold, as the cross-validation's table has them: Wilson intervals at the slide groups'

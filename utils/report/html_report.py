@@ -10,15 +10,14 @@ import base64
 import html
 import json
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from utils.env import PROJECT_ROOT
-from utils.files import HTML_REPORT, PROGRESS_FILE, atomic_write_text
-from utils.files import duration
+from utils.files import HTML_REPORT, PROGRESS_FILE, atomic_write_text, duration
 from utils.report.report_text import header_lines, protocol_text, read_text_file, results_key
 
 STYLE = """

@@ -19,7 +19,6 @@ from config import EXPERIMENTS, MAGNIFICATIONS, MIL_EXPERIMENTS
 from utils.metrics import patient_probabilities
 from utils.report.statistics import group_draws, scored_units
 
-
 # How each experiment is named in figures and tables meant for readers.
 TITLES = {"mmnet": "MMNet", **{f"single_{m}x": f"Single {m}X" for m in MAGNIFICATIONS},
           "simple_concat": "Concatenation of 4 magnifications", "pooled_single": "Single CNN, all magnifications pooled",

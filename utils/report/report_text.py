@@ -113,9 +113,9 @@ def _stain_text(cfg) -> str:
     return (f" Stain normalisation: {name}, with one reference for each outer fold (and repeat), fitted on "
             f"{STAIN_FIT_IMAGES} images of that fold's training patients only (never its test patients) at the "
             f"study's magnifications ({'/'.join(f'{m}X' for m in cfg.magnifications)}) and shared by every "
-            f"experiment of the fold, so comparisons are paired on stain too; kept in the fold model and applied to every image the fold trains, validates and "
-            f"tests on, before augmentation (a frame with nothing to estimate, such as an empty slot or one with under 1 % stained "
-            f"pixels for Macenko, passes unchanged).")
+            f"experiment of the fold, so comparisons are paired on stain too; kept in the fold model and applied to every "
+            f"image the fold trains, validates and tests on, before augmentation (a frame with nothing to estimate, such as "
+            f"an empty slot or one with under 1 % stained pixels for Macenko, passes unchanged).")
 
 
 def _bag_text(cfg, runs: dict) -> str:

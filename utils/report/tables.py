@@ -12,13 +12,10 @@ from sklearn.metrics import brier_score_loss
 
 from config import SUBTYPES
 from utils.files import steps
-from utils.metrics import (METRICS, fold_metrics, format_mean_sd, mean_sd, patient_probabilities,
-                           pooled_out_of_fold)
+from utils.metrics import METRICS, fold_metrics, format_mean_sd, mean_sd, patient_probabilities, pooled_out_of_fold
 from utils.report.paired import paired_comparison, paired_count_text
+from utils.report.statistics import bootstrap_ci, clustered_wilson, expected_calibration_error, holm, prior_corrected, scored_units
 from utils.report.temperature import cross_fitted
-from utils.report.statistics import (bootstrap_ci, clustered_wilson, expected_calibration_error, holm, prior_corrected,
-                                     scored_units)
-
 
 # ---------------------------------------------------------------- results of the runs
 LEVELS = ("patient", "tuple")

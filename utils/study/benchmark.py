@@ -29,16 +29,24 @@ import pandas as pd
 from config import DEFAULT_EXPERIMENTS, GROUPS, Config, experiment_config
 from preprocess.dataset import ImageSource, evaluation_tuples, fold_split, tuples_per_epoch
 from preprocess.preprocess import frame_shape
-from utils.engine.checkpoint import checkpoint_payload
 from utils.device import configure_backends, detect_env
+from utils.engine.checkpoint import checkpoint_payload
 from utils.engine.features import FeatureSource, encode_to_file
-from utils.files import markdown_table
-from utils.engine.saving import snapshot
 from utils.engine.losses import StudyLoss
-from utils.study.rates import (cache_build_rate, decode_ms_per_image, fixed_seconds_per_fold, host_syncs_per_step,
-                               model_alone_rate, peak_memory_gb, predictor_latency, synthetic_patients,
-                               time_train_and_eval)
+from utils.engine.saving import snapshot
 from utils.engine.train import LoopSettings, make_scheduler, new_fold_state
+from utils.files import markdown_table
+from utils.study.rates import (
+    cache_build_rate,
+    decode_ms_per_image,
+    fixed_seconds_per_fold,
+    host_syncs_per_step,
+    model_alone_rate,
+    peak_memory_gb,
+    predictor_latency,
+    synthetic_patients,
+    time_train_and_eval,
+)
 
 log = logging.getLogger("mmnet")
 FULL = {"images": 7909, "folds": 5}  # the default study's size

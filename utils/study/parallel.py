@@ -14,14 +14,14 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 import torch
 
 from config import ConfigError, experiment_config
-from utils.engine.checkpoint import ForeignRunError
+from preprocess.prepared import attach_images
 from utils.device import configure_backends, detect_env
-from utils.env import usable_cpus
-from utils.files import setup_logging
+from utils.engine.checkpoint import ForeignRunError
 from utils.engine.features import attach_features
 from utils.engine.fold import run_fold
 from utils.engine.stop import StopRequested, install_stop_handlers, stop_requested
-from preprocess.prepared import attach_images
+from utils.env import usable_cpus
+from utils.files import setup_logging
 
 log = logging.getLogger("mmnet")
 _WORKER: dict = {}
@@ -97,7 +97,8 @@ def _collect(done, pending: dict, pool, tracker, epochs: int) -> tuple[int, str]
 
 def run_jobs(cfg, prepared, todo: list[tuple[str, int]], jobs: int, log_file: str, tracker) -> int:
     """Run the (experiment, fold) jobs `todo` (those not finished earlier); returns the number
-    of failed jobs; `tracker` (the parent's StudyProgress) hears of each finished job. A failed job is reported and the others go on; a stop request waits for the
+    of failed jobs; `tracker` (the parent's StudyProgress) hears of each finished job. A failed job is reported and the others go on;
+    a stop request waits for the
     running jobs to save."""
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     slots = ctx.Queue()

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from config import CONFIG_FILE, Config, ConfigError, write_config_file
-from backbones.hub import preflight
 from backbones import check_backbone
+from backbones.hub import preflight
+from config import CONFIG_FILE, Config, ConfigError, write_config_file
 from preprocess.analyze import analyze
-from preprocess.prepared import Study
 from preprocess.demo import write_demo_tree
+from preprocess.prepared import Study
 from preprocess.preprocess import DataError, holds_images, index_dataset, missing_data_message, write_issues
 from preprocess.splits import FoldError, build_folds, kaggle_folds, load_folds, write_folds
 from utils.device import EnvInfo, configure_backends, gpu_facts, versions

@@ -20,9 +20,9 @@ import uuid
 from pathlib import Path
 
 from config import ConfigError, experiment_config
-from utils.env import PROJECT_ROOT
-from utils.engine.stop import StopRequested, stop_requested
 from utils.engine.fold import run_fold
+from utils.engine.stop import StopRequested, stop_requested
+from utils.env import PROJECT_ROOT
 from utils.files import FAILED_JOBS_FILE, atomic_write_text, setup_logging
 from utils.study.parallel import settle_job, worker_study
 
@@ -115,7 +115,7 @@ def run_ray_jobs(cfg, prepared, todo: list[tuple[str, int]], log_file: str, trac
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)  # a stop request is heard between
             for ref in ready:
                 name, fold = pending.pop(ref)
-                missed, stopped = settle_job(name, fold, lambda: ray.get(ref), tracker, cfg.epochs)
+                missed, stopped = settle_job(name, fold, lambda ref=ref: ray.get(ref), tracker, cfg.epochs)
                 failed += missed
                 lost += [{"experiment": name, "fold": fold, "retries": cfg.job_retries}] if missed else []
                 if stopped or stop_requested():

@@ -9,19 +9,19 @@ import time
 from pathlib import Path
 
 from config import EXPERIMENTS, ConfigError, experiment_config
-from utils.study.benchmark import predict_duration
-from utils.engine.checkpoint import ForeignRunError
+from preprocess.prepared import Study, attach_images
 from utils.device import EnvInfo, empty_cache, is_out_of_memory
-from utils.files import RUN_LOG
+from utils.engine.checkpoint import ForeignRunError
 from utils.engine.features import attach_features
 from utils.engine.fold import is_finished, run_fold
 from utils.engine.stain_reference import fit_study_references
 from utils.engine.stop import StopRequested, install_stop_handlers, stop_requested
-from utils.study.parallel import default_jobs, run_jobs
-from utils.study.ray_jobs import run_ray_jobs
-from preprocess.prepared import Study, attach_images
-from utils.study.progress import StudyProgress
 from utils.engine.train import TrainingError
+from utils.files import RUN_LOG
+from utils.study.benchmark import predict_duration
+from utils.study.parallel import default_jobs, run_jobs
+from utils.study.progress import StudyProgress
+from utils.study.ray_jobs import run_ray_jobs
 
 log = logging.getLogger("mmnet")
 
