@@ -34,6 +34,7 @@ from utils.experiments import (  # noqa: F401 (users and
     MIL_EXPERIMENTS,  # from config)
     expand_experiments,
 )
+from utils.options import CHOICES, MINIMUM, OPTION_GROUPS
 
 MAGNIFICATIONS = (40, 100, 200, 400)
 STAIN_FIT_IMAGES = 32  # training images of a fold that its --stain-norm reference is fitted on
@@ -205,39 +206,6 @@ def get_training_config(argv=None) -> dict:
     return dataclasses.asdict(detect_env(cfg))
 
 
-_CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "inner_val"), "tta": ("on", "off"),
-            "sample_mode": ("tuple", "pooled", "bag"), "fusion": FUSIONS,
-            "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"),
-            "keep_models": ("all", "mmnet"),
-            "stain_norm": ("auto", "none", "macenko", "reinhard"), "executor": ("local", "ray"),
-            "device": ("auto", "cuda", "mps", "cpu")}
-_MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
-            "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
-            "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
-            "warmup_epochs": 0.0, "ema_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0,
-            "colour_jitter": 0.0, "stain_jitter": 0.0, "magnification_dropout": 0.0, "feature_grid": 0, "job_retries": 0}
-
-
-# --help in the order a user decides: where the data are, what the study runs, which model,
-# how it trains, on what device, and what is written. Every Config field sits in one group.
-OPTION_GROUPS = {
-    "data": ("data_dir", "cache_dir", "magnifications", "image_size", "stain_norm", "max_patients", "folds_source"),
-    "study": ("experiments", "dry_run", "analyze_only", "report_only", "resume", "folds", "cv_repeats",
-              "inner_val_fraction", "model_selection", "tta", "seed"),
-    "model": ("model", "backbone", "backbones", "pretrained", "pretrained_file", "freeze_backbone", "feature_grid", "shared_backbone",
-              "feature_dim", "dropout", "spatial_attention", "channel_attention", "hierarchical_attention",
-              "fusion", "multiscale_pooling", "subtype_head", "sample_mode", "bag_size"),
-    "training": ("epochs", "patience", "batch_size", "tuples_per_epoch", "class_balanced", "lr",
-                 "backbone_lr_scale", "weight_decay", "warmup_epochs", "ema_epochs", "grad_clip", "loss",
-                 "focal_alpha", "focal_gamma", "subtype_loss_weight", "colour_jitter", "stain_jitter",
-                 "quarter_turns", "magnification_dropout"),
-    "device": ("device", "amp", "micro_batch", "deterministic", "workers", "jobs", "executor", "job_retries",
-               "checkpoint_minutes"),
-    "output and report": ("output_dir", "report_file", "keep_models", "gradcam_patients", "bootstrap_samples",
-                          "conformal_alpha", "live_report", "tensorboard"),
-}
-
-
 def _experiments_help() -> str:
     groups = "; ".join(f"{name}: {'all of the above' if name == 'all' else ', '.join(members)}"
                        for name, members in GROUPS.items())
@@ -254,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         group = parser.add_argument_group(title)
         for name in names:
             text = _experiments_help() if name == "experiments" else comments.get(name, "")
-            add_option(group, fields[name], text, _CHOICES.get(name))
+            add_option(group, fields[name], text, CHOICES.get(name))
         if title == "study":
             group.add_argument("--config", help="YAML file of Config keys, e.g. the config.yaml an earlier run "
                                                 "wrote into its output folder; flags given here win")
@@ -264,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _problems(cfg: Config) -> list[str]:
     """Every range, choice, experiment and magnification problem of a Config, one line each."""
     problems = []
-    for name, low in _MINIMUM.items():
+    for name, low in MINIMUM.items():
         if getattr(cfg, name) < low:
             problems.append(problem("CFG003", name, f"must be >= {low}, got {getattr(cfg, name)}"))
     if cfg.magnification_dropout >= 1:
@@ -273,7 +241,7 @@ def _problems(cfg: Config) -> list[str]:
         problems.append(problem("CFG003", "conformal_alpha", f"must lie in (0, 0.5), got {cfg.conformal_alpha}"))
     if not 0.05 <= cfg.inner_val_fraction <= 0.5:
         problems.append(problem("CFG003", "inner_val_fraction", f"must lie in [0.05, 0.5], got {cfg.inner_val_fraction}"))
-    for name, choices in _CHOICES.items():
+    for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             problems.append(problem("CFG004", name, f"'{getattr(cfg, name)}' is not one of {', '.join(choices)}"
                                     f"{closest(getattr(cfg, name), choices)}"))

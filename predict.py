@@ -38,7 +38,7 @@ from utils.engine.inference import (
 )
 from utils.report.conformal import DECISION_FILE, decide
 from utils.report.external import external_report, scored_frame
-from utils.report.plottings import patient_figure
+from utils.report.gradcam_figures import patient_figure
 
 RESEARCH_ONLY = "research use only: not a diagnostic device and not validated for clinical decisions"
 

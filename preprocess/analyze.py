@@ -15,13 +15,14 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
+import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from config import MAGNIFICATIONS, SUBTYPES
 from preprocess.preprocess import DataError, index_dataset, write_issues
 from utils.env import decode_workers
+from utils.figures import BENIGN_MALIGNANT, new_figure, save_figure
 from utils.files import markdown_table, save_table
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def analysis_tables(index: pd.DataFrame) -> dict[str, pd.DataFrame]:
                      images=("path", "size")).reset_index())
     counts = index.groupby(["patient", "mag"]).size().unstack(fill_value=0)
     per_patient = pd.DataFrame({f"{m}X": counts.get(m, pd.Series(0, index=counts.index))
-                                for m in MAGNIFICATIONS}).agg(["min", "median", "max"]).T
+                                for m in MAGNIFICATIONS}).agg(["min", "median", "max"]).T.astype({"min": int, "max": int})
     return {
         "class_by_magnification": class_mag.rename_axis("class").reset_index(),
         "subtype_by_magnification": subtype_mag.rename_axis("subtype").reset_index(),
@@ -61,48 +62,44 @@ def patient_mag_counts(index: pd.DataFrame) -> pd.DataFrame:
 
 
 def _plot_bars(index: pd.DataFrame, plots: Path) -> None:
-    fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2)
-    index["tumor_class"].value_counts().sort_index().plot.bar(ax=axes[0], color=["#4c9f70", "#c0504d"])
+    classes = sorted(set(index["tumor_class"]))
+    palette = dict(zip(("benign", "malignant"), BENIGN_MALIGNANT))
+    fig, axes = new_figure(1, 2, figsize=(10, 4))
+    sns.countplot(data=index, x="tumor_class", hue="tumor_class", order=classes, palette=palette, legend=False, ax=axes[0])
     axes[0].set(title="Images per class", ylabel="images", xlabel="")
-    index.groupby(["mag", "tumor_class"]).size().unstack(fill_value=0).plot.bar(
-        ax=axes[1], color=["#4c9f70", "#c0504d"])
-    axes[1].set(title="Images per magnification", xlabel="magnification (X)", ylabel="images")
-    fig.tight_layout()
-    fig.savefig(plots / "class_magnification_bars.png", dpi=120)
+    mags = [m for m in MAGNIFICATIONS if m in set(index["mag"])]
+    sns.countplot(data=index.assign(magnification=index["mag"].map(lambda m: f"{m}X")), x="magnification",
+                  order=[f"{m}X" for m in mags], hue="tumor_class", hue_order=classes, palette=palette, ax=axes[1])
+    axes[1].set(title="Images per magnification", xlabel="magnification", ylabel="images")
+    axes[1].legend(title="class")
+    save_figure(fig, plots / "class_magnification_bars.png")
 
-    fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2)
+    fig, axes = new_figure(1, 2, figsize=(10, 4))
     order = [s for s in SUBTYPES if s in set(index["subtype"])]
-    table = index.groupby(["subtype"]).agg(images=("path", "size"), patients=("patient", "nunique")).reindex(order)
-    colours = ["#4c9f70" if SUBTYPES.index(s) < 4 else "#c0504d" for s in order]  # benign | malignant
+    table = (index.groupby(["subtype"]).agg(images=("path", "size"), patients=("patient", "nunique"))
+             .reindex(order).reset_index())
+    table["class"] = ["benign" if SUBTYPES.index(s) < 4 else "malignant" for s in order]
     for ax, column in zip(axes, ("images", "patients")):
-        ax.bar(order, table[column], color=colours)
-        ax.set(title=f"{column.capitalize()} per subtype (green benign, red malignant)", xlabel="subtype",
-               ylabel=column)
+        sns.barplot(data=table, x="subtype", y=column, hue="class", palette=palette, dodge=False, ax=ax)
+        ax.set(title=f"{column.capitalize()} per subtype", xlabel="subtype", ylabel=column)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(plots / "subtype_distribution.png", dpi=120)
+    save_figure(fig, plots / "subtype_distribution.png")
 
 
 def _plot_heatmap(index: pd.DataFrame, plots: Path) -> None:
-    counts = patient_mag_counts(index)
-    fig = Figure(figsize=(5, max(3, 0.16 * len(counts) + 1)))
-    ax = fig.subplots()
-    image = ax.imshow(counts.to_numpy(), aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(MAGNIFICATIONS)), [f"{m}X" for m in MAGNIFICATIONS])
-    ax.set_yticks(range(len(counts)), counts.index, fontsize=5 if len(counts) > 30 else 8)
-    ax.set_title("Images per patient and magnification")
-    fig.colorbar(image, ax=ax, label="images")
-    fig.tight_layout()
-    fig.savefig(plots / "patient_magnification_heatmap.png", dpi=120)
+    counts = patient_mag_counts(index).rename(columns=lambda m: f"{m}X")
+    fig, ax = new_figure(figsize=(5, max(3, 0.16 * len(counts) + 1)))
+    sns.heatmap(counts, cmap="viridis", annot=len(counts) <= 50, fmt="d", annot_kws={"fontsize": 6},
+                cbar_kws={"label": "images"}, yticklabels=True, ax=ax)
+    ax.tick_params(axis="y", labelsize=5 if len(counts) > 30 else 8)
+    ax.set(title="Images per patient and magnification", xlabel="", ylabel="")
+    save_figure(fig, plots / "patient_magnification_heatmap.png")
 
 
 def _plot_sample_grid(index: pd.DataFrame, data_dir: Path, plots: Path) -> None:
     subtypes = [s for s in SUBTYPES if s in set(index["subtype"])]
     mags = [m for m in MAGNIFICATIONS if m in set(index["mag"])]  # a 200X-only tree: one column
-    fig = Figure(figsize=(2 * len(mags), 1.6 * len(subtypes) + 0.5))
-    axes = fig.subplots(len(subtypes), len(mags), squeeze=False)
+    fig, axes = new_figure(len(subtypes), len(mags), figsize=(2 * len(mags), 1.6 * len(subtypes) + 0.5), squeeze=False)
     for r, subtype in enumerate(subtypes):
         for c, mag in enumerate(mags):
             ax = axes[r][c]
@@ -116,8 +113,7 @@ def _plot_sample_grid(index: pd.DataFrame, data_dir: Path, plots: Path) -> None:
                 ax.set_title(f"{mag}X")
             if c == 0:
                 ax.text(-0.05, 0.5, subtype, transform=ax.transAxes, ha="right", va="center")
-    fig.tight_layout()
-    fig.savefig(plots / "sample_grid.png", dpi=110)
+    save_figure(fig, plots / "sample_grid.png", dpi=110)
 
 
 def analyze(index: pd.DataFrame, data_dir: str | Path, output_dir: str | Path) -> dict[str, pd.DataFrame]:

@@ -51,6 +51,14 @@ def symmetric_eigenvectors(matrices: torch.Tensor) -> torch.Tensor:
     return vectors.gather(2, order[:, None, :].expand(n, 3, 3))
 
 
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) along dim 1: kthvalue, a selection; an ONNX graph has no such
+    operator, so an export sorts and takes the same element."""
+    if torch.onnx.is_in_onnx_export():
+        return values.sort(dim=1).values[:, k - 1]
+    return values.kthvalue(k, dim=1).values
+
+
 class Macenko(nn.Module):
     """Macenko et al., ISBI 2009: each image's H and E vectors from the extreme angles of its
     stained optical densities, concentrations rescaled to the reference's 99th percentiles."""
@@ -95,7 +103,7 @@ class Macenko(nn.Module):
         pseudo = inverse / determinant.clamp(min=1e-12)[:, None, None] @ stains.transpose(1, 2)  # least squares
         concentration = density @ pseudo.transpose(1, 2)  # (N, P, 2)
         top = 1 + (99 * (n_pixels - 1) + 50) // 100  # _percentile_index(99, n_pixels), 1-based, on the host
-        peak = concentration.kthvalue(top, dim=1).values  # (N, 2)
+        peak = _kth_smallest(concentration, top)  # (N, 2)
         concentration = concentration * (self.max_concentration / peak.clamp(min=1e-6))[:, None, :]
         out = (IO * torch.exp(-concentration @ self.stain_matrix.T)).clamp(max=255) / 255
         usable = (count >= MIN_TISSUE * n_pixels) & (determinant > 1e-8) & (peak > 1e-6).all(1)

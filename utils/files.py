@@ -85,18 +85,31 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def _cell(value) -> str:
+    """Metrics (|x| < 10) with three decimals, as the "0.912 ± 0.034" cells beside them; larger
+    numbers (seconds, counts) to four significant digits; tiny ones with two."""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        if value != value or value in (float("inf"), float("-inf")):
+            return "n/a"
+        if 0 < abs(value) < 1e-3:
+            return f"{value:.2g}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.4g}"
     return str(value)
 
 
+def _cells(column: pd.Series) -> pd.Series:
+    """A column of counts held as floats (a median of image counts) reads as whole numbers."""
+    values = pd.to_numeric(column, errors="coerce") if column.dtype.kind == "f" else None
+    if values is not None and values.notna().all() and (values % 1 == 0).all() and (values.abs() >= 2).any():
+        return values.astype("int64").astype(str)
+    return column.astype(object).map(_cell)
+
+
 def markdown_table(df: pd.DataFrame, index: bool = False) -> str:
-    """GitHub Markdown for a DataFrame (no tabulate dependency)."""
+    """GitHub Markdown through tabulate (DataFrame.to_markdown): floats to 4 significant digits,
+    every other cell exactly as the table holds it (no re-parsing of "0.91 [0.85, 0.95]")."""
     frame = df.reset_index() if index else df
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    rows = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows]) + "\n"
+    cells = frame.apply(_cells) if len(frame.columns) else frame
+    return cells.to_markdown(index=False, tablefmt="github", disable_numparse=True) + "\n"
 
 
 LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "≥": r"$\geq$", "≤": r"$\leq$", "→": r"$\rightarrow$"}

@@ -97,6 +97,25 @@ def mean_sd(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
+def fold_position(run: dict) -> dict[int, tuple[int, int]]:
+    """Job number -> (repeat, outer fold). Runs from before results held "outer_fold" count the
+    folds of the first repeat."""
+    results = run["results"]
+    per_repeat = max([r["fold"] for r in results if r.get("repeat", 0) == 0], default=-1) + 1
+    return {r["fold"]: (r.get("repeat", 0), r.get("outer_fold", r["fold"] - r.get("repeat", 0) * per_repeat))
+            for r in results}
+
+
+def fold_columns(run: dict, fold: int) -> dict:
+    """The fold's columns: its number, or its repeat and outer fold when the folds were repeated
+    (a job number such as 13 names nothing a reader can find)."""
+    positions = fold_position(run)
+    if len({repeat for repeat, _ in positions.values()}) == 1:
+        return {"fold": fold}
+    repeat, outer = positions[fold]
+    return {"repeat": repeat, "fold": outer}
+
+
 def format_mean_sd(values, digits: int = 3) -> str:
     mean, sd = mean_sd(values)
     return "n/a" if np.isnan(mean) else f"{mean:.{digits}f} ± {sd:.{digits}f}"

@@ -213,7 +213,8 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
     pd.DataFrame(state.history).to_csv(run.run_dir / "history.csv", index=False)
     threshold = DECISION_THRESHOLD
     training = np.concatenate([run.split[r].labels for r in ("train", "val") if r in run.split])
-    results = {"experiment": run.name, "fold": run.fold, "repeat": run.fold // run.cfg.folds, **run.identity,
+    results = {"experiment": run.name, "fold": run.fold, "repeat": run.fold // run.cfg.folds,
+               "outer_fold": run.fold % run.cfg.folds, **run.identity,
                "threshold": threshold,
                "val_threshold": val_threshold,
                "train_prevalence": float(training.mean()),  # malignant share of the training patients

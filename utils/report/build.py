@@ -27,6 +27,7 @@ from utils.files import (
 )
 from utils.report import plottings
 from utils.report.conformal import CONFORMAL_ALPHAS, DECISION_FILE, conformal_table, write_decision_calibration
+from utils.report.gradcam_figures import gradcam_figures
 from utils.report.html_report import write_html_report
 from utils.report.report_text import header_lines, protocol_text, read_text_file, results_key
 from utils.report.tables import (
@@ -152,6 +153,10 @@ def write_plots(runs: dict, stats, out: Path, reference: str) -> list[tuple[Path
     figures.append((plottings.experiment_bars(stats, plots / "experiments_bar.png"),
                     "Pooled patient-level balanced accuracy and AUC of every experiment, with 95 % slide-group "
                     "bootstrap intervals."))
+    figures.append((plottings.fold_metrics_plot(per_fold_table(runs), plottings.bar_rows(stats, "patient", "auc"),
+                                                plots / "fold_auc.png"),
+                    "Patient AUC of every test fold (dots, with a box per experiment) and the pooled out-of-fold "
+                    "AUC of the tables (diamond)."))
     compared = [reference] + [n for n in BASELINES if n in runs and n != reference]
     figures.append((plottings.pooled_roc(runs, compared, plots / "roc_pooled.png"),
                     "Pooled out-of-fold patient ROC curves of the compared models with 95 % slide-group bootstrap "
@@ -173,7 +178,7 @@ def write_plots(runs: dict, stats, out: Path, reference: str) -> list[tuple[Path
                                                  plots / f"magnification_importance_{name}.png"),
          f"Drop in {title}'s patient AUC when one magnification is masked out of every test tuple.")]
     figures = [(path, caption) for path, caption in figures if path is not None]  # nothing to draw
-    for path in plottings.gradcam_figures(out / GRADCAM_DIR, plots / "gradcam"):
+    for path in gradcam_figures(out / GRADCAM_DIR, plots / "gradcam"):
         if path.stem.startswith("mil_"):
             figures.append((path, f"MIL: the most-attended images of test patient case '{path.stem}' with the "
                                   f"Grad-CAM of the patient's decision on each (colour bar: 0 to 1)."))

@@ -5,17 +5,15 @@ import math
 import textwrap
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
+import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from config import EXPERIMENTS, MAGNIFICATIONS, MIL_EXPERIMENTS
+from utils.figures import new_figure, save_figure
 from utils.metrics import patient_probabilities
 from utils.report.statistics import group_draws, scored_units
 
@@ -36,17 +34,8 @@ def title_of(name: str) -> str:
     return TITLES.get(name, name)
 
 
-def _figure(rows: int = 1, cols: int = 1, figsize=(6, 4), squeeze: bool = True):
-    """A figure with its own canvas: no pyplot state, no backend to choose, nothing to close."""
-    fig = Figure(figsize=figsize)
-    return fig, fig.subplots(rows, cols, squeeze=squeeze)
-
-
-def _save(fig, path: Path, dpi: int = 120) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    return path
+_figure, _save = new_figure, save_figure
+CLASSES = ["benign", "malignant"]
 
 
 def _patients(run: dict) -> pd.DataFrame:
@@ -64,39 +53,38 @@ def confusion_matrices(runs: dict, path: Path) -> Path:
     for ax, (name, run) in zip(axes.flat, runs.items()):
         p = _patients(run)
         pred = (p["prob"] >= p["threshold"]).astype(int)
-        matrix = np.array([[((p["label"] == t) & (pred == q)).sum() for q in (0, 1)] for t in (0, 1)])
-        ax.imshow(matrix, cmap="Blues")
-        for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(v), ha="center", va="center", color="black" if v < matrix.max() / 2 else "white")
-        ax.set_xticks([0, 1], ["benign", "malignant"])
-        ax.set_yticks([0, 1], ["benign", "malignant"])
-        ax.set(title=title_of(name), xlabel="predicted", ylabel="true")
+        matrix = pd.crosstab(p["label"], pred).reindex(index=[0, 1], columns=[0, 1], fill_value=0)
+        sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", cbar=False, square=True, ax=ax,
+                    xticklabels=CLASSES, yticklabels=CLASSES)
+        ax.set(title="\n".join(textwrap.wrap(title_of(name), 28)), xlabel="predicted", ylabel="true")
         ax.title.set_fontsize(8)
     fig.suptitle("Patients, pooled out-of-fold predictions, malignant when P >= 0.5", fontsize=10)
     return _save(fig, path)
 
 
 def roc_curves(run: dict, name: str, path: Path) -> Path:
-    """Per-fold ROC curves, their mean and a ±1 sd band, at tuple and patient level."""
+    """Each test fold's ROC curve drawn faint, their mean and a ±1 sd band, at tuple and patient
+    level: one legend entry for the mean however many folds and repeats there are."""
     grid = np.linspace(0, 1, 101)
     fig, axes = _figure(1, 2, figsize=(10, 4.5))
     levels = {"tuple": run["pooled"],
               "patient": _patients(run)}
     for ax, (level, frame) in zip(axes, levels.items()):
-        curves = []
-        for fold, part in frame.groupby("fold"):
+        curves, aucs = [], []
+        for _, part in frame.groupby(["repeat", "fold"] if "repeat" in frame else "fold"):
             if part["label"].nunique() < 2:
                 continue
             fpr, tpr, _ = roc_curve(part["label"], part["prob"])
-            auc = roc_auc_score(part["label"], part["prob"])
-            ax.plot(fpr, tpr, lw=1, alpha=0.5, label=f"fold {fold} (AUC {auc:.3f})")
+            aucs.append(roc_auc_score(part["label"], part["prob"]))
+            ax.plot(fpr, tpr, lw=0.8, alpha=0.3, color="C0")
             curves.append(np.interp(grid, fpr, tpr))
         if curves:
             mean, sd = np.mean(curves, axis=0), np.std(curves, axis=0)
-            ax.plot(grid, mean, color="black", lw=2, label="mean")
+            ax.plot(grid, mean, color="black", lw=2,
+                    label=f"mean of {len(curves)} test folds (AUC {np.mean(aucs):.3f} ± {np.std(aucs):.3f}); faint: each fold")
             ax.fill_between(grid, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color="grey", alpha=0.25)
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-        ax.set(title=f"{title_of(name)}: ROC per fold ({level} level)", xlabel="1 - specificity", ylabel="sensitivity")
+        ax.set(title=f"{title_of(name)}: ROC per test fold ({level} level)", xlabel="1 - specificity", ylabel="sensitivity")
         ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 
@@ -130,28 +118,47 @@ def pooled_roc(runs: dict, names: list[str], path: Path, n_boot: int = 200, seed
     return _save(fig, path)
 
 
-def training_curves(run: dict, name: str, path: Path) -> Path:
-    """Per fold (one colour each): the binary training loss beside the same loss on the inner-
-    validation patients (when held out), the subtype loss, and the inner-validation AUC."""
-    with_val = all("val_loss" in h for h in run["histories"])
-    fig, axes = _figure(1, 3 if with_val else 2, figsize=(14 if with_val else 10, 4))
-    for colour, (result, history) in enumerate(zip(run["results"], run["histories"])):
-        epochs, style = history["epoch"] + 1, {"color": f"C{colour}"}
+def _histories(run: dict) -> pd.DataFrame:
+    """Every fold's history in one long frame: epoch from 1, a job column per fold."""
+    frames = []
+    for result, history in zip(run["results"], run["histories"]):
         # Histories written before the loss was split hold the total only: drawn as binary.
-        axes[0].plot(epochs, history.get("train_binary_loss", history["train_loss"]),
-                     label=f"fold {result['fold']} train", **style)
-        if "train_subtype_loss" in history:
-            axes[1].plot(epochs, history["train_subtype_loss"], label=f"fold {result['fold']}", **style)
-        if with_val:
-            axes[0].plot(epochs, history["val_loss"], ls="--", label=f"fold {result['fold']} val", **style)
-            axes[2].plot(epochs, history["val_auc"], marker="o", ms=3, label=f"fold {result['fold']}", **style)
+        frame = history.assign(epoch=history["epoch"] + 1, job=result["fold"])
+        frames.append(frame.assign(train_binary_loss=history.get("train_binary_loss", history["train_loss"])))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _mean_and_folds(ax, long: pd.DataFrame, column: str, colour: str, label: str, dashes: bool = False) -> None:
+    """Each fold faint, the mean over folds with a ±1 sd band: one legend entry, any fold count."""
+    if column not in long or long[column].isna().all():
+        return
+    style = {"ls": "--"} if dashes else {}
+    sns.lineplot(data=long, x="epoch", y=column, units="job", estimator=None, color=colour, alpha=0.25, lw=0.8,
+                 ax=ax, legend=False, **style)
+    sns.lineplot(data=long, x="epoch", y=column, errorbar="sd", color=colour, lw=2, ax=ax, label=label, **style)
+
+
+def training_curves(run: dict, name: str, path: Path) -> Path:
+    """Mean over folds with a ±1 sd band (each fold faint): the binary training loss beside the
+    same loss on the inner-validation patients (when held out), the subtype loss, and the
+    inner-validation AUC."""
+    long = _histories(run)
+    with_val = "val_loss" in long and long["val_loss"].notna().all()
+    fig, axes = _figure(1, 3 if with_val else 2, figsize=(14 if with_val else 10, 4))
+    folds = f"mean ± sd of {long['job'].nunique()} folds"
+    _mean_and_folds(axes[0], long, "train_binary_loss", "C0", f"training, {folds}")
+    _mean_and_folds(axes[1], long, "train_subtype_loss", "C2", f"training, {folds}")
+    if with_val:
+        _mean_and_folds(axes[0], long, "val_loss", "C1", f"inner validation, {folds}", dashes=True)
+        _mean_and_folds(axes[2], long, "val_auc", "C1", f"inner validation, {folds}")
     axes[0].set(title=f"{title_of(name)}: binary loss", xlabel="epoch", ylabel="loss")
     axes[1].set(title="subtype loss (training)", xlabel="epoch", ylabel="loss")
     if with_val:
         axes[2].set(title="inner-validation AUC (image tuples)", xlabel="epoch", ylabel="AUC")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -176,20 +183,44 @@ def experiment_bars(stats: pd.DataFrame, path: Path, level: str = "patient") -> 
 
 
 def magnification_importance_plot(table: pd.DataFrame, name: str, path: Path) -> Path | None:
-    """Drop in patient AUC per masked magnification, one bar per fold."""
+    """Drop in patient AUC per masked magnification: the mean over test folds as a bar with its
+    sd, each fold a dot."""
     if table.empty:
         return None
-    folds = table[table["fold"] != "mean ± sd"]
-    cols = [c for c in folds.columns if c != "fold"]
+    folds = table[table[table.columns[0]] != "mean ± sd"]  # the summary row names itself in the first column
+    cols = [c for c in folds.columns if c not in ("repeat", "fold")]
+    long = folds.melt(value_vars=cols, var_name="masked", value_name="drop").astype({"drop": float})
     fig, ax = _figure(figsize=(6, 4))
-    width = 0.8 / max(1, len(folds))
-    for i, (_, row) in enumerate(folds.iterrows()):
-        ax.bar(np.arange(len(cols)) + i * width, row[cols].astype(float), width, label=f"fold {row['fold']}")
+    sns.barplot(data=long, x="masked", y="drop", order=cols, errorbar="sd", color="#9bbbd9", ax=ax,
+                label=f"mean ± sd of {len(folds)} test folds")
+    sns.stripplot(data=long, x="masked", y="drop", order=cols, color="black", size=4, jitter=0.15, ax=ax,
+                  label="one test fold")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(np.arange(len(cols)) + 0.4 - width / 2, cols)
     ax.set(title=f"{title_of(name)}: AUC lost when one magnification is masked out", ylabel="patient AUC drop",
            xlabel="masked magnification")
-    ax.legend(fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # the strip plot labels each magnification's dots
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    return _save(fig, path)
+
+
+def fold_metrics_plot(per_fold: pd.DataFrame, pooled: pd.DataFrame, path: Path, metric: str = "auc") -> Path | None:
+    """Patient-level metric of every test fold (dots) with a box per experiment, and the pooled
+    out-of-fold value (diamond) that the tables report. per_fold: per_fold_table(); pooled:
+    bar_rows() of the same metric."""
+    if per_fold.empty or metric not in per_fold:
+        return None
+    order = list(dict.fromkeys(per_fold["experiment"]))
+    fig, ax = _figure(figsize=(max(5.0, 0.9 * len(order) + 2), 4.2))
+    sns.boxplot(data=per_fold, x="experiment", y=metric, order=order, color="#dbe6f1", fliersize=0, ax=ax)
+    sns.stripplot(data=per_fold, x="experiment", y=metric, order=order, color="black", size=3.5, jitter=0.15,
+                  alpha=0.7, ax=ax)
+    values = pooled.set_index("experiment")["pooled"].reindex(order)
+    ax.scatter(range(len(order)), values, marker="D", s=45, color="#c0504d", zorder=5, label="pooled out-of-fold")
+    ax.set_xticks(range(len(order)), [title_of(n) for n in order], rotation=40, ha="right", fontsize=8)
+    ax.set(title=f"Patient {metric.upper() if metric == 'auc' else metric.replace('_', ' ')} per test fold",
+           xlabel="", ylabel=metric, ylim=(-0.02, 1.02))
+    ax.legend(fontsize=7, loc="lower left")
     return _save(fig, path)
 
 
@@ -219,80 +250,8 @@ def calibration_plot(patients: pd.DataFrame, name: str, path: Path, bins: int = 
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect")
     for column, text in (("calibrated", "prior-corrected"), ("prob", "as trained (50/50 prior)")):
         observed, predicted = calibration_curve(patients["label"], patients[column], n_bins=bins, strategy="quantile")
-        ax.plot(predicted, observed, marker="o", label=text)
-    ax.set(title=f"{title_of(name)}: calibration (patients, pooled out-of-fold)", xlabel="predicted malignant probability",
+        sns.lineplot(x=predicted, y=observed, marker="o", label=text, ax=ax)
+    ax.set(title=f"{title_of(name)}: calibration\n(patients, pooled out-of-fold)", xlabel="predicted malignant probability",
            ylabel="observed malignant fraction", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7)
     return _save(fig, path)
-
-
-# ---------------------------------------------------------------- Grad-CAM figures
-HEAT_MAP = "inferno"  # perceptually uniform: equal steps of the map look like equal steps
-
-
-def overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.5) -> np.ndarray:
-    """uint8 RGB image with a [0, 1] map blended over it in HEAT_MAP colours."""
-    colour = matplotlib.colormaps[HEAT_MAP](np.clip(heat, 0, 1))[..., :3]
-    return np.clip((1 - strength) * image / 255.0 + strength * colour, 0, 1)
-
-
-def _flat(values: np.ndarray) -> bool:
-    return float(values.max() - values.min()) < 1e-3
-
-
-def _map_row(axes, row: int, maps, images, present, kind: str) -> None:
-    """One row of [0, 1] maps on a fixed scale (never stretched to its own range), with a note
-    under a map that is flat (all zero: the class score has no gradient there)."""
-    for col, values in enumerate(maps):
-        if not present[col]:
-            continue
-        ax = axes[row][col]
-        shown = overlay(images[col], values) if kind == "Grad-CAM" else np.clip(values, 0, 1)
-        ax.imshow(shown, cmap=HEAT_MAP, vmin=0, vmax=1)
-        note = "flat map: no signal" if _flat(values) else f"{kind} {float(values.min()):.2f}-{float(values.max()):.2f}"
-        ax.text(0.5, -0.04, note, transform=ax.transAxes, ha="center", va="top", fontsize=7)
-
-
-def patient_figure(explanation, path: Path) -> Path:
-    """Columns: input slots (labels such as '40X'); rows: image, Grad-CAM over the image,
-    spatial attention. Both maps on the same fixed 0-1 scale, with a colour bar per row.
-    `explanation`: what utils.engine.inference.explain_tuple returns (or its saved .npz)."""
-    images, present, cams = explanation["images"], explanation["present"], explanation["cams"]
-    attention = explanation["attention"] if "attention" in explanation else None
-    labels = [str(label) for label in explanation["labels"]]
-    rows = 3 if attention is not None else 2
-    fig, axes = _figure(rows, len(labels), figsize=(2.8 * len(labels) + 0.8, 2.7 * rows + 0.7), squeeze=False)
-    for col, label in enumerate(labels):
-        for row in range(rows):
-            axes[row][col].axis("off")
-        axes[0][col].set_title(label if present[col] else f"{label} (missing)")
-        if present[col]:
-            axes[0][col].imshow(images[col])
-    _map_row(axes, 1, cams, images, present, "Grad-CAM")
-    if attention is not None:
-        _map_row(axes, 2, attention, images, present, "attention")
-    names = ["image", "Grad-CAM of the\npredicted class (0-1)", "spatial attention (0-1)"]
-    for row, row_name in enumerate(names[:rows]):
-        axes[row][0].text(-0.08, 0.5, row_name, transform=axes[row][0].transAxes, rotation=90,
-                          ha="right", va="center", fontsize=8)
-    scale = ScalarMappable(norm=Normalize(0, 1), cmap=HEAT_MAP)
-    for row in range(1, rows):
-        fig.colorbar(scale, ax=list(axes[row]), fraction=0.02, pad=0.01)
-    # Wrapped to the figure's width (about 11 characters of 9-pt text an inch): a narrow figure
-    # (one or two magnifications) must not cut its title off at both edges.
-    width = max(30, int(11 * fig.get_figwidth()))
-    title = "\n".join(textwrap.fill(line, width) for line in str(explanation["title"]).splitlines())
-    fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(top=1 - (0.72 + 0.17 * (title.count("\n") + 1)) / fig.get_figheight())  # inches: lines + slot titles
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)  # no tight_layout: it cannot place colour bars shared by a row
-    return path
-
-
-def gradcam_figures(maps_dir: Path, plots_dir: Path) -> list[Path]:
-    """One figure per saved .npz of Grad-CAM maps."""
-    written = []
-    for npz in sorted(Path(maps_dir).glob("*.npz")):
-        with np.load(npz) as explanation:
-            written.append(patient_figure(explanation, Path(plots_dir) / f"{npz.stem}.png"))
-    return written

@@ -12,7 +12,7 @@ from sklearn.metrics import brier_score_loss
 
 from config import SUBTYPES
 from utils.files import steps
-from utils.metrics import METRICS, fold_metrics, format_mean_sd, mean_sd, patient_probabilities, pooled_out_of_fold
+from utils.metrics import METRICS, fold_columns, fold_metrics, format_mean_sd, mean_sd, patient_probabilities, pooled_out_of_fold
 from utils.report.paired import paired_comparison, paired_count_text
 from utils.report.statistics import bootstrap_ci, clustered_wilson, expected_calibration_error, holm, prior_corrected, scored_units
 from utils.report.temperature import cross_fitted
@@ -25,7 +25,9 @@ SHORT = {"accuracy": "acc", "balanced_accuracy": "bal_acc", "f1": "f1", "auc": "
 
 
 def load_results(output_dir: str | Path, experiment: str) -> list[dict]:
-    paths = sorted((Path(output_dir) / "runs" / experiment).glob("fold*/results.json"))
+    """Finished folds in job order (fold2 before fold10)."""
+    paths = sorted((Path(output_dir) / "runs" / experiment).glob("fold*/results.json"),
+                   key=lambda p: int(p.parent.name.removeprefix("fold")))
     return [json.loads(p.read_text()) for p in paths]
 
 
@@ -53,14 +55,15 @@ def fold_table(run: dict) -> pd.DataFrame:
     """One row per fold (both levels) plus a 'mean ± sd' row."""
     rows = []
     for r in run["results"]:
-        row = {"fold": r["fold"], "threshold": round(r["threshold"], 3), "best_epoch": r["best_epoch"] + 1}
+        row = {**fold_columns(run, r["fold"]), "threshold": round(r["threshold"], 3), "best_epoch": r["best_epoch"] + 1}
         for level in LEVELS:
             row.update({f"{level}_{m}": run["metrics"][r["fold"]][level][m] for m in SHOWN})
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
-        summary = {c: format_mean_sd(table[c]) for c in table.columns if c not in ("fold", "best_epoch")}
-        table = pd.concat([table.round(4), pd.DataFrame([{"fold": "mean ± sd", "best_epoch": "", **summary}])],
+        summary = {c: format_mean_sd(table[c]) for c in table.columns if c not in ("repeat", "fold", "best_epoch")}
+        first = {"repeat": "mean ± sd", "fold": ""} if "repeat" in table else {"fold": "mean ± sd"}
+        table = pd.concat([table.round(4), pd.DataFrame([{**first, "best_epoch": "", **summary}])],
                           ignore_index=True)
     return table
 
@@ -191,7 +194,7 @@ def comparison_table(stats: pd.DataFrame, experiments, level: str = "patient", f
 
 
 def per_fold_table(runs: dict) -> pd.DataFrame:
-    rows = [{"experiment": name, "fold": r["fold"],
+    rows = [{"experiment": name, **fold_columns(run, r["fold"]),
              **{SHORT[m]: round(run["metrics"][r["fold"]]["patient"][m], 4) for m in SHOWN}}
             for name, run in runs.items() for r in run["results"]]
     return pd.DataFrame(rows)

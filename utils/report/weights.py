@@ -6,12 +6,13 @@ from __future__ import annotations
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from utils.metrics import format_mean_sd, patient_probabilities
+from utils.metrics import fold_columns, format_mean_sd, patient_probabilities
 
 
 def _with_summary(table: pd.DataFrame) -> pd.DataFrame:
-    summary = {c: format_mean_sd(table[c]) for c in table.columns if c != "fold"}
-    return pd.concat([table, pd.DataFrame([{"fold": "mean ± sd", **summary}])], ignore_index=True)
+    summary = {c: format_mean_sd(table[c]) for c in table.columns if c not in ("repeat", "fold")}
+    first = {"repeat": "mean ± sd", "fold": ""} if "repeat" in table else {"fold": "mean ± sd"}
+    return pd.concat([table, pd.DataFrame([{**first, **summary}])], ignore_index=True)
 
 
 def magnification_importance(run: dict) -> pd.DataFrame:
@@ -24,7 +25,7 @@ def magnification_importance(run: dict) -> pd.DataFrame:
         full = patient_probabilities(frame.assign(prob=frame.get("prob_plain", frame["prob"])))
         if not masked or full["label"].nunique() < 2:
             continue
-        row = {"fold": r["fold"]}
+        row = fold_columns(run, r["fold"])
         for column in masked:
             without = patient_probabilities(frame.assign(prob=frame[column]))
             row[column.removeprefix("prob_without_").upper()] = round(
@@ -37,7 +38,7 @@ def fusion_weights(run: dict) -> pd.DataFrame:
     """Mean fusion weight per magnification on each fold's test tuples. Taken after the
     hierarchical attention has mixed the levels: a weight says how the fused vector is
     formed, not what a magnification's images contribute (see magnification_importance)."""
-    rows = [{"fold": r["fold"], **means.round(4).to_dict()}
+    rows = [{**fold_columns(run, r["fold"]), **means.round(4).to_dict()}
             for r, means in zip(run["results"], _fold_weight_means(run))
             if len(means)]  # none for a fusion that mixes magnifications inside its vector (--fusion concat)
     return _with_summary(pd.DataFrame(rows)) if rows else pd.DataFrame()
