@@ -12,6 +12,14 @@ model's probability and their spread. One folder prints one JSON object, several
 tuple (for MIL models, of the bag of the first 4 images); with several folders, one figure per
 folder (name-<folder>.png). MIL fold models (--experiment mil_attention, ...) read all of a
 folder's images as one bag.
+
+    python predict.py --run-dir output --export onnx              # output/export/mmnet/fold<k>.onnx + .json
+    python predict.py --run-dir output --runtime onnx --patient-dir DIR
+
+--export onnx writes each kept fold model as an ONNX graph (uint8 frames and mask in, the
+evaluation's probabilities out: stain and pixel normalisation and the test-time views inside)
+with a JSON of what it expects; --runtime onnx scores with ONNX Runtime instead of PyTorch
+(pip install -r requirements-export.txt).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 from preprocess.dataset import ImageSource, evaluation_samples
 from preprocess.patient_folder import cohort_folders, load_patient
 from utils.device import resolve_device
+from utils.engine.export import export_run, load_onnx_models
 from utils.engine.inference import (
     MIL_SHOWN,
     ensemble_explanation,
@@ -49,7 +58,7 @@ def main(argv=None) -> int:
     source.add_argument("--checkpoint", help="one fold's model, e.g. output/models/mmnet/fold0.pt")
     source.add_argument("--run-dir", help="an output directory: every fold model under its models/<experiment>/, as an ensemble")
     parser.add_argument("--experiment", default="mmnet")
-    target = parser.add_mutually_exclusive_group(required=True)
+    target = parser.add_mutually_exclusive_group()
     target.add_argument("--patient-dir", nargs="+", help="one folder of images per patient")
     target.add_argument("--cohort", help="an external cohort: every patient folder under DIR is scored and an "
                                          "external-validation report written to <run-dir>/external/<name>/")
@@ -62,7 +71,12 @@ def main(argv=None) -> int:
                         help="per-class error rate of the conformal set (default: the run's --conformal-alpha)")
     parser.add_argument("--max-tuples", type=int, default=0,
                         help="score at most K tuples (bags) per patient and model, for a bounded latency; 0 = all")
+    parser.add_argument("--export", choices=("onnx",), help="write the fold models as ONNX graphs to <run-dir>/export/<experiment>/")
+    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                        help="onnx: score with ONNX Runtime from the exported graphs (--run-dir only)")
     args = parser.parse_args(argv)
+    if not args.export and not (args.patient_dir or args.cohort):
+        parser.error("one of --patient-dir, --cohort or --export is required")
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as exc:
@@ -71,6 +85,8 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    if args.export:
+        return run_export(args)
     if args.cohort:
         return run_cohort(args)
     folders = [Path(p) for p in args.patient_dir]
@@ -92,9 +108,26 @@ def run(args) -> int:
     return 0
 
 
+def run_export(args) -> int:
+    models = _fold_models(args)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(args.checkpoint).resolve().parents[2]
+    started = time.perf_counter()
+    graphs = export_run(models, run_dir, args.experiment)
+    print(json.dumps({"exported": [str(g) for g in graphs], "descriptions": [str(g.with_suffix(".json")) for g in graphs],
+                      "seconds": round(time.perf_counter() - started, 1), "note": RESEARCH_ONLY}, indent=2))
+    return 0
+
+
 def _fold_models(args) -> list:
     """The checkpoint's model, or every fold model of the run, on the resolved device
-    (args.device is resolved in place: what runs after it uses the same device)."""
+    (args.device is resolved in place: what runs after it uses the same device); with
+    --runtime onnx, the run's exported graphs in ONNX Runtime sessions."""
+    if args.runtime == "onnx":
+        if not args.run_dir or args.cam:
+            raise ValueError("--runtime onnx reads a run's exported graphs: pass --run-dir (and no --cam: "
+                             "Grad-CAM needs the PyTorch models)")
+        args.device = resolve_device(args.device)
+        return load_onnx_models(args.run_dir, args.experiment, args.device)
     paths = [Path(args.checkpoint)] if args.checkpoint else fold_checkpoints(args.run_dir, args.experiment)
     if not paths or not all(p.is_file() for p in paths):
         raise FileNotFoundError(f"no checkpoint found ({args.checkpoint or args.run_dir}); train with "

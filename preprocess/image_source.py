@@ -70,9 +70,15 @@ class ImageSource:
     def views(self, tuples: np.ndarray, model, tta: bool):
         """The model's inputs for evaluation, one per test-time view (or the plain view)."""
         images, mask = self.gather(tuples, reads_levels(model))
-        x = model_input(images, model)  # stain-normalised once: the views are its mirror images
-        for dims in TTA_FLIPS if tta else TTA_FLIPS[:1]:  # dims of (B, M, H, W, 3); x is (B, M, 3, H, W)
-            yield (x.flip([d + 1 for d in dims]) if dims else x), mask
+        yield from evaluation_views(images, mask, model, tta)
+
+
+def evaluation_views(images: torch.Tensor, mask: torch.Tensor, model, tta: bool):
+    """(input, mask) of each test-time view of gathered uint8 frames: the frames are stain-
+    normalised once and the views are its mirror images. The exported ONNX graph runs this too."""
+    x = model_input(images, model)
+    for dims in TTA_FLIPS if tta else TTA_FLIPS[:1]:  # dims of (B, M, H, W, 3); x is (B, M, 3, H, W)
+        yield (x.flip([d + 1 for d in dims]) if dims else x), mask
 
 
 def magnification_codes(mags) -> np.ndarray:

@@ -157,3 +157,52 @@ def test_predict_gives_each_patient_its_conformal_decision(dry_run, tmp_path):
         assert answer["conformal_decision"] == (chosen[0] if len(chosen) == 1 else "refer")
         assert kind in answer["calibrated_on"] and 0 <= answer["calibrated_probability"] <= 1
     assert lacking_two["conformal_set"] is None and "40X, 100X" in lacking_two["conformal_note"]
+
+
+def test_onnx_export_scores_patients_as_pytorch(dry_run):
+    """predict.py --export onnx writes a fold model as a graph with its description; ONNX Runtime
+    gives the PyTorch evaluation's probabilities (a patient without 40X included), in process and
+    through predict.py --runtime onnx."""
+    import json
+
+    import numpy as np
+
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(module, reason="pip install -r requirements-export.txt")
+    from preprocess.dataset import evaluation_samples
+    from preprocess.image_source import ImageSource
+    from preprocess.patient_folder import load_patient
+    from utils.engine.export import load_onnx_models
+    from utils.engine.inference import load_fold_model, magnification_of_rows, patient_data, predict_patient
+
+    out, _, _ = dry_run
+    checkpoint = out / "models" / "mmnet" / "fold0.pt"
+    made = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(checkpoint), "--export", "onnx"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    meta = json.loads((out / "export" / "mmnet" / "fold0.json").read_text())
+    torch_model = load_fold_model(checkpoint)
+    assert meta["slots"] == ["40X", "100X", "200X", "400X"] and meta["stain_norm"] == "macenko"
+    assert meta["inputs"]["images"]["shape"][1:] == [4, 48, 73, 3] and meta["threshold"] == torch_model.threshold
+    reference = torch_model.model.stain.state_dict()
+    assert all(np.allclose(meta["stain_reference"][k], v.numpy()) for k, v in reference.items())
+    (onnx_model,) = load_onnx_models(out, "mmnet")
+    patient = next(p for p in sorted((out / "demo_data").rglob("SOB_*")) if (p / "40X").is_dir())
+    cache, by_mag, _ = load_patient(patient, torch_model.cfg.image_size)
+    without_40 = {m: rows for m, rows in by_mag.items() if m != 40}
+    for images in (by_mag, without_40):
+        tuples, _ = evaluation_samples(patient_data(images, torch_model.cfg), torch_model.cfg)
+        source = ImageSource(cache, "cpu", mags=magnification_of_rows(images, len(cache)))
+        expected = torch_model.predict(source, tuples, "none")
+        given = onnx_model.predict(source, tuples, "none")
+        for name in ("prob", "subtype_prob", "mag_weights"):
+            assert np.abs(given[name] - expected[name].numpy()).max() <= 1e-4, name
+    assert (given["mag_weights"][:, 0] == 0).all()  # the missing 40X has no share in the fusion
+    folder = out / "no40_onnx" / patient.name
+    shutil.copytree(patient, folder, ignore=lambda f, names: ["40X"] if f == str(patient) else [])
+    served = subprocess.run([sys.executable, "predict.py", "--run-dir", str(out), "--runtime", "onnx",
+                             "--patient-dir", str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert served.returncode == 0, served.stderr[-2000:]
+    answer = json.loads(served.stdout)
+    cache, by_mag, _ = load_patient(folder, torch_model.cfg.image_size)
+    assert abs(answer["malignant_probability"] - predict_patient([torch_model], cache, by_mag)["malignant_probability"]) <= 1e-4

@@ -37,6 +37,10 @@ class FoldModel:
     threshold: float
     path: Path
 
+    def predict(self, source: ImageSource, tuples: np.ndarray, amp_dtype: str) -> dict:
+        """predict_views() of these tuples: the evaluation's probabilities, averaged over views."""
+        return predict_views(self.model, source.views(tuples, self.model, self.cfg.tta == "on"), amp_dtype)
+
 
 def load_fold_model(checkpoint: str | Path, device: str = "cpu") -> FoldModel:
     """Rebuild a model from best.pt alone (its config travels inside); threshold from results.json."""
@@ -120,12 +124,12 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
             continue
         tuples, _ = evaluation_samples(data, fm.cfg)
         tuples = tuples[:max_tuples] if max_tuples > 0 else tuples
-        out = predict_views(fm.model, source.views(tuples, fm.model, fm.cfg.tta == "on"), amp_dtype)
+        out = {key: _array(value) for key, value in fm.predict(source, tuples, amp_dtype).items()}
         probs.append(float(out["prob"].mean()))
         if "mag_weights" in out:
-            weights.append(out["mag_weights"].mean(0).cpu().numpy())
+            weights.append(out["mag_weights"].mean(0))
         if "subtype_prob" in out:
-            subtypes.append(out["subtype_prob"].mean(0).cpu().numpy())
+            subtypes.append(out["subtype_prob"].mean(0))
         tuples_used += len(tuples)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -145,6 +149,11 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
         result["subtype_probabilities"] = {SUBTYPE_NAMES[c]: round(float(p), 4) for c, p in zip(SUBTYPES, mean)}
     result["decision"] = "malignant" if result["malignant_probability"] >= result["threshold"] else "benign"
     return result
+
+
+def _array(value) -> np.ndarray:
+    """A model's output on the host, from torch (any device) or ONNX Runtime alike."""
+    return value.float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
 def tuple_inputs(model: torch.nn.Module, source: ImageSource, tuple_rows: np.ndarray):
