@@ -156,7 +156,9 @@ class Config:
 
     def training_hash(self) -> str:
         """Hash of every field that changes what a fold learns (not paths or run flags)."""
-        skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only",
+        # cv_repeats: a fold's own split is checked by its folds hash, so adding repeats keeps the
+        # folds of the first ones.
+        skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only", "cv_repeats",
                 "report_only", "experiments", "backbones", "resume", "workers", "jobs", "gradcam_patients",
                 "bootstrap_samples", "conformal_alpha", "keep_models", "micro_batch", "checkpoint_minutes", "device", "executor",
                 "job_retries",

@@ -147,3 +147,12 @@ def test_cv_repeats_add_new_splits_and_keep_the_first_repetition(demo_index):
     broken.loc[broken.index[0], "role_f3"] = "train" if broken.loc[broken.index[0], "role_f3"] == "test" else "test"
     with pytest.raises(FoldError, match="role_f3"):  # the one split that was broken
         assert_disjoint(broken)
+
+
+def test_adding_repeats_keeps_the_finished_folds_identity():
+    """--cv-repeats 3 after --cv-repeats 1: the first repeat's folds stay finished (each fold's own
+    split is checked by its folds hash); a training setting still changes the identity."""
+    from config import Config
+
+    assert Config(cv_repeats=1).training_hash() == Config(cv_repeats=3).training_hash()
+    assert Config(epochs=1).training_hash() != Config(epochs=2).training_hash()
