@@ -143,6 +143,8 @@ class Config:
         # whose Grad-CAM the report draws)
     live_report: bool = True  # rewrite report.html after a fold, at most once a minute (in a separate process)
     tensorboard: bool = False  # per-epoch scalars under <output_dir>/tensorboard/<experiment>/fold<k> (pip install tensorboard)
+    tracking: str = "none"  # none | mlflow: one MLflow run per study (config, per-epoch metrics, tables, plots, report), in
+        # <output_dir>/mlflow/mlflow.db unless MLFLOW_TRACKING_URI is set (pip install -r requirements-tracking.txt)
 
     def stain_method(self) -> str:
         """The stain normalisation this run applies: 'auto' resolved (a frozen encoder's one
@@ -162,7 +164,7 @@ class Config:
                 "report_only", "experiments", "backbones", "resume", "workers", "jobs", "gradcam_patients",
                 "bootstrap_samples", "conformal_alpha", "keep_models", "micro_batch", "checkpoint_minutes", "device", "executor",
                 "job_retries",
-                "deterministic", "tensorboard", "live_report"}
+                "deterministic", "tensorboard", "tracking", "live_report"}
         if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
             skip.add("bag_size")
         if self.stain_method() == "none":  # runs from before the option keep their identity

@@ -1,5 +1,6 @@
 """One end-to-end `python main.py --dry-run` on demo data, then what a user does with its
 output folder: rerun it from its config.yaml, rebuild the report, open report.html."""
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -20,7 +21,8 @@ def _main(*args, timeout=600):
 def dry_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
     out, extra = tmp / "output", tmp / "copy" / "RUNPOD_OUTPUT.md"
-    result = _main("--dry-run", "--experiments", "mmnet,single_40x", "--backbone", "test_resnet",
+    tracking = ["--tracking", "mlflow"] if importlib.util.find_spec("mlflow") else []  # CI installs it
+    result = _main("--dry-run", "--experiments", "mmnet,single_40x", "--backbone", "test_resnet", *tracking,
                    "--output-dir", str(out), "--report-file", str(extra), "--data-dir", str(tmp / "no_data_here"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, extra, result.stdout
@@ -206,3 +208,23 @@ def test_onnx_export_scores_patients_as_pytorch(dry_run):
     answer = json.loads(served.stdout)
     cache, by_mag, _ = load_patient(folder, torch_model.cfg.image_size)
     assert abs(answer["malignant_probability"] - predict_patient([torch_model], cache, by_mag)["malignant_probability"]) <= 1e-4
+
+
+def test_mlflow_store_reads_back_the_study(dry_run):
+    """--tracking mlflow: one run per study (the rerun and the rebuilt report replaced it), with the
+    config as parameters, each fold's epochs as metric history and the report's pooled values."""
+    mlflow = pytest.importorskip("mlflow", reason="pip install -r requirements-tracking.txt")
+    out, _, _ = dry_run
+    mlflow.set_tracking_uri(f"sqlite:///{out.resolve() / 'mlflow' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["mmnet-breakhis"])
+    assert len(runs) == 1
+    row = runs.iloc[0]
+    assert (row["params.epochs"], row["params.image_size"], row["params.experiments"]) == ("2", "48", "mmnet,single_40x")
+    history = pd.read_csv(out / "runs" / "mmnet" / "fold1" / "history.csv")
+    logged = mlflow.MlflowClient().get_metric_history(row["run_id"], "mmnet/fold1/train_loss")
+    assert sorted((m.step, m.value) for m in logged) == list(zip(history["epoch"] + 1, history["train_loss"]))
+    stats = pd.read_csv(out / "tables" / "statistics.csv")
+    auc = stats[(stats["experiment"] == "single_40x") & (stats["level"] == "patient") & (stats["metric"] == "auc")]
+    assert abs(row["metrics.single_40x/patient/auc"] - auc["pooled"].iloc[0]) < 1e-4  # statistics.csv is rounded
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(row["run_id"])}
+    assert {"RUNPOD_OUTPUT.md", "tables", "plots", "config.yaml"} <= artifacts

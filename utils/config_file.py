@@ -160,6 +160,8 @@ def combination_problems(cfg) -> list[str]:
         (cfg.tensorboard and _missing("tensorboard"),
          problem("CFG009", "tensorboard", "the tensorboard package is not installed: pip install tensorboard "
                  "(or leave --tensorboard off)")),
+        (cfg.tracking == "mlflow" and _missing("mlflow"),
+         problem("CFG009", "tracking", "MLflow is not installed: pip install -r requirements-tracking.txt (or leave --tracking none)")),
         (cfg.executor == "ray" and _missing("ray"),
          problem("CFG009", "executor", "Ray is not installed: pip install -r requirements-ray.txt (or use --executor local)")),
         (cfg.executor == "ray" and cfg.freeze_backbone and not cfg.cache_dir,

@@ -8,7 +8,7 @@ CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "i
             "sample_mode": ("tuple", "pooled", "bag"), "fusion": FUSIONS,
             "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"),
             "keep_models": ("all", "mmnet"),
-            "stain_norm": ("auto", "none", "macenko", "reinhard"), "executor": ("local", "ray"),
+            "stain_norm": ("auto", "none", "macenko", "reinhard"), "executor": ("local", "ray"), "tracking": ("none", "mlflow"),
             "device": ("auto", "cuda", "mps", "cpu")}
 MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
@@ -33,5 +33,5 @@ OPTION_GROUPS = {
     "device": ("device", "amp", "micro_batch", "deterministic", "workers", "jobs", "executor", "job_retries",
                "checkpoint_minutes"),
     "output and report": ("output_dir", "report_file", "keep_models", "gradcam_patients", "bootstrap_samples",
-                          "conformal_alpha", "live_report", "tensorboard"),
+                          "conformal_alpha", "live_report", "tensorboard", "tracking"),
 }

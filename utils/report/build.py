@@ -43,6 +43,7 @@ from utils.report.tables import (
     timing_table,
     validation_threshold_table,
 )
+from utils.report.tracking import attach_report, track_study
 from utils.report.weights import fusion_weights, magnification_importance, magnification_weights
 
 log = logging.getLogger("mmnet")
@@ -288,7 +289,10 @@ def write_report(cfg, live: bool = False) -> int:
     # and a --report-only rebuild (which logs elsewhere) reproduces it exactly.
     log.info("report: %s and %s (tables in %s, plots in %s)", ", ".join(map(str, report_paths(cfg))),
              html_path, tables, out / "plots")
+    tracked = track_study(cfg, runs, shown["_stats"]) if cfg.tracking == "mlflow" else None
     write_markdown(cfg, runs, shown, figures)
+    if tracked:
+        attach_report(cfg, tracked)  # the Markdown exists only now; nothing more is logged
     mark_finished(out)
     return 0
 
