@@ -74,10 +74,17 @@ def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]
         wanted = role.index[role.isin(roles)]
         split[name] = patient_images(index, usable, wanted, cfg.magnifications, cfg.sample_mode)
         left_out = sorted(set(wanted) - set(split[name].patients))
-        if left_out:
-            log.warning("fold %d %s: %d patient(s) have no usable %s image and are left out: %s", fold, name,
-                        len(left_out), "/".join(f"{m}X" for m in cfg.magnifications), ", ".join(left_out))
+        if left_out:  # said once per experiment at the start of the study (left_out_patients)
+            log.debug("fold %d %s: %d patient(s) have no usable %s image and are left out: %s", fold, name,
+                      len(left_out), "/".join(f"{m}X" for m in cfg.magnifications), ", ".join(left_out))
     return split
+
+
+def left_out_patients(index, usable, patients, cfg) -> list[str]:
+    """The patients an experiment cannot score: none of their usable images is of a
+    magnification it reads (a single-100X baseline and a patient imaged at 200X only)."""
+    kept = set(patient_images(index, usable, patients, cfg.magnifications, cfg.sample_mode).patients)
+    return sorted(set(patients) - kept)
 
 
 def sampling_weights(data: PatientImages, class_balanced: bool = True) -> np.ndarray:

@@ -113,10 +113,12 @@ def _image_issues(rel: str, check: dict) -> list[dict]:
 
 def _dataset_issues(index: pd.DataFrame) -> list[dict]:
     issues = []
-    for patient, mags in index.groupby("patient")["mag"]:
-        for mag in sorted(set(MAGNIFICATIONS) - set(mags)):
-            issues.append({"path": patient, "kind": "missing_magnification",
-                           "detail": f"no {mag}X images"})
+    present = index.groupby("patient")["mag"].agg(set)
+    for mag in MAGNIFICATIONS:  # one row per magnification that some patient lacks, not per patient
+        lacking = sorted(present.index[[mag not in mags for mags in present]])
+        if lacking:
+            issues.append({"path": f"{mag}X", "kind": "missing_magnification",
+                           "detail": f"{len(lacking)} of {len(present)} patients have no {mag}X image: {', '.join(lacking)}"})
     for group, labels in index.groupby("group")["label"]:
         if labels.nunique() > 1:
             issues.append({"path": f"group {group}", "kind": "mixed_label_group",

@@ -35,8 +35,11 @@ def _patients(tree: Path, magnifications):
     from preprocess.dataset import patient_images
     from preprocess.preprocess import index_dataset
 
-    index, _ = index_dataset(tree)  # its issues name what a 3-patient subset lacks: informational
+    index, issues = index_dataset(tree)
     assert len(index) == sum(n100 + n200 for n100, n200 in PATIENTS.values())  # every image indexed
+    missing = issues[issues["kind"] == "missing_magnification"].set_index("path")["detail"]
+    assert list(missing.index) == ["40X", "100X", "400X"]  # said once per magnification, not per patient
+    assert missing["100X"].startswith("1 of 3 patients have no 100X image: SOB_B_F_14-23222AB")
     return patient_images(index, np.ones(len(index), bool), sorted(PATIENTS), magnifications)
 
 

@@ -135,3 +135,17 @@ def test_the_pooled_roc_shows_the_tables_auc_and_counts_each_patient_once(tmp_pa
     assert np.allclose(band[1:102, 0], grid) and (low <= high + 1e-9).all()
     curve = np.interp(grid, fpr, tpr)
     assert np.mean((low <= curve + 1e-9) & (curve <= high + 1e-9)) >= 0.8
+
+
+def test_scored_patients_say_who_was_left_out_and_why():
+    """A 100X baseline that scored a and b: c had no 100X image, d's test fold never finished."""
+    from config import Config
+    from utils.report.tables import scored_patients_table
+
+    folds = pd.DataFrame({"patient": ["a", "b", "c", "d"], "fold": [0, 1, 0, 2]})
+    runs = {"single_100x": {"pooled": pd.DataFrame({"patient": ["a", "b"]}),
+                            "results": [{"fold": 0, "repeat": 0}, {"fold": 1, "repeat": 0}]}}
+    row = scored_patients_table(runs, folds, Config()).iloc[0]
+    assert (row["magnifications"], row["patients scored"], row["of"]) == ("100X", 2, 4)
+    assert row["left out"] == "1 without a usable 100X image; 1 in test folds that did not finish"
+    assert row["left-out patients"] == "c, d"

@@ -38,6 +38,7 @@ from utils.report.tables import (
     fold_table,
     load_runs,
     per_fold_table,
+    scored_patients_table,
     statistics,
     subtype_tables,
     timing_table,
@@ -100,6 +101,8 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
          "main_comparison_tuple", comparison_table(stats, main, "tuple"), True),
         ("Ablations (patient level)", "ablation", comparison_table(stats, ablation, "patient", "ablation"), True),
         *_group_entries(stats, runs),
+        ("Patients scored per experiment (and why the others were left out)", "scored_patients",
+         scored_patients_table(runs, pd.read_csv(tables.parent / "folds.csv", dtype={"group": str}), cfg), False),
         ("Per fold (patient level)", "per_fold", per_fold_table(runs), True),
         ("Per-subtype recall of the binary decision (patients correct/total)", "subtype_recall", recall, True),
         ("Subtype head (patient level, fold mean ± sd)", "subtype_head", head, True)]

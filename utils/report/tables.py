@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import brier_score_loss
 
-from config import SUBTYPES
+from config import SUBTYPES, experiment_config
 from utils.files import steps
 from utils.metrics import METRICS, fold_columns, fold_metrics, format_mean_sd, mean_sd, patient_probabilities, pooled_out_of_fold
 from utils.report.paired import paired_comparison, paired_count_text
@@ -270,3 +270,21 @@ def timing_table(runs: dict) -> pd.DataFrame:
                                  "epochs_run": table["epochs_run"].sum(),
                                  "train_minutes": round(table["train_minutes"].sum(), 2)}
     return table
+
+
+def scored_patients_table(runs: dict, folds: pd.DataFrame, cfg) -> pd.DataFrame:
+    """Per experiment: the patients it scored (tested at least once) of the study's, and why the
+    others were left out: no usable image at its magnifications, or a test fold not finished."""
+    rows = []
+    for name, run in runs.items():
+        scored = set(run["pooled"]["patient"])
+        finished = {r["fold"] for r in run["results"] if r.get("repeat", 0) == 0}
+        unfinished = set(folds.loc[~folds["fold"].isin(finished), "patient"]) - scored
+        no_image = set(folds["patient"]) - scored - unfinished
+        mags = "/".join(f"{m}X" for m in experiment_config(cfg, name).magnifications)
+        why = [f"{len(no_image)} without a usable {mags} image" if no_image else "",
+               f"{len(unfinished)} in test folds that did not finish" if unfinished else ""]
+        rows.append({"experiment": name, "magnifications": mags, "patients scored": len(scored),
+                     "of": len(folds), "left out": "; ".join(w for w in why if w) or "none",
+                     "left-out patients": ", ".join(sorted(no_image | unfinished))})
+    return pd.DataFrame(rows)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from config import EXPERIMENTS, ConfigError, experiment_config
+from preprocess.dataset import left_out_patients
 from preprocess.prepared import Study, attach_images
 from utils.device import EnvInfo, empty_cache, is_out_of_memory
 from utils.engine.checkpoint import ForeignRunError
@@ -82,6 +83,18 @@ def release_device_copies(study: Study) -> Study:
     return study
 
 
+def _say_left_out(cfg, study: Study, names: list[str]) -> None:
+    """Once per experiment: the patients it cannot score (no image of its magnifications)."""
+    patients = list(study.folds["patient"])
+    for name in names:
+        exp = experiment_config(cfg, name)
+        missing = left_out_patients(study.index, study.usable, patients, exp)
+        if missing:
+            log.warning("%s scores %d of %d patients: %d have no usable %s image and are left out of every fold: %s",
+                        name, len(patients) - len(missing), len(patients), len(missing),
+                        "/".join(f"{m}X" for m in exp.magnifications), ", ".join(missing))
+
+
 def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Study, int]:
     """Train every selected experiment x fold; returns the study with its images attached
     and the number of failed folds. on_fold_end() is called after every fold (live report)."""
@@ -96,6 +109,7 @@ def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Stu
         raise ConfigError(str(exc)) from None
     if pending:  # one stain reference per outer fold, fitted here once: every job reads it
         fit_study_references(cfg, study, cfg.folds * cfg.cv_repeats)
+    _say_left_out(cfg, study, names)
     predicted = _predicted_seconds(cfg, study, names) if pending else {}
     tracker = StudyProgress(cfg.output_dir, order, predicted, on_fold_end, workers=max(1, min(jobs, len(pending))))
     started = time.perf_counter()
