@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.config_file import (
+    CHOICES,
+    MINIMUM,
+    OPTION_GROUPS,
     OneLineParser,
     add_option,
     closest,
@@ -34,7 +37,6 @@ from utils.experiments import (  # noqa: F401 (users and
     MIL_EXPERIMENTS,  # from config)
     expand_experiments,
 )
-from utils.options import CHOICES, MINIMUM, OPTION_GROUPS
 
 MAGNIFICATIONS = (40, 100, 200, 400)
 STAIN_FIT_IMAGES = 32  # training images of a fold that its --stain-norm reference is fitted on

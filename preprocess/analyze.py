@@ -22,8 +22,7 @@ from PIL import Image
 from config import MAGNIFICATIONS, SUBTYPES
 from preprocess.preprocess import DataError, index_dataset, write_issues
 from utils.env import decode_workers
-from utils.figures import BENIGN_MALIGNANT, new_figure, save_figure
-from utils.files import markdown_table, save_table
+from utils.files import BENIGN_MALIGNANT, markdown_table, new_figure, save_figure, save_table
 
 log = logging.getLogger(__name__)
 

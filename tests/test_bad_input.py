@@ -34,7 +34,8 @@ def test_grayscale_and_rgba_pngs_are_converted_and_reported(demo_tree, tmp_path)
     assert np.array_equal(cache[row][..., 0], cache[row][..., 2])  # grey stays grey
 
 
-def test_patient_missing_a_magnification(demo_index, caplog):
+def test_patient_missing_a_magnification(demo_index):
+    from preprocess.dataset import left_out_patients
     from preprocess.splits import build_folds
     from tests.conftest import tiny_config
 
@@ -43,9 +44,12 @@ def test_patient_missing_a_magnification(demo_index, caplog):
     folds = build_folds(index, 2, 42, 0.2)
     fold = int(folds.loc[folds["patient"] == victim, "fold"].iloc[0])
     usable = np.ones(len(index), dtype=bool)
-    single = fold_split(index, usable, folds, fold, config.experiment_config(tiny_config("."), "single_40x"))
+    single_cfg = config.experiment_config(tiny_config("."), "single_40x")
+    single = fold_split(index, usable, folds, fold, single_cfg)
     assert victim not in single["test"].patients
-    assert f"have no usable 40X image and are left out: {victim}" in caplog.text
+    # said once per experiment when the study starts, naming the patient
+    assert left_out_patients(index, usable, list(folds["patient"]), single_cfg) == [victim]
+    assert left_out_patients(index, usable, list(folds["patient"]), tiny_config(".")) == []
     mmnet = fold_split(index, usable, folds, fold, tiny_config("."))
     position = mmnet["test"].patients.index(victim)
     assert len(mmnet["test"].rows[position][0]) == 0 and len(mmnet["test"].rows[position][1]) == 3

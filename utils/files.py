@@ -169,3 +169,30 @@ def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+# ---------------------------------------------------------------- figures
+# One look for every figure (the dataset analysis, the report, Grad-CAM): seaborn's theme, a
+# figure with its own canvas (no pyplot state, no backend to choose, nothing to close), saved so
+# that no title or label is cut off. Imported when a figure is drawn: every stage reads this module.
+THEME = {"style": "whitegrid", "context": "notebook", "palette": "colorblind", "font_scale": 0.85}
+BENIGN_MALIGNANT = ("#4c9f70", "#c0504d")  # the two classes in every figure
+
+
+def new_figure(rows: int = 1, cols: int = 1, figsize=(6, 4), squeeze: bool = True, constrained: bool = True):
+    """(figure, axes) in the theme; constrained layout makes room for titles, labels and legends
+    (a figure that places its own colour bars passes constrained=False)."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    sns.set_theme(**THEME)  # rcParams are read when a figure is made: set before every one
+    fig = Figure(figsize=figsize, layout="constrained" if constrained else None)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """PNG at path; the bounding box grows to whatever was drawn, so nothing is clipped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
+    return path

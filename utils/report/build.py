@@ -102,7 +102,7 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
         ("Ablations (patient level)", "ablation", comparison_table(stats, ablation, "patient", "ablation"), True),
         *_group_entries(stats, runs),
         ("Patients scored per experiment (and why the others were left out)", "scored_patients",
-         scored_patients_table(runs, pd.read_csv(tables.parent / "folds.csv", dtype={"group": str}), cfg), False),
+         scored_patients_table(runs, _folds_table(tables.parent), cfg), False),
         ("Per fold (patient level)", "per_fold", per_fold_table(runs), True),
         ("Per-subtype recall of the binary decision (patients correct/total)", "subtype_recall", recall, True),
         ("Subtype head (patient level, fold mean ± sd)", "subtype_head", head, True)]
@@ -138,6 +138,12 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
         shown[title] = table
     shown["_stats"] = stats
     return shown
+
+
+def _folds_table(out: Path) -> pd.DataFrame:
+    """folds.csv of the run (an output folder put together from runs/ alone has none)."""
+    path = out / "folds.csv"
+    return pd.read_csv(path, dtype={"group": str}) if path.is_file() else pd.DataFrame(columns=["patient", "fold"])
 
 
 def reference_experiment(cfg, runs: dict) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 
-from utils.figures import new_figure, save_figure
+from utils.files import new_figure, save_figure
 
 HEAT_MAP = "inferno"  # perceptually uniform: equal steps of the map look like equal steps
 

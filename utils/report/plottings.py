@@ -13,7 +13,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from config import EXPERIMENTS, MAGNIFICATIONS, MIL_EXPERIMENTS
-from utils.figures import new_figure, save_figure
+from utils.files import new_figure, save_figure
 from utils.metrics import patient_probabilities
 from utils.report.statistics import group_draws, scored_units
 

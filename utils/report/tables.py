@@ -276,7 +276,7 @@ def scored_patients_table(runs: dict, folds: pd.DataFrame, cfg) -> pd.DataFrame:
     """Per experiment: the patients it scored (tested at least once) of the study's, and why the
     others were left out: no usable image at its magnifications, or a test fold not finished."""
     rows = []
-    for name, run in runs.items():
+    for name, run in runs.items() if len(folds) else ():  # no folds.csv: nothing to count against
         scored = set(run["pooled"]["patient"])
         finished = {r["fold"] for r in run["results"] if r.get("repeat", 0) == 0}
         unfinished = set(folds.loc[~folds["fold"].isin(finished), "patient"]) - scored
