@@ -226,5 +226,6 @@ def test_mlflow_store_reads_back_the_study(dry_run):
     stats = pd.read_csv(out / "tables" / "statistics.csv")
     auc = stats[(stats["experiment"] == "single_40x") & (stats["level"] == "patient") & (stats["metric"] == "auc")]
     assert abs(row["metrics.single_40x/patient/auc"] - auc["pooled"].iloc[0]) < 1e-4  # statistics.csv is rounded
+    assert row["artifact_uri"].startswith((out.resolve() / "mlflow" / "artifacts").as_uri())  # not ./mlruns
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(row["run_id"])}
     assert {"RUNPOD_OUTPUT.md", "tables", "plots", "config.yaml"} <= artifacts

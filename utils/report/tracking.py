@@ -29,20 +29,25 @@ HISTORY_COLUMNS = ("train_loss", "train_binary_loss", "train_subtype_loss", "val
 BATCH = 900  # MLflow takes at most 1,000 metrics per log_batch call
 
 
+# Read once, at import: mlflow.set_tracking_uri (anyone's, in this process) writes the variable,
+# and a study's own store must never pass for the user's choice.
+USER_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(output_dir: str | Path) -> str:
-    """MLFLOW_TRACKING_URI when set, else the study's own SQLite store."""
+    """The user's MLFLOW_TRACKING_URI when set, else the study's own SQLite store."""
     folder = Path(output_dir).resolve() / TRACKING_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{folder / 'mlflow.db'}"
+    return USER_URI or f"sqlite:///{folder / 'mlflow.db'}"
 
 
-def _experiment_id(mlflow, output_dir: Path) -> str:
-    found = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+def _experiment_id(client, output_dir: Path) -> str:
+    found = client.get_experiment_by_name(EXPERIMENT_NAME)
     if found is not None:
         return found.experiment_id
     # A local store keeps its artifacts beside the database, not in ./mlruns of the shell's folder.
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (output_dir / TRACKING_DIR / "artifacts").as_uri()
-    return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+    location = None if USER_URI else (output_dir / TRACKING_DIR / "artifacts").as_uri()
+    return client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
 
 
 def study_params(cfg) -> dict[str, str]:
@@ -75,9 +80,9 @@ def track_study(cfg, runs: dict, stats: pd.DataFrame) -> str:
     from mlflow.entities import Metric, Param
 
     out = Path(cfg.output_dir).resolve()
-    mlflow.set_tracking_uri(tracking_uri(out))
-    client = mlflow.MlflowClient()
-    experiment = _experiment_id(mlflow, out)
+    uri = tracking_uri(out)
+    client = mlflow.MlflowClient(tracking_uri=uri)  # no process-wide URI: each study its own store
+    experiment = _experiment_id(client, out)
     for earlier in client.search_runs([experiment], filter_string=f"tags.`{STUDY_TAG}` = '{out}'"):
         client.delete_run(earlier.info.run_id)
     run = client.create_run(experiment, run_name=out.name, tags={STUDY_TAG: str(out), "experiments": ",".join(runs)})
@@ -93,7 +98,7 @@ def track_study(cfg, runs: dict, stats: pd.DataFrame) -> str:
         if (out / folder).is_dir():
             client.log_artifacts(run_id, str(out / folder), folder)
     log.info("MLflow: run %s of experiment '%s' at %s (%d parameters, %d metrics)", run_id, EXPERIMENT_NAME,
-             mlflow.get_tracking_uri(), len(params), len(metrics))
+             uri, len(params), len(metrics))
     return run_id
 
 
@@ -103,8 +108,7 @@ def attach_report(cfg, run_id: str) -> None:
     import mlflow
 
     out = Path(cfg.output_dir).resolve()
-    mlflow.set_tracking_uri(tracking_uri(out))
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(out))
     for name in (REPORT_FILE, HTML_REPORT, CONFIG_FILE):
         if (out / name).is_file():
             client.log_artifact(run_id, str(out / name))
