@@ -116,6 +116,13 @@ def fold_columns(run: dict, fold: int) -> dict:
     return {"repeat": repeat, "fold": outer}
 
 
+def summary_row(table, skip=()) -> dict:
+    """The 'mean ± sd' row of a per-fold table: named in its fold columns (fold_columns), every
+    other column but `skip` summarised."""
+    labels = {"repeat": "mean ± sd", "fold": ""} if "repeat" in table else {"fold": "mean ± sd"}
+    return {**labels, **{c: format_mean_sd(table[c]) for c in table.columns if c not in ("repeat", "fold", *skip)}}
+
+
 def format_mean_sd(values, digits: int = 3) -> str:
     mean, sd = mean_sd(values)
     return "n/a" if np.isnan(mean) else f"{mean:.{digits}f} ± {sd:.{digits}f}"

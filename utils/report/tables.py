@@ -12,7 +12,16 @@ from sklearn.metrics import brier_score_loss
 
 from config import SUBTYPES, experiment_config
 from utils.files import steps
-from utils.metrics import METRICS, fold_columns, fold_metrics, format_mean_sd, mean_sd, patient_probabilities, pooled_out_of_fold
+from utils.metrics import (
+    METRICS,
+    fold_columns,
+    fold_metrics,
+    format_mean_sd,
+    mean_sd,
+    patient_probabilities,
+    pooled_out_of_fold,
+    summary_row,
+)
 from utils.report.paired import paired_comparison, paired_count_text
 from utils.report.statistics import bootstrap_ci, clustered_wilson, expected_calibration_error, holm, prior_corrected, scored_units
 from utils.report.temperature import cross_fitted
@@ -61,10 +70,8 @@ def fold_table(run: dict) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
-        summary = {c: format_mean_sd(table[c]) for c in table.columns if c not in ("repeat", "fold", "best_epoch")}
-        first = {"repeat": "mean ± sd", "fold": ""} if "repeat" in table else {"fold": "mean ± sd"}
-        table = pd.concat([table.round(4), pd.DataFrame([{**first, "best_epoch": "", **summary}])],
-                          ignore_index=True)
+        summary = {**summary_row(table, skip=("best_epoch",)), "best_epoch": ""}
+        table = pd.concat([table.round(4), pd.DataFrame([summary])], ignore_index=True)
     return table
 
 

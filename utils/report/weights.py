@@ -6,13 +6,11 @@ from __future__ import annotations
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from utils.metrics import fold_columns, format_mean_sd, patient_probabilities
+from utils.metrics import fold_columns, patient_probabilities, summary_row
 
 
 def _with_summary(table: pd.DataFrame) -> pd.DataFrame:
-    summary = {c: format_mean_sd(table[c]) for c in table.columns if c not in ("repeat", "fold")}
-    first = {"repeat": "mean ± sd", "fold": ""} if "repeat" in table else {"fold": "mean ± sd"}
-    return pd.concat([table, pd.DataFrame([{**first, **summary}])], ignore_index=True)
+    return pd.concat([table, pd.DataFrame([summary_row(table)])], ignore_index=True)
 
 
 def magnification_importance(run: dict) -> pd.DataFrame:
