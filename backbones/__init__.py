@@ -106,6 +106,17 @@ def wants_pretrained(cfg) -> bool:
 # Frozen encoders alive in this process, by what makes their weights: every branch, fold model
 # and ensemble member of a study uses one instance (a ViT-g is 4.5 GB in fp32), loaded once.
 _FROZEN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# Strong references while a process runs job after job (a Ray worker, a whole study): without
+# them the encoder dies with each fold model and the next fold loads it again.
+_HELD: dict = {}
+_HOLD = {"on": False}
+
+
+def hold_frozen_encoders(on: bool = True) -> None:
+    """Keep every frozen encoder this process builds until hold_frozen_encoders(False)."""
+    _HOLD["on"] = on
+    if not on:
+        _HELD.clear()
 
 
 def encoder_key(cfg) -> tuple:
@@ -128,6 +139,8 @@ def create_backbone(cfg) -> tuple[nn.Module, str]:
         encoder, status = _create_backbone(cfg)
         encoder.init_status = status
         _FROZEN[key] = encoder
+        if _HOLD["on"]:
+            _HELD[key] = encoder
     return encoder, encoder.init_status
 
 

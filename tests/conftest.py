@@ -5,6 +5,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download weights
 os.environ.setdefault("MPLBACKEND", "Agg")
+# pytest-xdist workers share the cores: torch's OpenMP threads spin while they wait, so two workers
+# with a thread per core each run several times slower than with the cores divided between them.
+# Set before torch is imported; subprocesses (main.py runs) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 import pytest
 

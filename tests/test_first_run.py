@@ -104,7 +104,7 @@ def test_curves_are_drawn_for_the_reference_experiment_of_the_run():
     assert reference_experiment(parse_args([]), {"mmnet": {}, **runs}) == "mmnet"
 
 
-def test_a_run_without_mmnet_draws_the_curves_of_its_own_experiment(tmp_path):
+def test_a_run_without_mmnet_draws_the_curves_of_its_own_experiment(tmp_path, demo_tree):
     import subprocess
     import sys
 
@@ -113,7 +113,7 @@ def test_a_run_without_mmnet_draws_the_curves_of_its_own_experiment(tmp_path):
     out = tmp_path / "output"
     result = subprocess.run([sys.executable, "main.py", "--dry-run", "--experiments", "single_200x", "--backbone",
                              "test_resnet", "--gradcam-patients", "0", "--no-live-report", "--output-dir", str(out),
-                             "--data-dir", str(tmp_path / "none")],
+                             "--data-dir", str(demo_tree)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for kind in ("roc", "calibration", "training_curves"):

@@ -79,3 +79,59 @@ def test_device_resident_maps_give_the_batches_of_host_maps():
     assert (a[0][0, 2] == 0).all()
     views = [torch.equal(x[0], y[0]) for x, y in zip(host.views(tuples, model, True), resident.views(tuples, model, True))]
     assert views == [True] * 4
+
+
+def test_two_folds_of_a_frozen_encoder_study_build_the_encoder_once(tmp_path, demo_tree, demo_index, monkeypatch):
+    """The study holds its frozen encoder: the cache's encoding and both folds use one instance
+    (without the hold, each fold model's death took the encoder with it: three builds)."""
+    import backbones
+    import utils.study.runner as runner
+    from preprocess.prepared import Study
+
+    built, real = [], backbones._create_backbone
+    monkeypatch.setattr(backbones, "_create_backbone", lambda cfg: built.append(cfg.backbone) or real(cfg))
+    monkeypatch.setattr(runner, "_predicted_seconds", lambda *args: {})
+    cfg = tiny_config(tmp_path, freeze_backbone=True, epochs=1, tuples_per_epoch=8, experiments=("single_40x",))
+    template = tiny_study(cfg, demo_tree, demo_index)
+    prepared = Study(index=demo_index, folds=template.folds, data_dir=demo_tree, demo=True, magnifications=cfg.magnifications)
+    _, failed = runner.run_study(cfg, prepared, template.env)
+    assert failed == 0 and len(list((tmp_path / "runs" / "single_40x").glob("fold*/results.json"))) == 2
+    assert built == ["test_resnet"]
+    assert not backbones._HELD  # released when the study ends
+
+
+def test_a_shared_feature_cache_is_encoded_once_and_a_failed_encoding_leaves_no_file(tmp_path, demo_tree, demo_index,
+                                                                                     monkeypatch):
+    """--executor ray: the cache sits beside the image cache (storage every node sees); two
+    processes asking for it at once encode it once (a file lock); a failure leaves no partial file."""
+    import threading
+    import time
+
+    cfg = dataclasses.replace(tiny_config(tmp_path, freeze_backbone=True), cache_dir="", executor="ray")
+    assert features.feature_cache_dir(cfg) == tmp_path / "cache" / "features"
+    study = tiny_study(cfg, demo_tree, demo_index)
+    encoded, real = [], features.encode_to_file
+    monkeypatch.setattr(features, "encode_to_file", lambda *a, **k: encoded.append(time.sleep(0.5)) or real(*a, **k))
+    both = [threading.Thread(target=features.attach_features, args=(cfg, study)) for _ in range(2)]
+    for thread in both:
+        thread.start()
+    for thread in both:
+        thread.join()
+    assert len(encoded) == 1 and len(list((tmp_path / "cache" / "features").glob("features_*.npy"))) == 1
+
+    calls, real_map, written = [], features.feature_map, []
+
+    def broken(*args):  # the first batch is written to the partial file, the second fails
+        calls.append(1)
+        if len(calls) > 1:
+            written.extend(p.name for p in (tmp_path / "cache" / "features").glob("*.partial.npy"))
+            raise RuntimeError("device lost")
+        return real_map(*args)
+
+    monkeypatch.setattr(features, "encode_to_file", real)
+    monkeypatch.setattr(features, "feature_map", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        features.attach_features(dataclasses.replace(cfg, image_size=64), tiny_study(dataclasses.replace(cfg, image_size=64),
+                                                                                        demo_tree, demo_index))
+    assert len(written) == 1  # the failure came after a partial file was written
+    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 1  # the first cache only, the partial removed

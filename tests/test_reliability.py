@@ -64,10 +64,11 @@ def test_out_of_memory_halves_the_micro_batch_and_goes_on(tmp_path, demo_tree, d
     assert "micro-batches of 4 (x2 accumulation)" in caplog.text
 
 
-def _main(out, *extra):
+def _main(out, data, *extra):
+    """A dry run of mmnet on `data` (the session's small demo tree: no pictures to draw first)."""
     return [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet", "--backbone", "test_resnet",
             "--epochs", "2", "--tuples-per-epoch", "32", "--image-size", "32", "--gradcam-patients", "0", "--output-dir", str(out),
-            "--report-file", str(out / "R.md"), "--data-dir", str(out / "none"), "--no-live-report", *extra]
+            "--report-file", str(out / "R.md"), "--data-dir", str(data), "--no-live-report", *extra]
 
 
 def _kill_after_first_epoch(cmd, sig):
@@ -82,23 +83,23 @@ def _kill_after_first_epoch(cmd, sig):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, demo_tree):
     whole = tmp_path_factory.mktemp("whole")
-    assert subprocess.run(_main(whole), cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    assert subprocess.run(_main(whole, demo_tree), cwd=ROOT, capture_output=True, timeout=600).returncode == 0
     return whole
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_run_reruns_to_the_uninterrupted_result(tmp_path, sig, uninterrupted):
+def test_killed_run_reruns_to_the_uninterrupted_result(tmp_path, sig, uninterrupted, demo_tree):
     whole = uninterrupted
     cut = tmp_path / "cut"
-    code, output = _kill_after_first_epoch(_main(cut), sig)
+    code, output = _kill_after_first_epoch(_main(cut, demo_tree), sig)
     if sig == signal.SIGTERM:
         assert code == 0 and "Rerun the same command to resume" in output and "Traceback" not in output
     else:
         assert code == -signal.SIGKILL
     assert not (cut / "runs/mmnet/fold1/results.json").exists()
-    again = subprocess.run(_main(cut), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(_main(cut, demo_tree), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:]
     for fold in (0, 1):
         a = pd.read_csv(whole / f"runs/mmnet/fold{fold}/predictions.csv")
@@ -106,7 +107,7 @@ def test_killed_run_reruns_to_the_uninterrupted_result(tmp_path, sig, uninterrup
         pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
-def test_two_worker_processes_give_the_one_worker_results(tmp_path):
+def test_two_worker_processes_give_the_one_worker_results(tmp_path, demo_tree):
     """Jobs in parallel processes: same folds, seeds and results as one process.
 
     Equality is to 1e-4, not bitwise: a worker gets half the CPU threads, and a different
@@ -122,7 +123,7 @@ def test_two_worker_processes_give_the_one_worker_results(tmp_path):
         cmd = [sys.executable, "main.py", "--dry-run", "--experiments", "mmnet,single_40x", "--backbone",
                "test_resnet", "--jobs", str(jobs), "--gradcam-patients", "0", "--epochs", "1", "--image-size", "32",
                "--tuples-per-epoch", "16", "--magnification-dropout", "0", "--stain-norm", "none", "--output-dir", str(out),
-               "--report-file", str(out / "R.md"), "--data-dir", str(tmp_path / "none"), "--no-live-report"]
+               "--report-file", str(out / "R.md"), "--data-dir", str(demo_tree), "--no-live-report"]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:]
         runs[jobs] = out

@@ -5,6 +5,7 @@ loading torch. Device facts that need torch live in utils/device.py.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -65,6 +66,25 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+CODE_SUFFIXES = (".py", ".sh", ".txt", ".yaml", ".runpod")  # what a job runs or installs
+
+
+def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
+    """SHA-256 (16 hex) of the project's code as this process sees it: every file with a code
+    suffix, by relative path and content, outside hidden folders and the output and data
+    folders. Equal on two machines means the same code, committed or not (a git commit would
+    not see uncommitted edits, and a shipped copy has no .git)."""
+    digest = hashlib.sha256()
+    for folder, subfolders, files in os.walk(root):
+        here = Path(folder)
+        subfolders[:] = sorted(d for d in subfolders if not (d.startswith(".") or d == "__pycache__"
+                                                             or (here == root and d in ("output", "data"))))
+        for name in sorted(f for f in files if f.endswith(CODE_SUFFIXES)):
+            relative = (here / name).relative_to(root).as_posix()
+            digest.update(relative.encode() + b"\0" + (here / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def free_disk_gb(path: str | Path) -> float:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from backbones import create_backbone, data_config, encoder_key
 from backbones.encoder import feature_map
@@ -89,9 +90,15 @@ def feature_key(cfg, cache_name: str, amp_dtype: str) -> str:
 
 
 def feature_cache_dir(cfg) -> Path:
-    """--cache-dir when given; else the container's local disk, never the output folder (on a
-    pod a network volume, where a batch's random rows cost a round trip each)."""
-    return Path(cfg.cache_dir) if cfg.cache_dir else Path(tempfile.gettempdir()) / "mmnet-features"
+    """--cache-dir when given. Else, with --executor ray, beside the image cache on the storage
+    every node sees (built once, read by every node's workers); otherwise the container's local
+    disk, never the output folder (on a pod a network volume, where a batch's random rows cost a
+    round trip each; a worker places the maps in memory once, so Ray's nodes pay it once)."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    if cfg.executor == "ray":
+        return cfg.resolved_cache_dir() / "features"
+    return Path(tempfile.gettempdir()) / "mmnet-features"
 
 
 @torch.inference_mode()
@@ -99,8 +106,17 @@ def encode_to_file(encoder, images: ImageSource, path: Path, batch: int, amp_dty
     """Every image's maps in the evaluation views, encoded under the device's autocast dtype and
     written through a memory-mapped .npy: never a second full copy in memory."""
     mean, std = data_config(encoder)
+    partial = path.with_suffix(f".{os.getpid()}.partial.npy")
+    try:
+        _encode_rows(encoder, images, partial, batch, amp_dtype, mean, std)
+    except BaseException:  # an interrupted or failed encoding leaves no half file behind
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+
+
+def _encode_rows(encoder, images: ImageSource, partial: Path, batch: int, amp_dtype: str, mean, std) -> None:
     rows, out = len(images.images), None
-    partial = path.with_suffix(f".{os.getpid()}.partial.npy")  # two processes may encode at once
     for start in steps(range(0, rows, batch), "feature cache: encoding images", -(-rows // batch)):
         chunk = np.arange(start, min(rows, start + batch))[:, None]
         pixels, _ = images.gather(chunk)  # (b, 1, H, W, 3)
@@ -111,8 +127,6 @@ def encode_to_file(encoder, images: ImageSource, path: Path, batch: int, amp_dty
                 out = _open_cache_file(partial, (rows, len(TTA_FLIPS), *maps.shape[1:]))
             out[start:start + len(chunk), v] = maps.half().cpu().numpy()
     out.flush()
-    del out
-    os.replace(partial, path)
 
 
 def _open_cache_file(path: Path, shape: tuple) -> np.memmap:
@@ -164,10 +178,11 @@ def attach_features(cfg, study):
     folder = feature_cache_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"features_{feature_key(cfg, images_key, study.env.amp_dtype)}.npy"
-    if not path.is_file():
-        _build(cfg, images, path, study.env)
-        log.info("feature cache: %d images of %s -> %s (%.2f GB)", len(images.images), cfg.backbone, path,
-                 path.stat().st_size / 1e9)
+    with FileLock(str(path) + ".lock"):  # one process encodes; the others wait, then read its file
+        if not path.is_file():
+            _build(cfg, images, path, study.env)
+            log.info("feature cache: %d images of %s -> %s (%.2f GB)", len(images.images), cfg.backbone, path,
+                     path.stat().st_size / 1e9)
     maps, where = place_features(path, images.device, jobs_per_gpu(cfg))
     log.info("feature cache: %s (%.2f GB) in %s", path.name, path.stat().st_size / 1e9, where)
     atomic_write_text(Path(cfg.output_dir) / FEATURE_CACHE_FILE, json.dumps(

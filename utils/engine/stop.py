@@ -18,9 +18,11 @@ def _on_signal(signum, frame) -> None:
     _STOP["signal"] = signal.Signals(signum).name
 
 
-def install_stop_handlers() -> None:
-    """SIGTERM (a pod being stopped) and SIGINT ask the loop to stop after the current step."""
-    _STOP["signal"] = ""
+def install_stop_handlers(clear: bool = True) -> None:
+    """SIGTERM (a pod being stopped) and SIGINT ask the loop to stop after the current step.
+    clear=False keeps a stop already asked for (handlers put back after a library replaced them)."""
+    if clear:
+        _STOP["signal"] = ""
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
@@ -32,3 +34,9 @@ def stop_requested() -> str:
 
 def clear_stop() -> None:
     _STOP["signal"] = ""
+
+
+def request_stop(reason: str) -> None:
+    """Ask the loop to stop after the current step as a signal would: a long-lived worker hears
+    its driver's stop this way (Ray delivers a method call, not a signal)."""
+    _STOP["signal"] = _STOP["signal"] or reason

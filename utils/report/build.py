@@ -230,14 +230,13 @@ def _markdown_lines(cfg, runs: dict, shown: dict, figures: list, base: Path) -> 
 
 
 def failed_job_lines(out: Path) -> list[str]:
-    """Jobs the Ray executor gave up on after their retries (utils.study.ray_jobs): named, so a
+    """Jobs the Ray executor could not finish (utils.study.ray_jobs), each with why: named, so a
     table with fewer folds is never read as complete."""
     path = out / FAILED_JOBS_FILE
-    if not path.is_file():
-        return []
-    lost = json.loads(path.read_text())
-    return ["**Failed jobs** (lost after their retries; rerun the same command to train them): " +
-            ", ".join(f"{j['experiment']} fold {j['fold']}" for j in lost), ""]
+    why = {"worker lost": "its worker was lost {lost_workers} times", "error": "error in the job, not retried: {error}"}
+    jobs = json.loads(path.read_text()) if path.is_file() else []
+    return ["**Failed jobs** (rerun the same command to train them): " + ", ".join(
+        f"{j['experiment']} fold {j['fold']} ({why[j['outcome']].format(**j)})" for j in jobs), ""] if jobs else []
 
 
 def report_paths(cfg) -> list[Path]:

@@ -13,6 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 import torch
 
+from backbones import hold_frozen_encoders
 from config import ConfigError, experiment_config
 from preprocess.prepared import attach_images
 from utils.device import configure_backends, detect_env
@@ -49,6 +50,7 @@ def worker_study(cfg, prepared, device: str, threads: int):
     """The study as a worker process (local or a Ray task) trains on it: its threads, device
     settings and backends, and the caches the parent built, mapped only."""
     torch.set_num_threads(threads)
+    hold_frozen_encoders()  # a worker runs job after job: one encoder for all of them
     env = detect_env(dataclasses.replace(cfg, device=device, workers=1))
     configure_backends(env.device, cfg.deterministic)  # a spawned process starts with torch's defaults
     return attach_features(cfg, attach_images(cfg, prepared, env))

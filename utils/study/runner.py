@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+from backbones import hold_frozen_encoders
 from config import EXPERIMENTS, ConfigError, experiment_config
 from preprocess.dataset import left_out_patients
 from preprocess.prepared import Study, attach_images
@@ -99,6 +100,14 @@ def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Stu
     """Train every selected experiment x fold; returns the study with its images attached
     and the number of failed folds. on_fold_end() is called after every fold (live report)."""
     install_stop_handlers()  # from here on SIGTERM/SIGINT stop after the current step, saved
+    hold_frozen_encoders()  # one frozen encoder for every fold of the study, released at its end
+    try:
+        return _run_study(cfg, prepared, env, on_fold_end)
+    finally:
+        hold_frozen_encoders(False)
+
+
+def _run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end) -> tuple[Study, int]:
     study = attach_features(cfg, attach_images(cfg, prepared, env))  # maps instead of pixels when frozen
     names = selected_experiments(cfg)
     jobs = cfg.jobs or default_jobs(study.env.device)
