@@ -3,6 +3,7 @@ line by setup.sh before pip), the old torch names served, the optimizer the torc
 weights --pretrained auto wants on each device, the start-up checks of main, and the GPU check
 script on a machine without a GPU."""
 import dataclasses
+import json
 import os
 import stat
 import subprocess
@@ -153,9 +154,58 @@ def test_pretrained_auto_wants_imagenet_weights_wherever_the_full_study_trains(d
     assert weights_text(resolved_config(Config(pretrained_file="w.pth"), env)) == "ImageNet from w.pth"
 
 
+HIDE_GRAD_CAM = """
+import importlib.abc, os, sys
+class Hide(importlib.abc.MetaPathFinder):  # grad-cam is not installed here, unless in the check's deps
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pytorch_grad_cam" and not any(
+                os.path.isdir(os.path.join(p, "pytorch_grad_cam")) for p in sys.path if p.endswith("deps")):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Hide())
+"""
+
+
+def _wheel(folder, name: str, version: str, module: str, text: str):
+    """A pure-Python wheel made by hand: what `pip download` puts in the wheel folder."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = f"{name.replace('-', '_')}-{version}.dist-info"
+    files = {f"{module}/__init__.py": text, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, content in files.items():
+            wheel.writestr(path, content)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the check would run for minutes")
-def test_the_gpu_check_says_in_one_line_that_no_gpu_is_here(tmp_path):
+def test_the_gpu_check_installs_what_is_missing_offline_then_stops_without_a_gpu(tmp_path):
+    """A rehearsal of the offline GPU machine: grad-cam missing, pip's index an empty folder; the
+    check installs grad-cam from the wheel folder (into its own deps), reaches its CUDA test and
+    exits non-zero without a GPU."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_GRAD_CAM)
+    _wheel(tmp_path / "wheels", "grad-cam", "1.5.7", "pytorch_grad_cam", "SOURCE = 'the wheel folder'\n")
+    (tmp_path / "empty_index").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "PIP_INDEX_URL": (tmp_path / "empty_index").as_uri()}
+    result = subprocess.run(["bash", str(ROOT / "tests" / "gpu_check.sh"), str(tmp_path / "out"), str(tmp_path / "wheels")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 2, result.stdout + result.stderr
+    assert "installing from" in lines[0] and "grad-cam==1.5.7" in lines[0] and "no CUDA GPU" in lines[1]
+    assert "the wheel folder" in (tmp_path / "out" / "deps" / "pytorch_grad_cam" / "__init__.py").read_text()
+    checked = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert checked["gpu"] is False and checked["deps"]["installed"] == "grad-cam==1.5.7"
+
+
+def test_the_gpu_check_without_torch_stops_in_one_line(tmp_path):
+    import venv
+
+    venv.create(tmp_path / "bare", with_pip=False)  # a Python without torch
+    bare = {**os.environ, "PYTHON": str(tmp_path / "bare" / "bin" / "python")}
     result = subprocess.run(["bash", str(ROOT / "tests" / "gpu_check.sh"), str(tmp_path / "out")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and len(result.stdout.strip().splitlines()) == 1
-    assert "no CUDA GPU" in result.stdout and (tmp_path / "out" / "gpu_check.json").read_text().strip() == '{"gpu": false}'
+                            capture_output=True, text=True, timeout=60, env=bare)
+    assert result.returncode == 2 and len(result.stdout.strip().splitlines()) == 1
+    assert "torch is not importable" in result.stdout
