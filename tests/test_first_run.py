@@ -47,6 +47,7 @@ def test_start_up_estimate_and_benchmark_are_one_function(monkeypatch, tmp_path)
                            "--cache-images", "0", "--output-dir", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "tables" / "benchmark.csv").set_index("metric")["value"]
     assert table["host_syncs_per_step"] == 0  # the device-resident training step never waits on the host
+    assert table["ops_per_step"] > table["ops_per_step_single_image"] > 0 and table["ops_per_patient"] > 0
     for row in ("decode_ms_per_image", "model_ms_per_patient_1_models", "model_ms_per_patient_5_models",
                 "model_ms_per_patient_5_models_H100_predicted", "fold_build_s", "fold_end_write_s"):
         assert table[row] > 0, row

@@ -128,3 +128,37 @@ def test_the_parent_of_parallel_jobs_gives_its_device_copies_back_before_the_wor
     study, failed = runner.run_study(cfg, prepared, tiny_study(cfg, demo_tree, demo_index).env)
     assert seen == {"parent copy alive": False, "emptied": ["cpu"]} and failed == 0
     assert study.source is not None  # attached again afterwards, for the report's Grad-CAM
+
+
+def test_the_benchmarks_operator_count_is_every_dispatched_operator_of_a_step(tmp_path, monkeypatch):
+    """ops_per_step (utils.study.rates.step_counts, the benchmark's row) against a bare dispatch
+    mode that counts each call, nested inside the same two steps; an MMNet step of four branches
+    dispatches more operators than a single-image step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from utils.device import detect_env
+    from utils.study.benchmark import synthetic_study
+    from utils.study.rates import step_counts
+
+    class EveryCall(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            EveryCall.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    real = train_module._step
+
+    def under_oracle(*args, **kwargs):
+        with EveryCall():
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_step", under_oracle)  # step_counts wraps this in its counter
+    counts = {}
+    for name in ("mmnet", "single_200x"):
+        cfg = experiment_config(tiny_config(tmp_path), name)
+        state, loop, _ = synthetic_study(cfg, detect_env(cfg), batches=1)
+        EveryCall.calls = 0
+        counts[name] = step_counts(state, loop)["ops_per_step"]
+        assert counts[name] == EveryCall.calls / 2, name
+    assert counts["mmnet"] > counts["single_200x"] > 0

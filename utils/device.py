@@ -179,7 +179,9 @@ class HostSyncCounter(TorchDispatchMode):
     depends on values (nonzero, masked_select, boolean-mask indexing), device-to-host copies,
     and tensors built from Python values (torch.tensor(...) inside a step copies host data to
     the device every time). On a CPU the same ops are counted, so a CPU test sees what a GPU
-    step would wait on. `counts` maps each op to its number of calls."""
+    step would wait on. `counts` maps each op to its number of calls; `ops` counts every
+    dispatched operator (forward, backward and optimizer: each is at least one kernel launch on
+    a GPU), what a launch-bound step is measured by."""
 
     _SCALAR = {"_local_scalar_dense", "is_nonzero", "equal"}
     _VALUE_SIZED = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
@@ -189,9 +191,11 @@ class HostSyncCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.counts: dict[str, int] = {}
+        self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.ops += 1
         name = func.overloadpacket.__name__
         if not _UNCOUNTED[0] and (name in self._SCALAR or name in self._VALUE_SIZED or name in self._HOST_BUILT
                                    or _to_host(name, args, kwargs) or _bool_index(name, args)):

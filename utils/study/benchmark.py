@@ -40,10 +40,10 @@ from utils.study.rates import (
     cache_build_rate,
     decode_ms_per_image,
     fixed_seconds_per_fold,
-    host_syncs_per_step,
     model_alone_rate,
     peak_memory_gb,
     predictor_latency,
+    step_counts,
     synthetic_patients,
     time_train_and_eval,
 )
@@ -87,10 +87,17 @@ def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
     return {"cache_build_images_per_s": cache_build_rate(cache_images, env.workers, cfg.image_size) if cache_images else float("nan"),
             **rates, "train_tuples_per_s_model_alone": alone,
             "pipeline_efficiency": rates["train_tuples_per_s_end_to_end"] / alone,
-            "host_syncs_per_step": host_syncs_per_step(state, loop),
+            **step_counts(state, loop), "ops_per_step_single_image": single_image_ops(cfg, env),
             **fixed_seconds_per_fold(cfg, env, loop),
             "decode_ms_per_image": decode_ms_per_image(8, cfg.image_size, threads=8), **predictor,
             "peak_memory_gb": peak_memory_gb(env.device)}
+
+
+def single_image_ops(cfg: Config, env) -> float:
+    """Dispatched operators per training step of the single-image baseline (single_200x) at
+    the same size, batch and device."""
+    state, loop, _ = synthetic_study(experiment_config(cfg, "single_200x"), env, batches=1)
+    return step_counts(state, loop)["ops_per_step"]
 
 
 def measure_frozen(cfg: Config, env, batches: int, fine_tune: dict) -> dict:

@@ -14,6 +14,7 @@ import utils.engine.train as train_module
 from preprocess.dataset import ImageSource, PatientImages, training_tuples
 from preprocess.demo import demo_filenames, write_tree
 from preprocess.preprocess import build_cache, frame_shape, index_dataset
+from utils.device import HostSyncCounter
 from utils.engine.inference import FoldModel, predict_patient
 from utils.engine.losses import StudyLoss
 from utils.engine.train import EpochPlan, LoopSettings, amp_context, new_fold_state, predict, train_one_epoch
@@ -135,6 +136,8 @@ def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) ->
     fold_model = FoldModel(model.eval(), cfg, 0.5, Path("benchmark"))
     repeats = repeats if device != "cpu" else 1
     first = predict_patient([fold_model], cache, by_mag, device)  # warm-up
+    with HostSyncCounter() as counter:
+        predict_patient([fold_model], cache, by_mag, device)
     single = min(predict_patient([fold_model], cache, by_mag, device)["milliseconds"] for _ in range(repeats))
     ensemble = 5 * single if device == "cpu" else min(
         predict_patient([fold_model] * 5, cache, by_mag, device)["milliseconds"] for _ in range(repeats))
@@ -142,14 +145,16 @@ def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) ->
     x = torch.zeros(1, len(cfg.magnifications), 3, *frame_shape(cfg.image_size), device=device)
     gflop = forward_gflop(model, x, torch.ones(1, len(cfg.magnifications), device=device)) * first["tuples_per_model"] * views
     rows = {"model_ms_per_patient_1_models": single, "model_ms_per_patient_5_models": ensemble,
+            "ops_per_patient": counter.ops, "host_syncs_per_patient": counter.total,
             "model_gflop_per_patient_1_model": gflop}
     rows.update({f"model_ms_per_patient_5_models_{gpu.replace(' ', '_')}_predicted": gpu_ms(5 * gflop, gpu)
                  for gpu in GPU_TFLOPS})
     return rows
 
 
-def host_syncs_per_step(state, loop: LoopSettings, steps: int = 2) -> float:
-    """HostSyncCounter over training steps on a device-resident cache, as a GPU runs them."""
+def step_counts(state, loop: LoopSettings, steps: int = 2) -> dict:
+    """Host syncs and dispatched operators per training step (HostSyncCounter), on a
+    device-resident cache, as a GPU runs the step."""
     from utils.device import counting_syncs, uncount_host_optimizer
 
     source = loop.source if loop.source.on_device else ImageSource(loop.source.images, loop.source.device.type,
@@ -158,13 +163,14 @@ def host_syncs_per_step(state, loop: LoopSettings, steps: int = 2) -> float:
     tuples, owners = training_tuples(loop.data, steps * loop.batch_size, np.random.default_rng(0))
     plan = EpochPlan(source.upload(tuples), owners, torch.Generator(device=source.device).manual_seed(0), 0)
     uncount_host_optimizer(state.optimizer)  # torch < 2.4 on the CPU: not the fused kernel a GPU runs
-    real_step, totals = train_module._step, []
-    train_module._step = counting_syncs(real_step, lambda counter: totals.append(counter.total))
+    real_step, counters = train_module._step, []
+    train_module._step = counting_syncs(real_step, counters.append)
     try:
         train_one_epoch(state, counted, plan)
     finally:
         train_module._step = real_step
-    return sum(totals) / steps
+    return {"host_syncs_per_step": sum(c.total for c in counters) / steps,
+            "ops_per_step": sum(c.ops for c in counters) / steps}
 
 
 def fixed_seconds_per_fold(cfg, env, loop: LoopSettings) -> dict:
