@@ -9,6 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
+import predict
 from tests.conftest import ROOT
 
 
@@ -161,7 +162,7 @@ def test_predict_gives_each_patient_its_conformal_decision(dry_run, tmp_path):
     assert lacking_two["conformal_set"] is None and "40X, 100X" in lacking_two["conformal_note"]
 
 
-def test_onnx_export_scores_patients_as_pytorch(dry_run):
+def test_onnx_export_scores_patients_as_pytorch(dry_run, capsys):
     """predict.py --export onnx writes a fold model as a graph with its description; ONNX Runtime
     gives the PyTorch evaluation's probabilities (a patient without 40X included), in process and
     through predict.py --runtime onnx."""
@@ -179,9 +180,8 @@ def test_onnx_export_scores_patients_as_pytorch(dry_run):
 
     out, _, _ = dry_run
     checkpoint = out / "models" / "mmnet" / "fold0.pt"
-    made = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(checkpoint), "--export", "onnx"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert made.returncode == 0, made.stderr[-2000:]
+    assert predict.main(["--checkpoint", str(checkpoint), "--export", "onnx"]) == 0  # the CLI, in this process
+    capsys.readouterr()
     meta = json.loads((out / "export" / "mmnet" / "fold0.json").read_text())
     torch_model = load_fold_model(checkpoint)
     assert meta["slots"] == ["40X", "100X", "200X", "400X"] and meta["stain_norm"] == "macenko"
@@ -202,10 +202,8 @@ def test_onnx_export_scores_patients_as_pytorch(dry_run):
     assert (given["mag_weights"][:, 0] == 0).all()  # the missing 40X has no share in the fusion
     folder = out / "no40_onnx" / patient.name
     shutil.copytree(patient, folder, ignore=lambda f, names: ["40X"] if f == str(patient) else [])
-    served = subprocess.run([sys.executable, "predict.py", "--run-dir", str(out), "--runtime", "onnx",
-                             "--patient-dir", str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert served.returncode == 0, served.stderr[-2000:]
-    answer = json.loads(served.stdout)
+    assert predict.main(["--run-dir", str(out), "--runtime", "onnx", "--patient-dir", str(folder)]) == 0
+    answer = json.loads(capsys.readouterr().out)
     cache, by_mag, _ = load_patient(folder, torch_model.cfg.image_size)
     assert abs(answer["malignant_probability"] - predict_patient([torch_model], cache, by_mag)["malignant_probability"]) <= 1e-4
 

@@ -124,9 +124,9 @@ def test_sigterm_on_the_driver_stops_every_running_job_at_its_step(cluster, tmp_
     driver = _main(remote, demo_tree, *command, env={"RAY_ADDRESS": cluster.address})
     deadline, sent = time.monotonic() + 300, False
     while time.monotonic() < deadline and driver.poll() is None:
-        text = _text(remote / "run.log")
-        if "mmnet fold 0 epoch 1/5" in text and "mmnet fold 1 epoch 1/5" in text:
-            driver.send_signal(signal.SIGTERM)  # both jobs are training (a pod being stopped)
+        started = re.findall(r"ray task \(pid \d+ on \S+\): mmnet fold (\d)", _text(remote / "run.log"))
+        if sorted(started) == ["0", "1"]:  # both jobs have started (their lines reach the log within a second)
+            driver.send_signal(signal.SIGTERM)  # a pod being stopped
             sent = True
             break
         time.sleep(0.05)
