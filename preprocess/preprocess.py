@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image
 
 from config import MAGNIFICATIONS
-from utils.files import steps
+from utils.files import atomic_write_text, steps
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,29 @@ def check_image(path: str) -> dict:
         return {"ok": False, "width": 0, "height": 0, "mode": "", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def check_images(paths: list[Path], workers: int) -> list[dict]:
-    names = [str(p) for p in paths]
-    if workers <= 1 or len(names) < 64:
-        return [check_image(n) for n in names]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(steps(pool.map(check_image, names, chunksize=64), "index: checking images", len(names)))
+def check_images(paths: list[Path], workers: int, memo: Path | None = None) -> list[dict]:
+    """check_image() of every path; with `memo` (a JSON file) a file whose size and modification
+    time are those of its stored check is not read again (a resume, or a second study on the
+    same data, skips re-reading ~4 GB of PNGs); the memo is rewritten with every check."""
+    stamps = {str(p): _stamp(p) for p in paths}
+    known = json.loads(memo.read_text()) if memo is not None and memo.is_file() else {}
+    todo = [n for n in stamps if known.get(n, {}).get("stamp") != stamps[n]]
+    if workers <= 1 or len(todo) < 64:
+        fresh = [check_image(n) for n in todo]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            fresh = list(steps(pool.map(check_image, todo, chunksize=64), "index: checking images", len(todo)))
+    known.update({n: {"stamp": stamps[n], "check": c} for n, c in zip(todo, fresh)})
+    if memo is not None and todo:
+        atomic_write_text(memo, json.dumps({n: known[n] for n in stamps}))
+    if memo is not None:
+        log.info("index: %d image(s) checked, %d unchanged since their last check", len(todo), len(stamps) - len(todo))
+    return [known[n]["check"] for n in stamps]
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _image_issues(rel: str, check: dict) -> list[dict]:
@@ -132,9 +149,10 @@ def _dataset_issues(index: pd.DataFrame) -> list[dict]:
     return issues
 
 
-def index_dataset(data_dir: str | Path, workers: int = 1,
-                  check_files: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Table of usable images (INDEX_COLUMNS) and table of issues (ISSUE_COLUMNS).
+def index_dataset(data_dir: str | Path, workers: int = 1, check_files: bool = True,
+                  checked: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table of usable images (INDEX_COLUMNS) and table of issues (ISSUE_COLUMNS); `checked`:
+    check_images()'s memo of earlier checks.
 
     Raises DataError when the directory is missing or holds no image at all.
     """
@@ -156,7 +174,7 @@ def index_dataset(data_dir: str | Path, workers: int = 1,
         parsed_paths.append(path)
     if check_files:
         keep = []
-        for row, check in zip(rows, check_images(parsed_paths, workers)):
+        for row, check in zip(rows, check_images(parsed_paths, workers, checked)):
             issues.extend(_image_issues(row["path"], check))
             keep.append(check["ok"])
         rows = [r for r, ok in zip(rows, keep) if ok]

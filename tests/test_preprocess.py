@@ -90,3 +90,28 @@ def test_missing_or_empty_data_dir_exits_2(tmp_path, make):
     last = result.stderr.strip().splitlines()[-1]
     assert "extract BreaKHis_v1" in last and "--dry-run" in last
     assert "Traceback" not in result.stderr
+
+
+def test_images_are_checked_once_until_they_change(tmp_path, monkeypatch):
+    """A second index of the same files reads none of them again; a file that changed (size or
+    modification time) is checked again, and a corrupt one is still found."""
+    import os
+
+    import preprocess.preprocess as prep
+    from preprocess.demo import write_demo_tree
+
+    tree = write_demo_tree(tmp_path / "tree", patients=2, images_per_mag=1, width=88, height=58)
+    memo, opened = tmp_path / "cache" / "checked_images.json", []
+    real = prep.check_image
+    monkeypatch.setattr(prep, "check_image", lambda path: opened.append(path) or real(path))
+    first, _ = prep.index_dataset(tree, checked=memo)
+    assert len(opened) == len(first) == 8 and memo.is_file()
+    opened.clear()
+    again, _ = prep.index_dataset(tree, checked=memo)
+    assert opened == [] and again.equals(first)
+    broken = tree / first["path"].iloc[0]
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated: another size
+    os.utime(broken, ns=(1, 1))
+    third, issues = prep.index_dataset(tree, checked=memo)
+    assert opened == [str(broken)] and len(third) == 7
+    assert issues.loc[issues["kind"] == "unreadable", "path"].tolist() == [first["path"].iloc[0]]

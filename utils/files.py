@@ -27,6 +27,7 @@ MODELS_DIR = "models"  # the kept fold models: models/<experiment>/fold<k>.pt
 ATTENTION_FILE = "attention.csv"  # MIL models: each test image's attention, beside predictions.csv
 FEATURE_CACHE_FILE = "feature_cache.json"  # --freeze-backbone: where the encoder maps are, and their size
 FAILED_JOBS_FILE = "failed_jobs.json"  # --executor ray: jobs lost after their retries (the report names them)
+CHECKED_IMAGES_FILE = "checked_images.json"  # in the cache folder: each image's check, by size and mtime
 RAY_JOBS_FILE = "ray_jobs.json"  # --executor ray: every job's worker processes, lost workers and outcome
 ENCODERS_DIR = "encoders"  # --backbones a,b,c: one study per encoder under encoders/<name>/
 

@@ -20,7 +20,7 @@ from preprocess.preprocess import DataError, holds_images, index_dataset, missin
 from preprocess.splits import FoldError, build_folds, kaggle_folds, load_folds, write_folds
 from utils.device import EnvInfo, configure_backends, gpu_facts, versions
 from utils.env import decode_workers, free_disk_gb, git_commit, runpod_hint, shm_gb
-from utils.files import DATASET_FILE, HEADER_FILE, RUN_LOG, atomic_write_text, setup_logging
+from utils.files import CHECKED_IMAGES_FILE, DATASET_FILE, HEADER_FILE, RUN_LOG, atomic_write_text, setup_logging
 
 log = logging.getLogger("mmnet")
 
@@ -161,7 +161,8 @@ def _folds(cfg: Config, index: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
 def prepare_data(cfg: Config) -> Study:
     """Index + validate, write data issues and the analysis, then load or build the folds."""
     data_dir, demo = _resolve_data_dir(cfg)
-    index, issues = index_dataset(data_dir, workers=decode_workers(cfg.workers)[0])
+    index, issues = index_dataset(data_dir, workers=decode_workers(cfg.workers)[0],
+                                  checked=cfg.resolved_cache_dir() / CHECKED_IMAGES_FILE)
     write_issues(issues, cfg.output_dir)
     if cfg.max_patients and index["patient"].nunique() > cfg.max_patients:
         index = select_patients(index, cfg.max_patients, cfg.seed)
