@@ -90,4 +90,4 @@ def test_small_shm_lowers_decode_workers(monkeypatch):
     env = detect_env(Config(device="cpu"))
     assert env.workers == 2 and "shm-size" in env.notes[0]
     monkeypatch.setattr(env_module, "shm_gb", lambda: 32.0)
-    assert detect_env(Config(device="cpu")).workers == 8
+    assert detect_env(Config(device="cpu")).workers == 16  # every core of a 16-core pod
