@@ -62,10 +62,16 @@ def patient_figure(explanation, path: Path) -> Path:
         axes[0][col].set_title(label if present[col] else f"{label} (missing)")
         if present[col]:
             axes[0][col].imshow(images[col])
+        else:  # a pale panel of the frame's shape, said in words: never a black frame read as tissue
+            axes[0][col].imshow(np.full(np.shape(images[col]), 235, dtype=np.uint8))
+            axes[0][col].text(0.5, 0.5, f"no {label} image\nfor this patient", transform=axes[0][col].transAxes,
+                              ha="center", va="center", fontsize=8, color="0.35")
     _map_row(axes, 1, cams, images, present, "Grad-CAM")
     if attention is not None:
         _map_row(axes, 2, attention, images, present, "attention")
-    names = ["image", "Grad-CAM of the\npredicted class (0-1)", "spatial attention (0-1)"]
+    # grad-cam scales each map to its own range: colours compare places within a panel, not the
+    # evidence of one magnification against another (the fusion weights and masking do that).
+    names = ["image", "Grad-CAM of the predicted\nclass (each map scaled\nto its own range)", "spatial attention (0-1)"]
     for row, row_name in enumerate(names[:rows]):
         axes[row][0].text(-0.08, 0.5, row_name, transform=axes[row][0].transAxes, rotation=90,
                           ha="right", va="center", fontsize=8)
