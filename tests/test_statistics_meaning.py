@@ -149,3 +149,24 @@ def test_scored_patients_say_who_was_left_out_and_why():
     assert (row["magnifications"], row["patients scored"], row["of"]) == ("100X", 2, 4)
     assert row["left out"] == "1 without a usable 100X image; 1 in test folds that did not finish"
     assert row["left-out patients"] == "c, d"
+
+
+def test_the_report_reads_magnification_importance_and_fusion_weights_in_words():
+    """A magnification carries the decision only where the fold mean's t interval lies above 0
+    (hand values: 100X loses 0.2-0.3 in every fold, 200X is mixed); weights within 0.1 of an
+    even share read as flat."""
+    import pandas as pd
+
+    from utils.report.weights import fusion_reading, importance_reading
+
+    folds = pd.DataFrame({"fold": ["0", "1", "2", "3"], "100X": [0.2, 0.3, 0.25, 0.2], "200X": [0.3, -0.4, 0.1, -0.1]})
+    table = pd.concat([folds, pd.DataFrame([{"fold": "mean ± sd", "100X": "0.237", "200X": "-0.025"}])], ignore_index=True)
+    text = importance_reading(table)
+    half = 3.182446 * np.std([0.2, 0.3, 0.25, 0.2], ddof=1) / 2  # t(0.975, 3) x sd / sqrt(4)
+    assert f"masking 100X costs AUC in 4 of 4 folds (mean +0.237, t interval [{0.2375 - half:.3f}, {0.2375 + half:.3f}])" in text
+    assert "masking 200X costs AUC in 2 of 4 folds" in text and text.endswith("100X carries the decision (its interval lies above 0).")
+    mixed = table.assign(**{"100X": [0.2, -0.3, 0.25, 0.2, ""]})
+    assert "No magnification's loss is distinguishable from 0" in importance_reading(mixed)
+    flat = pd.DataFrame({"fold": ["0", "1", "mean ± sd"], "100X": [0.45, 0.55, ""], "200X": [0.55, 0.45, ""]})
+    assert fusion_reading(flat).startswith("Reading: flat: every fold's weights lie within 0.1 of an even share (0.50)")
+    assert "not flat" in fusion_reading(flat.assign(**{"100X": [0.2, 0.5, ""], "200X": [0.8, 0.5, ""]}))

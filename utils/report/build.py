@@ -217,7 +217,7 @@ def _markdown_lines(cfg, runs: dict, shown: dict, figures: list, base: Path) -> 
     lines += failed_job_lines(out)
     for title, table in shown.items():
         if not title.startswith("_") and len(table):
-            lines += [f"### {title}", "", markdown_table(table), ""]
+            lines += [f"### {title}", "", markdown_table(table), "", *([table.attrs["reading"], ""] if "reading" in table.attrs else [])]
     benchmark = out / "tables" / "benchmark.csv"
     if benchmark.is_file():  # written by `python -m utils.benchmark --output-dir` this folder
         lines += ["### Benchmark (python -m utils.benchmark)", "", markdown_table(pd.read_csv(benchmark)), ""]

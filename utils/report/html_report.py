@@ -97,7 +97,8 @@ def write_html_report(cfg, runs: dict, shown: dict, figures: list, live: bool) -
                              "bootstrap draws. The page reloads every 30 s.</p>"))
     for title, table in shown.items():
         if not title.startswith("_") and len(table):
-            sections.append((title, table_html(table)))
+            reading = f"<p class='note'>{html.escape(table.attrs['reading'])}</p>" if "reading" in table.attrs else ""
+            sections.append((title, table_html(table) + reading))
     sections.append(("Figures", "".join(figure_html(p, c) for p, c in figures)))
     return write_html(out / HTML_REPORT, sections, "MMNet-BreakHis run report" + (" (running)" if live else ""), live)
 

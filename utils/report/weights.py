@@ -3,7 +3,9 @@ lost with one magnification masked), MMNet's fusion weights and every model's ma
 weights."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from utils.metrics import fold_columns, patient_probabilities, summary_row
@@ -29,7 +31,46 @@ def magnification_importance(run: dict) -> pd.DataFrame:
             row[column.removeprefix("prob_without_").upper()] = round(
                 roc_auc_score(full["label"], full["prob"]) - roc_auc_score(without["label"], without["prob"]), 4)
         rows.append(row)
-    return _with_summary(pd.DataFrame(rows)) if rows else pd.DataFrame()
+    if not rows:
+        return pd.DataFrame()
+    table = _with_summary(pd.DataFrame(rows))
+    table.attrs["reading"] = importance_reading(table)
+    return table
+
+
+def _magnification_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c.endswith("X") and c[:-1].isdigit()]
+
+
+def importance_reading(table: pd.DataFrame) -> str:
+    """What the importance table shows, in words: per magnification, the folds where masking it
+    cost AUC and the fold mean's t interval; a magnification carries the decision only where
+    that interval lies above 0 (folds share training patients: the interval is a guide)."""
+    folds, parts, carriers = table.iloc[:-1], [], []
+    for mag in _magnification_columns(table):
+        values = folds[mag].astype(float).to_numpy()
+        n, mean = len(values), float(values.mean())
+        half = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
+        parts.append(f"masking {mag} costs AUC in {int((values > 0).sum())} of {n} folds (mean {mean:+.3f}, "
+                     f"t interval [{mean - half:.3f}, {mean + half:.3f}])")
+        carriers += [mag] if mean - half > 0 else []
+    verdict = (f"{' and '.join(carriers)} carries the decision (its interval lies above 0)" if carriers else
+               "no magnification's loss is distinguishable from 0 over these folds: which one carries the decision "
+               "is not shown")
+    return f"Reading: {'; '.join(parts)}. {verdict[0].upper()}{verdict[1:]}."
+
+
+def fusion_reading(table: pd.DataFrame) -> str:
+    """Flat or not: the fusion weights against an even share (1/M), fold by fold."""
+    mags = _magnification_columns(table)
+    folds, even = table.iloc[:-1][mags].astype(float), 1 / len(mags)
+    spread = float((folds - even).abs().to_numpy().max())
+    means = ", ".join(f"{m} {folds[m].mean():.2f}" for m in mags)
+    if spread <= 0.1:
+        return f"Reading: flat: every fold's weights lie within 0.1 of an even share ({even:.2f}); means {means}."
+    return (f"Reading: not flat within a fold (up to {spread:.2f} from an even share of {even:.2f}), means {means}; "
+            f"{'near even over the folds' if (folds.mean() - even).abs().max() <= 0.1 else 'uneven over the folds'}: "
+            f"the weights say how the fused vector is formed, masking says what decides.")
 
 
 def fusion_weights(run: dict) -> pd.DataFrame:
@@ -39,7 +80,12 @@ def fusion_weights(run: dict) -> pd.DataFrame:
     rows = [{**fold_columns(run, r["fold"]), **means.round(4).to_dict()}
             for r, means in zip(run["results"], _fold_weight_means(run))
             if len(means)]  # none for a fusion that mixes magnifications inside its vector (--fusion concat)
-    return _with_summary(pd.DataFrame(rows)) if rows else pd.DataFrame()
+    if not rows:
+        return pd.DataFrame()
+    table = _with_summary(pd.DataFrame(rows))
+    if len(_magnification_columns(table)) > 1:
+        table.attrs["reading"] = fusion_reading(table)
+    return table
 
 
 def _fold_weight_means(run: dict) -> list[pd.Series]:
