@@ -46,17 +46,19 @@ def run_folder(output_dir: str | Path, experiment: str, fold: int) -> Path:
     return Path(output_dir) / "runs" / experiment / f"fold{fold}"
 
 
-def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO, append: bool = True) -> None:
-    """Log to stdout and, when given, to log_file (appended: a resumed run keeps its history)."""
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO, append: bool = True,
+                  only: logging.Handler | None = None) -> None:
+    """Log to stdout and, when given, to log_file (appended: a resumed run keeps its history);
+    with `only`, to that handler alone (a Ray worker's records go to its driver)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
     root.setLevel(level)
-    stream = logging.StreamHandler(sys.stdout)
+    stream = only or logging.StreamHandler(sys.stdout)
     stream.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     root.addHandler(stream)
-    if log_file:
+    if log_file and only is None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(log_file, mode="a" if append else "w", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))

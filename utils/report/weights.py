@@ -3,12 +3,11 @@ lost with one magnification masked), MMNet's fusion weights and every model's ma
 weights."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
-from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from utils.metrics import fold_columns, patient_probabilities, summary_row
+from utils.report.statistics import corrected_t_interval
 
 
 def _with_summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -49,11 +48,10 @@ def importance_reading(table: pd.DataFrame) -> str:
     folds, parts, carriers = table.iloc[:-1], [], []
     for mag in _magnification_columns(table):
         values = folds[mag].astype(float).to_numpy()
-        n, mean = len(values), float(values.mean())
-        half = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
-        parts.append(f"masking {mag} costs AUC in {int((values > 0).sum())} of {n} folds (mean {mean:+.3f}, "
-                     f"t interval [{mean - half:.3f}, {mean + half:.3f}])")
-        carriers += [mag] if mean - half > 0 else []
+        mean, low, high = corrected_t_interval(values, n_train=1, n_test=0)  # n_test 0: the plain t interval
+        parts.append(f"masking {mag} costs AUC in {int((values > 0).sum())} of {len(values)} folds (mean {mean:+.3f}, "
+                     f"t interval [{low:.3f}, {high:.3f}])")
+        carriers += [mag] if low > 0 else []
     verdict = (f"{' and '.join(carriers)} carries the decision (its interval lies above 0)" if carriers else
                "no magnification's loss is distinguishable from 0 over these folds: which one carries the decision "
                "is not shown")

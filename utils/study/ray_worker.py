@@ -18,6 +18,7 @@ import os
 from config import experiment_config
 from utils.engine.fold import run_fold
 from utils.engine.stop import clear_stop, request_stop
+from utils.files import setup_logging
 from utils.study.parallel import worker_study
 
 log = logging.getLogger("mmnet")
@@ -37,17 +38,6 @@ class ToDriver(logging.Handler):
             self.handleError(record)
 
 
-def forward_logs(queue) -> None:
-    """This process's log records to the driver only."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.addHandler(ToDriver(queue))
-    root.setLevel(logging.INFO)
-    for noisy in ("matplotlib", "PIL", "timm"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 class JobWorker:
     """Holds the study on its device (image cache, frozen encoder, feature maps) for every job
     it is handed; where one dies the driver starts another and hands it the job."""
@@ -57,7 +47,7 @@ class JobWorker:
 
         from backbones import hold_frozen_encoders
 
-        forward_logs(logs)
+        setup_logging(only=ToDriver(logs))  # this process's records go to the driver only
         device = "cuda" if ray.get_gpu_ids() else "cpu"  # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU
         threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
         hold_frozen_encoders()  # one encoder for every job of this worker, not one per fold model
