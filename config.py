@@ -36,7 +36,9 @@ from utils.experiments import (  # noqa: F401 (users and
     MIL_AGGREGATORS,
     MIL_EXPERIMENTS,  # from config)
     expand_experiments,
+    experiments_help,
 )
+from utils.selection import SELECT_BASE, SELECTED, candidates, grid_problems
 
 MAGNIFICATIONS = (40, 100, 200, 400)
 STAIN_FIT_IMAGES = 32  # training images of a fold that its --stain-norm reference is fitted on
@@ -76,6 +78,9 @@ class Config:
         # early stopping
     tta: str = "on"  # on: evaluation averages the plain view, both mirror images and the 180-degree turn | off: plain view only
     seed: int = 42  # one seed for folds, tuples, augmentation and init
+    select: tuple = ()  # nested selection of MMNet's recipe, e.g. stain_norm=none,macenko loss=focal,ce: every combination scored by an
+        # inner grouped cross-validation on each outer fold's training patients, the best one tested on the outer fold
+    select_folds: int = 3  # inner folds of --select (each combination trains select_folds + 1 times per outer fold)
     # --- data
     image_size: int = 224  # short side of the resized frame; the 700x460 aspect is kept (224 -> 224x341)
     magnifications: tuple = MAGNIFICATIONS  # magnifications fed to the model
@@ -166,7 +171,7 @@ class Config:
                 "report_only", "experiments", "backbones", "resume", "workers", "jobs", "gradcam_patients",
                 "bootstrap_samples", "conformal_alpha", "keep_models", "micro_batch", "checkpoint_minutes", "device", "executor",
                 "job_retries",
-                "deterministic", "tensorboard", "tracking", "live_report"}
+                "deterministic", "tensorboard", "tracking", "live_report", "select", "select_folds"}
         if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
             skip.add("bag_size")
         if self.stain_method() == "none":  # runs from before the option keep their identity
@@ -181,8 +186,7 @@ class Config:
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# A dry run proves the whole pipeline end to end in minutes on a laptop CPU.
-# The dry run is a smoke test of every stage, sized to finish in about 1.5 min on 2 CPU cores:
+# A dry run is a smoke test of every stage, sized to finish in about 1.5 min on 2 CPU cores:
 # 6 steps per fold, 48-px frames and the plain test view (the test-time views double the test
 # passes; tests exercise them).
 DRY_RUN_OVERRIDES = {"folds": 2, "epochs": 2, "patience": 2, "image_size": 48, "tta": "off",
@@ -198,9 +202,12 @@ def slot_labels(cfg: Config) -> list[str]:
 
 
 def experiment_config(base: Config, name: str) -> Config:
-    if name not in EXPERIMENTS:
+    """The Config of a registered experiment, of a --select candidate, or of the selected
+    pipeline (whose folds are its chosen candidates', read from the reference's config)."""
+    overrides = EXPERIMENTS.get(name, candidates(base).get(name, EXPERIMENTS[SELECT_BASE] if name == SELECTED else None))
+    if overrides is None:
         raise ConfigError(f"unknown experiment '{name}'; valid: {', '.join(EXPERIMENTS)}")
-    return dataclasses.replace(base, **EXPERIMENTS[name])
+    return dataclasses.replace(base, **overrides)
 
 
 def get_training_config(argv=None) -> dict:
@@ -212,12 +219,6 @@ def get_training_config(argv=None) -> dict:
     return dataclasses.asdict(detect_env(cfg))
 
 
-def _experiments_help() -> str:
-    groups = "; ".join(f"{name}: {'all of the above' if name == 'all' else ', '.join(members)}"
-                       for name, members in GROUPS.items())
-    return f"comma list of experiments and groups (default: default). Groups: {groups}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description="MMNet on BreakHis: analysis, folds, training, report.")
     comments, fields = field_comments(Config), {f.name: f for f in dataclasses.fields(Config)}
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     for title, names in OPTION_GROUPS.items():
         group = parser.add_argument_group(title)
         for name in names:
-            text = _experiments_help() if name == "experiments" else comments.get(name, "")
+            text = experiments_help() if name == "experiments" else comments.get(name, "")
             add_option(group, fields[name], text, CHOICES.get(name))
         if title == "study":
             group.add_argument("--config", help="YAML file of Config keys, e.g. the config.yaml an earlier run "
@@ -260,6 +261,9 @@ def _problems(cfg: Config) -> list[str]:
         problems.append(problem("CFG004", "sample_mode", f"'{cfg.sample_mode}' does not fit model '{cfg.model}': "
                                 "MIL models (mil_*) read bags (sample_mode bag), the others tuples or pooled images"))
     problems += combination_problems(cfg)
+    problems += grid_problems(cfg.select, _DEFAULTS) or [  # a candidate's own problems (a fusion that does not fit...)
+        f"{text} (select {name})" for name, overrides in candidates(cfg).items()
+        for text in _problems(dataclasses.replace(cfg, select=(), **overrides)) if text not in problems]
     bad = [m for m in cfg.magnifications if m not in MAGNIFICATIONS]
     if bad or not cfg.magnifications:
         problems.append(problem("CFG008", "magnifications", f"must be a subset of {MAGNIFICATIONS}, got {bad or '()'}"))
@@ -272,8 +276,11 @@ def validate(cfg: Config) -> Config:
     if problems:
         raise ConfigError("\n".join(problems))
     # The hierarchy runs from low to high magnification whatever order the flag lists them in.
-    return dataclasses.replace(cfg, magnifications=tuple(sorted(set(cfg.magnifications))),
-                               experiments=expand_experiments(cfg.experiments))
+    experiments = expand_experiments(cfg.experiments)
+    if cfg.select and SELECT_BASE not in experiments:  # its own folds are the fixed defaults the selection is compared with
+        experiments = (SELECT_BASE, *experiments)
+    return dataclasses.replace(cfg, magnifications=tuple(sorted(set(cfg.magnifications))), experiments=experiments,
+                               select=tuple(cfg.select))
 
 
 CONFIG_FILE = "config.yaml"  # the resolved configuration every run writes into its output folder

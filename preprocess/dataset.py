@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 
 from config import BAG_SIZED_AGGREGATORS, MAGNIFICATIONS, SUBTYPES
+from preprocess.image_source import ImageSource, magnification_codes, reads_levels, upload_rows  # noqa: F401
 
 # The image source is imported from here by the stages above (one place for the data layer).
-from preprocess.image_source import ImageSource, magnification_codes, reads_levels, upload_rows  # noqa: F401
+from preprocess.splits import FoldError
 
 log = logging.getLogger("mmnet")
 
@@ -72,6 +73,9 @@ def fold_split(index, usable, folds, fold: int, cfg) -> dict[str, PatientImages]
     split = {}
     for name, roles in members.items():
         wanted = role.index[role.isin(roles)]
+        if not len(wanted):
+            raise FoldError(f"job fold {fold} has no '{name}' patients (a --select job too small to hold validation "
+                             f"patients out): use --model-selection last or fewer --select-folds")
         split[name] = patient_images(index, usable, wanted, cfg.magnifications, cfg.sample_mode)
         left_out = sorted(set(wanted) - set(split[name].patients))
         if left_out:  # said once per experiment at the start of the study (left_out_patients)

@@ -11,6 +11,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from preprocess.preprocess import parse_name
+from utils.selection import inner_job_number, inner_place
 
 
 class FoldError(RuntimeError):
@@ -120,14 +121,56 @@ def add_inner_roles(folds: pd.DataFrame, fraction: float, seed: int, repeat: int
 
 
 def build_folds(index: pd.DataFrame, n_folds: int, seed: int, inner_fraction: float,
-                repeats: int = 1) -> pd.DataFrame:
+                repeats: int = 1, select_folds: int = 0) -> pd.DataFrame:
     """Outer folds (and, with repeats > 1, further repetitions with new fold seeds), each with
-    its inner validation groups."""
+    its inner validation groups; with select_folds, every outer job's selection folds too."""
     folds = patient_table(index)
     for repeat in range(repeats):
         folds[repeat_column(repeat)] = outer_folds(folds, n_folds, seed + 7919 * repeat).astype(int)
         folds = add_inner_roles(folds, inner_fraction, seed, repeat)
+    if select_folds:
+        folds = add_selection_roles(folds, select_folds, inner_fraction, seed)
     assert_disjoint(folds)
+    return folds
+
+
+def outer_job_count(folds: pd.DataFrame) -> int:
+    """Outer jobs of a folds table: folds x repeats (the job numbers before any selection job)."""
+    repeats = sum(1 for c in folds.columns if c == "fold" or c.startswith("fold_r"))
+    return folds["fold"].nunique() * repeats
+
+
+def _selection_folds(inside: pd.DataFrame, n_folds: int, seed: int, outer: int, attempts: int = 20) -> pd.Series:
+    """Grouped folds of one outer job's training patients, stratified on the label (a training
+    part holds too few slide groups per subtype to stratify on it), both classes in each."""
+    labels = group_labels(inside)
+    _check_enough_groups(labels, n_folds, f"selection folds of outer job {outer} (lower --select-folds)")
+    for attempt in range(attempts):
+        folds = inside["group"].map(_split_groups(labels, labels, n_folds, seed + 104729 * attempt)).astype(int)
+        if all(inside.loc[folds == k, "label"].nunique() == 2 for k in range(n_folds)):
+            return folds
+    raise FoldError(f"selection folds of outer job {outer}: no split with both classes in every fold; "
+                    f"lower --select-folds or try another --seed")
+
+
+def add_selection_roles(folds: pd.DataFrame, select_folds: int, fraction: float, seed: int) -> pd.DataFrame:
+    """Columns role_f<n> of the selection jobs (utils.selection numbers them): outer job j's
+    training patients (train and val) split again into select_folds grouped, stratified folds;
+    its test patients are 'outside' and no inner job reads them."""
+    folds, outer = folds.copy(), outer_job_count(folds)
+    for j in range(outer):
+        inside = folds[folds[f"role_f{j}"] != "test"]
+        inner = _selection_folds(inside, select_folds, seed + 3331 * (j + 1), j)
+        for i in range(select_folds):
+            n = inner_job_number(outer, select_folds, j, i)
+            train = inside[inner != i]
+            try:
+                val_groups = inner_validation_groups(train, fraction, seed + 5000 + n)
+            except FoldError:  # too few slide groups to hold some out: the job trains on all (--model-selection last)
+                val_groups = set()
+            role = pd.Series("outside", index=folds.index)
+            role[inside.index] = np.where(inner == i, "test", np.where(inside["group"].isin(val_groups), "val", "train"))
+            folds[f"role_f{n}"] = role
     return folds
 
 
@@ -140,15 +183,27 @@ def assert_disjoint(folds: pd.DataFrame) -> None:
         leaking = sorted(sides.index[sides > 1])
         if leaking:
             raise FoldError(f"slide group(s) {', '.join(leaking)} straddle splits in {role_col}")
-        job = int(role_col.removeprefix("role_f"))
-        n_folds = folds["fold"].nunique()
-        column, fold = repeat_column(job // n_folds), job % n_folds
-        if column not in folds or not ((folds[column] == fold) == (folds[role_col] == "test")).all():
-            raise FoldError(f"{role_col}: the test role does not match the fold column")
+        job, n_folds = int(role_col.removeprefix("role_f")), folds["fold"].nunique()
+        if job >= outer_job_count(folds):  # a selection job: never a patient of its outer job's test fold
+            outer = f"role_f{inner_place(outer_job_count(folds), _select_folds(folds), job)[0]}"
+            if outer not in folds or not ((folds[outer] == "test") == (folds[role_col] == "outside")).all():
+                raise FoldError(f"{role_col}: a selection job's patients are not its outer job's training patients")
+        else:
+            column, fold = repeat_column(job // n_folds), job % n_folds
+            if column not in folds or not ((folds[column] == fold) == (folds[role_col] == "test")).all():
+                raise FoldError(f"{role_col}: the test role does not match the fold column")
         for role in ("train", "val", "test"):
             present = folds.loc[folds[role_col] == role, "label"].unique()
+            if role == "val" and len(present) == 0 and job >= outer_job_count(folds):
+                continue  # a selection job too small to hold validation patients out
             if len(present) < 2:
                 raise FoldError(f"{role_col}: the {role} part lacks a class")
+
+
+def _select_folds(folds: pd.DataFrame) -> int:
+    """Selection folds per outer job, from the number of role columns."""
+    roles = sum(1 for c in folds.columns if c.startswith("role_f"))
+    return max(1, (roles - outer_job_count(folds)) // outer_job_count(folds))
 
 
 def write_folds(folds: pd.DataFrame, output_dir: str | Path) -> Path:

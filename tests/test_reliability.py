@@ -152,14 +152,17 @@ def test_failed_fold_is_reported_and_the_rest_continue(monkeypatch, caplog, tmp_
     import utils.study.runner as study_module
     from utils.engine.fold import NO_PROGRESS
 
+    ran = []
+
     def first_fold_fails(cfg, study, name, fold, progress):
         if fold == 0:
             raise train.TrainingError("non-finite loss at epoch 0 step 0")
+        ran.append(fold)
         return {"fold": fold}
 
     monkeypatch.setattr(study_module, "run_fold", first_fold_fails)
-    results = study_module.run_experiment(tiny_config(tmp_path), None, "mmnet", NO_PROGRESS)
-    assert results == [{"fold": 1}]
+    failed = study_module.run_sequential(tiny_config(tmp_path), None, [("mmnet", 0), ("mmnet", 1)], NO_PROGRESS)
+    assert failed == 1 and ran == [1]
     assert "mmnet fold 0 FAILED: non-finite loss at epoch 0 step 0" in caplog.text
 
 

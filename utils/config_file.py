@@ -10,6 +10,8 @@ listed in the README, so a script or a person can look them up:
                                       CFG009 optional package missing
                                       CFG010 options that do not combine
                                       CFG011 storage a Ray node cannot see
+                                      CFG012 a Ray node runs other code
+                                      CFG013 a --select grid it cannot run
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ CODES = {
     "CFG006": "unknown backbone", "CFG007": "unreadable file or not a mapping",
     "CFG008": "magnification not in BreakHis", "CFG009": "optional package missing",
     "CFG010": "options that do not combine", "CFG011": "storage a Ray node cannot see",
+    "CFG012": "a Ray node runs other code", "CFG013": "a --select grid it cannot run",
 }
 
 
@@ -66,6 +69,8 @@ def _converted(value, default):
             raise TypeError("expected true or false")
         return value
     if isinstance(default, tuple):
+        if not default and isinstance(value, str) and "=" in value:  # one --select entry: KEY=A,B
+            return (value.strip(),)
         items = value if isinstance(value, (list, tuple)) else str(value).split(",")
         return tuple(type(default[0])(v) if default else str(v).strip() for v in items)
     if isinstance(default, int) and (isinstance(value, bool) or float(value) != int(float(value))):
@@ -128,6 +133,8 @@ def add_option(group, f: dataclasses.Field, text: str, choices=None) -> None:
     if isinstance(f.default, bool):
         group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{text} (default: {f.default})".strip())
+    elif f.name == "select":  # entries hold commas themselves: KEY=A,B KEY=C,D
+        group.add_argument(flag, nargs="+", metavar="KEY=A,B", default=None, type=str, help=text)
     elif isinstance(f.default, tuple):
         kind = type(f.default[0]) if f.default else str
         listed = ",".join(map(str, f.default))
@@ -194,7 +201,7 @@ CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "i
             "device": ("auto", "cuda", "mps", "cpu")}
 MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
-            "gradcam_patients": 0, "bootstrap_samples": 10, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
+            "gradcam_patients": 0, "bootstrap_samples": 10, "select_folds": 2, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
             "warmup_epochs": 0.0, "ema_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0,
             "colour_jitter": 0.0, "stain_jitter": 0.0, "magnification_dropout": 0.0, "feature_grid": 0, "job_retries": 0}
 
@@ -204,7 +211,7 @@ MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 
 OPTION_GROUPS = {
     "data": ("data_dir", "cache_dir", "magnifications", "image_size", "stain_norm", "max_patients", "folds_source"),
     "study": ("experiments", "dry_run", "analyze_only", "report_only", "resume", "folds", "cv_repeats",
-              "inner_val_fraction", "model_selection", "tta", "seed"),
+              "inner_val_fraction", "model_selection", "tta", "seed", "select", "select_folds"),
     "model": ("model", "backbone", "backbones", "pretrained", "pretrained_file", "freeze_backbone", "feature_grid", "shared_backbone",
               "feature_dim", "dropout", "spatial_attention", "channel_attention", "hierarchical_attention",
               "fusion", "multiscale_pooling", "subtype_head", "sample_mode", "bag_size"),

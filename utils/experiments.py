@@ -51,3 +51,9 @@ def expand_experiments(names) -> tuple:
     """Group names replaced by their members, in order, each experiment once; empty = default."""
     expanded = [member for name in (names or ("default",)) for member in GROUPS.get(name, (name,))]
     return tuple(dict.fromkeys(expanded))
+
+
+def experiments_help() -> str:
+    groups = "; ".join(f"{name}: {'all of the above' if name == 'all' else ', '.join(members)}"
+                       for name, members in GROUPS.items())
+    return f"comma list of experiments and groups (default: default). Groups: {groups}"

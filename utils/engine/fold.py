@@ -40,6 +40,7 @@ from utils.engine.stop import StopRequested, stop_requested
 from utils.engine.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
 from utils.files import ATTENTION_FILE, atomic_write_text
 from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
+from utils.selection import is_selection_job, job_place
 
 log = logging.getLogger("mmnet")
 
@@ -170,8 +171,9 @@ def _train_epochs(state: FoldState, run: FoldRun) -> None:
 def _predictions(state: FoldState, run: FoldRun, role: str) -> pd.DataFrame:
     """The split's prediction frame; the test fold's also magnification importance, and for
     MIL models attention.csv (each test image's attention)."""
-    frame, attention = prediction_frame(state.model, run.study, run.cfg, run.split[role], role == "test")
-    if attention is not None and role == "test":
+    tested = role == "test" and not is_selection_job(run.cfg, run.fold)  # a selection job's test is only scored
+    frame, attention = prediction_frame(state.model, run.study, run.cfg, run.split[role], tested)
+    if attention is not None and tested:
         attention.to_csv(run.run_dir / ATTENTION_FILE, index=False)
     return frame
 
@@ -213,8 +215,7 @@ def _finish(state: FoldState, run: FoldRun, started: float) -> dict:
     pd.DataFrame(state.history).to_csv(run.run_dir / "history.csv", index=False)
     threshold = DECISION_THRESHOLD
     training = np.concatenate([run.split[r].labels for r in ("train", "val") if r in run.split])
-    results = {"experiment": run.name, "fold": run.fold, "repeat": run.fold // run.cfg.folds,
-               "outer_fold": run.fold % run.cfg.folds, **run.identity,
+    results = {"experiment": run.name, "fold": run.fold, **job_place(run.cfg, run.fold), **run.identity,
                "threshold": threshold,
                "val_threshold": val_threshold,
                "train_prevalence": float(training.mean()),  # malignant share of the training patients

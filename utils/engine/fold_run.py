@@ -13,6 +13,7 @@ from backbones.encoder import fingerprint, frozen_encoder
 from utils.engine.checkpoint import FoldState, checkpoint_payload, config_json
 from utils.engine.saving import BackgroundWriter
 from utils.files import model_file
+from utils.selection import is_selection_job
 
 
 class NoProgress:
@@ -84,7 +85,7 @@ def kept_write(state: FoldState, run: FoldRun) -> list[tuple[dict, Path]]:
     """The tested weights as the fold model under models/, for the experiments whose models are
     kept (--keep-models: all, or MMNet and the MIL models whose Grad-CAM the report draws)."""
     cfg = run.cfg
-    if not (cfg.keep_models == "all" or run.name == "mmnet" or cfg.sample_mode == "bag"):
-        return []
+    if not (cfg.keep_models == "all" or run.name == "mmnet" or cfg.sample_mode == "bag") or is_selection_job(cfg, run.fold):
+        return []  # a selection job is only scored: its model is never used again
     payload, _ = best_write(state, run)
     return [(payload, model_file(cfg.output_dir, run.name, run.fold))]

@@ -71,7 +71,8 @@ def shared_reference(cfg, study, fold: int) -> dict | None:
     return state
 
 
-def fit_study_references(cfg, study, folds: int) -> None:
-    """Every fold's reference fitted before jobs start, so that workers only read them."""
-    for fold in range(folds):
+def fit_study_references(cfg, study, folds) -> None:
+    """Every job fold's reference fitted before jobs start, so that workers only read them (a
+    selection job's on its own training patients)."""
+    for fold in folds:
         shared_reference(cfg, study, fold)

@@ -15,7 +15,6 @@ import pandas as pd
 from config import ABLATIONS, BASELINES, EXPERIMENTS, FUSION_EXPERIMENTS, MIL_EXPERIMENTS, parse_args
 from utils.env import PROJECT_ROOT, get_base_path
 from utils.files import (
-    FAILED_JOBS_FILE,
     GRADCAM_DIR,
     PROGRESS_FILE,
     REPORT_FILE,
@@ -29,7 +28,8 @@ from utils.report import plottings
 from utils.report.conformal import CONFORMAL_ALPHAS, DECISION_FILE, conformal_table, write_decision_calibration
 from utils.report.gradcam_figures import gradcam_figures
 from utils.report.html_report import write_html_report
-from utils.report.report_text import header_lines, protocol_text, read_text_file, results_key
+from utils.report.report_text import failed_job_lines, header_lines, protocol_text, read_text_file, results_key
+from utils.report.selection import selection_entries, selection_family, selection_names, selection_plot
 from utils.report.tables import (
     calibrated_patients,
     calibration_table,
@@ -89,7 +89,7 @@ def _group_entries(stats: pd.DataFrame, runs: dict) -> list[tuple]:
 def write_tables(runs: dict, cfg, tables: Path) -> dict:
     """Every results table under tables/ (CSV, Markdown, booktabs LaTeX where a paper would
     use it); returns the ones the report shows, by title."""
-    stats = statistics(runs, cfg.bootstrap_samples, cfg.seed, FAMILIES)
+    stats = statistics(runs, cfg.bootstrap_samples, cfg.seed, {**FAMILIES, **selection_family(cfg)})
     stats.round(5).to_csv(tables / "statistics.csv", index=False)
     main, ablation = _with_reference("main"), _with_reference("ablation")
     for file, family, level in COMPARISON_FILES:
@@ -100,7 +100,7 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
         ("Per-sample level (a tuple of 4 images for MMNet, 1 image for single-magnification models: not compared)",
          "main_comparison_tuple", comparison_table(stats, main, "tuple"), True),
         ("Ablations (patient level)", "ablation", comparison_table(stats, ablation, "patient", "ablation"), True),
-        *_group_entries(stats, runs),
+        *_group_entries(stats, runs), *selection_entries(stats, runs, cfg),
         ("Patients scored per experiment (and why the others were left out)", "scored_patients",
          scored_patients_table(runs, _folds_table(tables.parent), cfg), False),
         ("Per fold (patient level)", "per_fold", per_fold_table(runs), True),
@@ -187,6 +187,8 @@ def write_plots(runs: dict, stats, out: Path, reference: str) -> list[tuple[Path
         (plottings.magnification_importance_plot(magnification_importance(run), name,
                                                  plots / f"magnification_importance_{name}.png"),
          f"Drop in {title}'s patient AUC when one magnification is masked out of every test tuple.")]
+    figures.append((selection_plot(runs, plots / "selection.png"), "Nested selection: each combination's inner patient AUC "
+                    "in every outer fold (pooled over its inner folds); the ring marks the one chosen and tested."))
     figures = [(path, caption) for path, caption in figures if path is not None]  # nothing to draw
     for path in gradcam_figures(out / GRADCAM_DIR, plots / "gradcam"):
         if path.stem.startswith("mil_"):
@@ -229,16 +231,6 @@ def _markdown_lines(cfg, runs: dict, shown: dict, figures: list, base: Path) -> 
     return lines
 
 
-def failed_job_lines(out: Path) -> list[str]:
-    """Jobs the Ray executor could not finish (utils.study.ray_jobs), each with why: named, so a
-    table with fewer folds is never read as complete."""
-    path = out / FAILED_JOBS_FILE
-    why = {"worker lost": "its worker was lost {lost_workers} times", "error": "error in the job, not retried: {error}"}
-    jobs = json.loads(path.read_text()) if path.is_file() else []
-    return ["**Failed jobs** (rerun the same command to train them): " + ", ".join(
-        f"{j['experiment']} fold {j['fold']} ({why[j['outcome']].format(**j)})" for j in jobs), ""] if jobs else []
-
-
 def report_paths(cfg) -> list[Path]:
     """<output_dir>/RUNPOD_OUTPUT.md always; also --report-file when given, and the repository
     root for a full run into the default output folder (where users look for it). A dry run
@@ -271,7 +263,7 @@ def write_report(cfg, live: bool = False) -> int:
     """Tables, plots, RUNPOD_OUTPUT.md and report.html from output/. live: report.html only,
     cheaper intervals, while the run goes on (rewritten after folds, at most once a minute)."""
     out = Path(cfg.output_dir)
-    runs = load_runs(out, EXPERIMENTS)
+    runs = load_runs(out, [*EXPERIMENTS, *selection_names(cfg)])
     if not runs:
         if live:
             write_html_report(cfg, runs, {}, [], live)

@@ -7,7 +7,8 @@ from datetime import datetime
 from pathlib import Path
 
 from config import MIL_EXPERIMENTS, STAIN_FIT_IMAGES
-from utils.files import DATASET_FILE, HEADER_FILE
+from utils.files import DATASET_FILE, FAILED_JOBS_FILE, HEADER_FILE
+from utils.selection import candidates, combination_text
 
 
 def read_text_file(path: Path, default: str = "") -> str:
@@ -86,7 +87,19 @@ def protocol_text(cfg, runs: dict) -> str:
             f"magnification dropout included, a fixed seed, no gradient), so the network tested is the network "
             f"that trained; the kept model holds them."
             f"{_dropout_text(cfg)}{_stain_text(cfg)}{_bag_text(cfg, runs)} Every experiment uses the same folds, seeds "
-            f"and budget, so comparisons are paired. Models are compared at patient level only.")
+            f"and budget, so comparisons are paired. Models are compared at patient level only.{_nested_text(cfg)}")
+
+
+def _nested_text(cfg) -> str:
+    """What --select did, so the selected pipeline's row is read as the honest estimate it is."""
+    if not cfg.select:
+        return ""
+    options = "; ".join(combination_text(o) for o in candidates(cfg).values())
+    return (f" Nested selection over {len(candidates(cfg))} combinations ({options}): within each outer fold, a "
+            f"{cfg.select_folds}-fold grouped cross-validation of that fold's training patients scores every "
+            f"combination (patient AUC pooled over the inner test folds), the best is trained on all of the outer "
+            f"fold's training patients and tested on its test fold, which no choice saw. mmnet_selected is that "
+            f"pipeline, selection included; each fixed combination's own outer result is beside it.")
 
 
 def _cv_text(cfg) -> str:
@@ -127,3 +140,13 @@ def _bag_text(cfg, runs: dict) -> str:
             f"images per step as MMNet's tuples; at test time one bag of all of a patient's images (mil_max: "
             f"the fixed bags of {cfg.bag_size} covering every image, averaged, as a maximum grows with the "
             f"bag), so their only level is the patient.")
+
+
+def failed_job_lines(out: Path) -> list[str]:
+    """Jobs the Ray executor could not finish (utils.study.ray_jobs), each with why: named, so a
+    table with fewer folds is never read as complete."""
+    path = out / FAILED_JOBS_FILE
+    why = {"worker lost": "its worker was lost {lost_workers} times", "error": "error in the job, not retried: {error}"}
+    jobs = json.loads(path.read_text()) if path.is_file() else []
+    return ["**Failed jobs** (rerun the same command to train them): " + ", ".join(
+        f"{j['experiment']} fold {j['fold']} ({why[j['outcome']].format(**j)})" for j in jobs), ""] if jobs else []

@@ -34,10 +34,11 @@ SHORT = {"accuracy": "acc", "balanced_accuracy": "bal_acc", "f1": "f1", "auc": "
 
 
 def load_results(output_dir: str | Path, experiment: str) -> list[dict]:
-    """Finished folds in job order (fold2 before fold10)."""
+    """Finished outer folds in job order (fold2 before fold10); a --select candidate's inner
+    jobs are only its scores, never a result."""
     paths = sorted((Path(output_dir) / "runs" / experiment).glob("fold*/results.json"),
                    key=lambda p: int(p.parent.name.removeprefix("fold")))
-    return [json.loads(p.read_text()) for p in paths]
+    return [r for r in (json.loads(p.read_text()) for p in paths) if "inner_of" not in r]
 
 
 def load_runs(output_dir: str | Path, experiments) -> dict[str, dict]:

@@ -17,7 +17,7 @@ from preprocess.analyze import analyze
 from preprocess.demo import write_demo_tree
 from preprocess.prepared import Study
 from preprocess.preprocess import DataError, holds_images, index_dataset, missing_data_message, write_issues
-from preprocess.splits import FoldError, build_folds, kaggle_folds, load_folds, write_folds
+from preprocess.splits import FoldError, add_selection_roles, build_folds, kaggle_folds, load_folds, write_folds
 from utils.device import EnvInfo, configure_backends, gpu_facts, versions
 from utils.env import decode_workers, free_disk_gb, git_commit, runpod_hint, shm_gb
 from utils.files import CHECKED_IMAGES_FILE, DATASET_FILE, HEADER_FILE, RUN_LOG, atomic_write_text, setup_logging
@@ -125,8 +125,9 @@ def select_patients(index: pd.DataFrame, max_patients: int, seed: int) -> pd.Dat
 
 def _fold_settings(cfg: Config) -> dict:
     """What folds.csv was built from: a change of any of these rebuilds it."""
-    return {"folds": cfg.folds, "cv_repeats": cfg.cv_repeats, "seed": cfg.seed, "inner_val_fraction": cfg.inner_val_fraction,
-            "folds_source": cfg.folds_source, "stratified_on": "subtype", "grouped_by": "numeric slide id"}
+    settings = {"folds": cfg.folds, "cv_repeats": cfg.cv_repeats, "seed": cfg.seed, "inner_val_fraction": cfg.inner_val_fraction,
+                "folds_source": cfg.folds_source, "stratified_on": "subtype", "grouped_by": "numeric slide id"}
+    return {**settings, "select_folds": cfg.select_folds} if cfg.select else settings  # a study without --select keeps its file
 
 
 def _folds(cfg: Config, index: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
@@ -138,6 +139,8 @@ def _folds(cfg: Config, index: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
         if not kaggle.is_file():
             raise FoldError(f"--folds-source kaggle needs {kaggle}; use --folds-source grouped")
         folds = kaggle_folds(kaggle, index, cfg.inner_val_fraction, cfg.seed)
+        if cfg.select:
+            folds = add_selection_roles(folds, cfg.select_folds, cfg.inner_val_fraction, cfg.seed)
     elif path.is_file():
         folds = load_folds(path)
         same = set(folds["patient"]) == set(index["patient"]) and saved == settings
@@ -147,9 +150,11 @@ def _folds(cfg: Config, index: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
         log.warning("folds: %s was built from other data or settings (%s); rebuilding it", path,
                     "no folds.json" if saved is None else
                     ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in settings.items() if saved.get(k) != v) or "patients")
-        folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction, cfg.cv_repeats)
+        folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction, cfg.cv_repeats,
+                            cfg.select_folds if cfg.select else 0)
     else:
-        folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction, cfg.cv_repeats)
+        folds = build_folds(index, cfg.folds, cfg.seed, cfg.inner_val_fraction, cfg.cv_repeats,
+                            cfg.select_folds if cfg.select else 0)
     write_folds(folds, cfg.output_dir)
     atomic_write_text(settings_path, json.dumps(settings, indent=2))
     summary = folds.groupby("fold").agg(patients=("patient", "size"), malignant=("label", "sum"),

@@ -24,6 +24,7 @@ from utils.study.benchmark import predict_duration
 from utils.study.parallel import default_jobs, run_jobs
 from utils.study.progress import StudyProgress
 from utils.study.ray_jobs import run_ray_jobs
+from utils.study.selection import cost_line, study_jobs, write_selection
 
 log = logging.getLogger("mmnet")
 
@@ -32,31 +33,22 @@ def selected_experiments(cfg) -> list[str]:
     return list(cfg.experiments) or list(EXPERIMENTS)
 
 
-def run_experiment(cfg, study: Study, name: str, tracker: StudyProgress) -> list[dict]:
-    """Every fold of one experiment; a failed fold is logged and the others go on."""
-    exp_cfg = experiment_config(cfg, name)
-    results = []
-    for fold in range(cfg.folds * cfg.cv_repeats):
+def run_sequential(cfg, study: Study, order: list[tuple[str, int]], tracker: StudyProgress) -> int:
+    """The jobs one after the other in this process; a failed fold is logged and the others go
+    on. Returns the number of failed folds."""
+    failed, started = 0, time.perf_counter()
+    for name, fold in order:
         if stop_requested():
             raise StopRequested(f"{stop_requested()} before {name} fold {fold}")
         try:
-            results.append(run_fold(exp_cfg, study, name, fold, tracker))
+            run_fold(experiment_config(cfg, name), study, name, fold, tracker)
         except ForeignRunError as exc:  # a whole-study decision, not one fold's failure
             raise ConfigError(str(exc)) from None
         except TrainingError as exc:  # one bad fold must not cost the rest of the study
             log.error("%s fold %d FAILED: %s", name, fold, exc)
-    return results
-
-
-def run_sequential(cfg, study: Study, names: list[str], tracker: StudyProgress) -> int:
-    """Experiments one after the other in this process; returns the number of failed folds."""
-    failed = 0
-    for name in names:
-        started = time.perf_counter()
-        results = run_experiment(cfg, study, name, tracker)
-        jobs = cfg.folds * cfg.cv_repeats
-        failed += jobs - len(results)
-        log.info("experiment %s: %d/%d folds in %.1f s", name, len(results), jobs, time.perf_counter() - started)
+            failed += 1
+        if fold == max(f for n, f in order if n == name):
+            log.info("experiment %s: its folds done after %.1f s of the study", name, time.perf_counter() - started)
     return failed
 
 
@@ -111,15 +103,17 @@ def _run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end) -> tuple[Study, 
     study = attach_features(cfg, attach_images(cfg, prepared, env))  # maps instead of pixels when frozen
     names = selected_experiments(cfg)
     jobs = cfg.jobs or default_jobs(study.env.device)
-    order = [(n, f) for n in names for f in range(cfg.folds * cfg.cv_repeats)]
+    order = study_jobs(cfg, names)  # with --select also every candidate's outer and inner folds
+    if cfg.select:
+        log.info("%s", cost_line(cfg, names))
     try:
         pending = [job for job in order if not is_finished(experiment_config(cfg, job[0]), study, *job)]
     except ForeignRunError as exc:  # the output folder holds another run: a whole-study decision
         raise ConfigError(str(exc)) from None
     if pending:  # one stain reference per outer fold, fitted here once: every job reads it
-        fit_study_references(cfg, study, cfg.folds * cfg.cv_repeats)
+        fit_study_references(cfg, study, sorted({fold for _, fold in pending}))
     _say_left_out(cfg, study, names)
-    predicted = _predicted_seconds(cfg, study, names) if pending else {}
+    predicted = _predicted_seconds(cfg, study, list(dict.fromkeys(n for n, _ in order))) if pending else {}
     tracker = StudyProgress(cfg.output_dir, order, predicted, on_fold_end, workers=max(1, min(jobs, len(pending))))
     started = time.perf_counter()
     try:
@@ -134,11 +128,12 @@ def _run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end) -> tuple[Study, 
                       else run_jobs(cfg, prepared, pending, jobs, log_file, tracker))
             study = attach_features(cfg, attach_images(cfg, prepared, env))  # for the report's Grad-CAM
         else:
-            failed = run_sequential(cfg, study, names, tracker)
+            failed = run_sequential(cfg, study, pending, tracker)
     except BaseException:
         tracker.finish("stopped")
         raise
+    write_selection(cfg, names)  # each outer fold's choice, from its inner jobs' predictions
     tracker.finish("reporting")  # the report marks the run finished once it is written
-    log.info("study: %d experiment(s) x %d folds in %.1f s (%d trained, %d finished earlier)", len(names),
-             cfg.folds * cfg.cv_repeats, time.perf_counter() - started, len(pending), len(order) - len(pending))
+    log.info("study: %d experiment(s) x %d folds (%d jobs) in %.1f s (%d trained, %d finished earlier)", len(names),
+             cfg.folds * cfg.cv_repeats, len(order), time.perf_counter() - started, len(pending), len(order) - len(pending))
     return study, failed
