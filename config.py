@@ -261,7 +261,7 @@ def _problems(cfg: Config) -> list[str]:
         problems.append(problem("CFG004", "sample_mode", f"'{cfg.sample_mode}' does not fit model '{cfg.model}': "
                                 "MIL models (mil_*) read bags (sample_mode bag), the others tuples or pooled images"))
     problems += combination_problems(cfg)
-    problems += grid_problems(cfg.select, _DEFAULTS) or [  # a candidate's own problems (a fusion that does not fit...)
+    problems += grid_problems(cfg.select, _DEFAULTS, cfg.freeze_backbone) or [  # a candidate's own problems (a fusion that does not fit...)
         f"{text} (select {name})" for name, overrides in candidates(cfg).items()
         for text in _problems(dataclasses.replace(cfg, select=(), **overrides)) if text not in problems]
     bad = [m for m in cfg.magnifications if m not in MAGNIFICATIONS]

@@ -45,12 +45,18 @@ def _typed(text: str, default):
     return type(default)(text)
 
 
-def grid_problems(entries, defaults: dict) -> list[str]:
+FROZEN_ENCODER = ("backbone", "pretrained", "pretrained_file")  # one feature cache serves every combination
+
+
+def grid_problems(entries, defaults: dict, frozen: bool = False) -> list[str]:
     """One line per unusable --select entry (code CFG013)."""
     problems, seen = [], set()
     for key, values in parse_grid(entries):
         where = f"select {key}"
-        if key not in defaults or key in NOT_SELECTABLE or isinstance(defaults[key], tuple):
+        if frozen and key in FROZEN_ENCODER:
+            problems.append(problem("CFG013", where, "--freeze-backbone encodes every image once with one encoder: "
+                                    "select the encoder by --backbones (the same folds) instead"))
+        elif key not in defaults or key in NOT_SELECTABLE or isinstance(defaults[key], tuple):
             problems.append(problem("CFG013", where, "not a recipe option that can be selected: name a model or training "
                                     "option of python main.py --help, e.g. stain_norm=none,macenko"
                                     f"{closest(key, [k for k in defaults if k not in NOT_SELECTABLE])}"))
@@ -87,7 +93,7 @@ def candidates(cfg) -> dict[str, dict]:
     out = {}
     for combo in itertools.product(*(values for _, values in grid)):
         overrides = {key: _typed(value, defaults[key]) for (key, _), value in zip(grid, combo)}
-        name = SELECT_BASE + "".join(f"--{key}-{value}" for (key, _), value in zip(grid, combo))
+        name = SELECT_BASE + "".join(f"--{key}-{value}" for key, value in overrides.items())  # typed: 1e-3 is 0.001
         out[name] = overrides
     return out
 

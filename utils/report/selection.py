@@ -80,6 +80,8 @@ def selection_plot(runs: dict, path):
               for r in results]
     ax.scatter(range(len(results)), chosen, s=180, facecolors="none", edgecolors="black", label="chosen")
     ax.set_xticks(range(len(results)), [f"job {r['fold']}" for r in results])
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)  # chance
+    ax.set_ylim(0, 1.05)
     ax.set_xlabel("outer fold (job)")
     ax.set_ylabel("inner patient AUC (pooled)")
     ax.legend(fontsize=8)

@@ -186,8 +186,10 @@ def _evaluated(data, cfg) -> float:
     return len(evaluation_tuples(data)[0])
 
 
-def predict_duration(cfg, study, names: list[str]) -> dict[str, float]:
-    """Predicted seconds of one fold of each selected experiment at its full epoch budget."""
+def predict_duration(cfg, study, jobs: list[tuple[str, int]]) -> dict[str, float]:
+    """Predicted seconds of one fold of each experiment of `jobs` (experiment, fold) at its full
+    epoch budget (a --select inner job counted as an outer one: a little high)."""
+    names = list(dict.fromkeys(name for name, _ in jobs))
     rates = measure_rates(cfg, study)
     per_fold = {}
     for name in names:
@@ -197,10 +199,10 @@ def predict_duration(cfg, study, names: list[str]) -> dict[str, float]:
         val = _evaluated(split["val"], exp) if "val" in split else 0
         evals = evaluation_samples(exp, val, _evaluated(split["test"], exp), _evaluated(split["train"], exp))
         per_fold[name] = experiment_seconds(exp, train, evals, rates) / exp.folds
-    total = sum(per_fold.values()) * cfg.folds * cfg.cv_repeats
-    log.info("predicted duration: %.1f min for %d experiment(s) x %d folds x up to %d epochs "
+    total = sum(per_fold[name] for name, _ in jobs)
+    log.info("predicted duration: %.1f min for %d job(s) of %d experiment(s) x up to %d epochs "
              "(measured %.1f train / %.1f eval tuples/s)",
-             total / 60, len(names), cfg.folds * cfg.cv_repeats, cfg.epochs, rates["train"], rates["eval"])
+             total / 60, len(jobs), len(names), cfg.epochs, rates["train"], rates["eval"])
     return per_fold
 
 

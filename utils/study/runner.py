@@ -52,11 +52,11 @@ def run_sequential(cfg, study: Study, order: list[tuple[str, int]], tracker: Stu
     return failed
 
 
-def _predicted_seconds(cfg, study: Study, names: list[str]) -> dict[str, float]:
+def _predicted_seconds(cfg, study: Study, jobs: list[tuple[str, int]]) -> dict[str, float]:
     """Seconds per fold of each experiment, from rates measured on this device; nothing is
     measured when every fold is finished (a rerun then only rebuilds the report)."""
     try:
-        return predict_duration(cfg, study, names)
+        return predict_duration(cfg, study, jobs)
     except RuntimeError as exc:  # the loop has its own back-off; is_out_of_memory() tells OOM apart
         if not is_out_of_memory(exc):
             raise
@@ -113,7 +113,7 @@ def _run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end) -> tuple[Study, 
     if pending:  # one stain reference per outer fold, fitted here once: every job reads it
         fit_study_references(cfg, study, sorted({fold for _, fold in pending}))
     _say_left_out(cfg, study, names)
-    predicted = _predicted_seconds(cfg, study, list(dict.fromkeys(n for n, _ in order))) if pending else {}
+    predicted = _predicted_seconds(cfg, study, pending) if pending else {}
     tracker = StudyProgress(cfg.output_dir, order, predicted, on_fold_end, workers=max(1, min(jobs, len(pending))))
     started = time.perf_counter()
     try:
