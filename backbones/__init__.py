@@ -39,6 +39,7 @@ class ModelOutput:
     # for a fusion whose magnifications mix inside the vector (concat, cross_attention, bilinear)
     attention_maps: torch.Tensor | None = None  # (B, M, h, w) spatial attention, if any
     instance_weights: torch.Tensor | None = None  # (B, K) MIL: how much each image of the bag counted
+    hierarchy_weights: torch.Tensor | None = None  # (B, M, M) MMNet in evaluation: each level's attention on the levels below
 
 
 def build_model(cfg) -> nn.Module:

@@ -170,3 +170,18 @@ def test_the_report_reads_magnification_importance_and_fusion_weights_in_words()
     flat = pd.DataFrame({"fold": ["0", "1", "mean ± sd"], "100X": [0.45, 0.55, ""], "200X": [0.55, 0.45, ""]})
     assert fusion_reading(flat).startswith("Reading: flat: every fold's weights lie within 0.1 of an even share (0.50)")
     assert "not flat" in fusion_reading(flat.assign(**{"100X": [0.2, 0.5, ""], "200X": [0.8, 0.5, ""]}))
+
+
+def test_hierarchy_attention_by_hand():
+    """Two folds of 100X/200X tuples, 200X (level 1) attending to 100X (level 0). Fold 0: tuple a has both (0.8 on 100X, 0.2 itself), tuple b lacks 100X (weight 0, itself 1:
+    not counted, nothing below), tuple c lacks 200X (NaN: not counted). Fold 1: one tuple, 0.6/0.4."""
+    from utils.report.weights import hierarchy_attention
+
+    fold0 = pd.DataFrame({"h_200x_100x": [0.8, 0.0, np.nan], "h_200x_200x": [0.2, 1.0, np.nan]})
+    fold1 = pd.DataFrame({"h_200x_100x": [0.6], "h_200x_200x": [0.4]})
+    table = hierarchy_attention({"predictions": [fold0, fold1]})
+    row = table.iloc[0]
+    assert (row["level"], row["folds"], row["tuples"]) == ("200X", 2, 2)
+    assert row["100X"] == "0.700 ± 0.141" and row["200X"] == "0.300 ± 0.141" and row["even share"] == "0.500 ± 0.000"
+    assert "200X keeps 0.30 on itself against an even share of 0.50" in table.attrs["reading"]
+    assert "Not flat" in table.attrs["reading"]

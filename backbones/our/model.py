@@ -49,12 +49,15 @@ class MMNet(StudyModel):
             vectors.append(vector)
             maps.append(attention)
         z = torch.stack(vectors, dim=1)  # (B, M, D)
-        if self.hierarchy is not None:
+        hierarchy = None
+        if self.hierarchy is not None and not self.training:
+            z, hierarchy = self.hierarchy(z, mask, with_weights=True)
+        elif self.hierarchy is not None:
             z = self.hierarchy(z, mask)
         fused, weights = self.fusion(z, mask)
         logits, subtype_logits = self.heads(fused)
         attention_maps = torch.stack(maps, dim=1) if maps[0] is not None else None
-        return ModelOutput(logits, subtype_logits, weights, attention_maps)
+        return ModelOutput(logits, subtype_logits, weights, attention_maps, hierarchy_weights=hierarchy)
 
 
 @register("mmnet")

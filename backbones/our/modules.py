@@ -98,8 +98,9 @@ class HierarchicalMagnificationAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
 
-    def _attend(self, query: torch.Tensor, below: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """query (B, D) attends to below (B, L, D) where present (B, L) -> context (B, D)."""
+    def _attend(self, query: torch.Tensor, below: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (B, D) attends to below (B, L, D) where present (B, L) -> context (B, D) and the
+        attention weights (B, H, L)."""
         b, levels, d = below.shape
         h = self.heads
         q = self.query(query).view(b, h, 1, d // h)
@@ -109,14 +110,25 @@ class HierarchicalMagnificationAttention(nn.Module):
         anything = ~absent.all(dim=-1, keepdim=True)  # (B, 1, 1): some level below is present
         scores = scores.masked_fill(absent, float("-inf")).masked_fill(~anything, 0.0)  # no NaN rows
         weights = torch.softmax(scores, dim=-1) * anything  # nothing below: all zero
-        return (weights.to(v.dtype)[:, :, None] @ v).reshape(b, d)
+        return (weights.to(v.dtype)[:, :, None] @ v).reshape(b, d), weights
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mask: torch.Tensor, with_weights: bool = False):
+        """Refined vectors (B, M, D); with_weights also the attention (B, M, M), heads averaged:
+        row m is level m's weight on each level below and on itself (row 0: itself alone).
+        Assembled only when asked (evaluation), so training runs no extra operators."""
         z = z + self.embedding.to(z.dtype)
-        refined = [self.norm(z[:, 0])]
+        refined, rows = [self.norm(z[:, 0])], []
         for level in range(1, z.shape[1]):
             keys = torch.stack([*refined, z[:, level]], dim=1)  # the refined levels below, and itself
             present = torch.cat([mask[:, :level], torch.ones_like(mask[:, :1])], dim=1)
-            context = self._attend(z[:, level], keys, present)
+            context, weights = self._attend(z[:, level], keys, present)
             refined.append(self.norm(z[:, level] + self.out(context)))
-        return torch.stack(refined, dim=1)
+            rows.append(weights)
+        refined = torch.stack(refined, dim=1)
+        if not with_weights:
+            return refined
+        matrix = z.new_zeros(z.shape[0], z.shape[1], z.shape[1], dtype=torch.float32)
+        matrix[:, 0, 0] = 1.0
+        for level, weights in enumerate(rows, start=1):
+            matrix[:, level, :level + 1] = weights.float().mean(1)
+        return refined, matrix

@@ -240,7 +240,8 @@ def predict_views(model, views, amp_dtype: str) -> dict:
         with amp_context(x.device.type, amp_dtype):
             output = model(x, mask)
         parts = {"prob": torch.sigmoid(output.logits.float())}
-        for key, value in (("mag_weights", output.mag_weights), ("instance_weights", output.instance_weights)):
+        for key, value in (("mag_weights", output.mag_weights), ("instance_weights", output.instance_weights),
+                           ("hierarchy_weights", output.hierarchy_weights)):
             if value is not None:
                 parts[key] = value.float()
         if output.subtype_logits is not None:

@@ -45,7 +45,7 @@ from utils.report.tables import (
     validation_threshold_table,
 )
 from utils.report.tracking import attach_report, track_study
-from utils.report.weights import fusion_weights, magnification_importance, magnification_weights
+from utils.report.weights import fusion_weights, hierarchy_attention, magnification_importance, magnification_weights
 
 log = logging.getLogger("mmnet")
 
@@ -110,7 +110,10 @@ def write_tables(runs: dict, cfg, tables: Path) -> dict:
         entries += [("MMNet magnification importance: drop in patient AUC with that magnification masked out",
                      "magnification_importance", magnification_importance(runs["mmnet"]), True),
                     ("MMNet fusion weights (after hierarchical attention; how the fused vector is formed, not a "
-                     "contribution)", "fusion_weights", fusion_weights(runs["mmnet"]), False)]
+                     "contribution)", "fusion_weights", fusion_weights(runs["mmnet"]), False),
+                    ("MMNet hierarchical attention: each magnification's weight on the levels below it (where present) "
+                     "and on itself, test tuples, fold mean ± sd", "hierarchy_attention", hierarchy_attention(runs["mmnet"]),
+                     False)]
     weights = magnification_weights(runs)
     if len(weights) > 1 or (len(weights) and "mmnet" not in runs):
         entries.append(("Magnification weights of every model that forms a weighted sum (test samples, fold mean; "

@@ -101,3 +101,48 @@ def magnification_weights(runs: dict) -> pd.DataFrame:
         if folds and len(folds[0]) > 1:
             rows.append({"experiment": name, **pd.concat(folds, axis=1).mean(axis=1).round(4).to_dict()})
     return pd.DataFrame(rows)
+
+
+def _hierarchy_fold(frame: pd.DataFrame, level: str, below: list[str]) -> dict | None:
+    """One fold's mean attention of `level` on each level below (over the test tuples holding
+    that level: a missing level gets weight exactly 0, a softmax never does) and on itself, and
+    the even share, over its tuples that hold `level` and something below it."""
+    weights = frame[[f"h_{level}_{k}" for k in below]]
+    rows = frame[f"h_{level}_{level}"].notna() & (weights > 0).any(axis=1)
+    if not rows.any():
+        return None
+    part = weights[rows]
+    cells = {k.upper(): float(part[f"h_{level}_{k}"][part[f"h_{level}_{k}"] > 0].mean()) for k in below}
+    cells[level.upper()] = float(frame.loc[rows, f"h_{level}_{level}"].mean())  # the diagonal: itself
+    cells["even share"] = float((1 / (1 + (part > 0).sum(axis=1))).mean())
+    cells["tuples"] = int(rows.sum())
+    return cells
+
+
+def hierarchy_attention(run: dict) -> pd.DataFrame:
+    """MMNet's hierarchical attention on the test tuples: each level's weight on each level
+    below it (where that level is present) and on itself, fold mean ± sd, beside the even
+    share over the levels present; a reading says whether it is flat."""
+    levels = [c.removeprefix("h_").split("_")[0] for c in run["predictions"][0].columns
+              if c.startswith("h_") and c.split("_")[1] == c.split("_")[2]]
+    rows, gaps = [], []
+    for level in levels:
+        below = [c.split("_")[2] for c in run["predictions"][0].columns if c.startswith(f"h_{level}_")][:-1]
+        folds = pd.DataFrame([f for f in (_hierarchy_fold(frame, level, below) for frame in run["predictions"]) if f])
+        if folds.empty:
+            continue
+        gaps.append((level.upper(), folds[level.upper()].mean(), folds["even share"].mean()))
+        rows.append({"level": level.upper(), "folds": len(folds), "tuples": int(folds.pop("tuples").sum()),
+                     **{c: f"{folds[c].mean():.3f} ± {folds[c].std(ddof=1) if len(folds) > 1 else 0:.3f}" for c in folds}})
+    keys = dict.fromkeys(c.split("_")[2].upper() for c in run["predictions"][0].columns if c.startswith("h_"))
+    order = ["level", "folds", "tuples", *keys, "even share"]
+    table = pd.DataFrame(rows)
+    table = table[[c for c in order if c in table]].fillna("")  # above the diagonal: nothing
+    if gaps:
+        flat = all(abs(own - even) <= 0.1 for _, own, even in gaps)
+        table.attrs["reading"] = ("Reading: " + "; ".join(f"{lvl} keeps {own:.2f} on itself against an even share of {even:.2f}"
+                                                       for lvl, own, even in gaps) +
+                                  (". Flat: every level's weight on itself lies within 0.1 of an even share, so the "
+                                   "attention mixes the levels about equally." if flat else
+                                   ". Not flat: at least one level departs by more than 0.1 from an even share."))
+    return table
