@@ -173,8 +173,9 @@ def test_the_report_reads_magnification_importance_and_fusion_weights_in_words()
 
 
 def test_hierarchy_attention_by_hand():
-    """Two folds of 100X/200X tuples, 200X (level 1) attending to 100X (level 0). Fold 0: tuple a has both (0.8 on 100X, 0.2 itself), tuple b lacks 100X (weight 0, itself 1:
-    not counted, nothing below), tuple c lacks 200X (NaN: not counted). Fold 1: one tuple, 0.6/0.4."""
+    """Two folds of 100X/200X tuples, 200X (level 1) attending to 100X (level 0). Fold 0: tuple a
+    has both (0.8 on 100X, 0.2 itself), tuple b lacks 100X (weight 0, itself 1: not counted,
+    nothing below), tuple c lacks 200X (NaN: not counted). Fold 1: one tuple, 0.6/0.4."""
     from utils.report.weights import hierarchy_attention
 
     fold0 = pd.DataFrame({"h_200x_100x": [0.8, 0.0, np.nan], "h_200x_200x": [0.2, 1.0, np.nan]})

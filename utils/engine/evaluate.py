@@ -32,9 +32,9 @@ def prediction_frame(model, study, cfg, data: PatientImages, importance: bool) -
     labels = [label.lower() for label in slot_labels(cfg)]
     for i, label in enumerate(labels if "mag_weights" in out else ()):  # left out where the fusion has none
         frame[f"w_{label}"] = out["mag_weights"][:, i]
-    for (q, k) in [(q, k) for q in range(1, len(labels)) for k in range(q + 1)] if "hierarchy_weights" in out else ():
-        # level q's attention on level k (itself when k == q); undefined where q's image is missing
-        frame[f"h_{labels[q]}_{labels[k]}"] = np.where(samples[:, q] >= 0, out["hierarchy_weights"][:, q, k], np.nan)
+    pairs = [(q, k) for q in range(1, len(labels)) for k in range(q + 1)] if "hierarchy_weights" in out else []
+    for level, onto in pairs:  # level's attention on onto (itself when equal); undefined where level's image is missing
+        frame[f"h_{labels[level]}_{labels[onto]}"] = np.where(samples[:, level] >= 0, out["hierarchy_weights"][:, level, onto], np.nan)
     if importance and cfg.sample_mode == "tuple" and len(labels) > 1:
         # What each magnification contributes: the plain view of the whole tuple against the
         # plain view with that magnification masked out (no averaging over flips needed).
