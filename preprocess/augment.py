@@ -111,8 +111,9 @@ def prepare_batch(batch_uint8: torch.Tensor, mean, std, gen: torch.Generator | N
 
 
 def model_input(batch_uint8: torch.Tensor, model, gen: torch.Generator | None = None,
-                jitter: tuple[float, float] = (COLOUR_JITTER, STAIN_JITTER)) -> torch.Tensor:
+                jitter: tuple[float, float] = (COLOUR_JITTER, STAIN_JITTER), stain: bool = True) -> torch.Tensor:
     """prepare_batch with what the model carries: its backbone's normalisation constants and
-    its fold's stain reference (None without --stain-norm)."""
+    its fold's stain reference (None without --stain-norm; not applied again with stain=False,
+    to frames that are normalised already)."""
     return prepare_batch(batch_uint8, model.pixel_mean, model.pixel_std, gen, jitter,
-                         getattr(model, "stain", None))
+                         getattr(model, "stain", None) if stain else None)

@@ -2,6 +2,8 @@
 or mapped on the host, gathered into normalised, augmented batches with their masks."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -21,6 +23,27 @@ class ImageSource:
         self.images = copy_to_device(cache, self.device) if self.on_device else cache  # else memmap: rows read on demand
         self.levels = None if mags is None else magnification_codes(mags)  # per cache row: the mask of a MIL bag
         self._device_levels = None if mags is None else torch.from_numpy(self.levels).to(self.device)
+        self.stain_applied = False  # True for a fold's copy whose images are stain-normalised already
+
+    def stain_normalised(self, normaliser: torch.nn.Module, rows: int = 64) -> ImageSource:
+        """This source with every image stain-normalised once, as uint8 where this one keeps its
+        images: a fold's reference is fixed before its first step, so training need not normalise
+        every batch again in every epoch. The per-image normalisers see an image's whole pixel
+        distribution, which flips and turns do not change, so augmenting after is the same."""
+        device = self.device if self.on_device else torch.device("cpu")
+        normaliser = normaliser.to(device)
+        normalised = torch.empty(tuple(self.images.shape), dtype=torch.uint8, device=device)
+        with torch.inference_mode():
+            for start in range(0, len(self.images), rows):
+                chunk = self.images[start:start + rows]
+                chunk = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.array(chunk))
+                n, h, w, c = chunk.shape
+                pixels = normaliser(chunk.to(device).reshape(n, h * w, c).float().div_(255))
+                normalised[start:start + n] = pixels.mul_(255).round_().clamp_(0, 255).to(torch.uint8).view(n, h, w, c)
+        source = copy.copy(self)
+        source.images = normalised if self.on_device else normalised.numpy()
+        source.stain_applied = True
+        return source
 
     def upload(self, samples: np.ndarray):
         """Sample rows where gather() reads them: with the cache on the device, one copy of a
@@ -62,7 +85,7 @@ class ImageSource:
         gives every image one of all 8 symmetries of the square, uniformly. Encoders built for
         one frame size (Swin-like) never get the transposed frame."""
         images, mask = self.gather(tuples, reads_levels(model))
-        x = model_input(images, model, generator, jitter)
+        x = model_input(images, model, generator, jitter, stain=not self.stain_applied)
         if quarter_turns and not getattr(model, "fixed_frame", False) and bool(torch.rand(()) < 0.5):
             x = x.transpose(-1, -2)
         return x, mask
@@ -70,13 +93,14 @@ class ImageSource:
     def views(self, tuples: np.ndarray, model, tta: bool):
         """The model's inputs for evaluation, one per test-time view (or the plain view)."""
         images, mask = self.gather(tuples, reads_levels(model))
-        yield from evaluation_views(images, mask, model, tta)
+        yield from evaluation_views(images, mask, model, tta, stain=not self.stain_applied)
 
 
-def evaluation_views(images: torch.Tensor, mask: torch.Tensor, model, tta: bool):
+def evaluation_views(images: torch.Tensor, mask: torch.Tensor, model, tta: bool, stain: bool = True):
     """(input, mask) of each test-time view of gathered uint8 frames: the frames are stain-
-    normalised once and the views are its mirror images. The exported ONNX graph runs this too."""
-    x = model_input(images, model)
+    normalised once (unless `stain` is off: frames of a normalised source) and the views are its
+    mirror images. The exported ONNX graph runs this too."""
+    x = model_input(images, model, stain=stain)
     for dims in TTA_FLIPS if tta else TTA_FLIPS[:1]:  # dims of (B, M, H, W, 3); x is (B, M, 3, H, W)
         yield (x.flip([d + 1 for d in dims]) if dims else x), mask
 

@@ -226,3 +226,37 @@ def test_runs_from_before_the_option_read_as_unnormalised(tmp_path):
     assert read_config_file(tmp_path / "old.yaml")["stain_norm"] == "none"
     (tmp_path / "short.yaml").write_text(yaml.safe_dump({"epochs": 3}))
     assert "stain_norm" not in read_config_file(tmp_path / "short.yaml")  # the default applies
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host cache", "device-resident cache"])
+def test_a_fold_normalises_its_images_once_and_training_does_not_again(fold_setup, on_device):
+    """The fold's training copy holds every image normalised once (to within the uint8 rounding
+    of the per-batch path), and a training batch from it runs no normaliser; the raw source's
+    batches still do (validation, test and the predictor read raw images)."""
+    from preprocess.augment import prepare_batch
+    from preprocess.image_source import ImageSource
+    from utils.engine.fold import normalised_once
+
+    cfg = fold_setup[0]
+    source = ImageSource(stained_images(24, seed=5), "cpu", on_device=on_device)  # demo frames hold too little stain
+    normaliser = Macenko()
+    normaliser.fit(fit_montage(stained_images(8, seed=3)))  # another draw of stains: the images move
+    once = normalised_once(cfg, source, normaliser.state_dict())
+    assert once.stain_applied and not source.stain_applied
+    rows = np.arange(24)[:, None]
+    raw, _ = source.gather(rows)
+    done, _ = once.gather(rows)
+    per_batch = prepare_batch(raw, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), None, stain=normaliser)
+    stored = prepare_batch(done, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), None)
+    assert (per_batch - stored).abs().max() <= 0.5 / 255 + 1e-6  # rounded once to the nearest grey level
+    assert (stored - prepare_batch(raw, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), None)).abs().max() > 0.05  # it did normalise
+
+    model = torch.nn.Module()
+    model.pixel_mean, model.pixel_std, model.stain = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), normaliser
+    calls = []
+    normaliser.register_forward_hook(lambda *args: calls.append(1))
+    once.train_batch(rows[:8], model, torch.Generator().manual_seed(0), (0.1, 0.1))
+    next(iter(once.views(rows[:8], model, False)))
+    assert calls == []
+    source.train_batch(rows[:8], model, torch.Generator().manual_seed(0), (0.1, 0.1))
+    assert calls == [1]

@@ -128,7 +128,7 @@ class HierarchicalMagnificationAttention(nn.Module):
         if not with_weights:
             return refined
         matrix = z.new_zeros(z.shape[0], z.shape[1], z.shape[1], dtype=torch.float32)
-        matrix[:, 0, 0] = 1.0
+        matrix[:, 0, 0].fill_(1.0)  # a scalar fill: no host tensor copied to the device
         for level, weights in enumerate(rows, start=1):
             matrix[:, level, :level + 1] = weights.float().mean(1)
         return refined, matrix

@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from preprocess.dataset import evaluation_samples, fold_split, samples_for, sampling_weights, training_samples, tuples_per_epoch
 from preprocess.splits import folds_fingerprint
+from preprocess.stain import stain_normaliser
 from utils.device import derived_seed, empty_cache, is_out_of_memory, seed_everything
 from utils.engine.batchnorm import settle_batchnorm
 from utils.engine.checkpoint import (
@@ -102,7 +103,7 @@ def _settle(state: FoldState, run: FoldRun, model: torch.nn.Module) -> bool:
     tuples with their magnification-dropout masks, at training's micro-batch) before it is
     validated, tested or kept; the same fixed draw for every candidate of the fold."""
     micro = math.ceil(samples_for(run.cfg, run.study.env.batch_size) / state.accumulation)
-    return settle_batchnorm(model, source=run.study.source, data=run.split["train"], cfg=run.cfg, batch=micro,
+    return settle_batchnorm(model, source=run.train_source, data=run.split["train"], cfg=run.cfg, batch=micro,
                             amp_dtype=run.study.env.amp_dtype, seed=derived_seed(run.cfg.seed, run.fold, 4))
 
 
@@ -144,7 +145,7 @@ def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict
 
 def _train_epochs(state: FoldState, run: FoldRun) -> None:
     cfg, env = run.cfg, run.study.env
-    loop = LoopSettings(run.study.source, run.split["train"],
+    loop = LoopSettings(run.train_source, run.split["train"],
                         StudyLoss(cfg, subtype_class_weights(run.split["train"].subtypes, sampling_weights(
                             run.split["train"], cfg.class_balanced))),
                         samples_for(cfg, env.batch_size), env.amp_dtype, cfg.grad_clip, (cfg.colour_jitter, cfg.stain_jitter),
@@ -193,9 +194,22 @@ def _open_fold(cfg, study, experiment: str, fold: int, identity: dict, progress)
     split = fold_split(study.index, study.usable, study.folds, fold, cfg)
     steps = math.ceil(tuples_per_epoch(split["train"], cfg) / samples_for(cfg, study.env.batch_size))
     stain = shared_reference(cfg, study, fold)  # one per outer fold, shared by every experiment
-    return FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
-                   lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold), stain),
-                   progress, scalar_writer(cfg, experiment, fold))
+    run = FoldRun(cfg, study, experiment, fold, split, run_dir, identity, BackgroundWriter(),
+                  lambda: new_fold_state(cfg, study.env, steps, derived_seed(cfg.seed, fold), stain),
+                  progress, scalar_writer(cfg, experiment, fold))
+    run.train_source = normalised_once(cfg, study.source, stain)
+    return run
+
+
+def normalised_once(cfg, source, stain: dict | None):
+    """The source training reads: with a stain reference, every image normalised once for the
+    fold (not every batch of every epoch again); validation and test read the raw images and
+    normalise them in the model's own path, exactly as the predictor and the exported model do."""
+    if stain is None:
+        return source
+    normaliser = stain_normaliser(cfg.stain_method())
+    normaliser.load_state_dict(stain)
+    return source.stain_normalised(normaliser)
 
 
 def _finish(state: FoldState, run: FoldRun, started: float) -> dict:

@@ -45,6 +45,7 @@ class FoldRun:
     last_saved: float = 0.0  # time.monotonic() of the last last.pt written
     resumed_at: int = 0  # the epoch this run started at (0 unless resumed)
     best_unsaved: bool = False  # best weights changed since best.pt was last written
+    train_source: object = None  # what training and BatchNorm settling read: the fold's stain-normalised copy, or study.source
 
 
 def save_checkpoints(state: FoldState, run: FoldRun, generator: torch.Generator | None = None) -> None:

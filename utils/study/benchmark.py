@@ -29,9 +29,11 @@ import pandas as pd
 from config import DEFAULT_EXPERIMENTS, GROUPS, Config, experiment_config
 from preprocess.dataset import ImageSource, evaluation_tuples, fold_split, tuples_per_epoch
 from preprocess.preprocess import frame_shape
+from preprocess.stain import fold_reference
 from utils.device import configure_backends, detect_env
 from utils.engine.checkpoint import checkpoint_payload
 from utils.engine.features import FeatureSource, encode_to_file
+from utils.engine.fold import normalised_once
 from utils.engine.losses import StudyLoss
 from utils.engine.saving import snapshot
 from utils.engine.train import LoopSettings, make_scheduler, new_fold_state
@@ -54,13 +56,16 @@ FULL = {"images": 7909, "folds": 5}  # the default study's size
 
 def synthetic_study(cfg: Config, env, batches: int):
     """MMNet's fold state and loop settings over 8 synthetic 100-image patients (25 images at
-    each magnification) cached on the device: (state, loop, cache)."""
+    each magnification) cached on the device: (state, loop, cache). With stain normalisation the
+    fold's reference is fitted and training reads the normalised copy, as a fold does."""
     rows, data = synthetic_patients(n_patients=8, per_mag=25, mags=len(cfg.magnifications))
     cache = np.random.default_rng(0).integers(0, 256, (len(rows), *frame_shape(cfg.image_size), 3), dtype=np.uint8)
-    state = new_fold_state(cfg, env, steps_per_epoch=batches, seed=0)
+    source = ImageSource(cache, env.device)
+    stain = fold_reference(cfg.stain_method(), source, data, seed=0)
+    state = new_fold_state(cfg, env, steps_per_epoch=batches, seed=0, stain=stain)
     state.scheduler = make_scheduler(state.optimizer, 10 * batches, 0)
     state.accumulation = -(-env.batch_size // env.micro_batch)
-    loop = LoopSettings(ImageSource(cache, env.device), data, StudyLoss(cfg, None), env.batch_size, env.amp_dtype,
+    loop = LoopSettings(normalised_once(cfg, source, stain), data, StudyLoss(cfg, None), env.batch_size, env.amp_dtype,
                         cfg.grad_clip)
     return state, loop, cache
 
