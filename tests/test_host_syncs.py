@@ -162,3 +162,24 @@ def test_the_benchmarks_operator_count_is_every_dispatched_operator_of_a_step(tm
         counts[name] = step_counts(state, loop)["ops_per_step"]
         assert counts[name] == EveryCall.calls / 2, name
     assert counts["mmnet"] > counts["single_200x"] > 0
+
+
+def test_the_predictor_brings_a_patients_outputs_to_the_host_in_one_copy(monkeypatch):
+    """on_host: every fold model's means (torch, and ONNX Runtime's numpy beside them) come back
+    with their values and shapes, through one device-to-host copy for the whole patient."""
+    from utils.engine.inference import on_host
+
+    rng = torch.Generator().manual_seed(0)
+    outputs = [{"prob": torch.rand((), generator=rng), "mag_weights": torch.rand(4, generator=rng),
+                "subtype_prob": torch.rand(8, generator=rng)} for _ in range(5)]
+    outputs.append({"prob": np.float32(0.25), "mag_weights": np.full(4, 0.25, np.float32)})  # an ONNX model's
+    expected = [{k: np.asarray(v, dtype=np.float32) for k, v in out.items()} for out in outputs]
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(1) or real_cpu(self, *a, **k))
+    host = on_host([dict(out) for out in outputs])
+    assert len(copies) == 1
+    for mine, theirs in zip(host, expected):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key].shape == theirs[key].shape and np.allclose(mine[key], theirs[key]), key

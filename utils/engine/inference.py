@@ -116,7 +116,7 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
     first that many (every image of a magnification is in the first tuples that reach it)."""
     source = ImageSource(cache, device, mags=magnification_of_rows(images_by_mag, len(cache)))
     amp_dtype = auto_amp(device)
-    probs, subtypes, weights, tuples_used = [], [], [], 0
+    means, tuples_used = [], 0
     started = time.perf_counter()
     for fm in models:
         data = patient_data(images_by_mag, fm.cfg)
@@ -124,15 +124,13 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
             continue
         tuples, _ = evaluation_samples(data, fm.cfg)
         tuples = tuples[:max_tuples] if max_tuples > 0 else tuples
-        out = {key: _array(value) for key, value in fm.predict(source, tuples, amp_dtype).items()}
-        probs.append(float(out["prob"].mean()))
-        if "mag_weights" in out:
-            weights.append(out["mag_weights"].mean(0))
-        if "subtype_prob" in out:
-            subtypes.append(out["subtype_prob"].mean(0))
+        out = fm.predict(source, tuples, amp_dtype)
+        means.append({key: out[key].mean(0) for key in ("prob", "mag_weights", "subtype_prob") if key in out})
         tuples_used += len(tuples)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    means = on_host(means)  # one copy (one sync) for the whole patient, whatever the number of models
+    probs = [float(m["prob"]) for m in means]
+    weights = [m["mag_weights"] for m in means if "mag_weights" in m]
+    subtypes = [m["subtype_prob"] for m in means if "subtype_prob" in m]
     if not probs:
         raise ValueError("no image of a magnification the model uses")
     result = {"malignant_probability": round(float(np.mean(probs)), 4),
@@ -151,9 +149,18 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
     return result
 
 
-def _array(value) -> np.ndarray:
-    """A model's output on the host, from torch (any device) or ONNX Runtime alike."""
-    return value.float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+def on_host(outputs: list[dict]) -> list[dict]:
+    """Dicts of model outputs (torch on any device, or ONNX Runtime's numpy) as numpy, the torch
+    ones brought over in a single copy: one synchronisation, not one per value."""
+    keys = [(i, key) for i, out in enumerate(outputs) for key, value in out.items() if isinstance(value, torch.Tensor)]
+    if keys:
+        flat = torch.cat([outputs[i][key].float().reshape(-1) for i, key in keys]).cpu().numpy()
+        start = 0
+        for i, key in keys:
+            size = outputs[i][key].numel()
+            outputs[i][key] = flat[start:start + size].reshape(tuple(outputs[i][key].shape))
+            start += size
+    return [{key: np.asarray(value, dtype=np.float32) for key, value in out.items()} for out in outputs]
 
 
 def tuple_inputs(model: torch.nn.Module, source: ImageSource, tuple_rows: np.ndarray):
