@@ -182,7 +182,9 @@ def run_cohort(args) -> int:
 
 def predict_folder(models, folder: Path, cam: Path | None, device: str, max_tuples: int = 0) -> dict:
     started = time.perf_counter()
-    cache, by_mag, skipped = load_patient(folder, models[0].cfg.image_size)
+    # --max-tuples K: only the files the first K tuples read are decoded (a MIL bag reads every image)
+    cache, by_mag, skipped = load_patient(folder, models[0].cfg.image_size,
+                                          per_magnification=max_tuples if models[0].cfg.sample_mode != "bag" else 0)
     decode_ms = 1000 * (time.perf_counter() - started)
     if not by_mag:
         raise ValueError(f"no usable image in '{folder}' ({len(skipped)} file(s) skipped): "

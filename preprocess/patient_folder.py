@@ -34,10 +34,13 @@ def _decoded(path: Path, size: int):
         return None, f"unreadable: {type(exc).__name__}"
 
 
-def load_patient(patient_dir: Path, size: int, threads: int = 8):
+def load_patient(patient_dir: Path, size: int, threads: int = 8, per_magnification: int = 0):
     """uint8 cache (N, height, width, 3), rows per magnification, skipped files with reasons.
     Images are decoded in parallel threads (PNG decoding and resizing release the GIL): a
-    90-image patient is decoded in about 1/threads of the serial time."""
+    90-image patient is decoded in about 1/threads of the serial time. per_magnification > 0
+    decodes only the first that many files of each magnification: all that the first K
+    evaluation tuples read (tuple k takes image k mod n of each magnification), so
+    predict.py --max-tuples K decodes no file it does not score."""
     by_mag, skipped, wanted = {}, [], []
     files = sorted(p for p in patient_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     for path in files:
@@ -51,6 +54,9 @@ def load_patient(patient_dir: Path, size: int, threads: int = 8):
                                                   "40X/100X/200X/400X folder)"})
             continue
         wanted.append((path, rel, mag))
+    if per_magnification > 0:
+        rank = {}  # files of each magnification seen so far, in file order
+        wanted = [item for item in wanted if rank.setdefault(item[2], []).append(item) or len(rank[item[2]]) <= per_magnification]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         decoded = list(pool.map(lambda item: _decoded(item[0], size), wanted))
     images = []
