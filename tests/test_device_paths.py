@@ -33,6 +33,23 @@ def test_grid_pooling_equals_adaptive_pooling_where_sizes_divide(size, grid):
     torch.testing.assert_close(grid_average(x, grid), F.adaptive_avg_pool2d(x, grid))
 
 
+@pytest.mark.parametrize("height, width", [(7, 11), (7, 7), (5, 9)])
+def test_every_grid_at_once_equals_adaptive_pooling_where_sizes_do_not_divide(height, width):
+    """resnet18 at 224x341 gives 7x11 maps: the cells of the 1, 2 and 4 grids from two matrix
+    products equal the CPU's adaptive pooling (which takes any size), values and gradients."""
+    from backbones.our.modules import grid_averages
+
+    x = torch.randn(2, 6, height, width, requires_grad=True)
+    mine = grid_averages(x.to(memory_format=torch.channels_last), (1, 2, 4))
+    theirs = [F.adaptive_avg_pool2d(x, grid) for grid in (1, 2, 4)]
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b)
+    weights = [torch.randn_like(t) for t in theirs]
+    grad_mine = torch.autograd.grad(sum((a * w).sum() for a, w in zip(mine, weights)), x)[0]
+    grad_theirs = torch.autograd.grad(sum((b * w).sum() for b, w in zip(theirs, weights)), x)[0]
+    torch.testing.assert_close(grad_mine, grad_theirs)
+
+
 def test_mmnet_at_224_px_runs_where_adaptive_pooling_needs_divisible_sizes(monkeypatch):
     """resnet18 at 224 px gives 7x7 maps; MPS refuses adaptive pooling of 7x7 to 2x2 or 4x4."""
     real = F.adaptive_avg_pool2d

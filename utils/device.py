@@ -188,15 +188,19 @@ class HostSyncCounter(TorchDispatchMode):
                     "unique_dim", "repeat_interleave"}
     _HOST_BUILT = {"lift_fresh", "lift_fresh_copy"}
 
+    _NO_KERNEL = {"empty", "empty_strided", "empty_like"}  # allocations: no kernel runs
+
     def __init__(self):
         super().__init__()
         self.counts: dict[str, int] = {}
         self.ops = 0
+        self.kernels = 0  # operators that run a kernel: views (detach, t, view, expand...) and allocations do not
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops += 1
         name = func.overloadpacket.__name__
+        self.kernels += not (func.is_view or name in self._NO_KERNEL)
         if not _UNCOUNTED[0] and (name in self._SCALAR or name in self._VALUE_SIZED or name in self._HOST_BUILT
                                    or _to_host(name, args, kwargs) or _bool_index(name, args)):
             self.counts[name] = self.counts.get(name, 0) + 1

@@ -2,6 +2,8 @@
 hierarchical magnification attention (fusion strategies: backbones/fusion.py)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,15 +36,39 @@ class ChannelAttention(nn.Module):
         return x * gate[:, :, None, None]
 
 
-def grid_average(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, grid, grid) cell means over adaptive_avg_pool2d's cells (cell i
-    spans floor(i*H/g) to ceil((i+1)*H/g)), by explicit slices: works on MPS where the sizes do
-    not divide (7x7 -> 2x2 raises there), and its backward is deterministic on CUDA."""
+@functools.lru_cache(maxsize=64)
+def cell_matrix(size: int, grids: tuple, device: str) -> torch.Tensor:
+    """(sum of grids, size): row r averages the positions of one cell of one grid, the grids
+    stacked; adaptive_avg_pool2d's cells (cell i spans floor(i*n/g) to ceil((i+1)*n/g), so cells
+    overlap where g does not divide n). Built once per shape and device with device ops (no host
+    data copied in), outside any inference mode: a training step reuses it."""
+    with torch.inference_mode(False):
+        position = torch.arange(size, device=device)
+        rows = []
+        for grid in grids:
+            cell = torch.arange(grid, device=device)
+            start, stop = cell * size // grid, -((-(cell + 1) * size) // grid)
+            inside = (position >= start[:, None]) & (position < stop[:, None])
+            rows.append(inside.float() / (stop - start)[:, None].float())
+        return torch.cat(rows)
+
+
+def grid_averages(x: torch.Tensor, grids: tuple) -> list[torch.Tensor]:
+    """(B, C, H, W) -> one (B, C, g, g) map of cell means per grid g, adaptive_avg_pool2d's cells
+    (which do not need to divide the sizes): two matrix products for every grid at once, a
+    handful of operators where one slice and mean per cell made 2 g^2 (forward) and as many
+    again backward; works on MPS (which refuses 7x7 -> 2x2 adaptive pooling) and its backward
+    is deterministic on CUDA."""
     h, w = x.shape[-2:]
-    rows = [(i * h // grid, -(-(i + 1) * h // grid)) for i in range(grid)]
-    cols = [(j * w // grid, -(-(j + 1) * w // grid)) for j in range(grid)]
-    cells = [x[..., r0:r1, c0:c1].mean(dim=(-2, -1)) for r0, r1 in rows for c0, c1 in cols]
-    return torch.stack(cells, dim=-1).unflatten(-1, (grid, grid))
+    rows, cols = cell_matrix(h, grids, str(x.device)), cell_matrix(w, grids, str(x.device))
+    every = rows.to(x.dtype) @ x @ cols.to(x.dtype).T  # (B, C, sum g, sum g): each grid's block on the diagonal
+    starts = [sum(grids[:k]) for k in range(len(grids))]
+    return [every[..., s:s + g, s:s + g] for s, g in zip(starts, grids)]
+
+
+def grid_average(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, grid, grid) cell means (grid_averages of one grid)."""
+    return grid_averages(x, (grid,))[0]
 
 
 class MultiScaleAttentionPool(nn.Module):
@@ -65,8 +91,8 @@ class MultiScaleAttentionPool(nn.Module):
         if not self.grids:
             return self.project(x.mean(dim=(2, 3)))
         vectors = []
-        for grid, scorer in zip(self.grids, self.scorers):
-            cells = grid_average(x, grid).flatten(2).transpose(1, 2)  # (B, g*g, C)
+        for grid, scorer, averages in zip(self.grids, self.scorers, grid_averages(x, tuple(self.grids))):
+            cells = averages.flatten(2).transpose(1, 2)  # (B, g*g, C)
             if grid == 1:
                 vectors.append(cells[:, 0])
                 continue

@@ -1,6 +1,7 @@
 """Measuring primitives of the benchmark: each times one real code path on this device."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import resource
 import tempfile
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 import utils.engine.train as train_module
-from preprocess.dataset import ImageSource, PatientImages, training_tuples
+from preprocess.dataset import PatientImages, training_tuples
 from preprocess.demo import demo_filenames, write_tree
 from preprocess.preprocess import build_cache, frame_shape, index_dataset
 from utils.device import HostSyncCounter
@@ -154,13 +155,18 @@ def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) ->
 
 def step_counts(state, loop: LoopSettings, steps: int = 2) -> dict:
     """Host syncs and dispatched operators per training step (HostSyncCounter), on a
-    device-resident cache, as a GPU runs the step."""
+    device-resident cache, as a GPU runs the step: the whole batch in one pass (a CPU's smaller
+    micro-batches would multiply the forward and backward operators)."""
     from utils.device import counting_syncs, uncount_host_optimizer
 
-    source = loop.source if loop.source.on_device else ImageSource(loop.source.images, loop.source.device.type,
-                                                                   on_device=True)
+    source = loop.source
+    if not source.on_device:  # the same images (normalised ones stay normalised), resident
+        source = copy.copy(source)
+        source.on_device = True
+        source.images = torch.from_numpy(np.asarray(loop.source.images))
     counted = dataclasses.replace(loop, source=source)
-    tuples, owners = training_tuples(loop.data, steps * loop.batch_size, np.random.default_rng(0))
+    accumulation, state.accumulation = state.accumulation, 1
+    tuples, owners = training_tuples(loop.data, (steps + 1) * loop.batch_size, np.random.default_rng(0))
     plan = EpochPlan(source.upload(tuples), owners, torch.Generator(device=source.device).manual_seed(0), 0)
     uncount_host_optimizer(state.optimizer)  # torch < 2.4 on the CPU: not the fused kernel a GPU runs
     real_step, counters = train_module._step, []
@@ -168,9 +174,11 @@ def step_counts(state, loop: LoopSettings, steps: int = 2) -> dict:
     try:
         train_one_epoch(state, counted, plan)
     finally:
-        train_module._step = real_step
+        train_module._step, state.accumulation = real_step, accumulation
+    counters = counters[1:]  # after one step: the optimizer's state exists, as in every later step
     return {"host_syncs_per_step": sum(c.total for c in counters) / steps,
-            "ops_per_step": sum(c.ops for c in counters) / steps}
+            "ops_per_step": sum(c.ops for c in counters) / steps,
+            "kernels_per_step": sum(c.kernels for c in counters) / steps}
 
 
 def fixed_seconds_per_fold(cfg, env, loop: LoopSettings) -> dict:
