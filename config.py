@@ -17,6 +17,7 @@ from utils.config_file import (
     closest,
     combination_problems,
     field_comments,
+    grid_problems,
     problem,
     read_yaml,
     typed_values,
@@ -35,10 +36,12 @@ from utils.experiments import (  # noqa: F401 (users and
     GROUPS,
     MIL_AGGREGATORS,
     MIL_EXPERIMENTS,  # from config)
+    SELECT_BASE,
+    SELECTED,
+    candidates,
     expand_experiments,
     experiments_help,
 )
-from utils.selection import SELECT_BASE, SELECTED, candidates, grid_problems
 
 MAGNIFICATIONS = (40, 100, 200, 400)
 STAIN_FIT_IMAGES = 32  # training images of a fold that its --stain-norm reference is fitted on
@@ -186,9 +189,7 @@ class Config:
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# A dry run is a smoke test of every stage, sized to finish in about 1.5 min on 2 CPU cores:
-# 6 steps per fold, 48-px frames and the plain test view (the test-time views double the test
-# passes; tests exercise them).
+# A smoke test of every stage in ~1.5 min on 2 CPU cores: 6 steps per fold, 48 px, the plain view.
 DRY_RUN_OVERRIDES = {"folds": 2, "epochs": 2, "patience": 2, "image_size": 48, "tta": "off",
                      "feature_dim": 64, "batch_size": 8, "tuples_per_epoch": 24,
                      "max_patients": 16, "pretrained": "off", "gradcam_patients": 2,
@@ -202,8 +203,7 @@ def slot_labels(cfg: Config) -> list[str]:
 
 
 def experiment_config(base: Config, name: str) -> Config:
-    """The Config of a registered experiment, of a --select candidate, or of the selected
-    pipeline (whose folds are its chosen candidates', read from the reference's config)."""
+    """A registered experiment's Config, a --select candidate's, or the selected pipeline's (its reference's)."""
     overrides = EXPERIMENTS.get(name, candidates(base).get(name, EXPERIMENTS[SELECT_BASE] if name == SELECTED else None))
     if overrides is None:
         raise ConfigError(f"unknown experiment '{name}'; valid: {', '.join(EXPERIMENTS)}")

@@ -11,7 +11,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from preprocess.preprocess import parse_name
-from utils.selection import inner_job_number, inner_place
+from utils.experiments import inner_job_number, inner_place
 
 
 class FoldError(RuntimeError):
@@ -154,7 +154,7 @@ def _selection_folds(inside: pd.DataFrame, n_folds: int, seed: int, outer: int, 
 
 
 def add_selection_roles(folds: pd.DataFrame, select_folds: int, fraction: float, seed: int) -> pd.DataFrame:
-    """Columns role_f<n> of the selection jobs (utils.selection numbers them): outer job j's
+    """Columns role_f<n> of the selection jobs (utils.experiments numbers them): outer job j's
     training patients (train and val) split again into select_folds grouped, stratified folds;
     its test patients are 'outside' and no inner job reads them."""
     folds, outer = folds.copy(), outer_job_count(folds)

@@ -9,7 +9,7 @@ import pytest
 
 from config import ConfigError, parse_args, read_config_file, write_config_file
 from preprocess.splits import FoldError, assert_disjoint, build_folds
-from utils.selection import SELECTED, candidates, inner_jobs, job_place, outer_jobs
+from utils.experiments import SELECTED, candidates, inner_jobs, job_place, outer_jobs
 from utils.study.selection import best_candidate, study_jobs
 
 GOOD, BAD = "mmnet--lr-0.001", "mmnet--lr-1e-09"

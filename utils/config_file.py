@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from utils.experiments import FUSIONS
+from utils.experiments import FUSIONS, MAX_COMBINATIONS, NOT_SELECTABLE, parse_grid, typed_value
 
 CODES = {
     "CFG001": "unknown key", "CFG002": "wrong type", "CFG003": "out of range",
@@ -224,3 +224,42 @@ OPTION_GROUPS = {
     "output and report": ("output_dir", "report_file", "keep_models", "gradcam_patients", "bootstrap_samples",
                           "conformal_alpha", "live_report", "tensorboard", "tracking"),
 }
+
+
+# ---------------------------------------------------------------- the --select grid
+FROZEN_ENCODER = ("backbone", "pretrained", "pretrained_file")  # one feature cache serves every combination
+
+
+def grid_problems(entries, defaults: dict, frozen: bool = False) -> list[str]:
+    """One line per unusable --select entry (code CFG013)."""
+    problems, seen = [], set()
+    for key, values in parse_grid(entries):
+        where = f"select {key}"
+        if frozen and key in FROZEN_ENCODER:
+            problems.append(problem("CFG013", where, "--freeze-backbone encodes every image once with one encoder: "
+                                    "select the encoder by --backbones (the same folds) instead"))
+        elif key not in defaults or key in NOT_SELECTABLE or isinstance(defaults[key], tuple):
+            problems.append(problem("CFG013", where, "not a recipe option that can be selected: name a model or training "
+                                    "option of python main.py --help, e.g. stain_norm=none,macenko"
+                                    f"{closest(key, [k for k in defaults if k not in NOT_SELECTABLE])}"))
+        elif len(set(values)) < 2:
+            problems.append(problem("CFG013", where, "needs two or more values: KEY=A,B"))
+        elif key in seen:
+            problems.append(problem("CFG013", where, "given twice: list every value in one entry"))
+        else:
+            for value in values:
+                try:
+                    typed_value(value, defaults[key])
+                except ValueError as exc:
+                    problems.append(problem("CFG013", where, f"'{value}' is not a {type(defaults[key]).__name__} ({exc})"))
+            bad = [v for v in values if key in CHOICES and v not in CHOICES[key]]
+            if bad:
+                problems.append(problem("CFG013", where, f"'{bad[0]}' is not one of {', '.join(CHOICES[key])}"))
+        seen.add(key)
+    count = 1
+    for _, values in parse_grid(entries):
+        count *= max(1, len(values))
+    if count > MAX_COMBINATIONS:
+        problems.append(problem("CFG013", "select", f"{count} combinations; at most {MAX_COMBINATIONS} (each costs "
+                                "select_folds + 1 trainings per outer fold): select fewer values"))
+    return problems

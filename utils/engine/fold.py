@@ -39,9 +39,9 @@ from utils.engine.saving import BackgroundWriter, scalar_writer
 from utils.engine.stain_reference import reference_key, shared_reference
 from utils.engine.stop import StopRequested, stop_requested
 from utils.engine.train import EpochPlan, EpochResult, LoopSettings, new_fold_state, predict, train_one_epoch
+from utils.experiments import is_selection_job, job_place
 from utils.files import ATTENTION_FILE, atomic_write_text
 from utils.metrics import DECISION_THRESHOLD, choose_threshold, fold_metrics, patient_probabilities
-from utils.selection import is_selection_job, job_place
 
 log = logging.getLogger("mmnet")
 

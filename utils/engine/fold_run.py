@@ -12,8 +12,8 @@ import torch
 from backbones.encoder import fingerprint, frozen_encoder
 from utils.engine.checkpoint import FoldState, checkpoint_payload, config_json
 from utils.engine.saving import BackgroundWriter
+from utils.experiments import is_selection_job
 from utils.files import model_file
-from utils.selection import is_selection_job
 
 
 class NoProgress:

@@ -7,8 +7,8 @@ from datetime import datetime
 from pathlib import Path
 
 from config import MIL_EXPERIMENTS, STAIN_FIT_IMAGES
+from utils.experiments import candidates, combination_text
 from utils.files import DATASET_FILE, FAILED_JOBS_FILE, HEADER_FILE
-from utils.selection import candidates, combination_text
 
 
 def read_text_file(path: Path, default: str = "") -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from utils.experiments import SELECT_BASE, SELECTED, SELECTION_KEY, candidates, combination_text
 from utils.files import new_figure, save_figure
 from utils.report.tables import comparison_table
-from utils.selection import SELECT_BASE, SELECTED, SELECTION_KEY, candidates, combination_text
 
 
 def selection_names(cfg) -> list[str]:

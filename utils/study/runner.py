@@ -128,7 +128,7 @@ def _run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end) -> tuple[Study, 
                       else run_jobs(cfg, prepared, pending, jobs, log_file, tracker))
             study = attach_features(cfg, attach_images(cfg, prepared, env))  # for the report's Grad-CAM
         else:
-            failed = run_sequential(cfg, study, pending, tracker)
+            failed = run_sequential(cfg, study, order, tracker)  # run_fold skips (and reports) the finished ones
     except BaseException:
         tracker.finish("stopped")
         raise

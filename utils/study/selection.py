@@ -19,9 +19,9 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from config import SELECT_BASE, SELECTED, experiment_config
+from utils.experiments import SELECTION_KEY, all_inner_jobs, candidates, combination_text, inner_jobs, outer_jobs
 from utils.files import atomic_write_text, model_file, run_folder
 from utils.metrics import patient_probabilities
-from utils.selection import SELECTION_KEY, all_inner_jobs, candidates, combination_text, inner_jobs, outer_jobs
 
 log = logging.getLogger("mmnet")
 
