@@ -34,6 +34,17 @@ def _decoded(path: Path, size: int):
         return None, f"unreadable: {type(exc).__name__}"
 
 
+def _first_per_magnification(wanted: list[tuple], count: int) -> list[tuple]:
+    """The first `count` of (path, rel, mag) items of each magnification, in file order."""
+    seen: dict[int, int] = {}
+    kept = []
+    for item in wanted:
+        seen[item[2]] = seen.get(item[2], 0) + 1
+        if seen[item[2]] <= count:
+            kept.append(item)
+    return kept
+
+
 def load_patient(patient_dir: Path, size: int, threads: int = 8, per_magnification: int = 0):
     """uint8 cache (N, height, width, 3), rows per magnification, skipped files with reasons.
     Images are decoded in parallel threads (PNG decoding and resizing release the GIL): a
@@ -55,8 +66,7 @@ def load_patient(patient_dir: Path, size: int, threads: int = 8, per_magnificati
             continue
         wanted.append((path, rel, mag))
     if per_magnification > 0:
-        rank = {}  # files of each magnification seen so far, in file order
-        wanted = [item for item in wanted if rank.setdefault(item[2], []).append(item) or len(rank[item[2]]) <= per_magnification]
+        wanted = _first_per_magnification(wanted, per_magnification)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         decoded = list(pool.map(lambda item: _decoded(item[0], size), wanted))
     images = []

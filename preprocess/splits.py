@@ -178,14 +178,15 @@ def assert_disjoint(folds: pd.DataFrame) -> None:
     """Raise FoldError if any patient or slide group sits on two sides of any split."""
     if folds["patient"].duplicated().any():
         raise FoldError("a patient appears twice in the folds table")
+    outer_count = outer_job_count(folds)
     for role_col in [c for c in folds.columns if c.startswith("role_f")]:
         sides = folds.groupby("group")[role_col].nunique()
         leaking = sorted(sides.index[sides > 1])
         if leaking:
             raise FoldError(f"slide group(s) {', '.join(leaking)} straddle splits in {role_col}")
         job, n_folds = int(role_col.removeprefix("role_f")), folds["fold"].nunique()
-        if job >= outer_job_count(folds):  # a selection job: never a patient of its outer job's test fold
-            outer = f"role_f{inner_place(outer_job_count(folds), _select_folds(folds), job)[0]}"
+        if job >= outer_count:  # a selection job: never a patient of its outer job's test fold
+            outer = f"role_f{inner_place(outer_count, _select_folds(folds), job)[0]}"
             if outer not in folds or not ((folds[outer] == "test") == (folds[role_col] == "outside")).all():
                 raise FoldError(f"{role_col}: a selection job's patients are not its outer job's training patients")
         else:
@@ -194,7 +195,7 @@ def assert_disjoint(folds: pd.DataFrame) -> None:
                 raise FoldError(f"{role_col}: the test role does not match the fold column")
         for role in ("train", "val", "test"):
             present = folds.loc[folds[role_col] == role, "label"].unique()
-            if role == "val" and len(present) == 0 and job >= outer_job_count(folds):
+            if role == "val" and len(present) == 0 and job >= outer_count:
                 continue  # a selection job too small to hold validation patients out
             if len(present) < 2:
                 raise FoldError(f"{role_col}: the {role} part lacks a class")

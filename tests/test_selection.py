@@ -56,8 +56,8 @@ def test_inner_jobs_are_numbered_after_the_outer_ones():
 
 def test_a_tie_keeps_the_defaults_else_the_first_listed():
     scores = {"a": {"auc": 0.8}, "b": {"auc": 0.9}, "c": {"auc": 0.9}}
-    assert best_candidate(scores, "c") == "c" and best_candidate(scores, "a") == "b"
-    assert best_candidate(scores, None) == "b"
+    assert best_candidate(scores, "c") == ("c", 1) and best_candidate(scores, "a") == ("b", 1)
+    assert best_candidate(scores, None) == ("b", 1) and best_candidate({"a": {"auc": 0.7}}, None) == ("a", 0)
 
 
 def test_selection_folds_never_hold_an_outer_test_patient(listing):

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import math
 import re
 import sys
 from pathlib import Path
@@ -256,9 +257,7 @@ def grid_problems(entries, defaults: dict, frozen: bool = False) -> list[str]:
             if bad:
                 problems.append(problem("CFG013", where, f"'{bad[0]}' is not one of {', '.join(CHOICES[key])}"))
         seen.add(key)
-    count = 1
-    for _, values in parse_grid(entries):
-        count *= max(1, len(values))
+    count = math.prod(max(1, len(values)) for _, values in parse_grid(entries))
     if count > MAX_COMBINATIONS:
         problems.append(problem("CFG013", "select", f"{count} combinations; at most {MAX_COMBINATIONS} (each costs "
                                 "select_folds + 1 trainings per outer fold): select fewer values"))

@@ -37,6 +37,7 @@ def run_sequential(cfg, study: Study, order: list[tuple[str, int]], tracker: Stu
     """The jobs one after the other in this process; a failed fold is logged and the others go
     on. Returns the number of failed folds."""
     failed, started = 0, time.perf_counter()
+    last_job = {name: (name, fold) for name, fold in order}  # each experiment's last job in the order
     for name, fold in order:
         if stop_requested():
             raise StopRequested(f"{stop_requested()} before {name} fold {fold}")
@@ -47,7 +48,7 @@ def run_sequential(cfg, study: Study, order: list[tuple[str, int]], tracker: Stu
         except TrainingError as exc:  # one bad fold must not cost the rest of the study
             log.error("%s fold %d FAILED: %s", name, fold, exc)
             failed += 1
-        if fold == max(f for n, f in order if n == name):
+        if last_job[name] == (name, fold):
             log.info("experiment %s: its folds done after %.1f s of the study", name, time.perf_counter() - started)
     return failed
 

@@ -68,12 +68,12 @@ def inner_score(cfg, name: str, outer: int) -> dict | None:
             "patients": int(len(patients)), "malignant": int(patients["label"].sum())}
 
 
-def best_candidate(scores: dict[str, dict], default: str | None) -> str:
-    """The best inner AUC; a tie keeps the defaults where they tie (no change without evidence),
-    else the first listed."""
+def best_candidate(scores: dict[str, dict], default: str | None) -> tuple[str, int]:
+    """The best inner AUC and how many others tie with it; a tie keeps the defaults where they
+    tie (no change without evidence), else the first listed."""
     best = max(score["auc"] for score in scores.values())
     tied = [name for name, score in scores.items() if score["auc"] >= best - 1e-12]
-    return default if default in tied else tied[0]
+    return (default if default in tied else tied[0]), len(tied) - 1
 
 
 def _copy_fold(cfg, source: str, outer: int) -> None:
@@ -94,15 +94,14 @@ def _copy_fold(cfg, source: str, outer: int) -> None:
             shutil.copyfile(kept, link)
 
 
-def select_outer_fold(cfg, names, outer: int) -> dict | None:
-    """Choose for outer job `outer` and write the selected pipeline's fold; None when an inner
-    or the chosen outer job is unfinished (said in the log)."""
+def select_outer_fold(cfg, sources: dict[str, str], outer: int) -> dict | None:
+    """Choose for outer job `outer` (sources: outer_sources()) and write the selected pipeline's
+    fold; None when an inner or the chosen outer job is unfinished (said in the log)."""
     scores = {name: inner_score(cfg, name, outer) for name in candidates(cfg)}
     if any(score is None for score in scores.values()):
         log.warning("selection for outer job %d: inner jobs unfinished; no selected result for it", outer)
         return None
-    sources = outer_sources(cfg, names)
-    chosen = best_candidate(scores, next((name for name, source in sources.items() if source == SELECT_BASE), None))
+    chosen, tied = best_candidate(scores, next((name for name, source in sources.items() if source == SELECT_BASE), None))
     source = sources[chosen]
     results_path = run_folder(cfg.output_dir, source, outer) / "results.json"
     if not results_path.is_file():
@@ -110,7 +109,7 @@ def select_outer_fold(cfg, names, outer: int) -> dict | None:
         return None
     _copy_fold(cfg, source, outer)
     choice = {"candidate": chosen, "overrides": candidates(cfg)[chosen], "trained_as": source,
-              "tied": sum(abs(s["auc"] - scores[chosen]["auc"]) < 1e-12 for s in scores.values()) - 1,
+              "tied": tied,
               "inner_folds": cfg.select_folds, "scores": list(scores.values())}
     results = {**json.loads(results_path.read_text()), "experiment": SELECTED, SELECTION_KEY: choice}
     atomic_write_text(run_folder(cfg.output_dir, SELECTED, outer) / "results.json", json.dumps(results, indent=2))
@@ -125,4 +124,5 @@ def write_selection(cfg, names) -> int:
         return 0
     if SELECT_BASE not in names:
         raise ValueError(f"--select compares with {SELECT_BASE}, which is not among the experiments")
-    return sum(select_outer_fold(cfg, names, outer) is not None for outer in range(outer_jobs(cfg)))
+    sources = outer_sources(cfg, names)
+    return sum(select_outer_fold(cfg, sources, outer) is not None for outer in range(outer_jobs(cfg)))
