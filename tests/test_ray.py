@@ -92,7 +92,9 @@ def uninterrupted(tmp_path_factory, demo_tree):
     return out
 
 
-LONG = ["--experiments", "mmnet", "--epochs", "5", "--tuples-per-epoch", "48", "--checkpoint-minutes", "0"]
+# ~15 s of training per fold: long enough that both jobs are still running when the second
+# worker's first line reaches the driver's log, however late the second actor starts
+LONG = ["--experiments", "mmnet", "--epochs", "5", "--tuples-per-epoch", "240", "--checkpoint-minutes", "0"]
 
 
 def test_a_killed_worker_is_replaced_and_its_job_resumes_from_its_checkpoint(cluster, tmp_path, demo_tree, uninterrupted):
@@ -134,7 +136,7 @@ def test_sigterm_on_the_driver_stops_every_running_job_at_its_step(cluster, tmp_
     assert sent, "the jobs finished before the stop"
     assert "Rerun the same command to resume" in output and "Traceback" not in output
     stopped = re.search(r"stopped on request after SIGTERM: (.*); state saved", output).group(1)
-    assert sorted(re.findall(r"mmnet fold (\d) epoch \d step \d+", stopped)) == ["0", "1"]  # each at its step
+    assert sorted(re.findall(r"mmnet fold (\d) epoch \d step \d+", stopped)) == ["0", "1"], output[-3000:]  # each at its step
     for fold in (0, 1):  # every running job saved its step and did not finish
         assert (remote / "runs" / "mmnet" / f"fold{fold}" / "last.pt").is_file()
         assert not (remote / "runs" / "mmnet" / f"fold{fold}" / "results.json").exists()
