@@ -139,6 +139,7 @@ class Config:
     # --- environment
     device: str = "auto"  # auto | cuda | mps | cpu
     deterministic: bool = False  # GPU: deterministic kernels, no autotuning (slower)
+    cuda_graphs: str = "off"  # on: each fold's training step recorded once as a CUDA graph and replayed (epochs of whole batches)
     workers: int = 0  # decode processes; 0 = from CPU affinity
     jobs: int = 0  # experiment x fold processes at once; 0 = one per visible GPU (1 without)
     executor: str = "local"  # local: this machine (--jobs processes) | ray: every job a Ray task on RAY_ADDRESS's cluster (or a local Ray),
@@ -173,14 +174,13 @@ class Config:
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only", "cv_repeats",
                 "report_only", "experiments", "backbones", "resume", "workers", "jobs", "gradcam_patients",
                 "bootstrap_samples", "conformal_alpha", "keep_models", "micro_batch", "checkpoint_minutes", "device", "executor",
-                "job_retries",
-                "deterministic", "tensorboard", "tracking", "live_report", "select", "select_folds"}
+                "job_retries", "deterministic", "tensorboard", "tracking", "live_report", "select", "select_folds"}
         if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
             skip.add("bag_size")
         if self.stain_method() == "none":  # runs from before the option keep their identity
             skip.add("stain_norm")
-        if self.feature_grid == 0:
-            skip.add("feature_grid")
+        # Options added later: at their default, runs from before them keep their identity.
+        skip |= {key for key, default in (("feature_grid", 0), ("cuda_graphs", "off")) if getattr(self, key) == default}
         if self.model != "mmnet":  # only MMNet has a fusion: the other models stay finished when it changes
             skip.add("fusion")
         items = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}

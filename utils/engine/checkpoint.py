@@ -34,6 +34,7 @@ class FoldState:
     saved_rng: dict = None  # RNG states at a mid-epoch stop, re-applied on resume
     accumulation: int = 1  # micro-batches per step (from device memory); doubled after an out-of-memory
     average: torch.nn.Module = None  # --ema-epochs: the moving average of the weights (an AveragedModel)
+    graphed: object = None  # --cuda-graphs: the recorded update (utils.engine.graphs.GraphedStep); never saved
 
 
 def tested_model(state: FoldState) -> torch.nn.Module:
@@ -95,7 +96,8 @@ def restore_average(average, saved: dict) -> None:
 
 def restore(state: FoldState, payload: dict, best: dict | None) -> None:
     load_saved_state(state.model, payload["model"])
-    state.optimizer.load_state_dict(payload["optimizer"])
+    state.optimizer.load_state_dict(payload["optimizer"])  # new state tensors: a recorded update is stale
+    state.graphed = None
     state.scheduler.load_state_dict(payload["scheduler"])
     state.scaler.load_state_dict(payload["scaler"])
     if state.average is not None:

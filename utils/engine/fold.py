@@ -34,6 +34,7 @@ from utils.engine.checkpoint import (
 )
 from utils.engine.evaluate import evaluation_batch, prediction_frame
 from utils.engine.fold_run import NO_PROGRESS, FoldRun, checkpoint_due, kept_write, save_checkpoints
+from utils.engine.graphs import graph_blocker, whole_batches
 from utils.engine.losses import StudyLoss, binary_loss, subtype_class_weights
 from utils.engine.saving import BackgroundWriter, scalar_writer
 from utils.engine.stain_reference import reference_key, shared_reference
@@ -143,15 +144,26 @@ def _record_epoch(state: FoldState, run: FoldRun, result: EpochResult, val: dict
              run.cfg.epochs, result.loss, scores, row["tuples_per_s"], " *" if improved and val else "")
 
 
-def _train_epochs(state: FoldState, run: FoldRun) -> None:
+def _fold_loop(state: FoldState, run: FoldRun) -> LoopSettings:
+    """The fold's loop settings; with --cuda-graphs on, a line when the step cannot be recorded."""
     cfg, env = run.cfg, run.study.env
-    loop = LoopSettings(run.train_source, run.split["train"],
+    blocker = graph_blocker(cfg.cuda_graphs, env.device, env.amp_dtype, state.accumulation)
+    if blocker:
+        log.info("%s fold %d: --cuda-graphs on, trained without graphs: %s", run.name, run.fold, blocker)
+    return LoopSettings(run.train_source, run.split["train"],
                         StudyLoss(cfg, subtype_class_weights(run.split["train"].subtypes, sampling_weights(
                             run.split["train"], cfg.class_balanced))),
                         samples_for(cfg, env.batch_size), env.amp_dtype, cfg.grad_clip, (cfg.colour_jitter, cfg.stain_jitter),
-                        stop_requested, cfg.quarter_turns)
+                        stop_requested, cfg.quarter_turns, graphs=cfg.cuda_graphs == "on" and not blocker)
+
+
+def _train_epochs(state: FoldState, run: FoldRun) -> None:
+    cfg = run.cfg
+    loop = _fold_loop(state, run)
     val_tuples, val_owners = evaluation_samples(run.split["val"], cfg) if "val" in run.split else (None, None)
     count = tuples_per_epoch(run.split["train"], cfg)
+    if loop.graphs:  # every step the recorded shape
+        count = whole_batches(count, loop.batch_size)
     while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
         plan = _start_epoch(state, run, count)
         try:

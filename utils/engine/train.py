@@ -18,6 +18,7 @@ from backbones import build_model
 from preprocess.dataset import ImageSource, PatientImages, reads_levels, samples_for
 from utils.device import empty_cache, grad_scaler, is_out_of_memory, seed_everything
 from utils.engine.checkpoint import FoldState
+from utils.engine.graphs import GraphedStep, new_recorder
 
 log = logging.getLogger("mmnet")
 
@@ -48,6 +49,7 @@ class LoopSettings:
     jitter: tuple = (0.1, 0.1)  # colour and stain jitter strengths of the augmentation
     should_stop: Callable | None = None  # asked after every step; truthy = save and stop
     quarter_turns: bool = False  # also 90-degree turns (a transposed batch) in training
+    graphs: bool = False  # --cuda-graphs on and possible here (utils.engine.graphs.graph_blocker)
 
 
 @dataclass
@@ -150,21 +152,36 @@ def new_fold_state(cfg, env, steps_per_epoch: int, seed: int, stain: dict | None
 
 
 def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds: tuple) -> torch.Tensor:
-    """One optimizer update over tuples [start, end), in state.accumulation micro-batches.
+    """One optimizer update over tuples [start, end), in state.accumulation micro-batches (or the
+    recorded update of --cuda-graphs), then the schedule and the moving average.
     Returns [total, binary, subtype] loss of the step, on the device (no sync)."""
     start_row, end = bounds
     labels_all, subtypes_all = targets
-    state.optimizer.zero_grad(set_to_none=True)
     micro = math.ceil(loop.batch_size / state.accumulation)
+    batches = ((*loop.source.train_batch(plan.tuples[start:min(end, start + micro)], state.model, plan.generator,
+                                         loop.jitter, loop.quarter_turns),
+                labels_all[start:min(end, start + micro)], subtypes_all[start:min(end, start + micro)])
+               for start in range(start_row, end, micro))  # made one at a time: accumulation bounds memory
+    if _graphed(state, loop) is not None:
+        total = state.graphed(*next(batches))
+    else:
+        total = _update(state, loop, batches, labels_all[start_row:end], subtypes_all[start_row:end])
+    state.scheduler.step()
+    if state.average is not None:
+        update_average(state.average, state.model)
+    return total
+
+
+def _update(state: FoldState, loop: LoopSettings, batches, step_labels, step_subtypes) -> torch.Tensor:
+    """Gradients of the step's micro-batches (x, mask, labels, subtypes), clipped, and the
+    optimizer's update: what --cuda-graphs records. Returns [total, binary, subtype] loss."""
+    state.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros(3, device=loop.source.device)
-    step = loop.loss_fn.step_totals(labels_all[start_row:end], subtypes_all[start_row:end])
-    for start in range(start_row, end, micro):
-        stop = min(end, start + micro)
-        x, mask = loop.source.train_batch(plan.tuples[start:stop], state.model, plan.generator, loop.jitter,
-                                          loop.quarter_turns)
+    step = loop.loss_fn.step_totals(step_labels, step_subtypes)
+    for x, mask, labels, subtypes in batches:
         with amp_context(loop.source.device.type, loop.amp_dtype):
             output = state.model(x, mask)
-        loss, parts = loop.loss_fn(output, labels_all[start:stop], subtypes_all[start:stop], step)  # its share
+        loss, parts = loop.loss_fn(output, labels, subtypes, step)  # its share
         state.scaler.scale(loss).backward()
         zero = torch.zeros((), device=total.device)
         total += torch.stack([loss.detach(), parts.get("binary", loss.detach()), parts.get("subtype", zero)])
@@ -173,10 +190,25 @@ def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), loop.grad_clip)
     state.scaler.step(state.optimizer)
     state.scaler.update()
-    state.scheduler.step()
-    if state.average is not None:
-        update_average(state.average, state.model)
     return total
+
+
+def _graphed(state: FoldState, loop: LoopSettings):
+    """The fold's recorded update when the loop asks for graphs and a step is one micro-batch
+    (an out-of-memory back-off to accumulation drops it); made on first use."""
+    if not loop.graphs or state.accumulation > 1:
+        state.graphed = None
+    elif state.graphed is None or state.graphed.loop is not loop:
+        state.graphed = recorded_update(state, loop, new_recorder(loop.source.device.type))
+    return state.graphed
+
+
+def recorded_update(state: FoldState, loop: LoopSettings, recorder) -> GraphedStep:
+    """_update() of one micro-batch (x, mask, labels, subtypes) as a GraphedStep."""
+    graphed = GraphedStep(lambda x, mask, labels, subtypes: _update(state, loop, [(x, mask, labels, subtypes)],
+                                                                    labels, subtypes), state.optimizer, recorder)
+    graphed.loop = loop
+    return graphed
 
 
 def train_one_epoch(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> EpochResult:

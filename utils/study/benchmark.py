@@ -92,17 +92,19 @@ def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
     return {"cache_build_images_per_s": cache_build_rate(cache_images, env.workers, cfg.image_size) if cache_images else float("nan"),
             **rates, "train_tuples_per_s_model_alone": alone,
             "pipeline_efficiency": rates["train_tuples_per_s_end_to_end"] / alone,
-            **step_counts(state, loop), "ops_per_step_single_image": single_image_ops(cfg, env),
+            **step_counts(state, loop), "ops_per_step_graphed": step_counts(state, loop, graphed=True)["ops_per_step"],
+            **single_image_ops(cfg, env),
             **fixed_seconds_per_fold(cfg, env, loop),
             "decode_ms_per_image": decode_ms_per_image(8, cfg.image_size, threads=8), **predictor,
             "peak_memory_gb": peak_memory_gb(env.device)}
 
 
-def single_image_ops(cfg: Config, env) -> float:
+def single_image_ops(cfg: Config, env) -> dict:
     """Dispatched operators per training step of the single-image baseline (single_200x) at
-    the same size, batch and device."""
+    the same size, batch and device, eager and with --cuda-graphs."""
     state, loop, _ = synthetic_study(experiment_config(cfg, "single_200x"), env, batches=1)
-    return step_counts(state, loop)["ops_per_step"]
+    return {"ops_per_step_single_image": step_counts(state, loop)["ops_per_step"],
+            "ops_per_step_single_image_graphed": step_counts(state, loop, graphed=True)["ops_per_step"]}
 
 
 def measure_frozen(cfg: Config, env, batches: int, fine_tune: dict) -> dict:

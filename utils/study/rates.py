@@ -16,9 +16,18 @@ from preprocess.dataset import PatientImages, training_tuples
 from preprocess.demo import demo_filenames, write_tree
 from preprocess.preprocess import build_cache, frame_shape, index_dataset
 from utils.device import HostSyncCounter
+from utils.engine.graphs import GRAPH_WARMUP_STEPS, EagerRecorder
 from utils.engine.inference import FoldModel, predict_patient
 from utils.engine.losses import StudyLoss
-from utils.engine.train import EpochPlan, LoopSettings, amp_context, new_fold_state, predict, train_one_epoch
+from utils.engine.train import (
+    EpochPlan,
+    LoopSettings,
+    amp_context,
+    new_fold_state,
+    predict,
+    recorded_update,
+    train_one_epoch,
+)
 
 
 def sync(device: str) -> None:
@@ -153,10 +162,12 @@ def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) ->
     return rows
 
 
-def step_counts(state, loop: LoopSettings, steps: int = 2) -> dict:
+def step_counts(state, loop: LoopSettings, steps: int = 2, graphed: bool = False) -> dict:
     """Host syncs and dispatched operators per training step (HostSyncCounter), on a
     device-resident cache, as a GPU runs the step: the whole batch in one pass (a CPU's smaller
-    micro-batches would multiply the forward and backward operators)."""
+    micro-batches would multiply the forward and backward operators). graphed: the step as
+    --cuda-graphs runs it after capture, whose recorded update is one launch (the operators left
+    are the batch's gather and augmentation, the input copies and the learning-rate fills)."""
     from utils.device import counting_syncs, uncount_host_optimizer
 
     source = loop.source
@@ -164,21 +175,34 @@ def step_counts(state, loop: LoopSettings, steps: int = 2) -> dict:
         source = copy.copy(source)
         source.on_device = True
         source.images = torch.from_numpy(np.asarray(loop.source.images))
-    counted = dataclasses.replace(loop, source=source)
+    counted = dataclasses.replace(loop, source=source, graphs=graphed)
     accumulation, state.accumulation = state.accumulation, 1
-    tuples, owners = training_tuples(loop.data, (steps + 1) * loop.batch_size, np.random.default_rng(0))
+    skipped = GRAPH_WARMUP_STEPS + 1 if graphed else 1  # after the optimizer's state exists (and the capture)
+    tuples, owners = training_tuples(loop.data, (steps + skipped) * loop.batch_size, np.random.default_rng(0))
     plan = EpochPlan(source.upload(tuples), owners, torch.Generator(device=source.device).manual_seed(0), 0)
     uncount_host_optimizer(state.optimizer)  # torch < 2.4 on the CPU: not the fused kernel a GPU runs
+    state.graphed = recorded_update(state, counted, OneLaunchRecorder()) if graphed else None
     real_step, counters = train_module._step, []
     train_module._step = counting_syncs(real_step, counters.append)
     try:
         train_one_epoch(state, counted, plan)
     finally:
-        train_module._step, state.accumulation = real_step, accumulation
-    counters = counters[1:]  # after one step: the optimizer's state exists, as in every later step
+        train_module._step, state.accumulation, state.graphed = real_step, accumulation, None
+    counters = counters[skipped:]
     return {"host_syncs_per_step": sum(c.total for c in counters) / steps,
-            "ops_per_step": sum(c.ops for c in counters) / steps,
-            "kernels_per_step": sum(c.kernels for c in counters) / steps}
+            "ops_per_step": sum(c.ops for c in counters) / steps + graphed,  # + the graph's launch
+            "kernels_per_step": sum(c.kernels for c in counters) / steps + graphed}
+
+
+class OneLaunchRecorder(EagerRecorder):
+    """The eager stand-in whose replay runs out of the counters' sight: a CUDA graph's replay is
+    one launch, whatever it holds (step_counts adds it)."""
+
+    def replay(self):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            return super().replay()
 
 
 def fixed_seconds_per_fold(cfg, env, loop: LoopSettings) -> dict:
