@@ -28,7 +28,7 @@ import torch
 
 log = logging.getLogger("mmnet")
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (torch's whole-network example)
-TENSOR_LR_SINCE = (2, 2)  # fused AdamW reads a tensor learning rate without a host copy from torch 2.2
+TENSOR_LR_SINCE = (2, 2)  # fused AdamW's tensor learning rate (pytorch#106916, Aug 2023): older releases refused, not risked
 
 
 def graph_blocker(requested: str, device: str, amp_dtype: str, accumulation: int) -> str:
