@@ -177,3 +177,29 @@ def test_every_hierarchy_level_has_a_real_choice_so_query_and_key_weights_learn(
     key_rows = module.key_value.weight.grad[:16]  # the key half of the key/value projection
     assert module.query.weight.grad.abs().max() > 0
     assert key_rows.abs().max() > 0
+
+
+@pytest.mark.parametrize("experiment", ["mmnet", "mil_attention", "single_200x"])
+def test_every_view_in_one_forward_gives_each_views_own_forward(experiment):
+    """predict_views runs the test-time views as one batch: the oracle is one forward per view
+    (the mean of their probabilities and weights, the plain view's own probability)."""
+    from preprocess.image_source import TTA_FLIPS
+    from utils.engine.train import predict_views
+
+    cfg = experiment_config(TINY, experiment)
+    model = build_model(cfg).eval()
+    x, mask = _inputs(cfg)
+    views = [(x.flip([d + 1 for d in dims]) if dims else x, mask) for dims in TTA_FLIPS]
+    assert len(views) > 1
+    got = predict_views(model, views, "none")
+    with torch.inference_mode():
+        outputs = [model(*view) for view in views]
+    probs = torch.stack([torch.sigmoid(o.logits) for o in outputs])
+    torch.testing.assert_close(got["prob"], probs.mean(0))
+    torch.testing.assert_close(got["prob_plain"], probs[0])
+    for key in ("mag_weights", "instance_weights"):
+        values = [getattr(o, key) for o in outputs]
+        if values[0] is not None:
+            torch.testing.assert_close(got[key], torch.stack(values).mean(0))
+    if outputs[0].subtype_logits is not None:
+        torch.testing.assert_close(got["subtype_prob"], torch.stack([o.subtype_logits.softmax(-1) for o in outputs]).mean(0))
