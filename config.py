@@ -141,7 +141,7 @@ class Config:
     deterministic: bool = False  # GPU: deterministic kernels, no autotuning (slower)
     cuda_graphs: str = "off"  # on: each fold's training step recorded once as a CUDA graph and replayed (epochs of whole batches)
     workers: int = 0  # decode processes; 0 = from CPU affinity
-    jobs: int = 0  # experiment x fold processes at once; 0 = one per visible GPU (1 without)
+    jobs: int | str = 0  # fold processes at once; 0 = one per GPU (1 without); auto = per GPU as many as memory and cores allow
     executor: str = "local"  # local: this machine (--jobs processes) | ray: every job a Ray task on RAY_ADDRESS's cluster (or a local Ray),
         # pip install -r requirements-ray.txt
     job_retries: int = 2  # --executor ray: times a job whose worker or node died is retried from its last.pt

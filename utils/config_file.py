@@ -89,7 +89,7 @@ def typed_values(values: dict, defaults: dict, source: str) -> tuple[dict, list[
             problems.append(problem("CFG001", f"{source}: {key}", f"unknown key{closest(key, defaults)}"))
             continue
         try:
-            typed[key] = _converted(value, defaults[key])
+            typed[key] = value if key == "jobs" and value == "auto" else _converted(value, defaults[key])
         except (TypeError, ValueError) as exc:
             kind = type(defaults[key]).__name__
             problems.append(problem("CFG002", f"{source}: {key}", f"{value!r} is not a {kind} ({exc})"))
@@ -136,6 +136,9 @@ def add_option(group, f: dataclasses.Field, text: str, choices=None) -> None:
                            help=f"{text} (default: {f.default})".strip())
     elif f.name == "select":  # entries hold commas themselves: KEY=A,B KEY=C,D
         group.add_argument(flag, nargs="+", metavar="KEY=A,B", default=None, type=str, help=text)
+    elif f.name == "jobs":  # a number, or auto
+        group.add_argument(flag, type=lambda text: text if text == "auto" else int(text), default=None,
+                           metavar="N|auto", help=f"{text} (default: {f.default!r})".strip())
     elif isinstance(f.default, tuple):
         kind = type(f.default[0]) if f.default else str
         listed = ",".join(map(str, f.default))
@@ -165,8 +168,10 @@ def _missing(package: str) -> bool:
 
 
 def combination_problems(cfg) -> list[str]:
-    """Problems of a Config's options taken together (codes CFG009 and CFG010)."""
+    """Problems of a Config's options taken together (codes CFG003, CFG009 and CFG010)."""
     rules = [
+        (cfg.jobs != "auto" and not (isinstance(cfg.jobs, int) and cfg.jobs >= 0),
+         problem("CFG003", "jobs", f"must be a number >= 0 or auto, got {cfg.jobs!r}")),
         (cfg.tensorboard and _missing("tensorboard"),
          problem("CFG009", "tensorboard", "the tensorboard package is not installed: pip install tensorboard "
                  "(or leave --tensorboard off)")),
@@ -201,7 +206,7 @@ CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "i
             "stain_norm": ("auto", "none", "macenko", "reinhard"), "executor": ("local", "ray"), "tracking": ("none", "mlflow"),
             "device": ("auto", "cuda", "mps", "cpu"), "cuda_graphs": ("on", "off")}
 MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
-            "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "jobs": 0, "max_patients": 0,
+            "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "select_folds": 2, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
             "warmup_epochs": 0.0, "ema_epochs": 0.0, "weight_decay": 0.0, "focal_gamma": 0.0,
             "colour_jitter": 0.0, "stain_jitter": 0.0, "magnification_dropout": 0.0, "feature_grid": 0, "job_retries": 0}

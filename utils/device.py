@@ -41,6 +41,22 @@ def _micro_batch_for(device: str, gb: float) -> int:
     return 16 if device == "mps" else 8  # CPU: a dry-run device; small steps keep caches warm
 
 
+# --jobs auto: fold jobs per GPU. Launch-bound jobs fill each other's gaps on one GPU; past a few,
+# its arithmetic is the bound (an assumption until a GPU measures 1 vs 2 vs 4).
+MAX_JOBS_PER_GPU = 4
+JOB_FIXED_GB = 1.5  # CUDA context, model, AdamW state and workspace of one job (four resnet18: ~0.75 GB of state)
+TUPLE_GB = 0.25  # activations of one training tuple of four 224 px images in bf16 (_micro_batch_for's rule)
+
+
+def jobs_per_gpu_auto(memory_gb: float, job_gb: float, cores_per_gpu: int) -> tuple[int, str]:
+    """(jobs, why) for one GPU: as many as 90 % of its memory holds and two cores each feed,
+    at most MAX_JOBS_PER_GPU, at least 1."""
+    by_memory, by_cores = int(0.9 * memory_gb // job_gb), cores_per_gpu // 2
+    jobs = max(1, min(MAX_JOBS_PER_GPU, by_memory, by_cores))
+    return jobs, (f"{jobs} per GPU: {memory_gb:.0f} GB holds {by_memory} job(s) of {job_gb:.1f} GB, "
+                  f"{cores_per_gpu} cores feed {by_cores} (2 each), at most {MAX_JOBS_PER_GPU}")
+
+
 def resolve_device(device: str = "auto") -> str:
     """'auto' -> cuda, else mps, else cpu; a forced device that is not there is an error."""
     if device == "auto":

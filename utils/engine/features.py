@@ -33,7 +33,7 @@ from preprocess.augment import TTA_FLIPS, prepare_batch, test_views
 from preprocess.dataset import ImageSource, reads_levels, upload_rows
 from preprocess.image_source import copy_to_device
 from preprocess.preprocess import cache_key
-from utils.device import empty_cache
+from utils.device import MAX_JOBS_PER_GPU, empty_cache
 from utils.engine.train import amp_context
 from utils.env import available_memory
 from utils.files import FEATURE_CACHE_FILE, atomic_write_text, steps
@@ -191,6 +191,9 @@ def attach_features(cfg, study):
 
 
 def jobs_per_gpu(cfg) -> int:
-    """Jobs that place their own copy of the maps on one GPU (--jobs above the GPU count)."""
+    """Jobs that place their own copy of the maps on one GPU (--jobs above the GPU count; auto
+    counts as the most it may choose)."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.jobs == "auto":
+        return MAX_JOBS_PER_GPU
     return max(1, -(-cfg.jobs // gpus)) if gpus and cfg.jobs else 1

@@ -11,12 +11,14 @@ import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+import numpy as np
 import torch
 
 from backbones import hold_frozen_encoders
 from config import ConfigError, experiment_config
 from preprocess.prepared import attach_images
-from utils.device import configure_backends, detect_env
+from preprocess.preprocess import frame_shape
+from utils.device import JOB_FIXED_GB, TUPLE_GB, configure_backends, detect_env, jobs_per_gpu_auto
 from utils.engine.checkpoint import ForeignRunError
 from utils.engine.features import attach_features
 from utils.engine.fold import run_fold
@@ -30,6 +32,27 @@ _WORKER: dict = {}
 
 def default_jobs(device: str) -> int:
     return torch.cuda.device_count() if device == "cuda" and torch.cuda.device_count() > 1 else 1
+
+
+def job_memory_gb(cfg, images: int) -> float:
+    """Device memory of one fold job: its copy of the image cache (and with a stain reference the
+    fold's normalised copy), a step's activations and the fixed part."""
+    frame = np.prod(frame_shape(cfg.image_size)) * 3
+    copies = 2 if cfg.stain_method() != "none" else 1
+    activations = TUPLE_GB * cfg.batch_size * frame / (224 * 341 * 3) * len(cfg.magnifications) / 4
+    return images * frame / 1e9 * copies + activations + JOB_FIXED_GB
+
+
+def study_job_count(cfg, env, images: int) -> tuple[int, str]:
+    """(processes, why): --jobs N as given; 0 one per GPU (1 without); auto per GPU from
+    jobs_per_gpu_auto (1 without a GPU: one job uses every core)."""
+    if cfg.jobs != "auto":
+        return cfg.jobs or default_jobs(env.device), ""
+    gpus = torch.cuda.device_count() if env.device == "cuda" else 0
+    if not gpus:
+        return 1, "--jobs auto: 1 job (no GPU: one job uses every core)"
+    per_gpu, why = jobs_per_gpu_auto(env.memory_gb, job_memory_gb(cfg, images), usable_cpus() // gpus)
+    return per_gpu * gpus, f"--jobs auto: {per_gpu * gpus} job(s) on {gpus} GPU(s), {why}"
 
 
 def _init_worker(cfg, prepared, slots, log_file: str, jobs: int) -> None:

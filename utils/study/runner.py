@@ -21,7 +21,7 @@ from utils.engine.stop import StopRequested, install_stop_handlers, stop_request
 from utils.engine.train import TrainingError
 from utils.files import RUN_LOG
 from utils.study.benchmark import predict_duration
-from utils.study.parallel import default_jobs, run_jobs
+from utils.study.parallel import run_jobs, study_job_count
 from utils.study.progress import StudyProgress
 from utils.study.ray_jobs import run_ray_jobs
 from utils.study.selection import cost_line, study_jobs, write_selection
@@ -103,7 +103,9 @@ def run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end=None) -> tuple[Stu
 def _run_study(cfg, prepared: Study, env: EnvInfo, on_fold_end) -> tuple[Study, int]:
     study = attach_features(cfg, attach_images(cfg, prepared, env))  # maps instead of pixels when frozen
     names = selected_experiments(cfg)
-    jobs = cfg.jobs or default_jobs(study.env.device)
+    jobs, why = study_job_count(cfg, study.env, len(study.index))
+    if why:
+        log.info("%s", why)
     order = study_jobs(cfg, names)  # with --select also every candidate's outer and inner folds
     if cfg.select:
         log.info("%s", cost_line(cfg, names))
