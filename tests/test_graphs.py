@@ -120,31 +120,13 @@ def test_a_graphed_step_launches_what_runs_outside_the_recording_and_one_graph(t
     """step_counts(graphed=True), the benchmark's ops_per_step_graphed: a bare dispatch mode nested
     in the same steps after warm-up and capture sees every operator but the recorded update's
     (the replay runs out of every mode's sight), and the count adds the graph's one launch."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    import utils.engine.train as train_module
     from config import experiment_config
+    from tests.test_host_syncs import EveryCall, steps_under_oracle
     from utils.device import detect_env
     from utils.study.benchmark import synthetic_study
     from utils.study.rates import step_counts
 
-    class EveryCall(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            EveryCall.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    real, steps = train_module._step, []
-
-    def under_oracle(*args, **kwargs):
-        steps.append(1)
-        if len(steps) <= graphs.GRAPH_WARMUP_STEPS + 1:  # warm-up and capture, left out
-            return real(*args, **kwargs)
-        with EveryCall():
-            return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_step", under_oracle)
+    steps = steps_under_oracle(monkeypatch, skipped=graphs.GRAPH_WARMUP_STEPS + 1)  # warm-up and capture left out
     cfg = experiment_config(tiny_config(tmp_path), "mmnet")
     state, loop, _ = synthetic_study(cfg, detect_env(cfg), batches=1)
     eager = step_counts(state, loop)["ops_per_step"]

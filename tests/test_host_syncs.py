@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import utils.engine.fold as fold_module
 import utils.engine.train as train_module
@@ -130,34 +131,41 @@ def test_the_parent_of_parallel_jobs_gives_its_device_copies_back_before_the_wor
     assert study.source is not None  # attached again afterwards, for the report's Grad-CAM
 
 
+class EveryCall(TorchDispatchMode):
+    """The oracle of the operator counts: a bare dispatch mode that counts each call."""
+    calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        EveryCall.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def steps_under_oracle(monkeypatch, skipped: int) -> list:
+    """Every training step after the first `skipped` runs under EveryCall (step_counts wraps
+    the patched step in its own counter); the returned list counts the steps."""
+    real, steps = train_module._step, []
+
+    def under_oracle(*args, **kwargs):
+        steps.append(1)
+        if len(steps) <= skipped:
+            return real(*args, **kwargs)
+        with EveryCall():
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_step", under_oracle)
+    return steps
+
+
 def test_the_benchmarks_operator_count_is_every_dispatched_operator_of_a_step(tmp_path, monkeypatch):
     """ops_per_step (utils.study.rates.step_counts, the benchmark's row) against a bare dispatch
     mode that counts each call, nested inside the same two steps after the first (whose optimizer
     state is built then); kernels leave out views and allocations; an MMNet step of four
     branches dispatches more operators than a single-image step."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from utils.device import detect_env
     from utils.study.benchmark import synthetic_study
     from utils.study.rates import step_counts
 
-    class EveryCall(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            EveryCall.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    real, steps = train_module._step, []
-
-    def under_oracle(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == 1:  # the warm-up step step_counts leaves out
-            return real(*args, **kwargs)
-        with EveryCall():
-            return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_step", under_oracle)  # step_counts wraps this in its counter
+    steps = steps_under_oracle(monkeypatch, skipped=1)  # the warm-up step step_counts leaves out
     counts = {}
     for name in ("mmnet", "single_200x"):
         cfg = experiment_config(tiny_config(tmp_path), name)
