@@ -135,3 +135,24 @@ def test_a_graphed_step_launches_what_runs_outside_the_recording_and_one_graph(t
     assert graphed["ops_per_step"] == EveryCall.calls / 2 + 1
     assert graphed["host_syncs_per_step"] == 0
     assert 1 < graphed["ops_per_step"] < eager / 4  # the forward, backward and optimizer are one launch
+
+
+def test_an_evaluation_padded_to_whole_batches_scores_exactly_the_real_tuples(tmp_path, demo_tree, demo_index):
+    """predict(static=True), the CUDA default: the last batch filled with copies of the first
+    tuple so every batch has one shape; the copies' outputs are dropped, the rest is unchanged."""
+    from preprocess.dataset import evaluation_tuples, fold_split
+    from utils.device import detect_env
+    from utils.engine.train import new_fold_state, padded, predict
+
+    assert padded(np.arange(10).reshape(5, 2), 4).tolist() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [0, 1], [0, 1], [0, 1]]
+    cfg = tiny_config(tmp_path)
+    study = tiny_study(cfg, demo_tree, demo_index)
+    state = new_fold_state(cfg, detect_env(cfg), steps_per_epoch=1, seed=0)
+    tuples, _ = evaluation_tuples(fold_split(study.index, study.usable, study.folds, 0, cfg)["test"])
+    assert len(tuples) % 7  # a short last batch
+    plain = predict(state.model, study.source, tuples, 7, "none", tta=True, static=False)
+    static = predict(state.model, study.source, tuples, 7, "none", tta=True, static=True)
+    assert set(plain) == set(static)
+    for key in plain:
+        assert static[key].shape == plain[key].shape
+        np.testing.assert_allclose(static[key], plain[key], atol=1e-5)

@@ -244,15 +244,19 @@ def train_one_epoch(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> Ep
 
 
 def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
-            amp_dtype: str, tta: bool = True) -> dict[str, np.ndarray]:
+            amp_dtype: str, tta: bool = True, static: bool | None = None) -> dict[str, np.ndarray]:
     """Malignant probability, subtype probabilities and magnification weights per tuple, each
-    the mean over the test-time views (tta) or of the plain view.
+    the mean over the test-time views (tta) or of the plain view. static (default: on CUDA):
+    the last batch padded to the batch size with copies of the first tuple (their outputs
+    dropped), so every batch has one shape and cuDNN tunes once per study, not once per set.
 
     A CUDA out-of-memory halves the evaluation batch and starts over (prediction is stateless).
     """
+    static = source.device.type == "cuda" if static is None else static
     while True:
         try:
-            return _predict_batches(model, source, tuples, batch_size, (amp_dtype, tta))
+            return _predict_batches(model, source, padded(tuples, batch_size) if static else tuples, batch_size,
+                                    (amp_dtype, tta), len(tuples))
         except RuntimeError as exc:  # torch.OutOfMemoryError is one; is_out_of_memory() tells the rest apart
             if batch_size <= 1 or not is_out_of_memory(exc):
                 raise
@@ -303,15 +307,21 @@ def _predict_batch(model, source, samples, evaluation: tuple[str, bool], slots: 
     return out
 
 
+def padded(tuples: np.ndarray, batch_size: int) -> np.ndarray:
+    """The tuples and copies of the first one up to a whole number of batches."""
+    return np.concatenate([tuples, np.repeat(tuples[:1], -len(tuples) % batch_size, axis=0)])
+
+
 def _predict_batches(model, source, tuples: np.ndarray, batch_size: int,
-                     evaluation: tuple[str, bool]) -> dict[str, np.ndarray]:
+                     evaluation: tuple[str, bool], tuples_kept: int) -> dict[str, np.ndarray]:
     model.eval()
     rows = source.upload(tuples)  # one copy of all indices; each batch's width is read on the host
     batches = []
     for start in range(0, len(tuples), batch_size):
         width = filled(tuples[start:start + batch_size], model).shape[1]
         batches.append(_predict_batch(model, source, rows[start:start + batch_size, :width], evaluation, tuples.shape[1]))
-    result = {key: torch.cat([b[key] for b in batches]).cpu().numpy() for key in batches[0]}
+    # Rows past `tuples_kept` are a padded batch's copies (static shapes): dropped.
+    result = {key: torch.cat([b[key] for b in batches])[:tuples_kept].cpu().numpy() for key in batches[0]}
     if not np.isfinite(result["prob"]).all():
         raise TrainingError("the model produced non-finite probabilities; not scoring them")
     return result
