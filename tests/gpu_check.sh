@@ -9,7 +9,7 @@
 #   pip download --no-deps -d .whl -r tests/gpu_check_wheels.txt
 # Then: the tests marked gpu (bf16 autocast, the device-resident cache, no host sync in a step
 # under torch.cuda.set_sync_debug_mode("error"), the out-of-memory back-off, a spawned worker),
-# the benchmark (throughput, achieved TFLOP/s, dispatched operators per step and per patient),
+# the benchmark (throughput eager and with --cuda-graphs, achieved TFLOP/s, dispatched operators per step and per patient),
 # and a one-epoch study at 224 px (a fold's fixed costs in its log). Each part's result is added
 # to OUT_DIR/gpu_check.json as soon as it ends, so a run cut short still returns what it measured.
 # Exit status: 0 when every part passed; 1 without a CUDA GPU or when a part failed; 2 without

@@ -1,5 +1,5 @@
 """The CUDA paths on a real GPU (run by tests/gpu_check.sh; skipped without CUDA): bf16 autocast,
-the device-resident cache, no host sync in a step under torch's sync debug mode, the
+the device-resident cache, no host sync in a step under torch's sync debug mode, a recorded step, the
 out-of-memory back-off, a spawned worker. The CPU suite runs the same code on the CPU."""
 import pandas as pd
 import pytest
@@ -77,3 +77,17 @@ def _worker_device(study):
 
 def test_a_spawned_worker_trains_on_its_gpu(tmp_path, demo_tree, demo_index):
     assert in_spawned_worker(_cuda_config(tmp_path), demo_tree, demo_index, _worker_device) == ("cuda", "cuda")
+
+
+def test_a_fold_with_cuda_graphs_predicts_what_the_eager_fold_predicts(tmp_path, demo_tree, demo_index):
+    """--cuda-graphs on with the real recorder: the step captured after its warm-up and replayed
+    (bf16, where the GPU has it); the predictions follow the eager fold's within the rounding of
+    the float32 learning-rate tensor, as the CPU stand-in's do (tests/test_graphs.py)."""
+    predictions = {}
+    for mode in ("off", "on"):
+        cfg = _cuda_config(tmp_path / mode, epochs=3, tuples_per_epoch=64, warmup_epochs=2.0, cuda_graphs=mode,
+                           amp="bfloat16" if torch.cuda.is_bf16_supported() else "none", deterministic=True)
+        study = tiny_study(cfg, demo_tree, demo_index)
+        fold_module.run_fold(cfg, study, "mmnet", 0)
+        predictions[mode] = pd.read_csv(tmp_path / mode / "runs/mmnet/fold0/predictions.csv")["prob"]
+    assert (predictions["on"] - predictions["off"]).abs().max() < 0.02

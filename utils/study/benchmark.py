@@ -34,6 +34,7 @@ from utils.device import configure_backends, detect_env
 from utils.engine.checkpoint import checkpoint_payload
 from utils.engine.features import FeatureSource, encode_to_file
 from utils.engine.fold import normalised_once
+from utils.engine.graphs import GRAPH_WARMUP_STEPS, graph_blocker
 from utils.engine.losses import StudyLoss
 from utils.engine.saving import snapshot
 from utils.engine.train import LoopSettings, make_scheduler, new_fold_state
@@ -70,6 +71,19 @@ def synthetic_study(cfg: Config, env, batches: int):
     return state, loop, cache
 
 
+def graphed_rates(state, loop: LoopSettings, batches: int) -> dict:
+    """On CUDA, where the step can be recorded: training tuples/s with --cuda-graphs on, timed
+    after the eager warm-up steps and the capture, and its ratio to the eager rate."""
+    if loop.source.device.type != "cuda" or graph_blocker("on", "cuda", loop.amp_dtype, state.accumulation):
+        return {}
+    graphed = dataclasses.replace(loop, graphs=True)
+    eval_tuples = evaluation_tuples(loop.data)[0][:loop.batch_size]
+    rate = time_train_and_eval(state, graphed, batches * loop.batch_size, eval_tuples,
+                               warmup_batches=GRAPH_WARMUP_STEPS + 2)["train"]
+    state.graphed = None
+    return {"train_tuples_per_s_graphed": rate}
+
+
 def loop_rates(state, loop: LoopSettings, batches: int) -> dict:
     """Train and eval tuples/s through the real loop: the rates every duration estimate uses
     (evaluation timed on four batches' worth of tuples: the rate, not the whole set)."""
@@ -87,6 +101,7 @@ def study_minutes(cfg: Config, rates: dict) -> float:
 def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
     state, loop, cache = synthetic_study(cfg, env, batches)
     rates = loop_rates(state, loop, batches)
+    rates.update(graphed_rates(state, loop, batches))
     alone = model_alone_rate(state, cfg, env, batches, len(cfg.magnifications))
     predictor = predictor_latency(state.model, cfg, cache, loop.data, env.device)
     return {"cache_build_images_per_s": cache_build_rate(cache_images, env.workers, cfg.image_size) if cache_images else float("nan"),

@@ -77,9 +77,10 @@ def model_alone_rate(state, cfg, env, batches: int, slots: int) -> float:
     return batches * micro * steps_per_batch / (time.perf_counter() - started)
 
 
-def time_train_and_eval(state, loop: LoopSettings, train_count: int, eval_tuples: np.ndarray) -> dict:
+def time_train_and_eval(state, loop: LoopSettings, train_count: int, eval_tuples: np.ndarray,
+                        warmup_batches: int = 2) -> dict:
     """Tuples/s of training (cache -> gather -> device augmentation -> model -> optimizer) and
-    of evaluation, each timed after one warm-up batch, through the real loop functions."""
+    of evaluation, each timed after warm-up batches, through the real loop functions."""
     device = loop.source.device.type
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -98,7 +99,7 @@ def time_train_and_eval(state, loop: LoopSettings, train_count: int, eval_tuples
         sync(device)
         return len(tuples) / (time.perf_counter() - started)
 
-    train(loop.batch_size * 2, 0)  # warm-up (two batches): allocator, cuDNN autotuning, lazy imports
+    train(loop.batch_size * warmup_batches, 0)  # warm-up: allocator, cuDNN autotuning, lazy imports (and a graph's capture)
     rates = {"train": train(train_count, 1)}
     evaluate(eval_tuples[:loop.batch_size])
     rates["eval"] = evaluate(eval_tuples)
