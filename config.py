@@ -135,7 +135,7 @@ class Config:
     focal_alpha: float = 0.5  # malignant weight; 0.5 = neutral (the sampler balances classes); <0 = none
     focal_gamma: float = 2.0  # focusing; 0 = (weighted) cross-entropy
     subtype_loss_weight: float = 0.1  # weight of the subtype cross-entropy in the loss
-    tuples_per_epoch: int = 0  # 0 = training images / magnifications used
+    tuples_per_epoch: int = 0  # 0 = each training image about once (images / images per drawn tuple)
     # --- environment
     device: str = "auto"  # auto | cuda | mps | cpu
     deterministic: bool = False  # GPU: deterministic kernels, no autotuning (slower)

@@ -203,8 +203,12 @@ def evaluation_tuples(data: PatientImages) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tuples_per_epoch(data: PatientImages, cfg) -> int:
-    """Default: as many tuples (or bags) as it takes to show each training image about once.
-    --tuples-per-epoch counts tuples of MMNet's four images: bags then get as many images."""
+    """Default: as many tuples (or bags) as it takes to show each training image about once:
+    the images over what a drawn tuple holds on average (sampling_weights' draw; before
+    magnification dropout, which masks on purpose). A complete patient fills every slot, so on
+    complete data that is images / magnifications; a patient with one magnification of two fills
+    one, and dividing by the slot count would show an incomplete cohort's images 0.5-0.7 times an
+    epoch. --tuples-per-epoch counts tuples of MMNet's four images: bags then get as many images."""
     requested = cfg.tuples_per_epoch
     if cfg.sample_mode == "bag":
         images = requested * len(MAGNIFICATIONS) if requested else sum(len(rows[0]) for rows in data.rows)
@@ -212,7 +216,9 @@ def tuples_per_epoch(data: PatientImages, cfg) -> int:
     if requested:
         return requested
     images = sum(len(r) for rows in data.rows for r in rows)
-    return max(1, images // len(data.rows[0]))
+    filled_slots = np.array([sum(1 for r in rows if len(r)) for rows in data.rows], dtype=np.float64)
+    per_tuple = round(float(sampling_weights(data, cfg.class_balanced) @ filled_slots), 6)
+    return max(1, int(images // per_tuple))
 
 
 def samples_for(cfg, tuples: int) -> int:

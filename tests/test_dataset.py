@@ -142,3 +142,24 @@ def test_quarter_turns_transpose_about_half_the_batches_and_never_a_fixed_frame(
     model.fixed_frame = True  # an encoder built for one frame size (Swin-like)
     assert all(source.train_batch(tuples, model, torch.Generator(), (0.1, 0.1), True)[0].shape[-2:] == (8, 12)
                for _ in range(10))
+
+
+def test_an_epoch_shows_each_training_image_about_once_on_complete_and_incomplete_patients(demo_index):
+    """tuples_per_epoch against its oracle, the images that drawn tuples hold (training_tuples,
+    no magnification dropout): about one presentation per training image. On complete patients
+    that is images / magnifications, as before; with half the patients missing 100X and 400X it
+    takes more tuples, where images / magnifications would show each image ~0.8 times."""
+    from config import Config
+    from preprocess.dataset import patient_images, training_tuples, tuples_per_epoch
+
+    cfg = Config()
+    patients = demo_index["patient"].unique()
+    incomplete = demo_index["patient"].isin(patients[::2]) & demo_index["mag"].isin([100, 400])
+    for usable, complete in ((np.ones(len(demo_index), bool), True), (~incomplete.to_numpy(), False)):
+        data = patient_images(demo_index, usable, patients, cfg.magnifications, cfg.sample_mode)
+        images = int(usable.sum())
+        count = tuples_per_epoch(data, cfg)
+        tuples, _ = training_tuples(data, 200 * count, np.random.default_rng(0))
+        shown = (tuples >= 0).sum() / 200  # presentations per epoch, averaged over 200 epochs' draws
+        assert abs(shown / images - 1) < 0.03, (complete, shown, images)
+        assert (count == images // 4) == complete
