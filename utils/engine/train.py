@@ -157,11 +157,7 @@ def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds
     Returns [total, binary, subtype] loss of the step, on the device (no sync)."""
     start_row, end = bounds
     labels_all, subtypes_all = targets
-    micro = math.ceil(loop.batch_size / state.accumulation)
-    batches = ((*loop.source.train_batch(plan.tuples[start:min(end, start + micro)], state.model, plan.generator,
-                                         loop.jitter, loop.quarter_turns),
-                labels_all[start:min(end, start + micro)], subtypes_all[start:min(end, start + micro)])
-               for start in range(start_row, end, micro))  # made one at a time: accumulation bounds memory
+    batches = _micro_batches(state, loop, plan, targets, bounds)
     if _graphed(state, loop) is not None:
         total = state.graphed(*next(batches))
     else:
@@ -170,6 +166,17 @@ def _step(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds
     if state.average is not None:
         update_average(state.average, state.model)
     return total
+
+
+def _micro_batches(state: FoldState, loop: LoopSettings, plan: EpochPlan, targets, bounds: tuple):
+    """(x, mask, labels, subtypes) of each micro-batch of the step, made one at a time (the
+    accumulation exists to bound memory)."""
+    start_row, end = bounds
+    micro = math.ceil(loop.batch_size / state.accumulation)
+    for start in range(start_row, end, micro):
+        rows = slice(start, min(end, start + micro))
+        x, mask = loop.source.train_batch(plan.tuples[rows], state.model, plan.generator, loop.jitter, loop.quarter_turns)
+        yield x, mask, targets[0][rows], targets[1][rows]
 
 
 def _update(state: FoldState, loop: LoopSettings, batches, step_labels, step_subtypes) -> torch.Tensor:
