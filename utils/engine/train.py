@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import math
 import time
@@ -12,11 +11,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from backbones import build_model
 from preprocess.dataset import ImageSource, PatientImages, reads_levels, samples_for
 from utils.device import empty_cache, grad_scaler, is_out_of_memory, seed_everything
+from utils.engine.averaging import moving_average, update_average
 from utils.engine.checkpoint import FoldState
 from utils.engine.graphs import GraphedStep, new_recorder
 
@@ -103,35 +102,6 @@ def make_scheduler(optimizer, total_steps: int, warmup_steps: int):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def moving_average(model: torch.nn.Module, ema_epochs: float, steps_per_epoch: int):
-    """torch's AveragedModel as an exponential moving average updated after every step, whose
-    horizon (1 / (1 - decay) steps) is ema_epochs epochs; BatchNorm statistics are averaged
-    with the weights. None when ema_epochs is 0."""
-    if ema_epochs <= 0:
-        return None
-    decay = 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
-    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    average.decay = decay
-    return average
-
-
-def update_average(average: AveragedModel, model: torch.nn.Module) -> None:
-    """AveragedModel.update_parameters with its EMA function, without its host read: torch's
-    version asks `n_averaged == 0` on every step (a device sync) to copy the first weights;
-    here the host remembers whether the average has started (restored with a checkpoint)."""
-    pairs = [(mine, theirs) for mine, theirs in zip(
-        itertools.chain(average.module.parameters(), average.module.buffers()),
-        itertools.chain(model.parameters(), model.buffers())) if mine is not theirs]  # a frozen encoder is shared
-    floats = [(mine.detach(), theirs.detach()) for mine, theirs in pairs if mine.is_floating_point()]
-    weight = 1.0 - average.decay if getattr(average, "started", False) else 1.0  # the first update copies
-    torch._foreach_lerp_([mine for mine, _ in floats], [theirs for _, theirs in floats], weight)
-    average.started = True
-    for mine, theirs in pairs:
-        if not mine.is_floating_point():  # BatchNorm's num_batches_tracked, averaged as torch does
-            mine.detach().copy_(mine * (1.0 - weight) + theirs.detach() * weight)
-    average.n_averaged += 1
 
 
 def new_fold_state(cfg, env, steps_per_epoch: int, seed: int, stain: dict | None = None) -> FoldState:
