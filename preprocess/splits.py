@@ -64,10 +64,19 @@ def outer_folds(patients: pd.DataFrame, n_folds: int, seed: int, attempts: int =
     labels = group_labels(patients)
     _check_enough_groups(labels, n_folds, "outer folds")
     subtypes = group_subtypes(patients).reindex(labels.index)
+    return _first_passing_split(patients, (labels, subtypes), n_folds, seed, attempts,
+                                lambda folds: check_outer_coverage(patients.assign(fold=folds), n_folds))
+
+
+def _first_passing_split(patients: pd.DataFrame, strata: tuple, n_folds: int, seed: int, attempts: int,
+                         check) -> pd.Series:
+    """Fold per patient from the first of a fixed sequence of shuffles (seed, seed + 104729, ...)
+    whose folds pass check (which raises FoldError); the last attempt's error when none does.
+    strata: (label per slide group, what to stratify on per slide group)."""
     for attempt in range(attempts):
-        folds = patients["group"].map(_split_groups(labels, subtypes, n_folds, seed + 104729 * attempt))
+        folds = patients["group"].map(_split_groups(*strata, n_folds, seed + 104729 * attempt))
         try:
-            check_outer_coverage(patients.assign(fold=folds), n_folds)
+            check(folds)
             return folds
         except FoldError:
             if attempt == attempts - 1:
@@ -145,12 +154,12 @@ def _selection_folds(inside: pd.DataFrame, n_folds: int, seed: int, outer: int, 
     part holds too few slide groups per subtype to stratify on it), both classes in each."""
     labels = group_labels(inside)
     _check_enough_groups(labels, n_folds, f"selection folds of outer job {outer} (lower --select-folds)")
-    for attempt in range(attempts):
-        folds = inside["group"].map(_split_groups(labels, labels, n_folds, seed + 104729 * attempt)).astype(int)
-        if all(inside.loc[folds == k, "label"].nunique() == 2 for k in range(n_folds)):
-            return folds
-    raise FoldError(f"selection folds of outer job {outer}: no split with both classes in every fold; "
-                    f"lower --select-folds or try another --seed")
+
+    def both_classes(folds: pd.Series) -> None:
+        if any(inside.loc[folds == k, "label"].nunique() < 2 for k in range(n_folds)):
+            raise FoldError(f"selection folds of outer job {outer}: no split with both classes in every fold; "
+                            f"lower --select-folds or try another --seed")
+    return _first_passing_split(inside, (labels, labels), n_folds, seed, attempts, both_classes).astype(int)
 
 
 def add_selection_roles(folds: pd.DataFrame, select_folds: int, fraction: float, seed: int) -> pd.DataFrame:
