@@ -76,13 +76,33 @@ def _size_kwargs(cfg) -> list[dict]:
     return [{}]
 
 
+# Pretrained weights as loaded, by model and weights: a study builds four branches per fold model
+# and a fold model per job, and each would read the file (often on a network volume) again.
+_PRETRAINED: dict = {}
+
+
+def _create_timm(cfg, pretrained: bool, kwargs: dict, size: dict) -> nn.Module:
+    """timm.create_model; pretrained weights read from their file or the hub once per process,
+    later builds take the kept CPU copy (the model's random init runs either way, so the random
+    stream after it is the same)."""
+    key = (cfg.backbone, cfg.pretrained_file, repr(sorted(size.items())))
+    if not pretrained or key not in _PRETRAINED:
+        model = timm.create_model(cfg.backbone, pretrained=pretrained, **kwargs, **size)
+        if pretrained:
+            _PRETRAINED[key] = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        return model
+    model = timm.create_model(cfg.backbone, pretrained=False, **kwargs, **size)
+    model.load_state_dict(_PRETRAINED[key])
+    return model
+
+
 def _timm_model(cfg, pretrained: bool, kwargs: dict) -> nn.Module:
     for size in _size_kwargs(cfg):
         try:
             with torch.random.fork_rng():  # a frozen random encoder is the same in the cache and every model
                 if cfg.freeze_backbone:
                     torch.manual_seed(cfg.seed)
-                model = timm.create_model(cfg.backbone, pretrained=pretrained, **kwargs, **size)
+                model = _create_timm(cfg, pretrained, kwargs, size)
         except TypeError:  # this architecture does not take that size argument: try the next
             continue
         if "img_size" in size and is_token_model(model):

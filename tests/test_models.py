@@ -116,6 +116,32 @@ def test_pretrained_file_is_loaded(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_pretrained_weights_are_read_once_per_process_and_every_build_is_the_same(tmp_path, monkeypatch):
+    """A study builds four branches per fold model and a model per job: the weights file is read
+    by the first build only; later builds hold the same weights, and the random stream after a
+    build is the same as after the first (the model's own init runs either way)."""
+    import timm
+
+    import backbones
+
+    reference = timm.create_model("test_resnet", pretrained=False, num_classes=0, global_pool="")
+    torch.save(reference.state_dict(), tmp_path / "weights.pth")
+    monkeypatch.setattr(backbones, "_PRETRAINED", {})
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: reads.append(args[0]) or real_load(*args, **kwargs))
+    cfg = dataclasses.replace(TINY, pretrained_file=str(tmp_path / "weights.pth"))
+    after = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        backbone, status = backbones.create_backbone(cfg)
+        after.append(torch.rand(3))
+        assert status.startswith("pretrained")
+        for a, b in zip(backbone.state_dict().values(), reference.state_dict().values()):
+            assert torch.equal(a, b)
+    assert len(reads) == 1
+    assert torch.equal(after[0], after[1]) and torch.equal(after[1], after[2])
+
+
 def test_unavailable_weights_stop_with_what_to_do(monkeypatch):
     """Weights that are wanted and cannot be loaded never become a silent random init."""
     import timm
