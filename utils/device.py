@@ -132,6 +132,11 @@ def empty_cache(device: str) -> None:
         torch.mps.empty_cache()
 
 
+def torch_release() -> tuple[int, int]:
+    """(major, minor) of the torch in use: what version-dependent paths compare against."""
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
 def versions() -> dict:
     facts = {"python": platform.python_version(), "torch": torch.__version__,
              "timm": timm.__version__, "numpy": numpy.__version__,

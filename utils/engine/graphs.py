@@ -22,23 +22,22 @@ epoch) and made again.
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 
-log = logging.getLogger("mmnet")
+from utils.device import torch_release
+
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (torch's whole-network example)
 TENSOR_LR_SINCE = (2, 2)  # fused AdamW's tensor learning rate (pytorch#106916, Aug 2023): older releases refused, not risked
 
 
 def graph_blocker(requested: str, device: str, amp_dtype: str, accumulation: int) -> str:
     """Why the training step cannot be captured here ('' when it can, or when not asked for)."""
-    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     reasons = [(requested != "on", ""),
                (device != "cuda", f"CUDA graphs need a CUDA device (this run: {device})"),
                (amp_dtype == "float16", "the fp16 loss scaler reads the gradients' finiteness on the host"),
                (accumulation > 1, f"a step of {accumulation} micro-batches (gradient accumulation) has no single shape"),
-               (version < TENSOR_LR_SINCE, f"torch {torch.__version__} has no tensor learning rate in fused AdamW (2.2+)")]
+               (torch_release() < TENSOR_LR_SINCE, f"torch {torch.__version__} has no tensor learning rate in fused AdamW (2.2+)")]
     return next((reason for blocked, reason in reasons if blocked), "")
 
 
@@ -95,7 +94,8 @@ class GraphedStep:
     recording through device tensors refreshed before each replay."""
 
     def __init__(self, fn, optimizer: torch.optim.Optimizer | None, recorder):
-        self.fn, self.optimizer, self.recorder = fn, optimizer, recorder
+        self.fn, self.recorder = fn, recorder
+        self.groups = optimizer.param_groups if optimizer is not None else []  # the same list the schedule writes
         self.calls, self.static, self.learning_rates = 0, None, []
 
     def __call__(self, *inputs):
@@ -106,14 +106,13 @@ class GraphedStep:
             return self.recorder.eager(self.fn, inputs)
         if self.static is None:
             self.static = [x.clone() for x in inputs]
-            self.learning_rates = [torch.full((), float(g["lr"]), device=self.static[0].device)
-                                   for g in (self.optimizer.param_groups if self.optimizer else [])]
+            self.learning_rates = [torch.full((), float(g["lr"]), device=self.static[0].device) for g in self.groups]
             with self._capturable():
                 self.recorder.capture(self.fn, self.static)
         else:
             for static, x in zip(self.static, inputs):
                 static.copy_(x)
-        for rate, group in zip(self.learning_rates, self.optimizer.param_groups if self.optimizer else []):
+        for rate, group in zip(self.learning_rates, self.groups):
             rate.fill_(group["lr"])  # the schedule's rate for this step, without a host copy
         with self._capturable():  # the stand-in recorder runs the optimizer here
             return self.recorder.replay()
@@ -122,14 +121,13 @@ class GraphedStep:
     def _capturable(self):
         """The optimizer reads the device learning rates (capturable) while recorded or replayed;
         between steps its groups hold the host floats the schedule and checkpoints use."""
-        groups = self.optimizer.param_groups if self.optimizer else []
-        saved = [(g["lr"], g.get("capturable", False)) for g in groups]
-        for group, rate in zip(groups, self.learning_rates):
+        saved = [(g["lr"], g.get("capturable", False)) for g in self.groups]
+        for group, rate in zip(self.groups, self.learning_rates):
             group["lr"], group["capturable"] = rate, True
         try:
             yield
         finally:
-            for group, (rate, capturable) in zip(groups, saved):
+            for group, (rate, capturable) in zip(self.groups, saved):
                 group["lr"], group["capturable"] = rate, capturable
 
 

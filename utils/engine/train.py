@@ -14,7 +14,7 @@ import torch
 
 from backbones import build_model
 from preprocess.dataset import ImageSource, PatientImages, reads_levels, samples_for
-from utils.device import empty_cache, grad_scaler, is_out_of_memory, seed_everything
+from utils.device import empty_cache, grad_scaler, is_out_of_memory, seed_everything, torch_release
 from utils.engine.averaging import moving_average, update_average
 from utils.engine.checkpoint import FoldState
 from utils.engine.graphs import GraphedStep, new_recorder
@@ -90,8 +90,7 @@ FUSED_ADAMW_SINCE = {"cuda": (2, 0), "cpu": (2, 4), "mps": (2, 5)}
 
 
 def has_fused_adamw(device: str) -> bool:
-    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    return device in FUSED_ADAMW_SINCE and version >= FUSED_ADAMW_SINCE[device]
+    return device in FUSED_ADAMW_SINCE and torch_release() >= FUSED_ADAMW_SINCE[device]
 
 
 def make_scheduler(optimizer, total_steps: int, warmup_steps: int):

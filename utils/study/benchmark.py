@@ -73,7 +73,7 @@ def synthetic_study(cfg: Config, env, batches: int):
 
 def graphed_rates(state, loop: LoopSettings, batches: int) -> dict:
     """On CUDA, where the step can be recorded: training tuples/s with --cuda-graphs on, timed
-    after the eager warm-up steps and the capture, and its ratio to the eager rate."""
+    after the eager warm-up steps and the capture (beside loop_rates()'s eager rate)."""
     if loop.source.device.type != "cuda" or graph_blocker("on", "cuda", loop.amp_dtype, state.accumulation):
         return {}
     graphed = dataclasses.replace(loop, graphs=True)

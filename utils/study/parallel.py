@@ -39,7 +39,8 @@ def job_memory_gb(cfg, images: int) -> float:
     fold's normalised copy), a step's activations and the fixed part."""
     frame = np.prod(frame_shape(cfg.image_size)) * 3
     copies = 2 if cfg.stain_method() != "none" else 1
-    activations = TUPLE_GB * cfg.batch_size * frame / (224 * 341 * 3) * len(cfg.magnifications) / 4
+    # TUPLE_GB is four 224 px frames: scaled to this frame size and magnification count
+    activations = TUPLE_GB * cfg.batch_size * frame / (np.prod(frame_shape(224)) * 3) * len(cfg.magnifications) / 4
     return images * frame / 1e9 * copies + activations + JOB_FIXED_GB
 
 
