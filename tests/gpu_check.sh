@@ -10,6 +10,7 @@
 # Then: the tests marked gpu (bf16 autocast, the device-resident cache, no host sync in a step
 # under torch.cuda.set_sync_debug_mode("error"), the out-of-memory back-off, a spawned worker),
 # the benchmark (throughput eager and with --cuda-graphs, achieved TFLOP/s, dispatched operators per step and per patient),
+# training throughput with 1, 2 and 4 fold jobs on the GPU at once (utils.study.jobs_rate),
 # and a one-epoch study at 224 px (a fold's fixed costs in its log). Each part's result is added
 # to OUT_DIR/gpu_check.json as soon as it ends, so a run cut short still returns what it measured.
 # Exit status: 0 when every part passed; 1 without a CUDA GPU or when a part failed; 2 without
@@ -84,6 +85,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, keep its log, r
 }
 part gpu_tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py --junitxml "$out/gpu_tests.xml"
 part benchmark 90 "$PYTHON" -m utils.benchmark --device cuda --batches 4 --output-dir "$out/benchmark"
+part jobs_per_gpu 100 "$PYTHON" -m utils.study.jobs_rate --device cuda --jobs 1,2,4 --batches 6 --output-dir "$out/jobs"
 part study 120 "$PYTHON" main.py --dry-run --epochs 1 --image-size 224 --backbone resnet18 --device cuda \
   --output-dir "$out/study" --report-file "$out/study/R.md" --no-live-report
 
@@ -96,6 +98,9 @@ result = json.loads((out / "gpu_check.json").read_text())
 bench = out / "benchmark" / "tables" / "benchmark.csv"
 if bench.is_file():
     result["benchmark"] = {row["metric"]: row["value"] for row in csv.DictReader(bench.open())}
+jobs = out / "jobs" / "tables" / "jobs_rate.csv"
+if jobs.is_file():
+    result["jobs_per_gpu"] = list(csv.DictReader(jobs.open()))
 parts = [line.split() for line in (out / "parts.txt").read_text().splitlines()]
 result["passed"] = all(rc == "0" for _, rc, _ in parts)
 (out / "gpu_check.json").write_text(json.dumps(result, indent=2))

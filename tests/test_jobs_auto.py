@@ -1,7 +1,9 @@
 """--jobs auto: fold jobs per GPU from its memory (mocked: no GPU here) and the CPU cores, said in
-one line with the reason; the option reads from the command line and a YAML file."""
+one line with the reason; the option reads from the command line and a YAML file; the GPU check's
+measurement of 1, 2 and 4 jobs at once (utils.study.jobs_rate) runs its jobs together."""
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
 
@@ -52,3 +54,26 @@ def test_auto_reads_from_a_file_and_a_bad_value_is_one_line(tmp_path):
         parse_args(["--jobs", "-2"])
     with pytest.raises(SystemExit):
         parse_args(["--jobs", "many"])
+
+
+def test_the_jobs_rate_runs_its_jobs_at_once_and_writes_one_row_per_round(tmp_path):
+    """The GPU check's jobs-per-GPU part on the CPU: two spawned jobs train together (the barrier
+    holds them until both are built), and the table has the round's figures."""
+    from utils.study.jobs_rate import JOBS_RATE_FILE, main
+
+    assert main(["--device", "cpu", "--jobs", "2", "--image-size", "32", "--batch", "4", "--batches", "2",
+                 "--output-dir", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "tables" / JOBS_RATE_FILE)
+    row = table.iloc[0]
+    assert table["jobs"].tolist() == [2]
+    assert row["all_running_share"] > 0  # without the barrier one job's whole build would separate them
+    assert 0 < row["slowest_job_tuples_per_s"] <= row["tuples_per_s"]
+    assert row["speedup"] == 2  # the first round is the reference: its own jobs x 1
+
+
+def test_the_jobs_rate_refuses_a_count_it_cannot_run(capsys):
+    from utils.study.jobs_rate import main
+
+    with pytest.raises(SystemExit):
+        main(["--jobs", "one,two"])
+    assert "--jobs takes job counts such as 1,2,4" in capsys.readouterr().err

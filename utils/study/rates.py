@@ -77,6 +77,17 @@ def model_alone_rate(state, cfg, env, batches: int, slots: int) -> float:
     return batches * micro * steps_per_batch / (time.perf_counter() - started)
 
 
+def training_span(state, loop: LoopSettings, count: int, generator: torch.Generator, seed: int) -> tuple[float, float]:
+    """Wall-clock (start, end) of training `count` tuples through the real loop, the device
+    synced at both ends (time.time(): comparable between the processes of utils.study.jobs_rate)."""
+    tuples, owners = training_tuples(loop.data, count, np.random.default_rng(seed))
+    sync(loop.source.device.type)
+    started = time.time()
+    train_one_epoch(state, loop, EpochPlan(tuples, owners, generator, 0))
+    sync(loop.source.device.type)
+    return started, time.time()
+
+
 def time_train_and_eval(state, loop: LoopSettings, train_count: int, eval_tuples: np.ndarray,
                         warmup_batches: int = 2) -> dict:
     """Tuples/s of training (cache -> gather -> device augmentation -> model -> optimizer) and
@@ -85,12 +96,8 @@ def time_train_and_eval(state, loop: LoopSettings, train_count: int, eval_tuples
     gen = torch.Generator(device=device).manual_seed(0)
 
     def train(count: int, seed: int) -> float:
-        tuples, owners = training_tuples(loop.data, count, np.random.default_rng(seed))
-        sync(device)
-        started = time.perf_counter()
-        train_one_epoch(state, loop, EpochPlan(tuples, owners, gen, 0))
-        sync(device)
-        return count / (time.perf_counter() - started)
+        started, ended = training_span(state, loop, count, gen, seed)
+        return count / (ended - started)
 
     def evaluate(tuples: np.ndarray) -> float:
         sync(device)
