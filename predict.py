@@ -71,12 +71,17 @@ def main(argv=None) -> int:
                         help="per-class error rate of the conformal set (default: the run's --conformal-alpha)")
     parser.add_argument("--max-tuples", type=int, default=0,
                         help="score at most K tuples (bags) per patient and model, for a bounded latency; 0 = all")
+    parser.add_argument("--cuda-graphs", choices=("on", "off"), default="off",
+                        help="on (CUDA, PyTorch models): each fold model's forward recorded once per tuple bucket "
+                             "and replayed, one launch per model and patient after the first patients")
     parser.add_argument("--export", choices=("onnx",), help="write the fold models as ONNX graphs to <run-dir>/export/<experiment>/")
     parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                         help="onnx: score with ONNX Runtime from the exported graphs (--run-dir only)")
     args = parser.parse_args(argv)
     if not args.export and not (args.patient_dir or args.cohort):
         parser.error("one of --patient-dir, --cohort or --export is required")
+    if args.cuda_graphs == "on" and args.runtime == "onnx":
+        parser.error("--cuda-graphs on records PyTorch models: leave it off with --runtime onnx")
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as exc:
@@ -102,10 +107,17 @@ def run(args) -> int:
         if args.cam:
             cam = Path(args.cam) if len(folders) == 1 else Path(args.cam).with_name(
                 f"{Path(args.cam).stem}-{folder.name}{Path(args.cam).suffix}")
-        result = predict_folder(models, folder, cam, args.device, args.max_tuples)
+        result = predict_folder(models, folder, cam, args.device, args.max_tuples, args.graphs)
         results.append({**result, **_decision(args, models, result), "load_ms": round(load_ms, 1)})
     print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
+
+
+def _graphs(args) -> bool:
+    """--cuda-graphs on where it can be: PyTorch models on CUDA (args.device resolved); said once."""
+    if args.cuda_graphs == "on" and args.device != "cuda":
+        print(f"note: --cuda-graphs on needs CUDA (this run: {args.device}); the models run eagerly", file=sys.stderr)
+    return args.cuda_graphs == "on" and args.device == "cuda"
 
 
 def run_export(args) -> int:
@@ -126,13 +138,14 @@ def _fold_models(args) -> list:
         if not args.run_dir or args.cam:
             raise ValueError("--runtime onnx reads a run's exported graphs: pass --run-dir (and no --cam: "
                              "Grad-CAM needs the PyTorch models)")
-        args.device = resolve_device(args.device)
+        args.device, args.graphs = resolve_device(args.device), False
         return load_onnx_models(args.run_dir, args.experiment, args.device)
     paths = [Path(args.checkpoint)] if args.checkpoint else fold_checkpoints(args.run_dir, args.experiment)
     if not paths or not all(p.is_file() for p in paths):
         raise FileNotFoundError(f"no checkpoint found ({args.checkpoint or args.run_dir}); train with "
                                 f"`python main.py` first or pass --checkpoint PATH")
     args.device = resolve_device(args.device)
+    args.graphs = _graphs(args)
     return [load_fold_model(p, args.device) for p in paths]
 
 
@@ -165,7 +178,7 @@ def run_cohort(args) -> int:
     rows = []
     for patient in patients:
         try:
-            result = predict_folder(models, patient["folder"], None, args.device, args.max_tuples)
+            result = predict_folder(models, patient["folder"], None, args.device, args.max_tuples, args.graphs)
         except ValueError as exc:  # no usable image, or none of a magnification the models use
             unscored.append({"patient": patient["patient"], "reason": str(exc)})
             continue
@@ -180,7 +193,8 @@ def run_cohort(args) -> int:
     return 0
 
 
-def predict_folder(models, folder: Path, cam: Path | None, device: str, max_tuples: int = 0) -> dict:
+def predict_folder(models, folder: Path, cam: Path | None, device: str, max_tuples: int = 0,
+                   graphs: bool = False) -> dict:
     started = time.perf_counter()
     # --max-tuples K: only the files the first K tuples read are decoded (a MIL bag reads every image)
     cache, by_mag, skipped = load_patient(folder, models[0].cfg.image_size,
@@ -189,7 +203,7 @@ def predict_folder(models, folder: Path, cam: Path | None, device: str, max_tupl
     if not by_mag:
         raise ValueError(f"no usable image in '{folder}' ({len(skipped)} file(s) skipped): "
                          f"expected PNG, JPEG or TIFF images of 40X/100X/200X/400X")
-    result = {"patient_dir": str(folder), **predict_patient(models, cache, by_mag, device, max_tuples),
+    result = {"patient_dir": str(folder), **predict_patient(models, cache, by_mag, device, max_tuples, graphs),
               "images_used": {f"{m}X": len(rows) for m, rows in sorted(by_mag.items())},
               "skipped": skipped, "decode_ms": round(decode_ms, 1), "note": RESEARCH_ONLY}
     if cam is not None:

@@ -2,7 +2,9 @@
 whole batches), and the recorded update run through the eager stand-in recorder on the CPU: a
 fold trained through it (warm-up, capture, replays with the schedule's learning rates reaching
 the recording through device tensors) predicts what the eager fold predicts."""
+import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -156,3 +158,99 @@ def test_an_evaluation_padded_to_whole_batches_scores_exactly_the_real_tuples(tm
     for key in plain:
         assert static[key].shape == plain[key].shape
         np.testing.assert_allclose(static[key], plain[key], atol=1e-5)
+
+
+class AliasingRecorder(graphs.EagerRecorder):
+    """The eager stand-in with a CUDA graph's output semantics: every replay writes into the
+    tensors of the first one and returns those same tensors, so code that kept a previous
+    replay's outputs sees them overwritten, as on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs, self.replays = None, 0
+
+    def replay(self):
+        fresh, self.replays = super().replay(), self.replays + 1
+        if self.outputs is None:
+            self.outputs = fresh
+        for field in dataclasses.fields(fresh):
+            value = getattr(fresh, field.name)
+            if isinstance(value, torch.Tensor):
+                getattr(self.outputs, field.name).copy_(value)
+        return self.outputs
+
+
+def _evaluation_model(tmp_path, demo_tree, demo_index):
+    from preprocess.dataset import evaluation_tuples, fold_split
+    from utils.device import detect_env
+    from utils.engine.train import new_fold_state
+
+    cfg = tiny_config(tmp_path)
+    study = tiny_study(cfg, demo_tree, demo_index)
+    state = new_fold_state(cfg, detect_env(cfg), steps_per_epoch=1, seed=0)
+    tuples, _ = evaluation_tuples(fold_split(study.index, study.usable, study.folds, 0, cfg)["test"])
+    return cfg, study, state.model.eval(), tuples
+
+
+def test_a_recorded_evaluation_predicts_what_the_eager_one_predicts(tmp_path, demo_tree, demo_index):
+    """predict(graphs=True): padded batches of one shape, the forward recorded after the warm-up
+    calls and replayed for the later batches, its outputs overwritten by each replay (the
+    stand-in does what a CUDA graph does); every tuple's outputs are the eager ones."""
+    from utils.engine.train import predict
+
+    _, study, model, tuples = _evaluation_model(tmp_path, demo_tree, demo_index)
+    batch = 5  # 24 tuples: 5 batches, the last of 4
+    assert len(tuples) > (graphs.GRAPH_WARMUP_STEPS + 1) * batch and len(tuples) % batch  # 2 replays, a short last batch
+    recorders = []
+    with graphs.evaluation_recorder(lambda device: recorders.append(AliasingRecorder()) or recorders[-1]):
+        recorded = predict(model, study.source, tuples, batch, "none", tta=True, graphs=True)
+    plain = predict(model, study.source, tuples, batch, "none", tta=True, static=False)
+    assert len(recorders) == 1 and recorders[0].replays == -(-len(tuples) // batch) - graphs.GRAPH_WARMUP_STEPS
+    assert set(recorded) == set(plain)
+    for key in plain:
+        assert recorded[key].shape == plain[key].shape
+        np.testing.assert_allclose(recorded[key], plain[key], atol=1e-5)
+
+
+@pytest.mark.parametrize(("count", "bucket"), [(1, 16), (16, 16), (17, 32), (100, 128)])
+def test_a_patient_is_padded_to_a_power_of_two_bucket(count, bucket):
+    assert graphs.graph_bucket(count) == bucket
+
+
+def test_the_predictor_records_one_forward_per_bucket_and_scores_each_patient_as_eagerly(tmp_path, demo_tree,
+                                                                                       demo_index):
+    """FoldModel.predict(graphs=True), predict.py --cuda-graphs on: patients of 10, 13, 5 and 20
+    tuples; the first three share the 16-tuple recording, the fourth gets a 32-tuple one; each
+    patient's outputs are its own tuples' eager outputs (the padding dropped)."""
+    from utils.engine.inference import FoldModel
+
+    cfg, study, model, tuples = _evaluation_model(tmp_path, demo_tree, demo_index)
+    fold_model = FoldModel(model, cfg, 0.5, Path("fold0.pt"))
+    sizes = [10, 13, 5, 10, 13, 5, 20]
+    assert len(tuples) >= max(sizes)
+    recorders = []
+    with graphs.evaluation_recorder(lambda device: recorders.append(AliasingRecorder()) or recorders[-1]):
+        recorded = [fold_model.predict(study.source, tuples[:n], "none", graphs=True) for n in sizes]
+    assert len(recorders) == 2 and recorders[0].replays == len(sizes) - 1 - graphs.GRAPH_WARMUP_STEPS
+    for n, out in zip(sizes, recorded):
+        plain = fold_model.predict(study.source, tuples[:n], "none")
+        for key in plain:
+            assert out[key].shape == plain[key].shape
+            torch.testing.assert_close(out[key], plain[key], atol=1e-5, rtol=0)
+
+
+def test_a_recorded_patient_launches_a_fraction_of_the_eager_one(tmp_path, demo_tree, demo_index):
+    """The benchmark's ops_per_patient_graphed: what runs outside the recording (the views, the
+    input copy, the means, the copy to the host) and one launch."""
+    from utils.device import HostSyncCounter
+    from utils.engine.inference import FoldModel, predict_patient
+    from utils.study.rates import graphed_patient_ops
+
+    cfg, study, model, tuples = _evaluation_model(tmp_path, demo_tree, demo_index)
+    cache = np.asarray(study.source.images)[:12]
+    by_mag = {m: list(range(3 * i, 3 * i + 3)) for i, m in enumerate(cfg.magnifications)}
+    fold_model = FoldModel(model, cfg, 0.5, Path("fold0.pt"))
+    with HostSyncCounter() as counter:
+        predict_patient([fold_model], cache, by_mag, "cpu")
+    graphed = graphed_patient_ops(fold_model, cache, by_mag, "cpu")
+    assert 1 < graphed < counter.ops / 3

@@ -207,17 +207,18 @@ def test_every_hierarchy_level_has_a_real_choice_so_query_and_key_weights_learn(
 
 @pytest.mark.parametrize("experiment", ["mmnet", "mil_attention", "single_200x"])
 def test_every_view_in_one_forward_gives_each_views_own_forward(experiment):
-    """predict_views runs the test-time views as one batch: the oracle is one forward per view
+    """Evaluation runs the test-time views as one batch: the oracle is one forward per view
     (the mean of their probabilities and weights, the plain view's own probability)."""
     from preprocess.image_source import TTA_FLIPS
-    from utils.engine.train import predict_views
+    from utils.engine.train import view_means
 
     cfg = experiment_config(TINY, experiment)
     model = build_model(cfg).eval()
     x, mask = _inputs(cfg)
     views = [(x.flip([d + 1 for d in dims]) if dims else x, mask) for dims in TTA_FLIPS]
     assert len(views) > 1
-    got = predict_views(model, views, "none")
+    with torch.inference_mode():  # every view in one forward, as evaluation runs them (train.views_forward)
+        got = view_means(model(torch.cat([v for v, _ in views]), torch.cat([m for _, m in views])), tta=True)
     with torch.inference_mode():
         outputs = [model(*view) for view in views]
     probs = torch.stack([torch.sigmoid(o.logits) for o in outputs])

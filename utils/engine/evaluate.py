@@ -9,6 +9,7 @@ import pandas as pd
 
 from config import slot_labels
 from preprocess.dataset import PatientImages, evaluation_samples
+from utils.engine.graphs import evaluation_graphs
 from utils.engine.train import predict
 
 
@@ -24,7 +25,8 @@ def prediction_frame(model, study, cfg, data: PatientImages, importance: bool) -
     env, tta = study.env, cfg.tta == "on"
     samples, owners = evaluation_samples(data, cfg)
     batch = evaluation_batch(cfg, env)
-    out = predict(model, study.source, samples, batch, env.amp_dtype, tta)
+    graphs = evaluation_graphs(cfg.cuda_graphs, env.device, cfg.sample_mode)
+    out = predict(model, study.source, samples, batch, env.amp_dtype, tta, graphs=graphs)
     frame = pd.DataFrame({"patient": np.array(data.patients)[owners], "group": np.array(data.groups)[owners],
                           "label": data.labels[owners], "subtype": data.subtypes[owners], "prob": out["prob"]})
     for i in range(out.get("subtype_prob", np.zeros((0, 0))).shape[1]):
@@ -42,7 +44,7 @@ def prediction_frame(model, study, cfg, data: PatientImages, importance: bool) -
         for i, label in enumerate(labels):
             masked = samples.copy()
             masked[:, i] = -1
-            frame[f"prob_without_{label}"] = predict(model, study.source, masked, batch, env.amp_dtype, False)["prob"]
+            frame[f"prob_without_{label}"] = predict(model, study.source, masked, batch, env.amp_dtype, False, graphs=graphs)["prob"]
     attention = None
     if "instance_weights" in out:
         attention = attention_frame(study.index, data, (samples, owners), out["instance_weights"])

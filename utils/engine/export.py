@@ -3,7 +3,7 @@
 A graph takes what a lab has after decoding, uint8 frames and their mask, and returns what the
 evaluation computes: the fold's stain normalisation, the backbone's pixel normalisation, the
 test-time views and the heads all run inside it, through the same code as PyTorch evaluation
-(evaluation_views, predict_views). A JSON beside each graph states the rest: input size and
+(views_forward, view_means). A JSON beside each graph states the rest: input size and
 layout, magnification slots, the stain reference, the decision threshold and the fold's config.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from config import Config, slot_labels
-from preprocess.image_source import ImageSource, evaluation_views, reads_levels
+from preprocess.image_source import ImageSource, reads_levels
 from preprocess.preprocess import frame_shape
-from utils.engine.train import predict_views
+from utils.engine.train import view_means, views_forward
 from utils.files import atomic_write_text
 
 EXPORT_DIR = "export"  # <run-dir>/export/<experiment>/fold<k>.onnx and fold<k>.json
@@ -35,7 +35,7 @@ class ServedModel(torch.nn.Module):
         self.model, self.tta, self.outputs = model, tta, outputs
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor):
-        out = predict_views(self.model, evaluation_views(images, mask, self.model, self.tta), "none")
+        out = view_means(views_forward(self.model, images, mask, ("none", self.tta, True)), self.tta)
         return tuple(out[name] for name in self.outputs)
 
 
@@ -70,7 +70,7 @@ def export_fold_model(fm, folder: Path) -> Path:
     model = fm.model.cpu().float().to(memory_format=torch.contiguous_format).eval()
     images, mask = _example(fm.cfg)
     with torch.no_grad():
-        given = predict_views(model, evaluation_views(images, mask, model, False), "none")
+        given = view_means(views_forward(model, images, mask, ("none", False, True)), False)
     outputs = tuple(name for name in OUTPUTS if name in given)
     served = ServedModel(model, fm.cfg.tta == "on", outputs).eval()
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,8 @@ class OnnxFoldModel:
     path: Path
     outputs: tuple[str, ...]
 
-    def predict(self, source: ImageSource, tuples: np.ndarray, amp_dtype: str) -> dict:
+    def predict(self, source: ImageSource, tuples: np.ndarray, amp_dtype: str, graphs: bool = False) -> dict:
+        """FoldModel.predict()'s outputs from the session (graphs: predict.py refuses them with ONNX)."""
         images, mask = source.gather(tuples)
         values = self.session.run(list(self.outputs), {"images": images.cpu().numpy(), "mask": mask.cpu().numpy()})
         return dict(zip(self.outputs, values))

@@ -34,7 +34,7 @@ from utils.engine.checkpoint import (
 )
 from utils.engine.evaluate import evaluation_batch, prediction_frame
 from utils.engine.fold_run import NO_PROGRESS, FoldRun, checkpoint_due, kept_write, save_checkpoints
-from utils.engine.graphs import graph_blocker, whole_batches
+from utils.engine.graphs import evaluation_graphs, graph_blocker, whole_batches
 from utils.engine.losses import StudyLoss, binary_loss, subtype_class_weights
 from utils.engine.saving import BackgroundWriter, scalar_writer
 from utils.engine.stain_reference import reference_key, shared_reference
@@ -92,7 +92,7 @@ def _validate(state: FoldState, run: FoldRun, val_tuples, val_owners) -> dict:
     env = run.study.env
     _settle(state, run, tested_model(state))
     out = predict(tested_model(state), run.study.source, val_tuples, evaluation_batch(run.cfg, env), env.amp_dtype,
-                  tta=False)
+                  tta=False, graphs=evaluation_graphs(run.cfg.cuda_graphs, env.device, run.cfg.sample_mode))
     labels = run.split["val"].labels[val_owners]
     loss = binary_loss(run.cfg, torch.logit(torch.from_numpy(out["prob"]).double(), eps=1e-7),
                        torch.from_numpy(labels))

@@ -22,6 +22,7 @@ epoch) and made again.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -39,6 +40,19 @@ def graph_blocker(requested: str, device: str, amp_dtype: str, accumulation: int
                (accumulation > 1, f"a step of {accumulation} micro-batches (gradient accumulation) has no single shape"),
                (torch_release() < TENSOR_LR_SINCE, f"torch {torch.__version__} has no tensor learning rate in fused AdamW (2.2+)")]
     return next((reason for blocked, reason in reasons if blocked), "")
+
+
+def evaluation_graphs(requested: str, device: str, sample_mode: str) -> bool:
+    """Whether evaluation forwards are recorded: asked for, on CUDA, and of one shape per batch
+    (tuples, padded batches; a MIL bag's width changes with its patient). fp16 and accumulation
+    do not matter here: no loss scaler and no optimizer run in evaluation."""
+    return requested == "on" and device == "cuda" and sample_mode != "bag"
+
+
+def graph_bucket(count: int) -> int:
+    """Tuples a predictor's recording holds for a patient of `count`: the next power of two from
+    16, so a few recordings serve every patient size and padding at most doubles the work."""
+    return max(16, 1 << (count - 1).bit_length())
 
 
 def whole_batches(count: int, batch_size: int) -> int:
@@ -129,6 +143,38 @@ class GraphedStep:
         finally:
             for group, (rate, capturable) in zip(self.groups, saved):
                 group["lr"], group["capturable"] = rate, capturable
+
+
+_EVALUATION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {input shapes: GraphedStep}
+_EVALUATION_RECORDER = [None]  # a recorder factory that replaces new_recorder() (evaluation_recorder)
+
+
+@contextlib.contextmanager
+def evaluation_recorder(factory):
+    """Evaluation recordings first made inside use factory() instead of new_recorder(): the
+    benchmark counts a replay as the one launch it is on CUDA (utils.study.rates.OneLaunchRecorder)."""
+    _EVALUATION_RECORDER[0] = factory
+    try:
+        yield
+    finally:
+        _EVALUATION_RECORDER[0] = None
+
+
+def recorded_forward(model: torch.nn.Module, forward, inputs: tuple, variant: tuple = ()):
+    """forward(model, *inputs) for evaluation (no gradients, eval mode), recorded per model and
+    input shapes like the training step (eager warm-up calls, then one recording replayed).
+    Weights, BatchNorm statistics and the stain reference are read from their own memory at
+    every replay, so in-place updates (the optimizer, the moving average, settling, a loaded
+    checkpoint) reach it. `variant` names what else makes forward record other work (test-time
+    views or not, the amp dtype). The returned tensors are the recording's own outputs: read them
+    before the next call with the same key. The recordings die with the model (weakly held)."""
+    steps = _EVALUATION.setdefault(model, {})
+    key = (tuple(_shapes(inputs)), variant)
+    if key not in steps:
+        owner = weakref.ref(model)  # the recording must not keep its model alive
+        recorder = (_EVALUATION_RECORDER[0] or new_recorder)(inputs[0].device.type)
+        steps[key] = GraphedStep(lambda *xs: forward(owner(), *xs), None, recorder)
+    return steps[key](*inputs)
 
 
 def _shapes(tensors) -> list:

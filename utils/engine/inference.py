@@ -21,8 +21,9 @@ from preprocess.augment import model_input
 from preprocess.dataset import ImageSource, PatientImages, evaluation_samples, evaluation_tuples, fold_split, reads_levels
 from utils.device import auto_amp
 from utils.engine.checkpoint import load_saved_state
+from utils.engine.graphs import graph_bucket
 from utils.engine.saving import load_checkpoint
-from utils.engine.train import predict_views
+from utils.engine.train import padded, predict_samples
 from utils.files import ATTENTION_FILE, GRADCAM_DIR, MODELS_DIR, run_folder, steps
 from utils.metrics import DECISION_THRESHOLD, patient_probabilities
 
@@ -37,9 +38,14 @@ class FoldModel:
     threshold: float
     path: Path
 
-    def predict(self, source: ImageSource, tuples: np.ndarray, amp_dtype: str) -> dict:
-        """predict_views() of these tuples: the evaluation's probabilities, averaged over views."""
-        return predict_views(self.model, source.views(tuples, self.model, self.cfg.tta == "on"), amp_dtype)
+    def predict(self, source: ImageSource, tuples: np.ndarray, amp_dtype: str, graphs: bool = False) -> dict:
+        """predict_samples() of these tuples: the evaluation's probabilities, averaged over views;
+        graphs: tuples padded to a bucket (graph_bucket) and the forward recorded per bucket."""
+        kept = len(tuples)
+        if graphs:
+            tuples = padded(tuples, graph_bucket(kept))
+        out = predict_samples(self.model, source, tuples, (amp_dtype, self.cfg.tta == "on", graphs))
+        return {key: value[:kept] for key, value in out.items()}
 
 
 def load_fold_model(checkpoint: str | Path, device: str = "cpu") -> FoldModel:
@@ -109,11 +115,13 @@ def magnification_of_rows(images_by_mag: dict[int, list[int]], rows: int) -> np.
 
 @torch.no_grad()
 def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: dict[int, list[int]],
-                    device: str = "cpu", max_tuples: int = 0) -> dict:
+                    device: str = "cpu", max_tuples: int = 0, graphs: bool = False) -> dict:
     """Mean over tuples (each the mean of its test-time views, as in evaluation), then over fold
     models: probability, subtypes, magnification weights. All of a patient's tuples go through
     a model in one batch, under the device's autocast dtype; `max_tuples` > 0 scores only the
-    first that many (every image of a magnification is in the first tuples that reach it)."""
+    first that many (every image of a magnification is in the first tuples that reach it).
+    graphs (predict.py --cuda-graphs on, on CUDA): each tuple model's forward recorded per tuple
+    bucket (a MIL bag's width changes with its patient: run eagerly)."""
     source = ImageSource(cache, device, mags=magnification_of_rows(images_by_mag, len(cache)))
     amp_dtype = auto_amp(device)
     means, tuples_used = [], 0
@@ -124,7 +132,7 @@ def predict_patient(models: list[FoldModel], cache: np.ndarray, images_by_mag: d
             continue
         tuples, _ = evaluation_samples(data, fm.cfg)
         tuples = tuples[:max_tuples] if max_tuples > 0 else tuples
-        out = fm.predict(source, tuples, amp_dtype)
+        out = fm.predict(source, tuples, amp_dtype, graphs=graphs and fm.cfg.sample_mode != "bag")
         means.append({key: out[key].mean(0) for key in ("prob", "mag_weights", "subtype_prob") if key in out})
         tuples_used += len(tuples)
     means = on_host(means)  # one copy (one sync) for the whole patient, whatever the number of models

@@ -14,10 +14,11 @@ import torch
 
 from backbones import build_model
 from preprocess.dataset import ImageSource, PatientImages, reads_levels, samples_for
+from preprocess.image_source import TTA_FLIPS, evaluation_views
 from utils.device import empty_cache, grad_scaler, is_out_of_memory, seed_everything, torch_release
 from utils.engine.averaging import moving_average, update_average
 from utils.engine.checkpoint import FoldState
-from utils.engine.graphs import GraphedStep, new_recorder
+from utils.engine.graphs import GraphedStep, new_recorder, recorded_forward
 
 log = logging.getLogger("mmnet")
 
@@ -62,10 +63,11 @@ class EpochPlan:
     prior_losses: list | None = None  # [total, binary, subtype] of the steps done before the stop
 
 
-def amp_context(device: str, amp_dtype: str):
+def amp_context(device: str, amp_dtype: str, cache: bool = True):
+    """Autocast at amp_dtype ('none': off); no cast cache where recorded (stale copies, pytorch#71631)."""
     if amp_dtype == "none":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=getattr(torch, amp_dtype))
+    return torch.autocast(device_type=device, dtype=getattr(torch, amp_dtype), cache_enabled=cache)
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -155,7 +157,7 @@ def _update(state: FoldState, loop: LoopSettings, batches, step_labels, step_sub
     total = torch.zeros(3, device=loop.source.device)
     step = loop.loss_fn.step_totals(step_labels, step_subtypes)
     for x, mask, labels, subtypes in batches:
-        with amp_context(loop.source.device.type, loop.amp_dtype):
+        with amp_context(loop.source.device.type, loop.amp_dtype, cache=not loop.graphs):
             output = state.model(x, mask)
         loss, parts = loop.loss_fn(output, labels, subtypes, step)  # its share
         state.scaler.scale(loss).backward()
@@ -220,19 +222,19 @@ def train_one_epoch(state: FoldState, loop: LoopSettings, plan: EpochPlan) -> Ep
 
 
 def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
-            amp_dtype: str, tta: bool = True, static: bool | None = None) -> dict[str, np.ndarray]:
+            amp_dtype: str, tta: bool = True, static: bool | None = None, graphs: bool = False) -> dict[str, np.ndarray]:
     """Malignant probability, subtype probabilities and magnification weights per tuple, each
     the mean over the test-time views (tta) or of the plain view. static (default: on CUDA):
     the last batch padded to the batch size with copies of the first tuple (their outputs
     dropped), so every batch has one shape and cuDNN tunes once per study, not once per set.
-
+    graphs (utils.engine.graphs.evaluation_graphs): the forward recorded and replayed (static).
     A CUDA out-of-memory halves the evaluation batch and starts over (prediction is stateless).
     """
-    static = source.device.type == "cuda" if static is None else static
+    static = graphs or (source.device.type == "cuda" if static is None else static)
     while True:
         try:
             return _predict_batches(model, source, padded(tuples, batch_size) if static else tuples, batch_size,
-                                    (amp_dtype, tta), len(tuples))
+                                    (amp_dtype, tta, graphs), len(tuples))
         except RuntimeError as exc:  # torch.OutOfMemoryError is one; is_out_of_memory() tells the rest apart
             if batch_size <= 1 or not is_out_of_memory(exc):
                 raise
@@ -241,17 +243,42 @@ def predict(model, source: ImageSource, tuples: np.ndarray, batch_size: int,
             empty_cache(source.device.type)
 
 
+def _forward(model, x: torch.Tensor, mask: torch.Tensor, amp_dtype: str, cache: bool = True):
+    with amp_context(x.device.type, amp_dtype, cache):
+        return model(x, mask)
+
+
+def views_forward(model, images: torch.Tensor, mask: torch.Tensor, evaluation: tuple[str, bool, bool], cache=True):
+    """The model's output over every test-time view of gathered frames (evaluation: amp dtype,
+    tta, stain-normalise) in one forward (what ImageSource.views gives, stacked): the views are
+    mirror images of one shape, and rows are independent in evaluation."""
+    amp_dtype, tta, stain = evaluation
+    inputs, masks = zip(*evaluation_views(images, mask, model, tta, stain))
+    return _forward(model, torch.cat(inputs), torch.cat(masks), amp_dtype, cache)
+
+
 @torch.inference_mode()
-def predict_views(model, views, amp_dtype: str) -> dict:
-    """Mean over the (input, mask) views of one batch of sigmoid, softmax, magnification and
-    image weights (those the model gives): probabilities are averaged, not logits, so a view
-    that is very sure cannot outvote the others. 'prob_plain' is the first (plain) view's.
-    Every view goes through one forward (the views are mirror images of one shape, and rows are
-    independent in evaluation): a quarter of the launches of one forward per view."""
-    inputs, masks = zip(*views)
-    count = len(inputs)
-    with amp_context(inputs[0].device.type, amp_dtype):
-        output = model(torch.cat(inputs), torch.cat(masks))
+def predict_samples(model, source, samples, evaluation: tuple[str, bool, bool]) -> dict:
+    """view_means() of the test-time views of source's samples (host rows or uploaded ones);
+    evaluation: amp dtype, tta, graphs. With graphs and an image source the views (stain
+    normalisation of raw frames, mirror images) and the forward are recorded as one, per model,
+    shapes and evaluation; cached encoder maps (FeatureSource) are views already: eager."""
+    amp_dtype, tta, graphs = evaluation
+    if not (graphs and isinstance(source, ImageSource)):
+        inputs, masks = zip(*source.views(samples, model, tta))
+        return view_means(_forward(model, torch.cat(inputs), torch.cat(masks), amp_dtype), tta)
+    images, mask = source.gather(samples, reads_levels(model))
+    views = (amp_dtype, tta, not source.stain_applied)
+    output = recorded_forward(model, lambda net, *xs: views_forward(net, *xs, views, cache=False), (images, mask),
+                              variant=views)
+    return view_means(output, tta)
+
+
+def view_means(output, tta: bool) -> dict:
+    """Mean over the stacked test-time views (tta) or the plain one of sigmoid, softmax,
+    magnification and image weights (those the model gives): probabilities are averaged, not
+    logits, so a view that is very sure cannot outvote the others. 'prob_plain' is the plain view's."""
+    count = len(TTA_FLIPS) if tta else 1
     parts = {"prob": torch.sigmoid(output.logits.float())}
     for key, value in (("mag_weights", output.mag_weights), ("instance_weights", output.instance_weights),
                        ("hierarchy_weights", output.hierarchy_weights)):
@@ -272,11 +299,10 @@ def filled(samples: np.ndarray, model) -> np.ndarray:
     return samples[:, :int(np.flatnonzero((samples >= 0).any(axis=0))[-1]) + 1]
 
 
-def _predict_batch(model, source, samples, evaluation: tuple[str, bool], slots: int) -> dict:
-    """One batch's predict_views() on its (uploaded, filled) samples; per-image weights padded
+def _predict_batch(model, source, samples, evaluation: tuple[str, bool, bool], slots: int) -> dict:
+    """One batch's predict_samples() on its (uploaded, filled) samples; per-image weights padded
     back to the split's `slots`."""
-    amp_dtype, tta = evaluation
-    out = predict_views(model, source.views(samples, model, tta), amp_dtype)
+    out = predict_samples(model, source, samples, evaluation)
     if "instance_weights" in out and out["instance_weights"].shape[1] < slots:
         out["instance_weights"] = torch.nn.functional.pad(
             out["instance_weights"], (0, slots - out["instance_weights"].shape[1]))
@@ -289,7 +315,7 @@ def padded(tuples: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def _predict_batches(model, source, tuples: np.ndarray, batch_size: int,
-                     evaluation: tuple[str, bool], tuples_kept: int) -> dict[str, np.ndarray]:
+                     evaluation: tuple[str, bool, bool], tuples_kept: int) -> dict[str, np.ndarray]:
     model.eval()
     rows = source.upload(tuples)  # one copy of all indices; each batch's width is read on the host
     batches = []

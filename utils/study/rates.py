@@ -16,7 +16,7 @@ from preprocess.dataset import PatientImages, training_tuples
 from preprocess.demo import demo_filenames, write_tree
 from preprocess.preprocess import build_cache, frame_shape, index_dataset
 from utils.device import HostSyncCounter
-from utils.engine.graphs import GRAPH_WARMUP_STEPS, EagerRecorder
+from utils.engine.graphs import GRAPH_WARMUP_STEPS, EagerRecorder, evaluation_recorder
 from utils.engine.inference import FoldModel, predict_patient
 from utils.engine.losses import StudyLoss
 from utils.engine.train import (
@@ -157,17 +157,30 @@ def predictor_latency(model, cfg, cache, data, device: str, repeats: int = 3) ->
     with HostSyncCounter() as counter:
         predict_patient([fold_model], cache, by_mag, device)
     single = min(predict_patient([fold_model], cache, by_mag, device)["milliseconds"] for _ in range(repeats))
+    graphed_ops = graphed_patient_ops(fold_model, cache, by_mag, device)
     ensemble = 5 * single if device == "cpu" else min(
         predict_patient([fold_model] * 5, cache, by_mag, device)["milliseconds"] for _ in range(repeats))
     views = 4 if cfg.tta == "on" else 1
     x = torch.zeros(1, len(cfg.magnifications), 3, *frame_shape(cfg.image_size), device=device)
     gflop = forward_gflop(model, x, torch.ones(1, len(cfg.magnifications), device=device)) * first["tuples_per_model"] * views
     rows = {"model_ms_per_patient_1_models": single, "model_ms_per_patient_5_models": ensemble,
-            "ops_per_patient": counter.ops, "host_syncs_per_patient": counter.total,
+            "ops_per_patient": counter.ops, "ops_per_patient_graphed": graphed_ops, "host_syncs_per_patient": counter.total,
             "model_gflop_per_patient_1_model": gflop}
     rows.update({f"model_ms_per_patient_5_models_{gpu.replace(' ', '_')}_predicted": gpu_ms(5 * gflop, gpu)
                  for gpu in GPU_TFLOPS})
     return rows
+
+
+def graphed_patient_ops(fold_model, cache, by_mag: dict, device: str) -> int:
+    """Dispatched operators per patient and model with predict.py --cuda-graphs on, after the
+    recording (its replay counted as one launch): the views' gather and flips, the input copy,
+    the means and the one copy to the host are what is left."""
+    with evaluation_recorder(lambda _device: OneLaunchRecorder()):
+        for _ in range(GRAPH_WARMUP_STEPS + 1):  # eager warm-up calls, then the recording
+            predict_patient([fold_model], cache, by_mag, device, graphs=True)
+        with HostSyncCounter() as counter:
+            predict_patient([fold_model], cache, by_mag, device, graphs=True)
+    return counter.ops + 1  # + the graph's launch
 
 
 def step_counts(state, loop: LoopSettings, steps: int = 2, graphed: bool = False) -> dict:
