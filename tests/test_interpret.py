@@ -213,3 +213,16 @@ def test_a_cohort_labels_csv_names_its_patients_and_lists_those_without_images(t
     pd.DataFrame({"patient": ["case0"], "label": ["maybe"]}).to_csv(labels, index=False)
     code, _, err = _predict(capsys, "--run-dir", str(trained_run), "--cohort", str(cohort), "--labels", str(labels))
     assert code == 2 and "not 0/1 or benign/malignant" in err
+
+
+def test_predictor_cuda_graphs_off_cuda_says_so_and_scores_as_without(trained_run, demo_tree, tmp_path, capsys):
+    patient = _patient_copy(demo_tree, tmp_path)
+    _, plain, _ = _predict(capsys, "--run-dir", str(trained_run), "--patient-dir", str(patient), "--device", "cpu")
+    code, graphed, err = _predict(capsys, "--run-dir", str(trained_run), "--patient-dir", str(patient),
+                                  "--device", "cpu", "--cuda-graphs", "on")
+    assert code == 0 and "--cuda-graphs on needs CUDA (this run: cpu)" in err
+    assert graphed["model_probabilities"] == plain["model_probabilities"]
+    with pytest.raises(SystemExit):
+        predict.main(["--run-dir", str(trained_run), "--patient-dir", str(patient), "--runtime", "onnx",
+                      "--cuda-graphs", "on"])
+    assert "leave it off with --runtime onnx" in capsys.readouterr().err
