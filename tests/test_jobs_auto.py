@@ -24,6 +24,14 @@ def test_jobs_per_gpu_from_memory_and_cores(memory, job, cores, expected):
     assert jobs == expected and why.startswith(f"{expected} per GPU") and f"{job:.1f} GB" in why
 
 
+def test_recorded_evaluation_adds_its_pools_to_a_job():
+    cfg = parse_args(["--image-size", "224"])
+    graphed = dataclasses.replace(cfg, cuda_graphs="on")
+    plain_gb, graphed_gb = parallel.job_memory_gb(cfg, 7909), parallel.job_memory_gb(graphed, 7909)
+    activations = parallel.job_memory_gb(cfg, 0) - parallel.JOB_FIXED_GB
+    assert graphed_gb - plain_gb == pytest.approx(2 * activations) and activations > 0
+
+
 def test_a_job_holds_its_cache_and_the_folds_normalised_copy():
     cfg = parse_args(["--image-size", "224"])
     plain = dataclasses.replace(cfg, stain_norm="none")

@@ -36,12 +36,15 @@ def default_jobs(device: str) -> int:
 
 def job_memory_gb(cfg, images: int) -> float:
     """Device memory of one fold job: its copy of the image cache (and with a stain reference the
-    fold's normalised copy), a step's activations and the fixed part."""
+    fold's normalised copy), a step's activations and the fixed part; with --cuda-graphs on also
+    the two evaluation recordings' pools (plain and test-time views), each bounded by a training
+    step's activations (inference keeps a few layers' maps of four times the tuples)."""
     frame = np.prod(frame_shape(cfg.image_size)) * 3
     copies = 2 if cfg.stain_method() != "none" else 1
     # TUPLE_GB is four 224 px frames: scaled to this frame size and magnification count
     activations = TUPLE_GB * cfg.batch_size * frame / (np.prod(frame_shape(224)) * 3) * len(cfg.magnifications) / 4
-    return images * frame / 1e9 * copies + activations + JOB_FIXED_GB
+    recordings = 2 * activations if cfg.cuda_graphs == "on" else 0
+    return images * frame / 1e9 * copies + activations + recordings + JOB_FIXED_GB
 
 
 def study_job_count(cfg, env, images: int) -> tuple[int, str]:
