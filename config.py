@@ -139,7 +139,7 @@ class Config:
     # --- environment
     device: str = "auto"  # auto | cuda | mps | cpu
     deterministic: bool = False  # GPU: deterministic kernels, no autotuning (slower)
-    cuda_graphs: str = "off"  # on: each fold's training step (epochs of whole batches) and evaluation batches recorded as CUDA graphs and replayed
+    cuda_graphs: str = "off"  # on: each fold's training step (whole batches) and evaluation batches run as CUDA graphs
     workers: int = 0  # decode processes; 0 = from CPU affinity
     jobs: int | str = 0  # fold processes at once; 0 = one per GPU (1 without); auto = per GPU as many as memory and cores allow
     executor: str = "local"  # local: this machine (--jobs processes) | ray: every job a Ray task on RAY_ADDRESS's cluster (or a local Ray),
