@@ -45,6 +45,7 @@ from utils.study.rates import (
     fixed_seconds_per_fold,
     model_alone_rate,
     peak_memory_gb,
+    pipeline_efficiency,
     predictor_latency,
     step_counts,
     synthetic_patients,
@@ -102,11 +103,11 @@ def measure(cfg: Config, env, batches: int, cache_images: int) -> dict:
     state, loop, cache = synthetic_study(cfg, env, batches)
     rates = loop_rates(state, loop, batches)
     rates.update(graphed_rates(state, loop, batches))
-    alone = model_alone_rate(state, cfg, env, batches, len(cfg.magnifications))
+    efficiency = pipeline_efficiency(state, loop, lambda: model_alone_rate(state, cfg, env, batches, len(cfg.magnifications)),
+                                     batches)
     predictor = predictor_latency(state.model, cfg, cache, loop.data, env.device)
     return {"cache_build_images_per_s": cache_build_rate(cache_images, env.workers, cfg.image_size) if cache_images else float("nan"),
-            **rates, "train_tuples_per_s_model_alone": alone,
-            "pipeline_efficiency": rates["train_tuples_per_s_end_to_end"] / alone,
+            **rates, **efficiency,
             **step_counts(state, loop), "ops_per_step_graphed": step_counts(state, loop, graphed=True)["ops_per_step"],
             **single_image_ops(cfg, env),
             **fixed_seconds_per_fold(cfg, env, loop),
