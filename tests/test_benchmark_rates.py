@@ -26,5 +26,6 @@ def test_pipeline_efficiency_takes_the_best_of_rounds_taken_in_turn(tmp_path, mo
     result = rates.pipeline_efficiency(state, loop, lambda: order.append("alone") or next(alone), batches=1)
     assert order == ["loop", "alone"] * 3
     best_loop = max(loop.batch_size / (end - start) for start, end in spans)
+    assert result["train_tuples_per_s_end_to_end_best"] == best_loop
     assert result["train_tuples_per_s_model_alone"] == 100.0
     assert abs(result["pipeline_efficiency"] - best_loop / 100.0) < 1e-12

@@ -81,15 +81,16 @@ def pipeline_efficiency(state, loop: LoopSettings, model_alone, batches: int, ro
     """End-to-end training tuples/s (cache -> gather -> augmentation -> model -> optimizer)
     over the model alone (model_alone(): the same steps on resident tensors), each the best of
     `rounds` rounds taken in turn, so that a slow spell of a shared machine falls on both
-    (measured in series, one pair on the 2-core CPU read 0.81 where alternating pairs read
-    0.98-1.02)."""
+    (docs/time.md: what a pair timed in series read). Both bests are returned with the ratio, so
+    the row can be recomputed from the table."""
     generator = torch.Generator(device=loop.source.device).manual_seed(0)
     count, loop_best, alone_best = batches * loop.batch_size, 0.0, 0.0
     for round_ in range(rounds):
         started, ended = training_span(state, loop, count, generator, seed=100 + round_)
         loop_best = max(loop_best, count / (ended - started))
         alone_best = max(alone_best, model_alone())
-    return {"train_tuples_per_s_model_alone": alone_best, "pipeline_efficiency": loop_best / alone_best}
+    return {"train_tuples_per_s_end_to_end_best": loop_best, "train_tuples_per_s_model_alone": alone_best,
+            "pipeline_efficiency": loop_best / alone_best}
 
 
 def training_span(state, loop: LoopSettings, count: int, generator: torch.Generator, seed: int) -> tuple[float, float]:
