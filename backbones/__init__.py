@@ -15,6 +15,7 @@ from backbones.encoder import (  # noqa: F401 (models
     add_map_hook,
     feature_map,
     freeze,
+    frozen_encoder,
     is_token_model,  # use feature_map, map_channels)
     map_channels,
     padded,
@@ -43,7 +44,27 @@ class ModelOutput:
 
 
 def build_model(cfg) -> nn.Module:
-    return MODEL_REGISTRY.create(cfg.model, cfg)
+    return without_batch_counters(MODEL_REGISTRY.create(cfg.model, cfg))
+
+
+def without_batch_counters(network: nn.Module) -> nn.Module:
+    """Each BatchNorm layer with a set momentum loses `num_batches_tracked`: torch reads it only
+    when momentum is None, yet adds 1 to it in every training forward, one kernel launch per layer
+    and step (84 of an MMNet step: four resnet18 and their spatial attention). The outputs do not change; a state dict
+    written with the counters (an earlier checkpoint, a resume) still loads, the counters dropped.
+    A frozen encoder is left as it is (it runs in eval mode, and its fingerprint stays)."""
+    encoder = frozen_encoder(network)
+    frozen = {id(m) for m in encoder.modules()} if encoder is not None else set()
+    for layer in network.modules():
+        if (isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.momentum is not None
+                and getattr(layer, "num_batches_tracked", None) is not None and id(layer) not in frozen):
+            layer.register_buffer("num_batches_tracked", None)
+            layer._register_load_state_dict_pre_hook(_drop_batch_counter)
+    return network
+
+
+def _drop_batch_counter(state_dict, prefix, *_) -> None:
+    state_dict.pop(prefix + "num_batches_tracked", None)
 
 
 def check_backbone(name: str) -> None:

@@ -230,3 +230,37 @@ def test_every_view_in_one_forward_gives_each_views_own_forward(experiment):
             torch.testing.assert_close(got[key], torch.stack(values).mean(0))
     if outputs[0].subtype_logits is not None:
         torch.testing.assert_close(got["subtype_prob"], torch.stack([o.subtype_logits.softmax(-1) for o in outputs]).mean(0))
+
+
+def test_batchnorm_without_its_counter_gives_the_same_outputs_and_loads_old_state():
+    """build_model drops num_batches_tracked (one add_ per layer and step): the same network with
+    the counters, from the same seed, gives the same training outputs and running statistics
+    over two steps, and its state dict (counters and all) loads strictly into the new one."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from backbones import MODEL_REGISTRY
+
+    cfg = dataclasses.replace(TINY, backbone="resnet18")
+    torch.manual_seed(3)
+    counted = MODEL_REGISTRY.create(cfg.model, cfg)
+    torch.manual_seed(3)
+    uncounted = build_model(cfg)
+    norms = [m for m in uncounted.modules() if isinstance(m, _BatchNorm)]
+    assert len(norms) == 4 * 20 + 4  # four resnet18 branches and their spatial attention
+    assert all(m.num_batches_tracked is None for m in norms)
+    assert not any(k.endswith("num_batches_tracked") for k in uncounted.state_dict())
+    x, mask = _inputs(cfg)
+    for model in (counted, uncounted):
+        model.train()
+    for step in range(2):
+        outputs = []
+        for model in (counted, uncounted):
+            torch.manual_seed(step)  # the heads' dropout draws the same masks
+            outputs.append(model(x, mask).logits)
+        assert torch.equal(*outputs)
+    statistics = dict(uncounted.named_buffers())
+    assert all(torch.equal(value, statistics[name]) for name, value in counted.named_buffers()
+               if not name.endswith("num_batches_tracked"))
+    state = counted.state_dict()
+    assert sum(k.endswith("num_batches_tracked") for k in state) == len(norms)
+    uncounted.load_state_dict(state, strict=True)  # an earlier checkpoint: the counters are dropped
