@@ -1,14 +1,14 @@
 """--cuda-graphs on: a fold's training step (forward, loss, backward, clipping, optimizer update)
 recorded once as a CUDA graph and replayed for every later step: one launch instead of one per
-operator (an MMNet step dispatches ~2,600, a single-image step ~480; at 4-10 us a launch that is
-10-25 ms of host time per step, more than the GPU work of a small encoder at 32 tuples).
+operator (an MMNet step dispatches ~2,240, a single-image step ~390; at 4-10 us a launch that is
+9-22 ms of host time per step, more than the GPU work of a small encoder at 32 tuples).
 
 What capture needs, and who sees to it:
 - static shapes: with graphs the epoch draws whole batches (preprocess.dataset's tuple count
   rounded up by whole_batches()), so every step has the batch's shape; a step of another shape
   runs eagerly;
 - static addresses: the step's inputs are copied into tensors made at capture; gradients are
-  unset before every step (set_to_none), so backward allocates them in the graph's pool during
+  unset before every step (set_to_none), so the step allocates them in the graph's pool during
   capture and every replay writes the same memory; the learning rates that the schedule sets on
   the host are copied into device tensors that the captured optimizer reads (one fill per
   parameter group before a replay);

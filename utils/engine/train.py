@@ -15,10 +15,12 @@ import torch
 from backbones import build_model
 from preprocess.dataset import ImageSource, PatientImages, reads_levels, samples_for
 from preprocess.image_source import TTA_FLIPS, evaluation_views
-from utils.device import empty_cache, grad_scaler, is_out_of_memory, seed_everything, torch_release
+from utils.device import empty_cache, grad_scaler, is_out_of_memory, seed_everything
 from utils.engine.averaging import moving_average, update_average
 from utils.engine.checkpoint import FoldState
+from utils.engine.gradients import GradientSum
 from utils.engine.graphs import GraphedStep, new_recorder, recorded_forward
+from utils.engine.optimizer import has_fused_adamw, make_optimizer, make_scheduler  # noqa: F401 (the loop's names)
 
 log = logging.getLogger("mmnet")
 
@@ -68,41 +70,6 @@ def amp_context(device: str, amp_dtype: str, cache: bool = True):
     if amp_dtype == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device, dtype=getattr(torch, amp_dtype), cache_enabled=cache)
-
-
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; pretrained backbones learn at lr * backbone_lr_scale, new layers at lr."""
-    backbone, rest = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (backbone if "backbone" in name else rest).append(param)
-    groups = [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": rest, "lr": cfg.lr}]
-    groups = [g for g in groups if g["params"]]
-    if has_fused_adamw(next(model.parameters()).device.type):
-        try:  # one fused kernel for all parameters (on the CPU 4x the per-parameter loop)
-            return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
-        except RuntimeError:  # a build without the kernel: the multi-tensor update below
-            pass
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=True)
-
-
-# Where torch has the fused AdamW kernel: CUDA always, the CPU from 2.4, MPS from 2.5. torch 2.1
-# accepts fused=True on the CPU and fails only at the first step, so the version decides.
-FUSED_ADAMW_SINCE = {"cuda": (2, 0), "cpu": (2, 4), "mps": (2, 5)}
-
-
-def has_fused_adamw(device: str) -> bool:
-    return device in FUSED_ADAMW_SINCE and torch_release() >= FUSED_ADAMW_SINCE[device]
-
-
-def make_scheduler(optimizer, total_steps: int, warmup_steps: int):
-    """Linear warm-up, then cosine decay to 1 % of the peak, stepped once per batch."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def new_fold_state(cfg, env, steps_per_epoch: int, seed: int, stain: dict | None = None) -> FoldState:
@@ -156,13 +123,15 @@ def _update(state: FoldState, loop: LoopSettings, batches, step_labels, step_sub
     state.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros(3, device=loop.source.device)
     step = loop.loss_fn.step_totals(step_labels, step_subtypes)
+    gradients = GradientSum(state.model.parameters())  # backward()'s gradients, fewer operators
     for x, mask, labels, subtypes in batches:
         with amp_context(loop.source.device.type, loop.amp_dtype, cache=not loop.graphs):
             output = state.model(x, mask)
         loss, parts = loop.loss_fn(output, labels, subtypes, step)  # its share
-        state.scaler.scale(loss).backward()
+        gradients.add(state.scaler.scale(loss))
         zero = torch.zeros((), device=total.device)
         total += torch.stack([loss.detach(), parts.get("binary", loss.detach()), parts.get("subtype", zero)])
+    gradients.store()
     if loop.grad_clip > 0:
         state.scaler.unscale_(state.optimizer)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), loop.grad_clip)
