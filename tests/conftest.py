@@ -105,3 +105,18 @@ def in_spawned_worker(cfg, demo_tree, demo_index, probe, timeout: int = 300):
     process.join(timeout=60)
     assert process.exitcode == 0
     return value
+
+
+def model_inputs(cfg, batch=3, size=64, seed=0):
+    """A model's inputs (x, mask), drawn from seed: tuples (one slot per magnification), or bags
+    of 5 images for MIL models, whose mask holds each image's magnification code (1..4)."""
+    import torch  # imported where used, as the other helpers here import what they need
+
+    bag = cfg.sample_mode == "bag"
+    slots = 1 if cfg.model == "single" else 5 if bag else len(cfg.magnifications)
+    torch.manual_seed(seed)
+    x = torch.randn(batch, slots, 3, size, size)
+    mask = torch.tensor([[1.0, 2, 3, 4, 2]] * batch) if bag else torch.ones(batch, slots)
+    if slots > 1:
+        mask[0, 0] = 0  # sample 0 lacks its lowest magnification (MIL: its first slot is empty)
+    return x, mask

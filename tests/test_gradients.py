@@ -4,24 +4,15 @@ import torch
 
 from backbones import build_model
 from config import Config, experiment_config
+from tests.conftest import model_inputs
 from utils.engine.gradients import GradientSum, same_layout
 
 TINY = Config(backbone="test_resnet", pretrained="off", image_size=32, feature_dim=16)
 
 
-def _micro_batches(cfg, count=2, batch=3):
-    """count micro-batches (x, mask) of the model's input kind, a missing slot in each."""
-    bag = cfg.sample_mode == "bag"
-    slots = 1 if cfg.model == "single" else 5 if bag else len(cfg.magnifications)
-    torch.manual_seed(0)
-    batches = []
-    for _ in range(count):
-        x = torch.randn(batch, slots, 3, cfg.image_size, cfg.image_size)
-        mask = torch.tensor([[1.0, 2, 3, 4, 2]] * batch) if bag else torch.ones(batch, slots)
-        if slots > 1:
-            mask[0, 0] = 0
-        batches.append((x, mask))
-    return batches
+def _micro_batches(cfg, count=2):
+    """count different micro-batches of the model's input kind, a missing slot in each."""
+    return [model_inputs(cfg, size=cfg.image_size, seed=seed) for seed in range(count)]
 
 
 def _loss(output, index: int) -> torch.Tensor:

@@ -7,25 +7,13 @@ import torch
 
 from backbones import build_model, list_models
 from config import EXPERIMENTS, Config, experiment_config
+from tests.conftest import model_inputs as _inputs
 from utils.engine.losses import StudyLoss
 
 # 64 px gives test_resnet 2x2 feature maps: the smallest on which spatial pooling means anything.
 TINY = Config(backbone="test_resnet", pretrained="off", image_size=64, feature_dim=16)
 FLAGS = ("spatial_attention", "channel_attention", "hierarchical_attention",
          "multiscale_pooling", "shared_backbone", "subtype_head")
-
-
-def _inputs(cfg, batch=3, size=64):
-    """Tuples (one slot per magnification), or bags of 5 images for MIL models, whose mask
-    holds each image's magnification code (1..4)."""
-    bag = cfg.sample_mode == "bag"
-    slots = 1 if cfg.model == "single" else 5 if bag else len(cfg.magnifications)
-    torch.manual_seed(0)
-    x = torch.randn(batch, slots, 3, size, size)
-    mask = torch.tensor([[1.0, 2, 3, 4, 2]] * batch) if bag else torch.ones(batch, slots)
-    if slots > 1:
-        mask[0, 0] = 0  # sample 0 lacks its lowest magnification (MIL: its first slot is empty)
-    return x, mask
 
 
 def _check_forward_backward(cfg):

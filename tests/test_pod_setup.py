@@ -80,7 +80,7 @@ def test_an_old_torch_without_the_new_names_is_served(monkeypatch):
 def test_the_optimizer_is_fused_where_torch_has_the_kernel_and_multi_tensor_where_not(monkeypatch):
     """torch < 2.4 has no fused AdamW on the CPU (< 2.5 on MPS): the constructor refuses it,
     and the optimizer falls back to the multi-tensor update with the same settings."""
-    from utils.engine.train import has_fused_adamw, make_optimizer
+    from utils.engine.optimizer import has_fused_adamw, make_optimizer
 
     cfg = Config(lr=2e-3, weight_decay=0.05)
     model = torch.nn.Linear(3, 2)

@@ -20,7 +20,7 @@ from utils.engine.averaging import moving_average, update_average
 from utils.engine.checkpoint import FoldState
 from utils.engine.gradients import GradientSum
 from utils.engine.graphs import GraphedStep, new_recorder, recorded_forward
-from utils.engine.optimizer import has_fused_adamw, make_optimizer, make_scheduler  # noqa: F401 (the loop's names)
+from utils.engine.optimizer import make_optimizer, make_scheduler
 
 log = logging.getLogger("mmnet")
 

@@ -36,8 +36,9 @@ from utils.engine.features import FeatureSource, encode_to_file
 from utils.engine.fold import normalised_once
 from utils.engine.graphs import GRAPH_WARMUP_STEPS, graph_blocker
 from utils.engine.losses import StudyLoss
+from utils.engine.optimizer import make_scheduler
 from utils.engine.saving import snapshot
-from utils.engine.train import LoopSettings, make_scheduler, new_fold_state
+from utils.engine.train import LoopSettings, new_fold_state
 from utils.files import markdown_table
 from utils.study.rates import (
     cache_build_rate,
