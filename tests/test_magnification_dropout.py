@@ -32,8 +32,8 @@ def test_no_dropout_draws_nothing_and_single_slot_tuples_are_untouched():
 
 
 def test_the_option_is_validated_and_enters_the_run_identity():
-    assert parse_args(["--magnification-dropout", "0.25"]).magnification_dropout == 0.25
-    assert parse_args([]).training_hash() != parse_args(["--magnification-dropout", "0.25"]).training_hash()
+    assert parse_args(["--magnification-dropout", "0.5"]).magnification_dropout == 0.5
+    assert parse_args([]).training_hash() != parse_args(["--magnification-dropout", "0.5"]).training_hash()
     with pytest.raises(ValueError, match="magnification_dropout"):
         parse_args(["--magnification-dropout", "1.0"])
 
