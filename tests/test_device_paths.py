@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import preprocess.image_source as image_source_module
 import utils.engine.fold as fold_module
 from backbones import build_model
-from backbones.our.modules import grid_average
+from backbones.our.modules import cell_means
 from config import Config, experiment_config
 from preprocess.dataset import ImageSource
 from tests.conftest import in_spawned_worker, tiny_config, tiny_study
@@ -27,26 +27,23 @@ def _run(cfg, demo_tree, demo_index, fold=0, experiment="mmnet"):
     return fold_module.run_fold(experiment_config(cfg, experiment), study, experiment, fold)
 
 
-@pytest.mark.parametrize("size, grid", [(8, 2), (8, 4), (12, 4), (7, 1)])
-def test_grid_pooling_equals_adaptive_pooling_where_sizes_divide(size, grid):
-    x = torch.randn(3, 5, size, size)
-    torch.testing.assert_close(grid_average(x, grid), F.adaptive_avg_pool2d(x, grid))
+def _adaptive_cells(x: torch.Tensor, grids: tuple) -> torch.Tensor:
+    """The oracle: adaptive_avg_pool2d's cells of every grid, (B, n, C), grid after grid, row-major."""
+    return torch.cat([F.adaptive_avg_pool2d(x, g).flatten(2) for g in grids], dim=2).transpose(1, 2)
 
 
-@pytest.mark.parametrize("height, width", [(7, 11), (7, 7), (5, 9)])
-def test_every_grid_at_once_equals_adaptive_pooling_where_sizes_do_not_divide(height, width):
-    """resnet18 at 224x341 gives 7x11 maps: the cells of the 1, 2 and 4 grids from two matrix
-    products equal the CPU's adaptive pooling (which takes any size), values and gradients."""
-    from backbones.our.modules import grid_averages
-
+@pytest.mark.parametrize("height, width", [(8, 8), (12, 12), (7, 11), (7, 7), (5, 9), (2, 2)])
+def test_every_grids_cells_in_one_product_equal_adaptive_pooling(height, width):
+    """resnet18 at 224x341 gives 7x11 maps: the cells of the 1, 2 and 4 grids from one matrix
+    product equal the CPU's adaptive pooling (which takes any size, MPS does not), values and
+    gradients, for channels-last maps as the encoders give them."""
     x = torch.randn(2, 6, height, width, requires_grad=True)
-    mine = grid_averages(x.to(memory_format=torch.channels_last), (1, 2, 4))
-    theirs = [F.adaptive_avg_pool2d(x, grid) for grid in (1, 2, 4)]
-    for a, b in zip(mine, theirs):
-        torch.testing.assert_close(a, b)
-    weights = [torch.randn_like(t) for t in theirs]
-    grad_mine = torch.autograd.grad(sum((a * w).sum() for a, w in zip(mine, weights)), x)[0]
-    grad_theirs = torch.autograd.grad(sum((b * w).sum() for b, w in zip(theirs, weights)), x)[0]
+    mine = cell_means(x.to(memory_format=torch.channels_last), (1, 2, 4))
+    theirs = _adaptive_cells(x, (1, 2, 4))
+    torch.testing.assert_close(mine, theirs)
+    weights = torch.randn_like(theirs)
+    grad_mine = torch.autograd.grad((mine * weights).sum(), x)[0]
+    grad_theirs = torch.autograd.grad((theirs * weights).sum(), x)[0]
     torch.testing.assert_close(grad_mine, grad_theirs)
 
 

@@ -14,13 +14,17 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from torch import nn
 
 from backbones.encoder import MAP_HOOK
+from backbones.grouped import branch_slices
 from preprocess.dataset import reads_levels
 
 METHODS = ("gradcam", "gradcam++")
 
 
 def branch_backbone(model: nn.Module, slot: int) -> nn.Module:
-    """The timm backbone that sees slot `slot` of the input (MMNet, concat or single)."""
+    """The timm backbone that sees slot `slot` of the input (MMNet, concat or single); MMNet's
+    grouped network sees every slot (branch_channels picks the slot's maps)."""
+    if getattr(model, "grouped_backbone", None) is not None:
+        return model.grouped_backbone
     if hasattr(model, "branches"):
         return model.branches[slot].backbone
     if hasattr(model, "backbones"):
@@ -33,6 +37,15 @@ def target_layer(backbone: nn.Module) -> nn.Module:
     identity hook): NCHW for CNNs and transformers alike, so no reshape is needed."""
     hook = getattr(backbone, MAP_HOOK, None)
     return hook if hook is not None else backbone.get_submodule(backbone.feature_info[-1]["module"])
+
+
+def branch_channels(model: nn.Module, slot: int, slots: int):
+    """Grad-CAM's reshape_transform: the slot's channels of a grouped network's maps, or None."""
+    grouped = getattr(model, "grouped_backbone", None)
+    if grouped is None:
+        return None
+    channels = branch_slices(grouped, slots)[slot]
+    return lambda maps: maps[:, channels]
 
 
 class BranchView(nn.Module):
@@ -96,7 +109,8 @@ def _cam_maps(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cam_class, 
         if mask[0, slot] <= 0:
             continue
         view = BranchView(model, x.float(), mask.float(), slot)
-        with cam_class(model=view, target_layers=[target_layer(branch_backbone(model, slot))]) as cam:
+        with cam_class(model=view, target_layers=[target_layer(branch_backbone(model, slot))],
+                       reshape_transform=branch_channels(model, slot, slots)) as cam:
             grayscale = cam(input_tensor=x[:, slot].float().clone(), targets=[BinaryClassifierOutputTarget(target)])
         maps[slot] = np.clip(grayscale[0], 0.0, 1.0)
     return maps

@@ -32,43 +32,58 @@ class ChannelAttention(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.mlp(x.mean(dim=(2, 3))) + self.mlp(x.amax(dim=(2, 3))))
-        return x * gate[:, :, None, None]
+        return gate_channels([self], x)
+
+
+def _stacked(layers: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (M, in, out) and biases (M, 1, out) of one Linear per branch, for baddbmm."""
+    return (torch.stack([layer.weight for layer in layers]).transpose(1, 2),
+            torch.stack([layer.bias for layer in layers])[:, None])
+
+
+def gate_channels(attentions: list[ChannelAttention], maps: torch.Tensor) -> torch.Tensor:
+    """maps (B, M*C, h, w), M branches' channels side by side -> each branch gated by its own
+    ChannelAttention, every branch and both descriptors (mean, max) in one set of operators."""
+    count, batch = len(attentions), maps.shape[0]
+    descriptors = torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))]).view(2 * batch, count, -1)
+    first, bias = _stacked([a.mlp[0] for a in attentions])
+    hidden = attentions[0].mlp[1](torch.baddbmm(bias, descriptors.transpose(0, 1), first))  # (M, 2B, hidden)
+    second, bias = _stacked([a.mlp[2] for a in attentions])
+    gate = torch.sigmoid(torch.baddbmm(bias, hidden, second).view(count, 2, batch, -1).sum(dim=1))  # (M, B, C)
+    return maps * gate.transpose(0, 1).reshape(batch, -1)[:, :, None, None]
+
+
+def _cells_along(size: int, grid: int, device: str) -> torch.Tensor:
+    """(grid, size): row i averages the positions of adaptive_avg_pool2d's cell i along one side
+    (cell i spans floor(i*n/g) to ceil((i+1)*n/g), so cells overlap where g does not divide n)."""
+    position, cell = torch.arange(size, device=device), torch.arange(grid, device=device)
+    start, stop = cell * size // grid, -((-(cell + 1) * size) // grid)
+    inside = (position >= start[:, None]) & (position < stop[:, None])
+    return inside.float() / (stop - start)[:, None].float()
 
 
 @functools.lru_cache(maxsize=64)
-def cell_matrix(size: int, grids: tuple, device: str) -> torch.Tensor:
-    """(sum of grids, size): row r averages the positions of one cell of one grid, the grids
-    stacked; adaptive_avg_pool2d's cells (cell i spans floor(i*n/g) to ceil((i+1)*n/g), so cells
-    overlap where g does not divide n). Built once per shape and device with device ops (no host
-    data copied in), outside any inference mode: a training step reuses it."""
+def cell_pooling(height: int, width: int, grids: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, height*width): row k averages the positions of cell k, every grid's g*g cells stacked
+    (row-major within a grid), n = sum of g^2; and (len(grids), n): 0 on each grid's own cells,
+    -inf elsewhere, so one softmax over a row attends within that grid only. Built once per
+    shape and device with device ops (no host data copied in), outside any inference mode: a
+    training step reuses them. Works on MPS, which refuses 7x7 -> 2x2 adaptive pooling."""
     with torch.inference_mode(False):
-        position = torch.arange(size, device=device)
-        rows = []
-        for grid in grids:
-            cell = torch.arange(grid, device=device)
-            start, stop = cell * size // grid, -((-(cell + 1) * size) // grid)
-            inside = (position >= start[:, None]) & (position < stop[:, None])
-            rows.append(inside.float() / (stop - start)[:, None].float())
-        return torch.cat(rows)
+        pooling = torch.cat([torch.kron(_cells_along(height, g, device), _cells_along(width, g, device)) for g in grids])
+        sizes = torch.tensor([g * g for g in grids], device=device)
+        owner = torch.repeat_interleave(torch.arange(len(grids), device=device), sizes)  # the grid of each cell
+        outside = torch.zeros(len(grids), len(owner), device=device)
+        outside[owner[None, :] != torch.arange(len(grids), device=device)[:, None]] = float("-inf")
+        return pooling, outside
 
 
-def grid_averages(x: torch.Tensor, grids: tuple) -> list[torch.Tensor]:
-    """(B, C, H, W) -> one (B, C, g, g) map of cell means per grid g, adaptive_avg_pool2d's cells
-    (which do not need to divide the sizes): two matrix products for every grid at once, a
-    handful of operators where one slice and mean per cell made 2 g^2 (forward) and as many
-    again backward; works on MPS (which refuses 7x7 -> 2x2 adaptive pooling) and its backward
-    is deterministic on CUDA."""
-    h, w = x.shape[-2:]
-    rows, cols = cell_matrix(h, grids, str(x.device)), cell_matrix(w, grids, str(x.device))
-    every = rows.to(x.dtype) @ x @ cols.to(x.dtype).T  # (B, C, sum g, sum g): each grid's block on the diagonal
-    starts = [sum(grids[:k]) for k in range(len(grids))]
-    return [every[..., s:s + g, s:s + g] for s, g in zip(starts, grids)]
-
-
-def grid_average(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, grid, grid) cell means (grid_averages of one grid)."""
-    return grid_averages(x, (grid,))[0]
+def cell_means(x: torch.Tensor, grids: tuple) -> torch.Tensor:
+    """(B, C, H, W) -> (B, n, C): the mean of every cell of every grid, one matrix product (a
+    view of channels-last maps, no copy)."""
+    b, c, h, w = x.shape
+    pooling, _ = cell_pooling(h, w, tuple(grids), str(x.device))
+    return pooling.to(x.dtype) @ x.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 
 class MultiScaleAttentionPool(nn.Module):
@@ -84,21 +99,45 @@ class MultiScaleAttentionPool(nn.Module):
         # Softmax ignores a shift common to all cells, so a scorer bias could never learn.
         self.scorers = nn.ModuleList([nn.Linear(channels, 1, bias=False) if g > 1 else nn.Identity()
                                       for g in self.grids])
+        self.register_buffer("no_score", torch.zeros(1, channels), persistent=False)  # the 1x1 grid's row
         width = channels * len(self.grids) if enabled else channels
         self.project = nn.Sequential(nn.Linear(width, dim), nn.LayerNorm(dim), nn.GELU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.grids:
-            return self.project(x.mean(dim=(2, 3)))
-        vectors = []
-        for grid, scorer, averages in zip(self.grids, self.scorers, grid_averages(x, tuple(self.grids))):
-            cells = averages.flatten(2).transpose(1, 2)  # (B, g*g, C)
-            if grid == 1:
-                vectors.append(cells[:, 0])
-                continue
-            weights = torch.softmax(scorer(cells).float(), dim=1).to(cells.dtype)
-            vectors.append((weights * cells).sum(dim=1))
-        return self.project(torch.cat(vectors, dim=1))
+        return pool_cells([self], x)[:, 0]
+
+    def score_rows(self) -> torch.Tensor:
+        """(grids, C): each grid's scorer, zeros for the 1x1 grid."""
+        return torch.cat([self.no_score if g == 1 else s.weight for g, s in zip(self.grids, self.scorers)])
+
+
+def pool_cells(pools: list[MultiScaleAttentionPool], maps: torch.Tensor) -> torch.Tensor:
+    """maps (B, M*C, h, w), M branches' channels side by side -> (B, M, dim), each branch pooled by
+    its own MultiScaleAttentionPool, every branch and grid at once: the cells' means, each grid's
+    scorer on every cell, a softmax per grid over its own cells (the others masked to -inf), each
+    grid's weighted mean, concatenated grid after grid, and each branch's projection."""
+    count, (batch, _, height, width) = len(pools), maps.shape
+    grids = tuple(pools[0].grids)
+    if not grids:
+        return _project(pools, maps.mean(dim=(2, 3)).view(batch, count, -1))
+    cells = cell_means(maps, grids)  # (B, n, M*C)
+    cells = cells.view(batch, cells.shape[1], count, -1).transpose(1, 2)  # (B, M, n, C)
+    _, outside = cell_pooling(height, width, grids, str(maps.device))
+    scorers = torch.stack([pool.score_rows() for pool in pools])  # (M, grids, C)
+    logits = scorers @ cells.transpose(-1, -2) + outside  # (B, M, grids, n)
+    attention = torch.softmax(logits.float(), dim=-1).to(cells.dtype)
+    return _project(pools, (attention @ cells).flatten(2))
+
+
+def _project(pools: list[MultiScaleAttentionPool], vectors: torch.Tensor) -> torch.Tensor:
+    """(B, M, width) -> (B, M, dim): each branch's Linear, LayerNorm and GELU."""
+    weight, bias = _stacked([pool.project[0] for pool in pools])
+    projected = torch.baddbmm(bias, vectors.transpose(0, 1), weight)  # (M, B, dim)
+    norm = pools[0].project[1]
+    scale = torch.stack([pool.project[1].weight for pool in pools])[:, None]
+    shift = torch.stack([pool.project[1].bias for pool in pools])[:, None]
+    normalised = F.layer_norm(projected, norm.normalized_shape, eps=norm.eps) * scale + shift
+    return pools[0].project[2](normalised).transpose(0, 1)
 
 
 class HierarchicalMagnificationAttention(nn.Module):
