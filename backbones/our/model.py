@@ -94,11 +94,11 @@ class MMNet(StudyModel):
         return pool_cells([branch.pool for branch in self.branches], features), attention
 
 
-def _split_hook(module, state, prefix, metadata, **names) -> None:
+def _split_hook(module, state, prefix, *_, **names) -> None:
     split_state(state, prefix, **names)
 
 
-def _join_hook(state, prefix, metadata, strict, missing, unexpected, errors, **names) -> None:
+def _join_hook(state, prefix, *_, **names) -> None:  # torch's pre-hook arguments after the prefix: unused
     join_state(state, prefix, **names)
 
 
