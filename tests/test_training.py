@@ -173,3 +173,25 @@ def test_moving_average_is_kept_and_resumes_exactly(tmp_path, demo_tree, demo_in
     monkeypatch.setattr(fold_module, "train_one_epoch", real_epoch)
     _run(cut, demo_tree, demo_index)
     pd.testing.assert_frame_equal(_predictions(whole), _predictions(cut), check_exact=True)
+
+
+def test_a_checkpoint_of_the_branch_by_branch_layout_restarts_its_fold(tmp_path, demo_tree, demo_index, monkeypatch,
+                                                                      caplog):
+    """last.pt written while MMNet ran its encoders one by one (before they ran side by side) holds
+    an optimizer over other parameters: the fold starts again, said once, and ends as a run that
+    was never interrupted."""
+    import backbones.our.model as mmnet_module
+
+    whole = tiny_config(tmp_path / "whole", epochs=2)
+    _run(whole, demo_tree, demo_index)
+    cut = tiny_config(tmp_path / "cut", epochs=2)
+    _interrupt_in_epoch(monkeypatch, 1)
+    monkeypatch.setattr(mmnet_module, "group", lambda backbones: None)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cut, demo_tree, demo_index)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "cut/runs/mmnet/fold0/last.pt")["epoch"] == 1
+    with caplog.at_level("WARNING", logger="mmnet"):
+        _run(cut, demo_tree, demo_index)
+    assert "this fold starts again" in caplog.text
+    pd.testing.assert_frame_equal(_predictions(whole), _predictions(cut), check_exact=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 
 from backbones.encoder import frozen_prefixes
 from utils.engine.saving import load_checkpoint
+
+log = logging.getLogger("mmnet")
 
 
 class ForeignRunError(RuntimeError):
@@ -126,9 +129,18 @@ def restore_from_disk(state: FoldState, run_dir, identity: dict | None = None) -
     payload = load_checkpoint(last)
     if identity is not None:
         refuse_if_foreign(last, identity, payload)
+    if parameter_counts(payload["optimizer"]) != parameter_counts(state.optimizer.state_dict()):
+        log.warning("%s holds the optimizer of another parameter layout (written before MMNet's encoders ran side "
+                    "by side): this fold starts again; finished folds are kept", last)
+        return False
     best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else None
     restore(state, payload, best)
     return True
+
+
+def parameter_counts(optimizer_state: dict) -> list[int]:
+    """Parameters per group of an optimizer's state dict: whether a saved one fits this model."""
+    return [len(group["params"]) for group in optimizer_state["param_groups"]]
 
 
 def reload_last(state: FoldState, run_dir, fresh_state) -> None:
