@@ -22,13 +22,12 @@ CFG = Config(backbone="resnet18", pretrained="off", image_size=64, feature_dim=1
 GROUPED = dict(grouped_name="grouped_backbone", branch_key=mmnet_module.BRANCH_BACKBONE, count=4)
 
 
-def _pair(cfg: Config, monkeypatch) -> tuple[nn.Module, nn.Module]:
-    """The grouped MMNet and one with the same weights that runs its branches one by one."""
+def _pair(cfg: Config) -> tuple[nn.Module, nn.Module]:
+    """The grouped MMNet and one with the same weights that runs its branches one by one
+    (--grouped-branches off)."""
     torch.manual_seed(0)
     grouped = build_model(cfg)
-    monkeypatch.setattr(mmnet_module, "group", lambda backbones: None)
-    apart = build_model(cfg)
-    monkeypatch.undo()
+    apart = build_model(dataclasses.replace(cfg, grouped_branches="off"))
     apart.load_state_dict(grouped.state_dict())
     for module in [*grouped.modules(), *apart.modules()]:  # timm zero-inits the last gamma of each block
         if isinstance(module, nn.BatchNorm2d):
@@ -48,11 +47,11 @@ def _gradients(model: nn.Module, x, mask) -> dict:
 
 
 @pytest.mark.parametrize("flags", [{}, dict(spatial_attention=False, channel_attention=False, multiscale_pooling=False)])
-def test_grouped_branches_are_the_branch_by_branch_network(monkeypatch, flags):
+def test_grouped_branches_are_the_branch_by_branch_network(flags):
     """Outputs in evaluation, gradients of every parameter and the BatchNorm statistics a training
     forward leaves: equal to the branch-by-branch network's (a missing magnification included)."""
     cfg = dataclasses.replace(CFG, **flags)
-    grouped, apart = _pair(cfg, monkeypatch)
+    grouped, apart = _pair(cfg)
     x, mask = model_inputs(cfg, batch=3, size=64, seed=0)
     mask[1, 2] = 0
     grouped.eval(), apart.eval()
@@ -71,8 +70,8 @@ def test_grouped_branches_are_the_branch_by_branch_network(monkeypatch, flags):
         torch.testing.assert_close(state_mine[name], state_theirs[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_saved_state_loads_into_either_layout_and_a_partial_one_is_named(monkeypatch):
-    grouped, apart = _pair(CFG, monkeypatch)
+def test_a_saved_state_loads_into_either_layout_and_a_partial_one_is_named():
+    grouped, apart = _pair(CFG)
     state = apart.state_dict()
     grouped.load_state_dict(state)  # per-branch keys join into the grouped network
     assert grouped.state_dict().keys() == state.keys()
@@ -81,8 +80,8 @@ def test_a_saved_state_loads_into_either_layout_and_a_partial_one_is_named(monke
         grouped.load_state_dict(state)
 
 
-def test_grad_cam_of_each_magnification_is_its_branchs(monkeypatch):
-    grouped, apart = _pair(CFG, monkeypatch)
+def test_grad_cam_of_each_magnification_is_its_branchs():
+    grouped, apart = _pair(CFG)
     x, _ = model_inputs(CFG, batch=1, size=64, seed=1)
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
     mine, theirs = cam_maps(grouped, x, mask), cam_maps(apart, x, mask)

@@ -180,15 +180,12 @@ def test_a_checkpoint_of_the_branch_by_branch_layout_restarts_its_fold(tmp_path,
     """last.pt written while MMNet ran its encoders one by one (before they ran side by side) holds
     an optimizer over other parameters: the fold starts again, said once, and ends as a run that
     was never interrupted."""
-    import backbones.our.model as mmnet_module
-
     whole = tiny_config(tmp_path / "whole", epochs=2)
     _run(whole, demo_tree, demo_index)
     cut = tiny_config(tmp_path / "cut", epochs=2)
     _interrupt_in_epoch(monkeypatch, 1)
-    monkeypatch.setattr(mmnet_module, "group", lambda backbones: None)
     with pytest.raises(KeyboardInterrupt):
-        _run(cut, demo_tree, demo_index)
+        _run(dataclasses.replace(cut, grouped_branches="off"), demo_tree, demo_index)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "cut/runs/mmnet/fold0/last.pt")["epoch"] == 1
     with caplog.at_level("WARNING", logger="mmnet"):

@@ -204,7 +204,8 @@ CHOICES = {"folds_source": ("grouped", "kaggle"), "model_selection": ("last", "i
             "pretrained": ("auto", "on", "off"), "amp": ("auto", "bfloat16", "float16", "none"), "loss": ("focal", "ce"),
             "keep_models": ("all", "mmnet"),
             "stain_norm": ("auto", "none", "macenko", "reinhard"), "executor": ("local", "ray"), "tracking": ("none", "mlflow"),
-            "device": ("auto", "cuda", "mps", "cpu"), "cuda_graphs": ("on", "off")}
+            "device": ("auto", "cuda", "mps", "cpu"), "cuda_graphs": ("on", "off"),
+            "grouped_branches": ("on", "off")}
 MINIMUM = {"folds": 2, "bag_size": 2, "cv_repeats": 1, "epochs": 1, "patience": 1, "image_size": 32, "feature_dim": 8,
             "batch_size": 1, "micro_batch": 0, "checkpoint_minutes": 0.0, "tuples_per_epoch": 0, "workers": 0, "max_patients": 0,
             "gradcam_patients": 0, "bootstrap_samples": 10, "select_folds": 2, "lr": 1e-9, "subtype_loss_weight": 0.0, "grad_clip": 0.0,
@@ -225,7 +226,8 @@ OPTION_GROUPS = {
                  "backbone_lr_scale", "weight_decay", "warmup_epochs", "ema_epochs", "grad_clip", "loss",
                  "focal_alpha", "focal_gamma", "subtype_loss_weight", "colour_jitter", "stain_jitter",
                  "quarter_turns", "magnification_dropout"),
-    "device": ("device", "amp", "micro_batch", "deterministic", "cuda_graphs", "workers", "jobs", "executor", "job_retries",
+    "device": ("device", "amp", "micro_batch", "deterministic", "cuda_graphs", "grouped_branches", "workers", "jobs",
+               "executor", "job_retries",
                "checkpoint_minutes"),
     "output and report": ("output_dir", "report_file", "keep_models", "gradcam_patients", "bootstrap_samples",
                           "conformal_alpha", "live_report", "tensorboard", "tracking"),

@@ -79,7 +79,7 @@ NOT_SELECTABLE = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run
                   "sample_mode", "backbones", "device", "workers", "jobs", "executor", "job_retries", "select",
                   "select_folds", "max_patients", "live_report", "tensorboard", "tracking", "keep_models",
                   "gradcam_patients", "bootstrap_samples", "conformal_alpha", "checkpoint_minutes", "micro_batch",
-                  "deterministic", "cuda_graphs", "inner_val_fraction",
+                  "deterministic", "cuda_graphs", "grouped_branches", "inner_val_fraction",
                   # read once for the whole study (the image cache, a frozen encoder's feature cache)
                   "image_size", "freeze_backbone", "feature_grid"}
 

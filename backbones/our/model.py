@@ -50,7 +50,7 @@ class MMNet(StudyModel):
         super().__init__(cfg, backbones[0], pretrained_status)
         # One grouped network where the encoders allow it (backbones/grouped.py): the same maps
         # in a quarter of the launches; saved states keep one encoder per branch either way.
-        self.grouped_backbone = group(list(backbones))
+        self.grouped_backbone = group(list(backbones)) if cfg.grouped_branches == "on" else None
         own = [None] * len(backbones) if self.grouped_backbone is not None else backbones
         self.branches = nn.ModuleList([
             MagnificationBranch(b, map_channels(backbones[0]), cfg.feature_dim, cfg.spatial_attention,
