@@ -197,3 +197,20 @@ def test_the_predictor_brings_a_patients_outputs_to_the_host_in_one_copy(monkeyp
         assert mine.keys() == theirs.keys()
         for key in mine:
             assert mine[key].shape == theirs[key].shape and np.allclose(mine[key], theirs[key]), key
+
+
+def test_mmnet_side_by_side_launches_far_fewer_operators_than_branch_by_branch(tmp_path):
+    """The benchmark's ops_per_step for MMNet with its encoders side by side against the same
+    step with --grouped-branches off: the encoders, channel attention and pooling of four branches
+    dispatch their operators once instead of four times (counted 1,112 against 2,006 here)."""
+    from utils.device import detect_env
+    from utils.study.benchmark import synthetic_study
+    from utils.study.rates import step_counts
+
+    counts = {}
+    for grouped in ("on", "off"):
+        cfg = experiment_config(tiny_config(tmp_path, grouped_branches=grouped), "mmnet")
+        state, loop, _ = synthetic_study(cfg, detect_env(cfg), batches=1)
+        assert (state.model.grouped_backbone is not None) == (grouped == "on")
+        counts[grouped] = step_counts(state, loop)["ops_per_step"]
+    assert counts["on"] < 0.6 * counts["off"], counts

@@ -276,9 +276,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-images", type=int, default=64, help="PNGs decoded for the cache rate")
     parser.add_argument("--output-dir", default="output")
     parser.add_argument("--freeze-backbone", action="store_true", help="also measure the frozen-encoder mode")
+    parser.add_argument("--grouped-branches", default=Config.grouped_branches, choices=("on", "off"),
+                        help="MMNet's encoders side by side (on) or one by one (off): compare the two on a GPU")
     args = parser.parse_args(argv)
     cfg = Config(backbone=args.backbone, image_size=args.image_size, pretrained="off", device=args.device,
-                 batch_size=args.batch, micro_batch=args.micro_batch)
+                 batch_size=args.batch, micro_batch=args.micro_batch, grouped_branches=args.grouped_branches)
     env = detect_env(cfg)
     configure_backends(env.device, deterministic=False)
     rates = measure(cfg, env, args.batches, args.cache_images)
