@@ -96,8 +96,7 @@ class Config:
     stain_norm: str = "auto"  # auto (DEFAULT_STAIN_NORM when fine-tuning, none with --freeze-backbone) | none | macenko | reinhard: every
         # image's stain mapped onto a reference fitted on the training images of its fold (saved with the fold model)
     quarter_turns: bool = False  # training also turns frames by 90 degrees (all 8 symmetries of the square)
-    magnification_dropout: float = 0.25  # training masks each magnification of a tuple with this probability (never all), as a missing one
-        # is masked at test; 0.5 won on three splits of the real 100X+200X set and lost on a fourth it never saw (docs/recipe.md)
+    magnification_dropout: float = 0.25  # training masks each magnification with this probability (never all), as a missing one is at test
     # --- model
     model: str = "mmnet"  # registry name, see backbones.list_models()
     backbone: str = "resnet18"  # timm model name
@@ -140,8 +139,7 @@ class Config:
     device: str = "auto"  # auto | cuda | mps | cpu
     deterministic: bool = False  # GPU: deterministic kernels, no autotuning (slower)
     cuda_graphs: str = "off"  # on: each fold's training step (whole batches) and evaluation batches run as CUDA graphs
-    grouped_branches: str = "on"  # on: MMNet runs its CNN encoders side by side as one grouped network (the same math, a
-        # quarter of the launches; backbones/grouped.py); off: one by one
+    grouped_branches: str = "on"  # on: MMNet's CNN encoders side by side as one grouped network (the same math); off: one by one
     workers: int = 0  # decode processes; 0 = from CPU affinity
     jobs: int | str = 0  # fold processes at once; 0 = one per GPU (1 without); auto = per GPU as many as memory and cores allow
     executor: str = "local"  # local: this machine (--jobs processes) | ray: every job a Ray task on RAY_ADDRESS's cluster (or a local Ray),
@@ -176,8 +174,7 @@ class Config:
         skip = {"data_dir", "output_dir", "cache_dir", "report_file", "dry_run", "analyze_only", "cv_repeats",
                 "report_only", "experiments", "backbones", "resume", "workers", "jobs", "gradcam_patients",
                 "bootstrap_samples", "conformal_alpha", "keep_models", "micro_batch", "checkpoint_minutes", "device", "executor",
-                "job_retries", "deterministic", "tensorboard", "tracking", "live_report", "select", "select_folds",
-                "grouped_branches"}
+                "job_retries", "deterministic", "tensorboard", "tracking", "live_report", "select", "select_folds", "grouped_branches"}
         if self.sample_mode != "bag":  # a tuple model's training does not change with the bag size
             skip.add("bag_size")
         if self.stain_method() == "none":  # runs from before the option keep their identity
