@@ -71,11 +71,9 @@ def cell_pooling(height: int, width: int, grids: tuple, device: str) -> tuple[to
     training step reuses them. Works on MPS, which refuses 7x7 -> 2x2 adaptive pooling."""
     with torch.inference_mode(False):
         pooling = torch.cat([torch.kron(_cells_along(height, g, device), _cells_along(width, g, device)) for g in grids])
-        sizes = torch.tensor([g * g for g in grids], device=device)
-        owner = torch.repeat_interleave(torch.arange(len(grids), device=device), sizes)  # the grid of each cell
-        outside = torch.zeros(len(grids), len(owner), device=device)
-        outside[owner[None, :] != torch.arange(len(grids), device=device)[:, None]] = float("-inf")
-        return pooling, outside
+        owner = torch.cat([torch.full((g * g,), k, device=device) for k, g in enumerate(grids)])  # each cell's grid
+        own = owner[None, :] == torch.arange(len(grids), device=device)[:, None]
+        return pooling, torch.where(own, 0.0, float("-inf"))  # no boolean indexing: nothing read back to the host
 
 
 def cell_means(x: torch.Tensor, grids: tuple) -> torch.Tensor:
