@@ -9,17 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import backbones.our.model as mmnet_module
 from backbones import build_model
 from backbones.grouped import group, split_state
 from backbones.our.gradcam import cam_maps
+from backbones.our.model import branch_state_names
 from backbones.our.modules import ChannelAttention, MultiScaleAttentionPool
 from config import Config
 from tests.conftest import model_inputs
 from utils.engine.losses import StudyLoss
 
 CFG = Config(backbone="resnet18", pretrained="off", image_size=64, feature_dim=16)
-GROUPED = dict(grouped_name="grouped_backbone", branch_key=mmnet_module.BRANCH_BACKBONE, count=4)
 
 
 def _pair(cfg: Config) -> tuple[nn.Module, nn.Module]:
@@ -42,7 +41,7 @@ def _gradients(model: nn.Module, x, mask) -> dict:
     loss = StudyLoss(CFG, None)(model(x, mask), torch.tensor([0, 1, 1]), torch.tensor([0, 4, 7]))[0]
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     grads = dict(zip(names, torch.autograd.grad(loss, params)))
-    split_state(grads, "", **GROUPED)  # the grouped encoder's gradients under each branch's names
+    split_state(grads, "", **branch_state_names(4))  # the grouped encoder's gradients under each branch's names
     return grads
 
 

@@ -42,7 +42,10 @@ class MagnificationBranch(nn.Module):
         return self.pool(features), attention
 
 
-BRANCH_BACKBONE = "branches.{}.backbone"  # where a saved state holds each branch's encoder
+def branch_state_names(count: int) -> dict:
+    """Where the grouped encoder lives and where a saved state holds each of the `count`
+    branches' encoders: split_state's and join_state's names."""
+    return dict(grouped_name="grouped_backbone", branch_key="branches.{}.backbone", count=count)
 
 
 class MMNet(StudyModel):
@@ -56,7 +59,7 @@ class MMNet(StudyModel):
             MagnificationBranch(b, map_channels(backbones[0]), cfg.feature_dim, cfg.spatial_attention,
                                 cfg.channel_attention, cfg.multiscale_pooling) for b in own])
         if self.grouped_backbone is not None:
-            names = dict(grouped_name="grouped_backbone", branch_key=BRANCH_BACKBONE, count=len(backbones))
+            names = branch_state_names(len(backbones))
             self._register_state_dict_hook(functools.partial(_split_hook, **names))
             self._register_load_state_dict_pre_hook(functools.partial(_join_hook, **names))
         self.hierarchy = (HierarchicalMagnificationAttention(cfg.feature_dim, len(backbones))

@@ -30,6 +30,7 @@ from config import DEFAULT_EXPERIMENTS, GROUPS, Config, experiment_config
 from preprocess.dataset import ImageSource, evaluation_tuples, fold_split, tuples_per_epoch
 from preprocess.preprocess import frame_shape
 from preprocess.stain import fold_reference
+from utils.config_file import CHOICES
 from utils.device import configure_backends, detect_env
 from utils.engine.checkpoint import checkpoint_payload
 from utils.engine.features import FeatureSource, encode_to_file
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-images", type=int, default=64, help="PNGs decoded for the cache rate")
     parser.add_argument("--output-dir", default="output")
     parser.add_argument("--freeze-backbone", action="store_true", help="also measure the frozen-encoder mode")
-    parser.add_argument("--grouped-branches", default=Config.grouped_branches, choices=("on", "off"),
+    parser.add_argument("--grouped-branches", default=Config.grouped_branches, choices=CHOICES["grouped_branches"],
                         help="MMNet's encoders side by side (on) or one by one (off): compare the two on a GPU")
     args = parser.parse_args(argv)
     cfg = Config(backbone=args.backbone, image_size=args.image_size, pretrained="off", device=args.device,
